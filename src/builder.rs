@@ -1,0 +1,180 @@
+//! The pool's builder.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::StartError;
+use crate::journal::format;
+use crate::pool::{self, Pool};
+use crate::task::Task;
+use crate::BoxError;
+
+/// The default drain deadline: 25 s, to fit Kubernetes' default 30 s grace period.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
+/// The default time between the deadline (when handlers' tokens fire) and the hard stop.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// The default maximum size of one journal record: 1 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// The largest maximum record size a pool accepts: 64 MiB.
+pub const MAX_RECORD_BYTES_LIMIT: usize = format::MAX_RECORD_LIMIT;
+/// The default queue capacity.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// The settings a pool starts with.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) workers: usize,
+    pub(crate) queue_capacity: usize,
+    pub(crate) drain_deadline: Duration,
+    pub(crate) cancel_grace: Duration,
+    pub(crate) journal_dir: Option<PathBuf>,
+    pub(crate) max_record_bytes: usize,
+    pub(crate) shutdown_token: Option<CancellationToken>,
+}
+
+/// Configures and starts a [`Pool`]. Made by [`Pool::builder`].
+#[must_use = "a builder does nothing until `start` is called"]
+pub struct Builder<T> {
+    config: Config,
+    _task: PhantomData<fn(T)>,
+}
+
+impl<T> fmt::Debug for Builder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder").field("config", &self.config).finish()
+    }
+}
+
+impl<T> Builder<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    pub(crate) fn new() -> Self {
+        let workers = std::thread::available_parallelism().map(usize::from).unwrap_or(4);
+        Self {
+            config: Config {
+                workers,
+                queue_capacity: DEFAULT_QUEUE_CAPACITY,
+                drain_deadline: DEFAULT_DRAIN_DEADLINE,
+                cancel_grace: DEFAULT_CANCEL_GRACE,
+                journal_dir: None,
+                max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+                shutdown_token: None,
+            },
+            _task: PhantomData,
+        }
+    }
+
+    /// How many handlers run at once.
+    ///
+    /// The default is the number of CPUs the process may use.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+
+    /// How many tasks may wait for a worker before `submit` waits and `try_submit` returns
+    /// [`Full`](crate::SubmitError::Full). Tasks replayed from the journal do not count.
+    ///
+    /// The default is 1024.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.config.queue_capacity = capacity;
+        self
+    }
+
+    /// How long in-flight tasks may run after shutdown begins. When it passes, each handler's
+    /// cancellation token fires.
+    ///
+    /// The default is 25 s, which leaves room for the cancel grace and the spill inside
+    /// Kubernetes' default 30 s termination grace period.
+    pub fn drain_deadline(mut self, deadline: Duration) -> Self {
+        self.config.drain_deadline = deadline;
+        self
+    }
+
+    /// How long a handler has, after its token fires, to checkpoint and return before it is
+    /// dropped and its task journaled as interrupted.
+    ///
+    /// The default is 2 s.
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.config.cancel_grace = grace;
+        self
+    }
+
+    /// The directory of the pool's journal. It is created (owner-only) if missing, and locked
+    /// for the pool's life: one pool per directory.
+    ///
+    /// There is no default; `start` fails without one.
+    pub fn journal_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.journal_dir = Some(dir.into());
+        self
+    }
+
+    /// The largest journal record a task may need, header included. A payload that would need
+    /// more is refused at `submit` with [`RecordTooLarge`](crate::SubmitError::RecordTooLarge),
+    /// never discovered at spill time.
+    ///
+    /// The default is 1 MiB; at most 64 MiB.
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_record_bytes = bytes;
+        self
+    }
+
+    /// A token whose cancellation starts the shutdown, for services that already have one.
+    /// The pool watches a child of it: [`Pool::shutdown`] never cancels the token itself.
+    ///
+    /// The default is a fresh token of the pool's own.
+    pub fn shutdown_token(mut self, token: CancellationToken) -> Self {
+        self.config.shutdown_token = Some(token);
+        self
+    }
+
+    /// Opens and locks the journal, recovers it, queues the recovered tasks ahead of anything
+    /// new, and starts the workers.
+    ///
+    /// The handler is called once per run of a task. Its future must be `Send + 'static`; an
+    /// `Err` or a panic is recorded as a failed attempt and the task kept as a dead letter.
+    ///
+    /// # Errors
+    ///
+    /// [`StartError::JournalLocked`] if another pool holds the directory,
+    /// [`StartError::Journal`] if the journal cannot be opened or read (a segment of a newer
+    /// format, an I/O error), [`StartError::InvalidConfig`] for a setting out of range or a
+    /// missing journal directory. Damaged records are not errors: they are repaired or skipped
+    /// and listed in [`Pool::recovery`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime.
+    pub async fn start<F, Fut, E>(self, handler: F) -> Result<Pool<T>, StartError>
+    where
+        F: Fn(Task<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let config = self.config;
+        if config.workers == 0 {
+            return Err(StartError::InvalidConfig("workers must be at least 1".into()));
+        }
+        if config.queue_capacity == 0 {
+            return Err(StartError::InvalidConfig("queue_capacity must be at least 1".into()));
+        }
+        let smallest = format::task_record_len(2, 0);
+        if !(smallest..=MAX_RECORD_BYTES_LIMIT).contains(&config.max_record_bytes) {
+            return Err(StartError::InvalidConfig(format!(
+                "max_record_bytes must be between {smallest} and {MAX_RECORD_BYTES_LIMIT}"
+            )));
+        }
+        if config.journal_dir.is_none() {
+            return Err(StartError::InvalidConfig("journal_dir is required".into()));
+        }
+        pool::start(config, handler).await
+    }
+}

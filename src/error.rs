@@ -1,0 +1,184 @@
+//! The errors of each operation.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A journal operation failed.
+///
+/// I/O failures carry the file and, where it matters, the offset. A failed write or fsync
+/// poisons the journal handle: drainpool never retries an fsync as if the data were safe.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// Reading, writing, syncing, renaming or removing a journal file failed.
+    #[error("{op} {path}{at}: {source}", path = path.display(), at = OffsetSuffix(*offset))]
+    Io {
+        /// What was being done: "write", "fsync", "create", …
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The byte offset in the file, where one applies.
+        offset: Option<u64>,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// A segment was written by a newer drainpool whose format this build does not read.
+    ///
+    /// The file is left untouched; run the newer version, or move the file away.
+    #[error(
+        "segment {path} has format version {found}; this build reads version {supported}",
+        path = path.display()
+    )]
+    UnsupportedVersion {
+        /// The segment.
+        path: PathBuf,
+        /// The version found in its header.
+        found: u16,
+        /// The newest version this build reads.
+        supported: u16,
+    },
+    /// An earlier write or fsync failed, so this journal handle no longer accepts writes.
+    #[error("journal is poisoned by an earlier failure")]
+    Poisoned,
+}
+
+struct OffsetSuffix(Option<u64>);
+
+impl fmt::Display for OffsetSuffix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(offset) => write!(f, " at offset {offset}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl JournalError {
+    pub(crate) fn io(op: &'static str, path: &Path, offset: Option<u64>, source: io::Error) -> Self {
+        Self::Io { op, path: path.to_path_buf(), offset, source }
+    }
+
+    /// The file the error is about, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Io { path, .. } | Self::UnsupportedVersion { path, .. } => Some(path),
+            Self::Poisoned => None,
+        }
+    }
+
+    /// The byte offset the error is about, if any.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            Self::Io { offset, .. } => *offset,
+            _ => None,
+        }
+    }
+
+    /// The underlying I/O error, if this is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The pool could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Another pool, in this process or another, holds the journal directory.
+    #[error("journal directory {dir} is locked by another pool", dir = dir.display())]
+    JournalLocked {
+        /// The journal directory.
+        dir: PathBuf,
+    },
+    /// Opening or recovering the journal failed.
+    #[error("journal recovery failed")]
+    Journal(#[from] JournalError),
+    /// A builder setting is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// A submission was refused. Every variant hands the task back.
+#[non_exhaustive]
+pub enum SubmitError<T> {
+    /// The queue is full (only from [`try_submit`](crate::Pool::try_submit)).
+    Full(T),
+    /// The pool has begun shutting down and takes no new work.
+    ShuttingDown(T),
+    /// The task's record would be larger than the pool's maximum record size.
+    RecordTooLarge {
+        /// The task.
+        task: T,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The payload failed to serialize, so it could never be journaled.
+    Unserializable {
+        /// The task.
+        task: T,
+        /// What serde_json said.
+        source: serde_json::Error,
+    },
+}
+
+impl<T> SubmitError<T> {
+    /// Gives back the refused task.
+    pub fn into_inner(self) -> T {
+        match self {
+            Self::Full(task)
+            | Self::ShuttingDown(task)
+            | Self::RecordTooLarge { task, .. }
+            | Self::Unserializable { task, .. } => task,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Full(_) => "Full",
+            Self::ShuttingDown(_) => "ShuttingDown",
+            Self::RecordTooLarge { .. } => "RecordTooLarge",
+            Self::Unserializable { .. } => "Unserializable",
+        }
+    }
+}
+
+impl<T> fmt::Debug for SubmitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RecordTooLarge { limit, .. } => {
+                f.debug_struct("RecordTooLarge").field("limit", limit).finish_non_exhaustive()
+            }
+            Self::Unserializable { source, .. } => {
+                f.debug_struct("Unserializable").field("source", source).finish_non_exhaustive()
+            }
+            _ => f.debug_tuple(self.name()).finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<T> fmt::Display for SubmitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full(_) => f.write_str("queue is full"),
+            Self::ShuttingDown(_) => f.write_str("pool is shutting down"),
+            Self::RecordTooLarge { limit, .. } => {
+                write!(f, "task record is larger than the {limit}-byte limit")
+            }
+            Self::Unserializable { .. } => f.write_str("task payload does not serialize"),
+        }
+    }
+}
+
+impl<T> std::error::Error for SubmitError<T> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unserializable { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The on-disk format of a journal segment, version 1.
+//!
+//! All integers are little-endian. A segment is a header followed by records; every record starts
+//! on an 8-byte boundary.
+//!
+//! # Segment header (48 bytes)
+//!
+//! | offset | size | field                                                              |
+//! |-------:|-----:|--------------------------------------------------------------------|
+//! |      0 |    8 | magic, `DRAINPOL`                                                  |
+//! |      8 |    2 | format version, `1`                                                |
+//! |     10 |    2 | header length, `48`                                                |
+//! |     12 |    4 | reserved, zero                                                     |
+//! |     16 |    8 | writer epoch: random, chosen at each start                         |
+//! |     24 |    8 | writer epoch again, so a damaged header still yields its epoch     |
+//! |     32 |    8 | segment number                                                     |
+//! |     40 |    4 | CRC-32C of bytes 0..40                                             |
+//! |     44 |    4 | reserved, zero                                                     |
+//!
+//! # Record (32-byte header, then the body, zero-padded to a multiple of 8)
+//!
+//! | offset | size | field                                                              |
+//! |-------:|-----:|--------------------------------------------------------------------|
+//! |      0 |    4 | CRC-32C, seeded with the writer epoch, of bytes 4 to the padded end|
+//! |      4 |    4 | body length `L`                                                    |
+//! |      8 |    1 | kind: 1 task, 2 ack, 3 dead letter                                 |
+//! |      9 |    1 | flags: bit 0, the last run was interrupted at the drain deadline   |
+//! |     10 |    6 | reserved, zero                                                     |
+//! |     16 |    8 | task id: run number                                                |
+//! |     24 |    8 | task id: sequence within the run                                   |
+//! |     32 |  `L`| body                                                               |
+//!
+//! Seeding the CRC with the epoch means bytes left by an earlier writer (a recycled block, a
+//! stale page after a crash) never validate as records of this segment. The CRC covers the
+//! length, so a damaged length is caught like any other damaged byte.
+//!
+//! # Body of a task or dead-letter record (an ack has an empty body)
+//!
+//! | offset | size | field                                                              |
+//! |-------:|-----:|--------------------------------------------------------------------|
+//! |      0 |    4 | attempts: failed runs so far (an interrupted run does not count)   |
+//! |      4 |    4 | interruptions: consecutive runs interrupted at the drain deadline  |
+//! |      8 |    8 | enqueue time, milliseconds since the Unix epoch                    |
+//! |     16 |    8 | not before, milliseconds since the Unix epoch (0: at once)         |
+//! |     24 |    4 | error length `E`                                                   |
+//! |     28 |  `E`| last error, UTF-8                                                  |
+//! | 28+`E` | rest | payload, JSON                                                     |
+//!
+//! Every decode path here is total: short input, bad magic, a newer version, a length over the
+//! cap or past the end, a CRC mismatch and a malformed body are typed outcomes, never a panic
+//! and never an allocation sized by untrusted bytes.
+
+use std::fmt;
+
+use crate::task::TaskId;
+
+/// The magic bytes that open every segment.
+pub(crate) const MAGIC: [u8; 8] = *b"DRAINPOL";
+/// The format version this build writes and the newest it reads.
+pub(crate) const VERSION: u16 = 1;
+/// Length of the segment header.
+pub(crate) const HEADER_LEN: usize = 48;
+/// Length of a record header.
+pub(crate) const RECORD_HEADER_LEN: usize = 32;
+/// Length of the fixed part of a task body.
+pub(crate) const BODY_FIXED_LEN: usize = 28;
+/// Records start on multiples of this.
+pub(crate) const ALIGN: usize = 8;
+/// The hard cap on one encoded record, whatever the configuration says.
+pub(crate) const MAX_RECORD_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Flag bit: the task's last run was interrupted at the drain deadline.
+pub(crate) const FLAG_INTERRUPTED: u8 = 0b0000_0001;
+const KNOWN_FLAGS: u8 = FLAG_INTERRUPTED;
+
+/// What a record says about its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The task is live: queued, or interrupted and waiting to run again.
+    Task = 1,
+    /// The task is finished; earlier records of it are void.
+    Ack = 2,
+    /// The task was set aside for a person.
+    Dead = 3,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(Self::Task),
+            2 => Some(Self::Ack),
+            3 => Some(Self::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) epoch: u64,
+    pub(crate) segment: u64,
+}
+
+/// Why a segment header did not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeaderError {
+    /// Fewer than [`HEADER_LEN`] bytes: the file was cut before its header was whole.
+    Short,
+    /// The version field names a format newer than this build reads.
+    UnsupportedVersion(u16),
+    /// The header is damaged (bad magic, bad length or CRC mismatch). The two stored copies of
+    /// the epoch are handed back so the records can still be tried against each.
+    Damaged { magic_ok: bool, epochs: [u64; 2] },
+}
+
+impl fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Short => f.write_str("segment header is cut short"),
+            Self::UnsupportedVersion(v) => {
+                write!(f, "format version {v} is newer than this build reads ({VERSION})")
+            }
+            Self::Damaged { magic_ok: false, .. } => f.write_str("bad magic in segment header"),
+            Self::Damaged { magic_ok: true, .. } => f.write_str("segment header checksum mismatch"),
+        }
+    }
+}
+
+/// Why the bytes at an offset are not a valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordError {
+    /// The record runs past the end of the input (a torn write, or a damaged length).
+    Truncated,
+    /// The length field is above the format's cap.
+    TooLong(u32),
+    /// Unknown kind, unknown flags or non-zero reserved bytes.
+    Malformed,
+    /// The CRC does not match.
+    Checksum,
+    /// The CRC matches but the body's own fields are inconsistent.
+    BadBody,
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("record runs past the end of the file"),
+            Self::TooLong(len) => write!(f, "record length {len} is above the cap"),
+            Self::Malformed => f.write_str("record header is malformed"),
+            Self::Checksum => f.write_str("record checksum mismatch"),
+            Self::BadBody => f.write_str("record body is malformed"),
+        }
+    }
+}
+
+/// The fixed fields of a task or dead-letter body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Meta {
+    pub(crate) attempts: u32,
+    pub(crate) interruptions: u32,
+    pub(crate) enqueued_ms: u64,
+    pub(crate) not_before_ms: u64,
+    pub(crate) flags: u8,
+}
+
+/// A record borrowed from the bytes it was decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordRef<'a> {
+    pub(crate) kind: Kind,
+    pub(crate) id: TaskId,
+    pub(crate) meta: Meta,
+    /// The last error text, for dead letters and failed attempts (not validated as UTF-8 here).
+    pub(crate) error: &'a [u8],
+    /// The serde_json payload (empty for acks).
+    pub(crate) payload: &'a [u8],
+}
+
+/// Rounds `len` up to a multiple of [`ALIGN`].
+pub(crate) const fn padded(len: usize) -> usize {
+    (len + (ALIGN - 1)) & !(ALIGN - 1)
+}
+
+fn u16_at(buf: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([buf[at], buf[at + 1]])
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    let mut b = [0; 4];
+    b.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn epoch_seed(epoch: u64) -> u32 {
+    crc32c::crc32c(&epoch.to_le_bytes())
+}
+
+/// Encodes a segment header.
+pub(crate) fn encode_header(header: Header) -> [u8; HEADER_LEN] {
+    let mut buf = [0u8; HEADER_LEN];
+    buf[0..8].copy_from_slice(&MAGIC);
+    buf[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    buf[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+    buf[16..24].copy_from_slice(&header.epoch.to_le_bytes());
+    buf[24..32].copy_from_slice(&header.epoch.to_le_bytes());
+    buf[32..40].copy_from_slice(&header.segment.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[0..40]);
+    buf[40..44].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// Decodes a segment header from the start of `buf`.
+pub(crate) fn decode_header(buf: &[u8]) -> Result<Header, HeaderError> {
+    if buf.len() < HEADER_LEN {
+        return Err(HeaderError::Short);
+    }
+    let magic_ok = buf[0..8] == MAGIC;
+    let epochs = [u64_at(buf, 16), u64_at(buf, 24)];
+    let crc_ok = crc32c::crc32c(&buf[0..40]) == u32_at(buf, 40);
+    let version = u16_at(buf, 8);
+    if magic_ok && crc_ok && version > VERSION {
+        return Err(HeaderError::UnsupportedVersion(version));
+    }
+    let sane = version == VERSION
+        && usize::from(u16_at(buf, 10)) == HEADER_LEN
+        && epochs[0] == epochs[1]
+        && u32_at(buf, 12) == 0
+        && u32_at(buf, 44) == 0;
+    if !(magic_ok && crc_ok && sane) {
+        return Err(HeaderError::Damaged { magic_ok, epochs });
+    }
+    Ok(Header { epoch: epochs[0], segment: u64_at(buf, 32) })
+}
+
+/// Appends one record to `out`. `write_payload` appends the JSON payload (nothing for an ack).
+///
+/// Returns the encoded length. On an error from `write_payload`, `out` is left as it was.
+pub(crate) fn encode_record<E>(
+    out: &mut Vec<u8>,
+    epoch: u64,
+    kind: Kind,
+    id: TaskId,
+    meta: &Meta,
+    error: &str,
+    write_payload: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+    out[start + 8] = kind as u8;
+    out[start + 9] = meta.flags & KNOWN_FLAGS;
+    out[start + 16..start + 24].copy_from_slice(&id.run().to_le_bytes());
+    out[start + 24..start + 32].copy_from_slice(&id.seq().to_le_bytes());
+    if kind != Kind::Ack {
+        out.extend_from_slice(&meta.attempts.to_le_bytes());
+        out.extend_from_slice(&meta.interruptions.to_le_bytes());
+        out.extend_from_slice(&meta.enqueued_ms.to_le_bytes());
+        out.extend_from_slice(&meta.not_before_ms.to_le_bytes());
+        let error = truncate_utf8(error, MAX_ERROR_LEN);
+        out.extend_from_slice(&(error.len() as u32).to_le_bytes());
+        out.extend_from_slice(error.as_bytes());
+        if let Err(e) = write_payload(out) {
+            out.truncate(start);
+            return Err(e);
+        }
+    }
+    let body_len = out.len() - start - RECORD_HEADER_LEN;
+    let end = start + padded(RECORD_HEADER_LEN + body_len);
+    out.resize(end, 0);
+    // A body over 4 GiB cannot be framed; callers check the cap before this, so saturating
+    // here only keeps the arithmetic total. Such a record fails its checks on read.
+    let len_field = u32::try_from(body_len).unwrap_or(u32::MAX);
+    out[start + 4..start + 8].copy_from_slice(&len_field.to_le_bytes());
+    let crc = crc32c::crc32c_append(epoch_seed(epoch), &out[start + 4..end]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+    Ok(end - start)
+}
+
+/// The longest last-error text kept in a record; longer texts are cut at a character boundary.
+pub(crate) const MAX_ERROR_LEN: usize = 4096;
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The encoded length of a task record whose payload serializes to `payload_len` bytes.
+pub(crate) const fn task_record_len(payload_len: usize, error_len: usize) -> usize {
+    padded(RECORD_HEADER_LEN + BODY_FIXED_LEN + error_len + payload_len)
+}
+
+/// Decodes the record at the start of `buf`, written under `epoch`.
+///
+/// Returns the record and its encoded (padded) length.
+pub(crate) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, usize), RecordError> {
+    if buf.len() < RECORD_HEADER_LEN {
+        return Err(RecordError::Truncated);
+    }
+    let kind = Kind::from_byte(buf[8]);
+    let flags = buf[9];
+    if kind.is_none() || flags & !KNOWN_FLAGS != 0 || buf[10..16].iter().any(|&b| b != 0) {
+        return Err(RecordError::Malformed);
+    }
+    let len = u32_at(buf, 4);
+    let body_len = len as usize;
+    if body_len > MAX_RECORD_LIMIT - RECORD_HEADER_LEN {
+        return Err(RecordError::TooLong(len));
+    }
+    let total = padded(RECORD_HEADER_LEN + body_len);
+    if total > buf.len() {
+        return Err(RecordError::Truncated);
+    }
+    let crc = crc32c::crc32c_append(epoch_seed(epoch), &buf[4..total]);
+    if crc != u32_at(buf, 0) {
+        return Err(RecordError::Checksum);
+    }
+    let Some(kind) = kind else {
+        return Err(RecordError::Malformed);
+    };
+    let id = TaskId::new(u64_at(buf, 16), u64_at(buf, 24));
+    let body = &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + body_len];
+    let padding = &buf[RECORD_HEADER_LEN + body_len..total];
+    if padding.iter().any(|&b| b != 0) {
+        return Err(RecordError::BadBody);
+    }
+    let mut record =
+        RecordRef { kind, id, meta: Meta { flags, ..Meta::default() }, error: &[], payload: &[] };
+    if kind == Kind::Ack {
+        if !body.is_empty() {
+            return Err(RecordError::BadBody);
+        }
+        return Ok((record, total));
+    }
+    if body.len() < BODY_FIXED_LEN {
+        return Err(RecordError::BadBody);
+    }
+    record.meta.attempts = u32_at(body, 0);
+    record.meta.interruptions = u32_at(body, 4);
+    record.meta.enqueued_ms = u64_at(body, 8);
+    record.meta.not_before_ms = u64_at(body, 16);
+    let error_len = u32_at(body, 24) as usize;
+    let rest = &body[BODY_FIXED_LEN..];
+    if error_len > rest.len() {
+        return Err(RecordError::BadBody);
+    }
+    record.error = &rest[..error_len];
+    record.payload = &rest[error_len..];
+    Ok((record, total))
+}
+
+#[cfg(test)]
+mod tests;

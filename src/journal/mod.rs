@@ -1,0 +1,487 @@
+//! The journal: one locked directory of checksummed, append-only segment files.
+//!
+//! A directory holds:
+//!
+//! - `LOCK`: held with an exclusive `File::try_lock` for the pool's whole life; it also stores
+//!   the run counter that makes task ids unique across runs;
+//! - `NNNNNNNNNNNNNNNNNNNN.seg`: live segments (task and ack records), numbered in write order;
+//! - `dead-NNNNNNNNNNNNNNNNNNNN.seg`: dead-letter segments;
+//! - `damaged/`: copies of segments found damaged at recovery, kept for inspection.
+//!
+//! Segments from earlier runs are read at start and kept until what replaces them is durable:
+//! until each of their tasks is acked, or the run's spill is fsynced.
+
+pub(crate) mod format;
+mod fs;
+mod reader;
+mod writer;
+
+use std::collections::hash_map::RandomState;
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use self::format::{Header, HeaderError, Kind, RecordRef};
+use self::writer::SegmentWriter;
+use crate::error::{JournalError, StartError};
+use crate::report::{Damage, RecoveryReport};
+use crate::task::TaskId;
+
+const LOCK_FILE: &str = "LOCK";
+const DAMAGED_DIR: &str = "damaged";
+const SEGMENT_SUFFIX: &str = ".seg";
+const DEAD_PREFIX: &str = "dead-";
+
+/// Spills are written in chunks of about this many bytes.
+const SPILL_CHUNK: usize = 1 << 20;
+
+/// A segment file found in the directory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SegmentFile {
+    number: u64,
+    dead: bool,
+    path: PathBuf,
+}
+
+/// The open journal of one pool run.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    dir: PathBuf,
+    /// Holds the directory lock; closing the file releases it.
+    lock: File,
+    epoch: u64,
+    run: u64,
+    next_segment: u64,
+    /// This run's live segment: acks for replayed tasks, then the spill.
+    current: Option<SegmentWriter>,
+    /// This run's dead-letter segment.
+    dead: Option<SegmentWriter>,
+    /// Segments of earlier runs, deleted once nothing live depends on them.
+    obsolete: Vec<PathBuf>,
+    /// Set when a spill could not be made durable: nothing old may be deleted then.
+    keep_obsolete: bool,
+}
+
+/// How a spill went.
+#[derive(Debug, Default)]
+pub(crate) struct SpillOutcome {
+    /// Tasks made durable.
+    pub(crate) written: usize,
+    /// Tasks whose payload failed to serialize.
+    pub(crate) unencodable: usize,
+    /// The first failure, if the spill had to be retried or failed.
+    pub(crate) error: Option<JournalError>,
+    /// Whether the tasks are durable (in the first file or the retry).
+    pub(crate) durable: bool,
+}
+
+impl Journal {
+    /// Opens and locks `dir`, recovers every segment, and hands each valid record of the live
+    /// segments to `on_record`, in segment and file order.
+    pub(crate) fn open(
+        dir: &Path,
+        mut on_record: impl FnMut(RecordRef<'_>),
+    ) -> Result<(Self, RecoveryReport), StartError> {
+        fs::create_dir(dir).map_err(|e| JournalError::io("create", dir, None, e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = fs::open_or_create(&lock_path)
+            .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StartError::JournalLocked { dir: dir.to_path_buf() });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(JournalError::io("lock", &lock_path, None, e).into());
+            }
+        }
+        let stored_run = read_run(&mut lock, &lock_path)?;
+
+        let segments = list_segments(dir)?;
+        let mut report = RecoveryReport::default();
+        let mut max_run = stored_run.unwrap_or(0);
+        let mut obsolete = Vec::new();
+        let mut next_segment = 1;
+        for segment in &segments {
+            next_segment = next_segment.max(segment.number.saturating_add(1));
+            let bytes = std::fs::read(&segment.path)
+                .map_err(|e| JournalError::io("read", &segment.path, None, e))?;
+            let scan = reader::scan(&bytes, |_, record| {
+                max_run = max_run.max(record.id.run());
+                if segment.dead {
+                    if record.kind == Kind::Dead {
+                        report.dead_letters += 1;
+                    }
+                } else {
+                    on_record(record);
+                }
+            });
+            if let Err(HeaderError::UnsupportedVersion(found)) = scan.header {
+                return Err(JournalError::UnsupportedVersion {
+                    path: segment.path.clone(),
+                    found,
+                    supported: format::VERSION,
+                }
+                .into());
+            }
+            report.segments += 1;
+            report.records += scan.records;
+            note_damage(dir, segment, &scan, &mut report);
+            if !segment.dead {
+                obsolete.push(segment.path.clone());
+            }
+        }
+
+        let run = max_run.saturating_add(1);
+        write_run(&mut lock, &lock_path, run)?;
+        let journal = Self {
+            dir: dir.to_path_buf(),
+            lock,
+            epoch: random_epoch(run),
+            run,
+            next_segment,
+            current: None,
+            dead: None,
+            obsolete,
+            keep_obsolete: false,
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            run,
+            segments = report.segments,
+            records = report.records,
+            damaged = report.damage.len(),
+            "journal opened"
+        );
+        Ok((journal, report))
+    }
+
+    /// The run number of this start, the high half of every new task id.
+    pub(crate) fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// The epoch records of this run are checksummed with.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn new_segment(&mut self, dead: bool) -> Result<SegmentWriter, JournalError> {
+        let number = self.next_segment;
+        self.next_segment += 1;
+        let name = if dead {
+            format!("{DEAD_PREFIX}{number:020}{SEGMENT_SUFFIX}")
+        } else {
+            format!("{number:020}{SEGMENT_SUFFIX}")
+        };
+        SegmentWriter::create(self.dir.join(name), Header { epoch: self.epoch, segment: number })
+    }
+
+    fn current(&mut self) -> Result<&mut SegmentWriter, JournalError> {
+        if self.current.is_none() {
+            self.current = Some(self.new_segment(false)?);
+        }
+        self.current.as_mut().ok_or(JournalError::Poisoned)
+    }
+
+    /// Records that a task from an earlier run is finished. Not synced: a lost ack only means
+    /// the task runs again, which the at-least-once contract allows.
+    pub(crate) fn append_ack(&mut self, id: TaskId) -> Result<(), JournalError> {
+        let mut buf = Vec::with_capacity(format::RECORD_HEADER_LEN);
+        let meta = format::Meta::default();
+        let epoch = self.epoch;
+        let Ok(_) = format::encode_record(&mut buf, epoch, Kind::Ack, id, &meta, "", |_| {
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let result = self.current().and_then(|segment| segment.append(&buf, 0));
+        if result.is_err() {
+            // Never write to a segment after a failed write.
+            self.current = None;
+        }
+        result
+    }
+
+    /// Appends one encoded dead-letter record (encoded under [`epoch`](Self::epoch)) and
+    /// makes it durable.
+    pub(crate) fn write_dead(&mut self, record: &[u8]) -> Result<(), JournalError> {
+        if self.dead.is_none() {
+            self.dead = Some(self.new_segment(true)?);
+        }
+        let segment = self.dead.as_mut().ok_or(JournalError::Poisoned)?;
+        let result = segment.append(record, 1).and_then(|()| segment.sync());
+        if result.is_err() {
+            self.dead = None;
+        }
+        result
+    }
+
+    /// Writes every item as a task record and fsyncs. `encode` appends one item's record to the
+    /// buffer (under the epoch it is given) and returns false if its payload failed to
+    /// serialize.
+    ///
+    /// A failed write or fsync poisons the segment in use; the whole spill is then tried once
+    /// more into a fresh segment. Old segments are never deleted after a spill failed.
+    pub(crate) fn spill<J>(
+        &mut self,
+        items: &[J],
+        mut encode: impl FnMut(&J, u64, &mut Vec<u8>) -> bool,
+    ) -> SpillOutcome {
+        let mut outcome = SpillOutcome::default();
+        if items.is_empty() {
+            outcome.durable = true;
+            return outcome;
+        }
+        for try_number in 0..2 {
+            match self.spill_once(items, &mut encode) {
+                Ok((written, unencodable)) => {
+                    outcome.written = written;
+                    outcome.unencodable = unencodable;
+                    outcome.durable = true;
+                    return outcome;
+                }
+                Err(error) => {
+                    tracing::error!(%error, try_number, "journal spill failed");
+                    self.current = None;
+                    self.keep_obsolete = true;
+                    outcome.error.get_or_insert(error);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn spill_once<J>(
+        &mut self,
+        items: &[J],
+        encode: &mut impl FnMut(&J, u64, &mut Vec<u8>) -> bool,
+    ) -> Result<(usize, usize), JournalError> {
+        let epoch = self.epoch;
+        let segment = self.current()?;
+        let mut buf = Vec::with_capacity(SPILL_CHUNK + 4096);
+        let (mut written, mut unencodable, mut in_buf) = (0, 0, 0);
+        for item in items {
+            if encode(item, epoch, &mut buf) {
+                in_buf += 1;
+            } else {
+                unencodable += 1;
+            }
+            if buf.len() >= SPILL_CHUNK {
+                segment.append(&buf, in_buf)?;
+                written += in_buf;
+                in_buf = 0;
+                buf.clear();
+            }
+        }
+        segment.append(&buf, in_buf)?;
+        written += in_buf;
+        segment.sync()?;
+        Ok((written, unencodable))
+    }
+
+    /// Keeps the segments of earlier runs for good: something live in them could not be
+    /// written elsewhere.
+    pub(crate) fn keep_obsolete(&mut self) {
+        self.keep_obsolete = true;
+    }
+
+    /// Deletes the segments of earlier runs once nothing live depends on them (every replayed
+    /// task acked, dead-lettered or spilled again), and this run's segment if it holds no task.
+    pub(crate) fn retire_obsolete(&mut self) -> Result<(), JournalError> {
+        if self.keep_obsolete {
+            return Ok(());
+        }
+        if self.current.as_ref().is_some_and(|s| s.tasks() == 0)
+            && let Some(segment) = self.current.take()
+        {
+            self.obsolete.push(segment.path().to_path_buf());
+        }
+        if self.obsolete.is_empty() {
+            return Ok(());
+        }
+        for path in std::mem::take(&mut self.obsolete) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io("remove", &path, None, e)),
+            }
+        }
+        fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
+        tracing::debug!(dir = %self.dir.display(), "retired old segments");
+        Ok(())
+    }
+
+    /// Syncs this run's segment, deletes what the spill replaced, and releases the lock.
+    pub(crate) fn close(mut self) -> Result<(), JournalError> {
+        if let Some(segment) = self.current.as_mut()
+            && let Err(error) = segment.sync()
+        {
+            self.keep_obsolete = true;
+            self.current = None;
+            return Err(error);
+        }
+        self.retire_obsolete()?;
+        self.lock.unlock().map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
+        Ok(())
+    }
+}
+
+/// Lists the segment files of `dir`, in number order.
+fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| JournalError::io("list", dir, None, e))?;
+    let mut segments = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| JournalError::io("list", dir, None, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((number, dead)) = parse_segment_name(name) {
+            segments.push(SegmentFile { number, dead, path: entry.path() });
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+fn parse_segment_name(name: &str) -> Option<(u64, bool)> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    let (digits, dead) = match stem.strip_prefix(DEAD_PREFIX) {
+        Some(digits) => (digits, true),
+        None => (stem, false),
+    };
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((digits.parse().ok()?, dead))
+}
+
+/// Logs and records what a scan found wrong; truncates a torn tail; copies a damaged file aside.
+fn note_damage(dir: &Path, segment: &SegmentFile, scan: &reader::Scan, report: &mut RecoveryReport) {
+    let path = &segment.path;
+    if let Err(error @ HeaderError::Damaged { .. }) = scan.header {
+        tracing::warn!(path = %path.display(), offset = 0, %error, "damaged segment header");
+        report.damage.push(Damage {
+            path: path.clone(),
+            offset: 0,
+            len: format::HEADER_LEN as u64,
+            reason: error.to_string(),
+        });
+    }
+    for damage in &scan.damage {
+        tracing::warn!(
+            path = %path.display(),
+            offset = damage.offset,
+            skipped = damage.skipped,
+            error = %damage.error,
+            "damaged record skipped"
+        );
+        report.damage.push(Damage {
+            path: path.clone(),
+            offset: damage.offset,
+            len: damage.skipped,
+            reason: damage.error.to_string(),
+        });
+    }
+    if scan.is_damaged() {
+        match keep_copy(dir, path) {
+            Ok(copy) => report.damaged_copies.push(copy),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "could not keep a copy of a damaged segment");
+            }
+        }
+    }
+    if let Some((offset, error)) = scan.torn_tail {
+        tracing::warn!(path = %path.display(), offset, %error, "torn tail truncated");
+        report.torn_tails.push(Damage {
+            path: path.clone(),
+            offset,
+            len: std::fs::metadata(path).map(|m| m.len().saturating_sub(offset)).unwrap_or(0),
+            reason: error.to_string(),
+        });
+        if let Err(error) = truncate(path, offset) {
+            tracing::warn!(path = %path.display(), %error, "could not truncate torn tail");
+        }
+    }
+}
+
+fn truncate(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(len)?;
+    file.sync_data()
+}
+
+/// Copies a damaged segment into `damaged/`, never overwriting an earlier copy.
+fn keep_copy(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    let damaged = dir.join(DAMAGED_DIR);
+    fs::create_dir(&damaged)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let mut n = 0u32;
+    loop {
+        let copy = damaged.join(format!("{name}.{stamp}.{n}"));
+        match fs::create_new(&copy) {
+            Ok(mut file) => {
+                let mut source = File::open(path)?;
+                std::io::copy(&mut source, &mut file)?;
+                file.sync_all()?;
+                fs::sync_dir(&damaged)?;
+                return Ok(copy);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The lock file's content: the last run number, and its CRC-32C.
+fn read_run(lock: &mut File, path: &Path) -> Result<Option<u64>, JournalError> {
+    let mut buf = [0u8; 16];
+    let mut read = 0;
+    lock.seek(SeekFrom::Start(0)).map_err(|e| JournalError::io("read", path, None, e))?;
+    while read < buf.len() {
+        match lock.read(&mut buf[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(JournalError::io("read", path, None, e)),
+        }
+    }
+    if read == 0 {
+        return Ok(None);
+    }
+    let mut run = [0u8; 8];
+    run.copy_from_slice(&buf[0..8]);
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&buf[8..12]);
+    if read < 16 || crc32c::crc32c(&run) != u32::from_le_bytes(crc) {
+        tracing::warn!(path = %path.display(), "run counter damaged; deriving it from the segments");
+        return Ok(None);
+    }
+    Ok(Some(u64::from_le_bytes(run)))
+}
+
+fn write_run(lock: &mut File, path: &Path, run: u64) -> Result<(), JournalError> {
+    let mut buf = [0u8; 16];
+    buf[0..8].copy_from_slice(&run.to_le_bytes());
+    buf[8..12].copy_from_slice(&crc32c::crc32c(&run.to_le_bytes()).to_le_bytes());
+    lock.seek(SeekFrom::Start(0)).map_err(|e| JournalError::io("write", path, None, e))?;
+    lock.write_all(&buf).map_err(|e| JournalError::io("write", path, Some(0), e))?;
+    lock.sync_data().map_err(|e| JournalError::io("fsync", path, None, e))?;
+    if let Some(dir) = path.parent() {
+        fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))?;
+    }
+    Ok(())
+}
+
+/// A writer epoch: random per start, so bytes from an earlier writer never validate.
+fn random_epoch(run: u64) -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(run);
+    hasher.write_u32(std::process::id());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    hasher.write_u128(now);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests;

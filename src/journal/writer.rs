@@ -1,0 +1,70 @@
+//! Appends records to one segment file.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::format::{self, Header};
+use super::fs;
+use crate::error::JournalError;
+
+/// An open segment this run appends to.
+#[derive(Debug)]
+pub(crate) struct SegmentWriter {
+    file: File,
+    path: PathBuf,
+    /// Bytes known written (header and whole records).
+    len: u64,
+    /// Whether the directory entry has been fsynced since the file was created.
+    dir_synced: bool,
+    /// Task or dead-letter records written (acks not counted).
+    tasks: usize,
+}
+
+impl SegmentWriter {
+    /// Creates `path` (it must not exist) and writes its header.
+    pub(crate) fn create(path: PathBuf, header: Header) -> Result<Self, JournalError> {
+        let mut file =
+            fs::create_new(&path).map_err(|e| JournalError::io("create", &path, None, e))?;
+        let bytes = format::encode_header(header);
+        file.write_all(&bytes).map_err(|e| JournalError::io("write", &path, Some(0), e))?;
+        Ok(Self { file, path, len: bytes.len() as u64, dir_synced: false, tasks: 0 })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Task or dead-letter records written to this segment.
+    pub(crate) fn tasks(&self) -> usize {
+        self.tasks
+    }
+
+    /// Appends whole encoded records holding `tasks` task records.
+    ///
+    /// On a failed or short write the file is cut back to the last whole record, so what is on
+    /// disk stays a valid prefix; the caller must treat the writer as poisoned.
+    pub(crate) fn append(&mut self, bytes: &[u8], tasks: usize) -> Result<(), JournalError> {
+        if let Err(e) = self.file.write_all(bytes) {
+            // Best effort: a torn tail is also handled on recovery.
+            let _ = self.file.set_len(self.len);
+            return Err(JournalError::io("write", &self.path, Some(self.len), e));
+        }
+        self.len += bytes.len() as u64;
+        self.tasks += tasks;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable: the file's data, and its directory entry the
+    /// first time.
+    pub(crate) fn sync(&mut self) -> Result<(), JournalError> {
+        self.file.sync_data().map_err(|e| JournalError::io("fsync", &self.path, None, e))?;
+        if !self.dir_synced {
+            if let Some(dir) = self.path.parent() {
+                fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))?;
+            }
+            self.dir_synced = true;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,751 @@
+//! The pool: intake, the queue, the workers, and the shutdown sequence.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use crate::BoxError;
+use crate::builder::{Builder, Config};
+use crate::error::{JournalError, StartError, SubmitError};
+use crate::journal::Journal;
+use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
+use crate::report::{RecoveryReport, ShutdownReport, State, Stats};
+use crate::task::{Task, TaskId};
+use crate::worker;
+
+/// A task waiting for, or held by, a worker.
+pub(crate) struct Job<T> {
+    pub(crate) id: TaskId,
+    pub(crate) meta: Meta,
+    pub(crate) last_error: Option<Box<str>>,
+    pub(crate) payload: Arc<T>,
+    /// Whether a record of this task is in a segment of an earlier run (so finishing it must
+    /// append an ack).
+    pub(crate) journaled: bool,
+}
+
+/// Why a task is held back for the final spill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Still running at the hard stop (or gave up after its token fired).
+    Interrupted,
+    /// Failed, and its dead letter could not be written: it stays a live task.
+    Retained,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) submitted: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) spilled: AtomicU64,
+    pub(crate) interrupted: AtomicU64,
+    pub(crate) in_flight: AtomicUsize,
+}
+
+/// State shared by the handles, the workers and the shutdown sequence.
+pub(crate) struct Inner<T> {
+    pub(crate) config: Config,
+    journal_dir: PathBuf,
+    tx: mpsc::Sender<Job<T>>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Job<T>>>,
+    backlog: Mutex<VecDeque<Job<T>>>,
+    backlog_len: AtomicUsize,
+    pub(crate) journal: Arc<tokio::sync::Mutex<Option<Journal>>>,
+    pub(crate) epoch: u64,
+    run: u64,
+    next_seq: AtomicU64,
+    /// Cancelled when intake closes: at the first shutdown trigger.
+    pub(crate) intake: CancellationToken,
+    /// The handlers' token: cancelled at the drain deadline.
+    pub(crate) deadline: CancellationToken,
+    /// Cancelled at the hard stop: handlers still running are dropped.
+    pub(crate) hard_stop: CancellationToken,
+    /// Cancelled to skip the wait for in-flight tasks.
+    hurry: CancellationToken,
+    /// The shutdown trigger (the user's token, if one was given).
+    trigger: CancellationToken,
+    tracker: TaskTracker,
+    pub(crate) held: Mutex<Vec<(Held, Job<T>)>>,
+    pub(crate) replay_outstanding: AtomicUsize,
+    pub(crate) counters: Counters,
+    state: watch::Sender<State>,
+    report: watch::Sender<Option<ShutdownReport>>,
+    journal_error: Mutex<Option<Arc<JournalError>>>,
+    recovery: RecoveryReport,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while these locks are held; if something did, the data is still whole.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl<T> Inner<T> {
+    /// The next job for a worker: replayed tasks first, then the queue. `None` once intake has
+    /// closed: from then on queued tasks are spilled, never started.
+    pub(crate) async fn next_job(&self) -> Option<Job<T>> {
+        if self.intake.is_cancelled() {
+            return None;
+        }
+        if self.backlog_len.load(Ordering::Acquire) > 0
+            && let Some(job) = lock(&self.backlog).pop_front()
+        {
+            self.backlog_len.fetch_sub(1, Ordering::AcqRel);
+            return Some(job);
+        }
+        let mut rx = tokio::select! {
+            biased;
+            () = self.intake.cancelled() => return None,
+            rx = self.rx.lock() => rx,
+        };
+        tokio::select! {
+            biased;
+            () = self.intake.cancelled() => None,
+            job = rx.recv() => job,
+        }
+    }
+
+    /// Remembers the first journal failure for the report.
+    pub(crate) fn record_journal_error(&self, error: JournalError) {
+        tracing::error!(%error, "journal failure");
+        let mut slot = lock(&self.journal_error);
+        if slot.is_none() {
+            *slot = Some(Arc::new(error));
+        }
+    }
+
+    pub(crate) fn hold(&self, why: Held, job: Job<T>) {
+        lock(&self.held).push((why, job));
+    }
+}
+
+impl<T: Serialize + Send + Sync + 'static> Inner<T> {
+    /// Appends an ack for a task from an earlier run; retires old segments after the last one.
+    pub(crate) async fn finish_journaled(&self, id: TaskId) {
+        {
+            let mut journal = self.journal.lock().await;
+            if let Some(journal) = journal.as_mut()
+                && let Err(error) = journal.append_ack(id)
+            {
+                // A lost ack only means a repeat; the task itself is finished.
+                tracing::warn!(%error, task = %id, "could not append ack");
+            }
+        }
+        if self.replay_outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.retire_replayed().await;
+        }
+    }
+
+    async fn retire_replayed(&self) {
+        let guard = Arc::clone(&self.journal).lock_owned().await;
+        let result = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            guard.as_mut().map_or(Ok(()), Journal::retire_obsolete)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => tracing::info!("replay finished; old segments retired"),
+            Ok(Err(error)) => self.record_journal_error(error),
+            Err(error) => tracing::error!(%error, "retiring old segments panicked"),
+        }
+    }
+
+    /// Writes a dead letter, durably. On failure the task is held for the final spill instead.
+    pub(crate) async fn dead_letter(&self, job: Job<T>, error: String) {
+        let mut record = Vec::new();
+        let encoded = format::encode_record(
+            &mut record,
+            self.epoch,
+            Kind::Dead,
+            job.id,
+            &job.meta,
+            &error,
+            |out| serde_json::to_writer(out, &*job.payload),
+        );
+        let result = match encoded {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => {
+                let guard = Arc::clone(&self.journal).lock_owned().await;
+                let written = tokio::task::spawn_blocking(move || {
+                    let mut guard = guard;
+                    guard.as_mut().map_or(Err(JournalError::Poisoned), |j| j.write_dead(&record))
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => {
+                        let text = e.to_string();
+                        self.record_journal_error(e);
+                        Err(text)
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::warn!(task = %job.id, attempts = job.meta.attempts, %error, "task failed; kept as a dead letter");
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                if job.journaled {
+                    self.finish_journaled(job.id).await;
+                }
+            }
+            Err(why) => {
+                tracing::error!(task = %job.id, %why, "could not write dead letter; task kept for the spill");
+                let mut job = job;
+                job.last_error = Some(error.into());
+                self.hold(Held::Retained, job);
+            }
+        }
+    }
+}
+
+/// A pool of workers whose unfinished tasks survive shutdown in a journal.
+///
+/// A cheap handle: clones share one pool. When the last handle is dropped, the pool shuts
+/// down on its own (spilling what is queued), but only [`shutdown`](Self::shutdown) or
+/// [`wait`](Self::wait) tells how that went.
+pub struct Pool<T> {
+    inner: Arc<Inner<T>>,
+    /// Starts the shutdown when the last handle goes.
+    _on_drop: Arc<DropGuard>,
+}
+
+impl<T> Clone for Pool<T> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner), _on_drop: Arc::clone(&self._on_drop) }
+    }
+}
+
+impl<T> fmt::Debug for Pool<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("journal_dir", &self.inner.journal_dir)
+            .field("state", &*self.inner.state.borrow())
+            .field("run", &self.inner.run)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Pool<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// A builder with the default settings.
+    pub fn builder() -> Builder<T> {
+        Builder::new()
+    }
+
+    /// Queues a task, waiting for room if the queue is full. Returns its id.
+    ///
+    /// # Errors
+    ///
+    /// Every error hands the task back: [`SubmitError::ShuttingDown`] once shutdown has begun
+    /// (answer 503, or hold on to it), [`SubmitError::RecordTooLarge`] if its record would
+    /// exceed the maximum record size, [`SubmitError::Unserializable`] if it fails to
+    /// serialize.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the task was not queued.
+    pub async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+        let inner = &*self.inner;
+        if inner.intake.is_cancelled() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
+        let payload = self.checked(payload)?;
+        let permit = tokio::select! {
+            biased;
+            () = inner.intake.cancelled() => return Err(SubmitError::ShuttingDown(payload)),
+            permit = inner.tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Err(SubmitError::ShuttingDown(payload)),
+            },
+        };
+        Ok(self.enqueue(permit, payload))
+    }
+
+    /// Queues a task if there is room now. Returns its id.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit), plus [`SubmitError::Full`] when the queue is full.
+    pub fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+        let inner = &*self.inner;
+        if inner.intake.is_cancelled() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
+        let payload = self.checked(payload)?;
+        match inner.tx.try_reserve() {
+            Ok(permit) => Ok(self.enqueue(permit, payload)),
+            Err(mpsc::error::TrySendError::Full(())) => Err(SubmitError::Full(payload)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(SubmitError::ShuttingDown(payload)),
+        }
+    }
+
+    fn checked(&self, payload: T) -> Result<T, SubmitError<T>> {
+        let limit = self.inner.config.max_record_bytes;
+        let mut sink = SizeSink { len: 0, limit: limit.saturating_sub(format::task_record_len(0, 0)) };
+        match serde_json::to_writer(&mut sink, &payload) {
+            Ok(()) => Ok(payload),
+            Err(_) if sink.len > sink.limit => Err(SubmitError::RecordTooLarge { task: payload, limit }),
+            Err(source) => Err(SubmitError::Unserializable { task: payload, source }),
+        }
+    }
+
+    fn enqueue(&self, permit: mpsc::Permit<'_, Job<T>>, payload: T) -> TaskId {
+        let inner = &*self.inner;
+        let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
+        let meta = Meta { enqueued_ms: now_ms(), ..Meta::default() };
+        permit.send(Job { id, meta, last_error: None, payload: Arc::new(payload), journaled: false });
+        inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+}
+
+impl<T> Pool<T> {
+    /// Starts the shutdown (if it has not begun) and waits for its report.
+    ///
+    /// Intake closes at once; queued tasks are spilled right away; in-flight tasks run until the
+    /// drain deadline, then their tokens fire, and after the cancel grace those still running
+    /// are dropped and journaled as interrupted. The journal is then fsynced and unlocked.
+    /// Calling it again, or from a clone, waits for the same shutdown.
+    ///
+    /// # Errors
+    ///
+    /// [`ShutdownError`] only if the shutdown sequence itself was torn down (the runtime shut
+    /// down under it). Journal failures are in the report: see
+    /// [`ShutdownReport::journal_error`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future does not stop the shutdown, which runs on its own task.
+    pub async fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
+        self.inner.trigger.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the pool has stopped (after a shutdown was triggered in any way) and
+    /// returns the report.
+    ///
+    /// # Errors
+    ///
+    /// As [`shutdown`](Self::shutdown).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn wait(&self) -> Result<ShutdownReport, ShutdownError> {
+        let mut rx = self.inner.report.subscribe();
+        let report = rx.wait_for(Option::is_some).await.map_err(|_| ShutdownError(()))?;
+        report.clone().ok_or(ShutdownError(()))
+    }
+
+    /// Skips the rest of the wait for in-flight tasks: fire their tokens and journal every
+    /// task still running now. Starts the shutdown if it has not begun. Returns false if
+    /// this had been asked before.
+    pub fn shutdown_now(&self) -> bool {
+        let first = !self.inner.hurry.is_cancelled();
+        self.inner.hurry.cancel();
+        self.inner.trigger.cancel();
+        first
+    }
+
+    /// The pool's state, as a watch: `Running`, then `Draining`, then `Stopped`.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.inner.state.subscribe()
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn stats(&self) -> Stats {
+        let inner = &*self.inner;
+        let c = &inner.counters;
+        let channel = inner.tx.max_capacity() - inner.tx.capacity();
+        let mut stats = Stats::default();
+        stats.queued = inner.backlog_len.load(Ordering::Relaxed) + channel;
+        stats.in_flight = c.in_flight.load(Ordering::Relaxed);
+        stats.submitted = c.submitted.load(Ordering::Relaxed);
+        stats.replayed = c.replayed.load(Ordering::Relaxed);
+        stats.completed = c.completed.load(Ordering::Relaxed);
+        stats.failed = c.failed.load(Ordering::Relaxed);
+        stats.spilled = c.spilled.load(Ordering::Relaxed);
+        stats.interrupted = c.interrupted.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// What recovery found when the pool started.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// The journal directory.
+    pub fn journal_dir(&self) -> &Path {
+        &self.inner.journal_dir
+    }
+
+    /// The token whose cancellation starts the shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.trigger.clone()
+    }
+}
+
+/// The shutdown sequence ended without a report: its task was torn down, which happens when the
+/// runtime shuts down under it.
+#[derive(Debug, thiserror::Error)]
+#[error("the pool's shutdown sequence ended without a report")]
+pub struct ShutdownError(());
+
+/// Counts serialized bytes, failing once past the limit (so a huge payload is not serialized
+/// whole just to be refused).
+struct SizeSink {
+    len: usize,
+    limit: usize,
+}
+
+impl std::io::Write for SizeSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.len += buf.len();
+        if self.len > self.limit {
+            return Err(std::io::Error::other("record too large"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A task read back from the journal.
+enum Recovered<T> {
+    Live { meta: Meta, last_error: Option<Box<str>>, payload: T },
+    Undecodable { meta: Meta, error: String, payload: Vec<u8> },
+}
+
+pub(crate) async fn start<T, F, Fut, E>(config: Config, handler: F) -> Result<Pool<T>, StartError>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: Fn(Task<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    let dir = config.journal_dir.clone().unwrap_or_default();
+    let open_dir = dir.clone();
+    let opened = tokio::task::spawn_blocking(move || recover::<T>(&open_dir))
+        .await
+        .map_err(|e| StartError::InvalidConfig(format!("journal recovery panicked: {e}")))??;
+    let (journal, mut recovery, recovered) = opened;
+
+    // Tasks whose payload no longer decodes become dead letters, durably, before anything runs.
+    let mut journal = journal;
+    let mut backlog = VecDeque::with_capacity(recovered.len());
+    for (id, task) in recovered {
+        match task {
+            Recovered::Live { meta, last_error, payload } => backlog.push_back(Job {
+                id,
+                meta,
+                last_error,
+                payload: Arc::new(payload),
+                journaled: true,
+            }),
+            Recovered::Undecodable { meta, error, payload } => {
+                recovery.undecodable += 1;
+                let mut record = Vec::new();
+                let epoch = journal.epoch();
+                let Ok(_) =
+                    format::encode_record(&mut record, epoch, Kind::Dead, id, &meta, &error, |out| {
+                        out.extend_from_slice(&payload);
+                        Ok::<(), std::convert::Infallible>(())
+                    });
+                tracing::warn!(task = %id, %error, "payload no longer decodes; kept as a dead letter");
+                match journal.write_dead(&record).and_then(|()| journal.append_ack(id)) {
+                    Ok(()) => recovery.dead_letters += 1,
+                    Err(error) => {
+                        tracing::error!(%error, task = %id, "could not write dead letter; the old segment is kept");
+                        journal.keep_obsolete();
+                    }
+                }
+            }
+        }
+    }
+    recovery.replayed = backlog.len();
+
+    // A child token: the pool's own shutdown (or its drop) never cancels the user's token.
+    let trigger = config.shutdown_token.as_ref().map_or_else(CancellationToken::new, CancellationToken::child_token);
+    let (tx, rx) = mpsc::channel(config.queue_capacity);
+    let replayed = backlog.len();
+    let inner = Arc::new(Inner {
+        journal_dir: dir,
+        tx,
+        rx: tokio::sync::Mutex::new(rx),
+        backlog_len: AtomicUsize::new(replayed),
+        backlog: Mutex::new(backlog),
+        epoch: journal.epoch(),
+        run: journal.run(),
+        journal: Arc::new(tokio::sync::Mutex::new(Some(journal))),
+        next_seq: AtomicU64::new(1),
+        intake: CancellationToken::new(),
+        deadline: CancellationToken::new(),
+        hard_stop: CancellationToken::new(),
+        hurry: CancellationToken::new(),
+        trigger: trigger.clone(),
+        tracker: TaskTracker::new(),
+        held: Mutex::new(Vec::new()),
+        replay_outstanding: AtomicUsize::new(replayed),
+        counters: Counters::default(),
+        state: watch::Sender::new(State::Running),
+        report: watch::Sender::new(None),
+        journal_error: Mutex::new(None),
+        recovery,
+        config,
+    });
+    inner.counters.replayed.store(replayed as u64, Ordering::Relaxed);
+    if replayed == 0 && inner.recovery.segments > 0 {
+        // Nothing to replay: the old segments (acks only, or all damaged) can go now.
+        let mut journal = inner.journal.lock().await;
+        if let Some(journal) = journal.as_mut()
+            && let Err(error) = journal.retire_obsolete()
+        {
+            inner.record_journal_error(error);
+        }
+    }
+
+    let handler = Arc::new(handler);
+    for _ in 0..inner.config.workers {
+        inner.tracker.spawn(worker::run(Arc::clone(&inner), Arc::clone(&handler)));
+    }
+    inner.tracker.close();
+    tokio::spawn(supervise(Arc::clone(&inner)));
+    tracing::info!(
+        dir = %inner.journal_dir.display(),
+        run = inner.run,
+        workers = inner.config.workers,
+        replayed,
+        "pool started"
+    );
+    Ok(Pool { _on_drop: Arc::new(trigger.drop_guard()), inner })
+}
+
+type Opened<T> = (Journal, RecoveryReport, Vec<(TaskId, Recovered<T>)>);
+
+/// Opens the journal and keeps the last state of every task id, in id order.
+fn recover<T: DeserializeOwned>(dir: &Path) -> Result<Opened<T>, StartError> {
+    let mut live: HashMap<TaskId, Recovered<T>> = HashMap::new();
+    let (journal, report) = Journal::open(dir, |record| match record.kind {
+        Kind::Task => {
+            let meta = record.meta;
+            let entry = match serde_json::from_slice::<T>(record.payload) {
+                Ok(payload) => Recovered::Live {
+                    meta,
+                    last_error: (!record.error.is_empty())
+                        .then(|| String::from_utf8_lossy(record.error).into()),
+                    payload,
+                },
+                Err(e) => Recovered::Undecodable {
+                    meta,
+                    error: format!("payload no longer decodes: {e}"),
+                    payload: record.payload.to_vec(),
+                },
+            };
+            live.insert(record.id, entry);
+        }
+        Kind::Ack | Kind::Dead => {
+            live.remove(&record.id);
+        }
+    })?;
+    let mut tasks: Vec<_> = live.into_iter().collect();
+    tasks.sort_unstable_by_key(|(id, _)| *id);
+    Ok((journal, report, tasks))
+}
+
+/// Waits for the trigger, then runs the shutdown sequence and publishes the report.
+async fn supervise<T: Serialize + Send + Sync + 'static>(inner: Arc<Inner<T>>) {
+    inner.trigger.cancelled().await;
+    let report = drain(&inner).await;
+    inner.state.send_replace(State::Stopped);
+    inner.report.send_replace(Some(report));
+}
+
+async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> ShutdownReport {
+    let started = Instant::now();
+    inner.intake.cancel();
+    inner.state.send_replace(State::Draining);
+    tracing::info!(in_flight = inner.counters.in_flight.load(Ordering::Relaxed), "shutdown: intake closed");
+
+    // Everything queued: replayed tasks first, then the channel, in order.
+    let mut queued: Vec<Job<T>> = lock(&inner.backlog).drain(..).collect();
+    inner.backlog_len.store(0, Ordering::Release);
+    {
+        let mut rx = inner.rx.lock().await;
+        rx.close();
+        while let Some(job) = rx.recv().await {
+            queued.push(job);
+        }
+    }
+
+    let spill_queued = spill(inner, queued);
+    let wait_in_flight = wait_in_flight(inner, started);
+    let (spilled, drain_time) = tokio::join!(spill_queued, wait_in_flight);
+
+    // Interrupted tasks first, then failed ones whose dead letter could not be written.
+    let mut held = std::mem::take(&mut *lock(&inner.held));
+    held.sort_by_key(|(why, job)| (*why != Held::Interrupted, job.id));
+    let interrupted_ids: Vec<TaskId> =
+        held.iter().filter(|(why, _)| *why == Held::Interrupted).map(|(_, job)| job.id).collect();
+    let jobs: Vec<Job<T>> = held.into_iter().map(|(_, job)| job).collect();
+    let held_saved = spill(inner, jobs).await;
+
+    let closed = {
+        let guard = Arc::clone(&inner.journal).lock_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            guard.take().map_or(Ok(()), Journal::close)
+        })
+        .await
+    };
+    match closed {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => inner.record_journal_error(error),
+        Err(error) => tracing::error!(%error, "closing the journal panicked"),
+    }
+
+    // A spill is durable whole or not at all; only a payload that fails to serialize (which
+    // submit already rules out) is dropped from a durable one, so the split is by count.
+    let c = &inner.counters;
+    let interrupted = interrupted_ids.len() as u64;
+    let (held_written, held_unsaved) = held_saved;
+    let saved_interrupted = held_written.min(interrupted);
+    c.spilled.fetch_add(spilled.0 + (held_written - saved_interrupted), Ordering::Relaxed);
+    c.interrupted.fetch_add(saved_interrupted, Ordering::Relaxed);
+    let report = ShutdownReport {
+        replayed: c.replayed.load(Ordering::Relaxed),
+        submitted: c.submitted.load(Ordering::Relaxed),
+        completed: c.completed.load(Ordering::Relaxed),
+        failed: c.failed.load(Ordering::Relaxed),
+        spilled: c.spilled.load(Ordering::Relaxed),
+        interrupted: c.interrupted.load(Ordering::Relaxed),
+        unsaved: spilled.1 + held_unsaved,
+        interrupted_ids,
+        elapsed: started.elapsed(),
+        drain_time,
+        journal_dir: inner.journal_dir.clone(),
+        journal_error: lock(&inner.journal_error).clone(),
+    };
+    tracing::info!(
+        completed = report.completed,
+        spilled = report.spilled,
+        interrupted = report.interrupted,
+        failed = report.failed,
+        unsaved = report.unsaved,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "shutdown complete"
+    );
+    report
+}
+
+/// Waits for in-flight tasks: to the deadline, then the handlers' tokens fire; after the grace,
+/// the hard stop. Returns how long it waited.
+async fn wait_in_flight<T>(inner: &Inner<T>, started: Instant) -> Duration {
+    let config = &inner.config;
+    let all_done = inner.tracker.wait();
+    tokio::pin!(all_done);
+    tokio::select! {
+        () = &mut all_done => return started.elapsed(),
+        () = tokio::time::sleep_until(started + config.drain_deadline) => {
+            tracing::error!(
+                in_flight = inner.counters.in_flight.load(Ordering::Relaxed),
+                "drain deadline passed; cancelling in-flight tasks"
+            );
+        }
+        () = inner.hurry.cancelled() => tracing::info!("skipping the drain wait"),
+    }
+    inner.deadline.cancel();
+    if !inner.hurry.is_cancelled() {
+        tokio::select! {
+            () = &mut all_done => return started.elapsed(),
+            () = tokio::time::sleep(config.cancel_grace) => {}
+            () = inner.hurry.cancelled() => {}
+        }
+    }
+    inner.hard_stop.cancel();
+    all_done.await;
+    started.elapsed()
+}
+
+/// Journals `jobs` as live tasks. Returns (written, not written).
+async fn spill<T: Serialize + Send + Sync + 'static>(
+    inner: &Arc<Inner<T>>,
+    jobs: Vec<Job<T>>,
+) -> (u64, u64) {
+    if jobs.is_empty() {
+        return (0, 0);
+    }
+    let count = jobs.len() as u64;
+    let guard = Arc::clone(&inner.journal).lock_owned().await;
+    let result = tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        let Some(journal) = guard.as_mut() else {
+            return (Err(JournalError::Poisoned), 0);
+        };
+        let outcome = journal.spill(&jobs, encode_job);
+        let written = if outcome.durable { outcome.written as u64 } else { 0 };
+        match outcome.error {
+            Some(error) if !outcome.durable => (Err(error), written),
+            Some(error) => (Ok(Some(error)), written),
+            None => (Ok(None), written),
+        }
+    })
+    .await;
+    let (status, written) = match result {
+        Ok(pair) => pair,
+        Err(e) => (Err(JournalError::io("spill", &inner.journal_dir, None, std::io::Error::other(e.to_string()))), 0),
+    };
+    match status {
+        Ok(None) => tracing::warn!(tasks = written, "spilled tasks to the journal"),
+        Ok(Some(error)) => {
+            tracing::warn!(tasks = written, "spilled tasks to a fresh segment after a failure");
+            inner.record_journal_error(error);
+        }
+        Err(error) => inner.record_journal_error(error),
+    }
+    (written, count - written)
+}
+
+fn encode_job<T: Serialize>(job: &Job<T>, epoch: u64, out: &mut Vec<u8>) -> bool {
+    let error = job.last_error.as_deref().unwrap_or("");
+    let encoded = format::encode_record(out, epoch, Kind::Task, job.id, &job.meta, error, |out| {
+        serde_json::to_writer(out, &*job.payload)
+    });
+    match encoded {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::error!(task = %job.id, %error, "payload failed to serialize at spill; task lost");
+            false
+        }
+    }
+}
+
+impl<T> Job<T> {
+    /// Marks the job interrupted at the deadline: its attempt is not counted.
+    pub(crate) fn interrupted(mut self) -> Self {
+        self.meta.flags |= FLAG_INTERRUPTED;
+        self.meta.interruptions = self.meta.interruptions.saturating_add(1);
+        self
+    }
+}

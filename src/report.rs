@@ -1,0 +1,122 @@
+//! What the pool tells about itself: state, counters, and the reports of start and shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::JournalError;
+use crate::task::TaskId;
+
+/// Where a pool is in its life. Watch it with [`Pool::state`](crate::Pool::state); fail a
+/// readiness probe as soon as it leaves `Running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Accepting and running tasks.
+    Running,
+    /// Intake is closed; queued tasks are spilled, in-flight tasks run to the deadline.
+    Draining,
+    /// Everything is finished or journaled, and the journal is unlocked.
+    Stopped,
+}
+
+/// A snapshot of a pool's counters, from [`Pool::stats`](crate::Pool::stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Tasks waiting for a worker (replayed ones included).
+    pub queued: usize,
+    /// Tasks whose handler is running.
+    pub in_flight: usize,
+    /// Tasks accepted by `submit` or `try_submit` in this run.
+    pub submitted: u64,
+    /// Tasks reloaded from the journal at start.
+    pub replayed: u64,
+    /// Tasks whose handler returned `Ok`.
+    pub completed: u64,
+    /// Tasks whose handler returned an error or panicked; they are kept as dead letters.
+    pub failed: u64,
+    /// Queued tasks journaled at shutdown.
+    pub spilled: u64,
+    /// In-flight tasks stopped at the drain deadline and journaled.
+    pub interrupted: u64,
+}
+
+/// One stretch of damage found in a segment at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Damage {
+    /// The segment.
+    pub path: PathBuf,
+    /// Offset of the first bad byte.
+    pub offset: u64,
+    /// How many bytes were lost.
+    pub len: u64,
+    /// What was wrong there.
+    pub reason: String,
+}
+
+/// What recovery found when the pool started, from [`Pool::recovery`](crate::Pool::recovery).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Segment files read.
+    pub segments: usize,
+    /// Valid records read.
+    pub records: usize,
+    /// Live tasks queued for replay, ahead of any new submission.
+    pub replayed: usize,
+    /// Dead letters present in the directory.
+    pub dead_letters: usize,
+    /// Records whose payload no longer deserializes into the task type; each was moved to the
+    /// dead letters with its decode error.
+    pub undecodable: usize,
+    /// Tails cut off by a crash mid-write, truncated (expected after a kill).
+    pub torn_tails: Vec<Damage>,
+    /// Damage in the middle of a segment: each costs the records it covers, nothing more.
+    pub damage: Vec<Damage>,
+    /// Copies of damaged segments kept for inspection, under the journal's `damaged/`.
+    pub damaged_copies: Vec<PathBuf>,
+}
+
+/// What a shutdown did, returned by [`Pool::shutdown`](crate::Pool::shutdown) and
+/// [`Pool::wait`](crate::Pool::wait).
+///
+/// The counts add up: `replayed + submitted = completed + failed + spilled + interrupted +
+/// unsaved`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Tasks reloaded from the journal at start.
+    pub replayed: u64,
+    /// Tasks accepted in this run.
+    pub submitted: u64,
+    /// Tasks finished with `Ok`.
+    pub completed: u64,
+    /// Tasks that failed and were kept as dead letters (or, if that write failed, spilled).
+    pub failed: u64,
+    /// Queued tasks journaled at shutdown, before waiting on anything.
+    pub spilled: u64,
+    /// In-flight tasks stopped at the drain deadline and journaled as interrupted.
+    pub interrupted: u64,
+    /// Tasks that could not be journaled because the journal failed. Zero unless
+    /// `journal_error` is set.
+    pub unsaved: u64,
+    /// Ids of the tasks journaled as interrupted.
+    pub interrupted_ids: Vec<TaskId>,
+    /// From the shutdown trigger to the report.
+    pub elapsed: Duration,
+    /// Of `elapsed`, the time spent waiting for in-flight tasks.
+    pub drain_time: Duration,
+    /// The journal directory.
+    pub journal_dir: PathBuf,
+    /// The first journal failure during the run or the shutdown, if any.
+    pub journal_error: Option<Arc<JournalError>>,
+}
+
+impl ShutdownReport {
+    /// Whether every task this run held is finished or durably journaled.
+    pub fn is_clean(&self) -> bool {
+        self.unsaved == 0 && self.journal_error.is_none()
+    }
+}

@@ -1,0 +1,131 @@
+//! What a handler receives.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// The identity of a task, unique within the life of its journal directory.
+///
+/// A task keeps its id when it is spilled and reloaded, so a handler can use it as an
+/// idempotency key: a task interrupted at the drain deadline runs again with the same id.
+///
+/// The id is made of the pool run that accepted the task (a counter stored in the journal
+/// directory and raised at every start) and a sequence number within that run. Ids order tasks
+/// by the time they were accepted. It displays as `run-seq`, e.g. `7-1042`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId {
+    run: u64,
+    seq: u64,
+}
+
+impl TaskId {
+    pub(crate) const fn new(run: u64, seq: u64) -> Self {
+        Self { run, seq }
+    }
+
+    /// The pool run that accepted the task.
+    pub const fn run(self) -> u64 {
+        self.run
+    }
+
+    /// The task's sequence number within its run.
+    pub const fn seq(self) -> u64 {
+        self.seq
+    }
+
+    /// The id as one number: the run in the high 64 bits, the sequence in the low 64.
+    pub const fn as_u128(self) -> u128 {
+        ((self.run as u128) << 64) | self.seq as u128
+    }
+
+    /// The id from [`as_u128`](Self::as_u128)'s number.
+    pub const fn from_u128(value: u128) -> Self {
+        Self { run: (value >> 64) as u64, seq: value as u64 }
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.run, self.seq)
+    }
+}
+
+/// One run of a task, as the handler sees it.
+///
+/// The handler gets the payload, the task's id, which attempt this is, and a cancellation token
+/// that fires when the drain deadline comes. A task is done only when its handler returns `Ok`.
+pub struct Task<T> {
+    pub(crate) id: TaskId,
+    pub(crate) attempt: u32,
+    pub(crate) interrupted: bool,
+    pub(crate) enqueued_at: SystemTime,
+    pub(crate) payload: Arc<T>,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl<T> Task<T> {
+    /// The task's id, stable across spill and reload.
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+
+    /// Which attempt this is, counting from 1. A run interrupted at the drain deadline does not
+    /// count as an attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the task's previous run was interrupted at a drain deadline (so the handler may
+    /// find its own side effects from that run half done).
+    pub fn was_interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    /// When the task was first accepted.
+    pub fn enqueued_at(&self) -> SystemTime {
+        self.enqueued_at
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+
+    /// The token that fires when the drain deadline comes.
+    ///
+    /// After it fires the handler has the pool's cancel grace to checkpoint and return; then it
+    /// is dropped and the task is journaled as interrupted. A handler that returns an error
+    /// after the token fired is treated as interrupted too, not as failed.
+    pub fn cancellation_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Waits until the drain deadline comes. Shorthand for
+    /// `task.cancellation_token().cancelled()`.
+    ///
+    /// # Cancel safety
+    ///
+    /// This method is cancel safe.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// Whether the drain deadline has come.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Task<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Task")
+            .field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("interrupted", &self.interrupted)
+            .field("payload", &self.payload)
+            .field("cancelled", &self.cancel.is_cancelled())
+            .finish()
+    }
+}
