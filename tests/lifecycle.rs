@@ -1,0 +1,390 @@
+//! The pool's lifecycle under a paused clock: intake, spill, deadline, reload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Action, Job, Ledger, settle, start};
+use drainpool::{State, SubmitError};
+use tokio_util::sync::CancellationToken;
+
+fn counts_add_up(r: &drainpool::ShutdownReport) {
+    assert_eq!(
+        r.replayed + r.submitted,
+        r.completed + r.failed + r.spilled + r.interrupted + r.unsaved,
+        "counts do not add up: {r:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn intake_refusal_hands_the_task_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    let report = pool.shutdown().await.unwrap();
+    assert!(report.is_clean());
+
+    let job = Job::work(7, 1);
+    match pool.submit(job.clone()).await {
+        Err(SubmitError::ShuttingDown(back)) => assert_eq!(back, job),
+        other => panic!("expected ShuttingDown, got {other:?}"),
+    }
+    match pool.try_submit(job.clone()) {
+        Err(e @ SubmitError::ShuttingDown(_)) => assert_eq!(e.into_inner(), job),
+        other => panic!("expected ShuttingDown, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_hands_the_task_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b.queue_capacity(2)).await.unwrap();
+    pool.submit(Job::work(0, 1000)).await.unwrap();
+    settle().await; // the worker takes job 0
+    pool.try_submit(Job::work(1, 1)).unwrap();
+    pool.try_submit(Job::work(2, 1)).unwrap();
+    match pool.try_submit(Job::work(3, 1)) {
+        Err(SubmitError::Full(back)) => assert_eq!(back.n, 3),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(pool.stats().queued, 2);
+    assert_eq!(pool.stats().in_flight, 1);
+    // `submit` waits for room instead.
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(Job::work(3, 1)).await.map_err(|e| e.into_inner().n) }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(waiting.await.unwrap().is_ok());
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.completed, 4);
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_payload_is_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b.max_record_bytes(256)).await.unwrap();
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Big(String);
+    let big = drainpool::Pool::<Big>::builder()
+        .journal_dir(dir.path().join("big"))
+        .max_record_bytes(256)
+        .start(|_task: drainpool::Task<Big>| async { Ok::<(), std::io::Error>(()) })
+        .await
+        .unwrap();
+    match big.submit(Big("x".repeat(300))).await {
+        Err(SubmitError::RecordTooLarge { task, limit }) => {
+            assert_eq!(task.0.len(), 300);
+            assert_eq!(limit, 256);
+        }
+        other => panic!("expected RecordTooLarge, got {:?}", other.map_err(|e| e.to_string())),
+    }
+    big.submit(Big("x".repeat(100))).await.unwrap();
+    assert!(big.shutdown().await.unwrap().is_clean());
+    assert!(pool.shutdown().await.unwrap().is_clean());
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_tasks_are_spilled_and_never_started_during_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    for n in 0..10 {
+        pool.submit(Job::work(n, 1000)).await.unwrap();
+    }
+    settle().await;
+    assert_eq!(ledger.started(), vec![0]);
+    let report = pool.shutdown().await.unwrap();
+    // Only the task already running was started; it finished inside the deadline.
+    assert_eq!(ledger.started(), vec![0]);
+    assert_eq!(ledger.completed(), vec![0]);
+    assert_eq!((report.completed, report.spilled, report.interrupted), (1, 9, 0));
+    assert!(report.is_clean());
+    counts_add_up(&report);
+
+    // The next start replays exactly those nine, in order.
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    assert_eq!(pool.recovery().replayed, 9);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(ledger.completed(), (1..10).collect::<Vec<_>>());
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.replayed, report.completed, report.spilled), (9, 9, 0));
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_finishes_before_the_deadline_is_not_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 2, &ledger, |b| b).await.unwrap();
+    pool.submit(Job::work(1, 5_000)).await.unwrap();
+    settle().await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.spilled, report.interrupted), (1, 0, 0));
+    assert!(report.drain_time >= Duration::from_secs(5));
+    assert!(report.drain_time < Duration::from_secs(10));
+
+    let pool = start(dir.path(), 2, &Ledger::default(), |b| b).await.unwrap();
+    assert_eq!(pool.recovery().replayed, 0);
+    pool.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_ignoring_its_token_is_aborted_at_deadline_plus_grace_and_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    let id = pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    settle().await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.interrupted), (0, 1));
+    assert_eq!(report.interrupted_ids, vec![id]);
+    // Deadline 10 s plus grace 2 s, on the paused clock.
+    assert!(report.drain_time >= Duration::from_secs(12), "{report:?}");
+    assert!(report.drain_time < Duration::from_secs(13), "{report:?}");
+    assert!(ledger.finished().is_empty());
+    counts_add_up(&report);
+
+    // Reloaded with the same id, told it was interrupted, its attempt not counted.
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    pool.shutdown_token(); // a handle on the trigger is cheap and changes nothing
+    assert_eq!(pool.recovery().replayed, 1);
+    settle().await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.interrupted, 1);
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b.drain_deadline(Duration::from_secs(7200)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3601)).await;
+    let runs = ledger.finished();
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].id, runs[0].attempt, runs[0].interrupted_before), (id, 1, true));
+    pool.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_giving_up_at_its_token_is_interrupted_and_one_checkpointing_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 2, &ledger, |b| b).await.unwrap();
+    let gave_up = pool.submit(Job::with(1, 3_600_000, Action::HonourToken)).await.unwrap();
+    pool.submit(Job::with(2, 3_600_000, Action::Checkpoint)).await.unwrap();
+    settle().await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.interrupted, report.failed), (1, 1, 0));
+    assert_eq!(report.interrupted_ids, vec![gave_up]);
+    // Both returned when the token fired: no need to wait for the grace.
+    assert_eq!(report.drain_time, Duration::from_secs(10));
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_keeps_fifo_order_and_runs_before_new_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    pool.submit(Job::with(0, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    for n in 1..50 {
+        pool.submit(Job::work(n, 1)).await.unwrap();
+    }
+    settle().await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.spilled, report.interrupted), (49, 1));
+
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    for n in 100..110 {
+        pool.submit(Job::work(n, 1)).await.unwrap();
+    }
+    // Job 0 (interrupted) ignores its token for an hour; let it and everything else run.
+    tokio::time::sleep(Duration::from_secs(3700)).await;
+    let expected: Vec<u64> = (0..50).chain(100..110).collect();
+    assert_eq!(ledger.started(), expected);
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.replayed, report.submitted, report.completed), (50, 10, 60));
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_and_panics_are_recorded_and_never_take_a_worker_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    pool.submit(Job::with(1, 0, Action::Panic)).await.unwrap();
+    pool.submit(Job::with(2, 0, Action::Fail)).await.unwrap();
+    pool.submit(Job::work(3, 10)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ledger.completed(), vec![3]);
+    let stats = pool.stats();
+    assert_eq!((stats.failed, stats.completed), (2, 1));
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.failed, report.completed), (2, 1));
+    counts_add_up(&report);
+
+    // The failed tasks are kept as dead letters, not replayed.
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    assert_eq!(pool.recovery().replayed, 0);
+    assert_eq!(pool.recovery().dead_letters, 2);
+    pool.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_counts_add_up_in_a_mixed_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 3, &ledger, |b| b).await.unwrap();
+    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    pool.submit(Job::with(2, 0, Action::Fail)).await.unwrap();
+    pool.submit(Job::work(3, 100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pool.submit(Job::work(4, 5_000)).await.unwrap();
+    pool.submit(Job::work(5, 5_000)).await.unwrap();
+    settle().await;
+    for n in 6..20 {
+        pool.submit(Job::work(n, 5_000)).await.unwrap();
+    }
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.submitted, 19);
+    assert_eq!(report.completed, 3); // 3, 4, 5
+    assert_eq!(report.failed, 1);
+    assert_eq!(report.interrupted, 1);
+    assert_eq!(report.spilled, 14);
+    counts_add_up(&report);
+
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 3, &ledger, |b| b).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.replayed, 15);
+    assert_eq!(report.completed, 14);
+    assert_eq!(report.interrupted, 1); // task 1 ignores its token again
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_moves_from_running_to_draining_to_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    let mut state = pool.state();
+    assert_eq!(*state.borrow_and_update(), State::Running);
+    pool.submit(Job::work(1, 5_000)).await.unwrap();
+    settle().await;
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.shutdown().await }
+    });
+    state.changed().await.unwrap();
+    assert_eq!(*state.borrow_and_update(), State::Draining);
+    assert!(matches!(pool.try_submit(Job::work(2, 1)), Err(SubmitError::ShuttingDown(_))));
+    state.changed().await.unwrap();
+    assert_eq!(*state.borrow_and_update(), State::Stopped);
+    let report = waiter.await.unwrap().unwrap();
+    assert_eq!(report.completed, 1);
+    // Every clone waits for the same report.
+    assert_eq!(pool.wait().await.unwrap().completed, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_pool_on_a_locked_directory_is_refused_until_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    match start(dir.path(), 1, &Ledger::default(), |b| b).await {
+        Err(e @ drainpool::StartError::JournalLocked { .. }) => {
+            assert!(e.to_string().contains(&dir.path().display().to_string()), "{e}");
+        }
+        other => panic!("expected JournalLocked, got {other:?}"),
+    }
+    pool.shutdown().await.unwrap();
+    let again = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    again.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_users_token_starts_the_shutdown_and_is_not_cancelled_by_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b.shutdown_token(token.clone()))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    }
+    token.cancel();
+    let report = pool.wait().await.unwrap();
+    assert_eq!((report.interrupted, report.spilled), (1, 4));
+
+    let other = CancellationToken::new();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b.shutdown_token(other.clone()))
+        .await
+        .unwrap();
+    pool.shutdown().await.unwrap();
+    assert!(!other.is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_last_handle_spills_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let mut state = pool.state();
+    for n in 0..5 {
+        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    }
+    settle().await;
+    drop(pool);
+    state.wait_for(|s| *s == State::Stopped).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    assert_eq!(pool.recovery().replayed, 5);
+    pool.shutdown_now();
+    pool.wait().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_now_skips_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), 2, &Ledger::default(), |b| b).await.unwrap();
+    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    pool.submit(Job::work(2, 3_600_000)).await.unwrap();
+    settle().await;
+    assert!(pool.shutdown_now());
+    assert!(!pool.shutdown_now());
+    let report = pool.wait().await.unwrap();
+    assert_eq!(report.interrupted, 2);
+    assert_eq!(report.drain_time, Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_payload_that_no_longer_decodes_becomes_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    pool.submit(Job::work(2, 1)).await.unwrap();
+    pool.shutdown_now();
+    pool.wait().await.unwrap();
+
+    // The task type changed in an "upgrade".
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Renamed {
+        number: u64,
+    }
+    let pool = drainpool::Pool::<Renamed>::builder()
+        .journal_dir(dir.path())
+        .start(|_task: drainpool::Task<Renamed>| async { Ok::<(), std::io::Error>(()) })
+        .await
+        .unwrap();
+    assert_eq!(pool.recovery().undecodable, 2);
+    assert_eq!(pool.recovery().replayed, 0);
+    pool.shutdown().await.unwrap();
+
+    // They stay dead letters (not lost, not replayed) on the next start too.
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    assert_eq!(pool.recovery().replayed, 0);
+    assert_eq!(pool.recovery().dead_letters, 2);
+    pool.shutdown().await.unwrap();
+}
