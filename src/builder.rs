@@ -10,11 +10,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::BoxError;
 use crate::error::StartError;
 use crate::journal::format;
 use crate::pool::{self, Pool};
 use crate::task::Task;
-use crate::BoxError;
 
 /// The default drain deadline: 25 s, to fit Kubernetes' default 30 s grace period.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
@@ -48,7 +48,9 @@ pub struct Builder<T> {
 
 impl<T> fmt::Debug for Builder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder").field("config", &self.config).finish()
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -57,7 +59,9 @@ where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     pub(crate) fn new() -> Self {
-        let workers = std::thread::available_parallelism().map(usize::from).unwrap_or(4);
+        let workers = std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(4);
         Self {
             config: Config {
                 workers,
@@ -161,10 +165,14 @@ where
     {
         let config = self.config;
         if config.workers == 0 {
-            return Err(StartError::InvalidConfig("workers must be at least 1".into()));
+            return Err(StartError::InvalidConfig(
+                "workers must be at least 1".into(),
+            ));
         }
         if config.queue_capacity == 0 {
-            return Err(StartError::InvalidConfig("queue_capacity must be at least 1".into()));
+            return Err(StartError::InvalidConfig(
+                "queue_capacity must be at least 1".into(),
+            ));
         }
         let smallest = format::task_record_len(2, 0);
         if !(smallest..=MAX_RECORD_BYTES_LIMIT).contains(&config.max_record_bytes) {

@@ -56,8 +56,18 @@ impl fmt::Display for OffsetSuffix {
 }
 
 impl JournalError {
-    pub(crate) fn io(op: &'static str, path: &Path, offset: Option<u64>, source: io::Error) -> Self {
-        Self::Io { op, path: path.to_path_buf(), offset, source }
+    pub(crate) fn io(
+        op: &'static str,
+        path: &Path,
+        offset: Option<u64>,
+        source: io::Error,
+    ) -> Self {
+        Self::Io {
+            op,
+            path: path.to_path_buf(),
+            offset,
+            source,
+        }
     }
 
     /// The file the error is about, if any.
@@ -150,12 +160,14 @@ impl<T> SubmitError<T> {
 impl<T> fmt::Debug for SubmitError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::RecordTooLarge { limit, .. } => {
-                f.debug_struct("RecordTooLarge").field("limit", limit).finish_non_exhaustive()
-            }
-            Self::Unserializable { source, .. } => {
-                f.debug_struct("Unserializable").field("source", source).finish_non_exhaustive()
-            }
+            Self::RecordTooLarge { limit, .. } => f
+                .debug_struct("RecordTooLarge")
+                .field("limit", limit)
+                .finish_non_exhaustive(),
+            Self::Unserializable { source, .. } => f
+                .debug_struct("Unserializable")
+                .field("source", source)
+                .finish_non_exhaustive(),
             _ => f.debug_tuple(self.name()).finish_non_exhaustive(),
         }
     }
@@ -181,4 +193,22 @@ impl<T> std::error::Error for SubmitError<T> {
             _ => None,
         }
     }
+}
+
+/// The shutdown sequence ended without a report: its task was torn down, which happens when the
+/// runtime shuts down under it.
+#[derive(Debug, thiserror::Error)]
+#[error("the pool's shutdown sequence ended without a report")]
+pub struct ShutdownError(pub(crate) ());
+
+/// [`Pool::run_until_signal`](crate::Pool::run_until_signal) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The signal handlers could not be registered.
+    #[error("could not register signal handlers")]
+    Signals(#[source] io::Error),
+    /// The shutdown sequence ended without a report.
+    #[error(transparent)]
+    Shutdown(#[from] ShutdownError),
 }

@@ -48,6 +48,7 @@ pub mod error;
 mod journal;
 mod pool;
 mod report;
+mod signal;
 mod task;
 mod worker;
 
@@ -55,9 +56,10 @@ pub use builder::{
     Builder, DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_QUEUE_CAPACITY, MAX_RECORD_BYTES_LIMIT,
 };
-pub use error::{JournalError, StartError, SubmitError};
-pub use pool::{Pool, ShutdownError};
+pub use error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
+pub use pool::Pool;
 pub use report::{Damage, RecoveryReport, ShutdownReport, State, Stats};
+pub use signal::{ShutdownSignal, Signal, shutdown_signal};
 pub use task::{Task, TaskId};
 
 /// The error type a handler may return: anything that converts into a boxed error.

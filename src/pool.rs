@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::BoxError;
 use crate::builder::{Builder, Config};
-use crate::error::{JournalError, StartError, SubmitError};
+use crate::error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 use crate::journal::Journal;
 use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
 use crate::report::{RecoveryReport, ShutdownReport, State, Stats};
@@ -93,7 +93,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl<T> Inner<T> {
@@ -184,7 +186,9 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
                 let guard = Arc::clone(&self.journal).lock_owned().await;
                 let written = tokio::task::spawn_blocking(move || {
                     let mut guard = guard;
-                    guard.as_mut().map_or(Err(JournalError::Poisoned), |j| j.write_dead(&record))
+                    guard
+                        .as_mut()
+                        .map_or(Err(JournalError::Poisoned), |j| j.write_dead(&record))
                 })
                 .await;
                 match written {
@@ -229,7 +233,10 @@ pub struct Pool<T> {
 
 impl<T> Clone for Pool<T> {
     fn clone(&self) -> Self {
-        Self { inner: Arc::clone(&self.inner), _on_drop: Arc::clone(&self._on_drop) }
+        Self {
+            inner: Arc::clone(&self.inner),
+            _on_drop: Arc::clone(&self._on_drop),
+        }
     }
 }
 
@@ -301,19 +308,37 @@ where
 
     fn checked(&self, payload: T) -> Result<T, SubmitError<T>> {
         let limit = self.inner.config.max_record_bytes;
-        let mut sink = SizeSink { len: 0, limit: limit.saturating_sub(format::task_record_len(0, 0)) };
+        let mut sink = SizeSink {
+            len: 0,
+            limit: limit.saturating_sub(format::task_record_len(0, 0)),
+        };
         match serde_json::to_writer(&mut sink, &payload) {
             Ok(()) => Ok(payload),
-            Err(_) if sink.len > sink.limit => Err(SubmitError::RecordTooLarge { task: payload, limit }),
-            Err(source) => Err(SubmitError::Unserializable { task: payload, source }),
+            Err(_) if sink.len > sink.limit => Err(SubmitError::RecordTooLarge {
+                task: payload,
+                limit,
+            }),
+            Err(source) => Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            }),
         }
     }
 
     fn enqueue(&self, permit: mpsc::Permit<'_, Job<T>>, payload: T) -> TaskId {
         let inner = &*self.inner;
         let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
-        let meta = Meta { enqueued_ms: now_ms(), ..Meta::default() };
-        permit.send(Job { id, meta, last_error: None, payload: Arc::new(payload), journaled: false });
+        let meta = Meta {
+            enqueued_ms: now_ms(),
+            ..Meta::default()
+        };
+        permit.send(Job {
+            id,
+            meta,
+            last_error: None,
+            payload: Arc::new(payload),
+            journaled: false,
+        });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         id
     }
@@ -353,8 +378,57 @@ impl<T> Pool<T> {
     /// Cancel safe.
     pub async fn wait(&self) -> Result<ShutdownReport, ShutdownError> {
         let mut rx = self.inner.report.subscribe();
-        let report = rx.wait_for(Option::is_some).await.map_err(|_| ShutdownError(()))?;
+        let report = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ShutdownError(()))?;
         report.clone().ok_or(ShutdownError(()))
+    }
+
+    /// Runs until SIGTERM or SIGINT (or any other shutdown trigger), then shuts down and returns
+    /// the report.
+    ///
+    /// Escalation, as container runtimes and operators expect: the first SIGTERM or SIGINT
+    /// starts the drain; a second skips the wait ([`shutdown_now`](Self::shutdown_now)): tokens
+    /// fire and every task still running is journaled at once; a third exits the process at
+    /// once with 128 + the signal number (143 for SIGTERM), from inside the signal handler, so
+    /// it works even if the runtime is wedged, and skips the final spill: tasks in flight then
+    /// are lost in `OnShutdown` mode (queued ones were spilled at the first signal). SIGQUIT
+    /// keeps its default.
+    ///
+    /// The handlers stay installed for the rest of the process's life: nothing is installed
+    /// until this is called.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Signals`] if the handlers could not be registered (or, off Unix, signals
+    /// are not supported), before anything else happens; [`RunError::Shutdown`] as for
+    /// [`shutdown`](Self::shutdown).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the handlers installed: a later signal still shuts the pool
+    /// down.
+    pub async fn run_until_signal(&self) -> Result<ShutdownReport, RunError> {
+        let trigger = self.inner.trigger.clone();
+        let hurry = self.inner.hurry.clone();
+        crate::signal::listen(3, move |count, signal| {
+            tracing::debug!(%signal, count, "signal received");
+            match count {
+                1 => {
+                    tracing::info!(%signal, "draining: a second signal skips the wait, a third exits");
+                    trigger.cancel();
+                }
+                2 => {
+                    tracing::warn!(%signal, "second signal: skipping the drain wait; a third exits at once");
+                    hurry.cancel();
+                    trigger.cancel();
+                }
+                _ => {}
+            }
+        })
+        .map_err(RunError::Signals)?;
+        Ok(self.wait().await?)
     }
 
     /// Skips the rest of the wait for in-flight tasks: fire their tokens and journal every
@@ -405,12 +479,6 @@ impl<T> Pool<T> {
     }
 }
 
-/// The shutdown sequence ended without a report: its task was torn down, which happens when the
-/// runtime shuts down under it.
-#[derive(Debug, thiserror::Error)]
-#[error("the pool's shutdown sequence ended without a report")]
-pub struct ShutdownError(());
-
 /// Counts serialized bytes, failing once past the limit (so a huge payload is not serialized
 /// whole just to be refused).
 struct SizeSink {
@@ -434,8 +502,16 @@ impl std::io::Write for SizeSink {
 
 /// A task read back from the journal.
 enum Recovered<T> {
-    Live { meta: Meta, last_error: Option<Box<str>>, payload: T },
-    Undecodable { meta: Meta, error: String, payload: Vec<u8> },
+    Live {
+        meta: Meta,
+        last_error: Option<Box<str>>,
+        payload: T,
+    },
+    Undecodable {
+        meta: Meta,
+        error: String,
+        payload: Vec<u8>,
+    },
 }
 
 pub(crate) async fn start<T, F, Fut, E>(config: Config, handler: F) -> Result<Pool<T>, StartError>
@@ -457,24 +533,42 @@ where
     let mut backlog = VecDeque::with_capacity(recovered.len());
     for (id, task) in recovered {
         match task {
-            Recovered::Live { meta, last_error, payload } => backlog.push_back(Job {
+            Recovered::Live {
+                meta,
+                last_error,
+                payload,
+            } => backlog.push_back(Job {
                 id,
                 meta,
                 last_error,
                 payload: Arc::new(payload),
                 journaled: true,
             }),
-            Recovered::Undecodable { meta, error, payload } => {
+            Recovered::Undecodable {
+                meta,
+                error,
+                payload,
+            } => {
                 recovery.undecodable += 1;
                 let mut record = Vec::new();
                 let epoch = journal.epoch();
-                let Ok(_) =
-                    format::encode_record(&mut record, epoch, Kind::Dead, id, &meta, &error, |out| {
+                let Ok(_) = format::encode_record(
+                    &mut record,
+                    epoch,
+                    Kind::Dead,
+                    id,
+                    &meta,
+                    &error,
+                    |out| {
                         out.extend_from_slice(&payload);
                         Ok::<(), std::convert::Infallible>(())
-                    });
+                    },
+                );
                 tracing::warn!(task = %id, %error, "payload no longer decodes; kept as a dead letter");
-                match journal.write_dead(&record).and_then(|()| journal.append_ack(id)) {
+                match journal
+                    .write_dead(&record)
+                    .and_then(|()| journal.append_ack(id))
+                {
                     Ok(()) => recovery.dead_letters += 1,
                     Err(error) => {
                         tracing::error!(%error, task = %id, "could not write dead letter; the old segment is kept");
@@ -487,7 +581,10 @@ where
     recovery.replayed = backlog.len();
 
     // A child token: the pool's own shutdown (or its drop) never cancels the user's token.
-    let trigger = config.shutdown_token.as_ref().map_or_else(CancellationToken::new, CancellationToken::child_token);
+    let trigger = config
+        .shutdown_token
+        .as_ref()
+        .map_or_else(CancellationToken::new, CancellationToken::child_token);
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let replayed = backlog.len();
     let inner = Arc::new(Inner {
@@ -515,7 +612,10 @@ where
         recovery,
         config,
     });
-    inner.counters.replayed.store(replayed as u64, Ordering::Relaxed);
+    inner
+        .counters
+        .replayed
+        .store(replayed as u64, Ordering::Relaxed);
     if replayed == 0 && inner.recovery.segments > 0 {
         // Nothing to replay: the old segments (acks only, or all damaged) can go now.
         let mut journal = inner.journal.lock().await;
@@ -528,7 +628,9 @@ where
 
     let handler = Arc::new(handler);
     for _ in 0..inner.config.workers {
-        inner.tracker.spawn(worker::run(Arc::clone(&inner), Arc::clone(&handler)));
+        inner
+            .tracker
+            .spawn(worker::run(Arc::clone(&inner), Arc::clone(&handler)));
     }
     inner.tracker.close();
     tokio::spawn(supervise(Arc::clone(&inner)));
@@ -539,7 +641,10 @@ where
         replayed,
         "pool started"
     );
-    Ok(Pool { _on_drop: Arc::new(trigger.drop_guard()), inner })
+    Ok(Pool {
+        _on_drop: Arc::new(trigger.drop_guard()),
+        inner,
+    })
 }
 
 type Opened<T> = (Journal, RecoveryReport, Vec<(TaskId, Recovered<T>)>);
@@ -586,7 +691,10 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     let started = Instant::now();
     inner.intake.cancel();
     inner.state.send_replace(State::Draining);
-    tracing::info!(in_flight = inner.counters.in_flight.load(Ordering::Relaxed), "shutdown: intake closed");
+    tracing::info!(
+        in_flight = inner.counters.in_flight.load(Ordering::Relaxed),
+        "shutdown: intake closed"
+    );
 
     // Everything queued: replayed tasks first, then the channel, in order.
     let mut queued: Vec<Job<T>> = lock(&inner.backlog).drain(..).collect();
@@ -606,8 +714,11 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     // Interrupted tasks first, then failed ones whose dead letter could not be written.
     let mut held = std::mem::take(&mut *lock(&inner.held));
     held.sort_by_key(|(why, job)| (*why != Held::Interrupted, job.id));
-    let interrupted_ids: Vec<TaskId> =
-        held.iter().filter(|(why, _)| *why == Held::Interrupted).map(|(_, job)| job.id).collect();
+    let interrupted_ids: Vec<TaskId> = held
+        .iter()
+        .filter(|(why, _)| *why == Held::Interrupted)
+        .map(|(_, job)| job.id)
+        .collect();
     let jobs: Vec<Job<T>> = held.into_iter().map(|(_, job)| job).collect();
     let held_saved = spill(inner, jobs).await;
 
@@ -631,8 +742,12 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     let interrupted = interrupted_ids.len() as u64;
     let (held_written, held_unsaved) = held_saved;
     let saved_interrupted = held_written.min(interrupted);
-    c.spilled.fetch_add(spilled.0 + (held_written - saved_interrupted), Ordering::Relaxed);
-    c.interrupted.fetch_add(saved_interrupted, Ordering::Relaxed);
+    c.spilled.fetch_add(
+        spilled.0 + (held_written - saved_interrupted),
+        Ordering::Relaxed,
+    );
+    c.interrupted
+        .fetch_add(saved_interrupted, Ordering::Relaxed);
     let report = ShutdownReport {
         replayed: c.replayed.load(Ordering::Relaxed),
         submitted: c.submitted.load(Ordering::Relaxed),
@@ -704,7 +819,11 @@ async fn spill<T: Serialize + Send + Sync + 'static>(
             return (Err(JournalError::Poisoned), 0);
         };
         let outcome = journal.spill(&jobs, encode_job);
-        let written = if outcome.durable { outcome.written as u64 } else { 0 };
+        let written = if outcome.durable {
+            outcome.written as u64
+        } else {
+            0
+        };
         match outcome.error {
             Some(error) if !outcome.durable => (Err(error), written),
             Some(error) => (Ok(Some(error)), written),
@@ -714,12 +833,23 @@ async fn spill<T: Serialize + Send + Sync + 'static>(
     .await;
     let (status, written) = match result {
         Ok(pair) => pair,
-        Err(e) => (Err(JournalError::io("spill", &inner.journal_dir, None, std::io::Error::other(e.to_string()))), 0),
+        Err(e) => (
+            Err(JournalError::io(
+                "spill",
+                &inner.journal_dir,
+                None,
+                std::io::Error::other(e.to_string()),
+            )),
+            0,
+        ),
     };
     match status {
         Ok(None) => tracing::warn!(tasks = written, "spilled tasks to the journal"),
         Ok(Some(error)) => {
-            tracing::warn!(tasks = written, "spilled tasks to a fresh segment after a failure");
+            tracing::warn!(
+                tasks = written,
+                "spilled tasks to a fresh segment after a failure"
+            );
             inner.record_journal_error(error);
         }
         Err(error) => inner.record_journal_error(error),

@@ -119,4 +119,24 @@ impl ShutdownReport {
     pub fn is_clean(&self) -> bool {
         self.unsaved == 0 && self.journal_error.is_none()
     }
+
+    /// The conventional exit status for a service that stopped with this report: success when
+    /// the shutdown was clean (every task finished or durably journaled: a graceful stop on
+    /// SIGTERM is a success to systemd and Kubernetes), failure (1) when a journal failure
+    /// kept tasks from being saved or left the journal in doubt, so the orchestrator and the
+    /// logs show it.
+    ///
+    /// ```no_run
+    /// # async fn example(pool: drainpool::Pool<String>) -> Result<std::process::ExitCode, drainpool::RunError> {
+    /// let report = pool.run_until_signal().await?;
+    /// Ok(report.exit_code())
+    /// # }
+    /// ```
+    pub fn exit_code(&self) -> std::process::ExitCode {
+        if self.is_clean() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -42,7 +42,10 @@ impl TaskId {
 
     /// The id from [`as_u128`](Self::as_u128)'s number.
     pub const fn from_u128(value: u128) -> Self {
-        Self { run: (value >> 64) as u64, seq: value as u64 }
+        Self {
+            run: (value >> 64) as u64,
+            seq: value as u64,
+        }
     }
 }
 

@@ -39,7 +39,9 @@ async fn intake_refusal_hands_the_task_back() {
 async fn a_full_queue_hands_the_task_back() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
-    let pool = start(dir.path(), 1, &ledger, |b| b.queue_capacity(2)).await.unwrap();
+    let pool = start(dir.path(), 1, &ledger, |b| b.queue_capacity(2))
+        .await
+        .unwrap();
     pool.submit(Job::work(0, 1000)).await.unwrap();
     settle().await; // the worker takes job 0
     pool.try_submit(Job::work(1, 1)).unwrap();
@@ -53,7 +55,11 @@ async fn a_full_queue_hands_the_task_back() {
     // `submit` waits for room instead.
     let waiting = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.submit(Job::work(3, 1)).await.map_err(|e| e.into_inner().n) }
+        async move {
+            pool.submit(Job::work(3, 1))
+                .await
+                .map_err(|e| e.into_inner().n)
+        }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(waiting.await.unwrap().is_ok());
@@ -66,7 +72,9 @@ async fn a_full_queue_hands_the_task_back() {
 async fn an_oversized_payload_is_refused_at_submit() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
-    let pool = start(dir.path(), 1, &ledger, |b| b.max_record_bytes(256)).await.unwrap();
+    let pool = start(dir.path(), 1, &ledger, |b| b.max_record_bytes(256))
+        .await
+        .unwrap();
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Big(String);
     let big = drainpool::Pool::<Big>::builder()
@@ -80,7 +88,10 @@ async fn an_oversized_payload_is_refused_at_submit() {
             assert_eq!(task.0.len(), 300);
             assert_eq!(limit, 256);
         }
-        other => panic!("expected RecordTooLarge, got {:?}", other.map_err(|e| e.to_string())),
+        other => panic!(
+            "expected RecordTooLarge, got {:?}",
+            other.map_err(|e| e.to_string())
+        ),
     }
     big.submit(Big("x".repeat(100))).await.unwrap();
     assert!(big.shutdown().await.unwrap().is_clean());
@@ -101,7 +112,10 @@ async fn queued_tasks_are_spilled_and_never_started_during_the_drain() {
     // Only the task already running was started; it finished inside the deadline.
     assert_eq!(ledger.started(), vec![0]);
     assert_eq!(ledger.completed(), vec![0]);
-    assert_eq!((report.completed, report.spilled, report.interrupted), (1, 9, 0));
+    assert_eq!(
+        (report.completed, report.spilled, report.interrupted),
+        (1, 9, 0)
+    );
     assert!(report.is_clean());
     counts_add_up(&report);
 
@@ -112,7 +126,10 @@ async fn queued_tasks_are_spilled_and_never_started_during_the_drain() {
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(ledger.completed(), (1..10).collect::<Vec<_>>());
     let report = pool.shutdown().await.unwrap();
-    assert_eq!((report.replayed, report.completed, report.spilled), (9, 9, 0));
+    assert_eq!(
+        (report.replayed, report.completed, report.spilled),
+        (9, 9, 0)
+    );
     counts_add_up(&report);
 }
 
@@ -124,11 +141,16 @@ async fn a_task_that_finishes_before_the_deadline_is_not_journaled() {
     pool.submit(Job::work(1, 5_000)).await.unwrap();
     settle().await;
     let report = pool.shutdown().await.unwrap();
-    assert_eq!((report.completed, report.spilled, report.interrupted), (1, 0, 0));
+    assert_eq!(
+        (report.completed, report.spilled, report.interrupted),
+        (1, 0, 0)
+    );
     assert!(report.drain_time >= Duration::from_secs(5));
     assert!(report.drain_time < Duration::from_secs(10));
 
-    let pool = start(dir.path(), 2, &Ledger::default(), |b| b).await.unwrap();
+    let pool = start(dir.path(), 2, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     assert_eq!(pool.recovery().replayed, 0);
     pool.shutdown().await.unwrap();
 }
@@ -138,7 +160,10 @@ async fn a_task_ignoring_its_token_is_aborted_at_deadline_plus_grace_and_journal
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
     let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
-    let id = pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    let id = pool
+        .submit(Job::with(1, 3_600_000, Action::IgnoreToken))
+        .await
+        .unwrap();
     settle().await;
     let report = pool.shutdown().await.unwrap();
     assert_eq!((report.completed, report.interrupted), (0, 1));
@@ -158,13 +183,18 @@ async fn a_task_ignoring_its_token_is_aborted_at_deadline_plus_grace_and_journal
     let report = pool.shutdown().await.unwrap();
     assert_eq!(report.interrupted, 1);
     let ledger = Ledger::default();
-    let pool = start(dir.path(), 1, &ledger, |b| b.drain_deadline(Duration::from_secs(7200)))
-        .await
-        .unwrap();
+    let pool = start(dir.path(), 1, &ledger, |b| {
+        b.drain_deadline(Duration::from_secs(7200))
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(3601)).await;
     let runs = ledger.finished();
     assert_eq!(runs.len(), 1);
-    assert_eq!((runs[0].id, runs[0].attempt, runs[0].interrupted_before), (id, 1, true));
+    assert_eq!(
+        (runs[0].id, runs[0].attempt, runs[0].interrupted_before),
+        (id, 1, true)
+    );
     pool.shutdown().await.unwrap();
 }
 
@@ -173,11 +203,19 @@ async fn a_handler_giving_up_at_its_token_is_interrupted_and_one_checkpointing_c
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
     let pool = start(dir.path(), 2, &ledger, |b| b).await.unwrap();
-    let gave_up = pool.submit(Job::with(1, 3_600_000, Action::HonourToken)).await.unwrap();
-    pool.submit(Job::with(2, 3_600_000, Action::Checkpoint)).await.unwrap();
+    let gave_up = pool
+        .submit(Job::with(1, 3_600_000, Action::HonourToken))
+        .await
+        .unwrap();
+    pool.submit(Job::with(2, 3_600_000, Action::Checkpoint))
+        .await
+        .unwrap();
     settle().await;
     let report = pool.shutdown().await.unwrap();
-    assert_eq!((report.completed, report.interrupted, report.failed), (1, 1, 0));
+    assert_eq!(
+        (report.completed, report.interrupted, report.failed),
+        (1, 1, 0)
+    );
     assert_eq!(report.interrupted_ids, vec![gave_up]);
     // Both returned when the token fired: no need to wait for the grace.
     assert_eq!(report.drain_time, Duration::from_secs(10));
@@ -189,7 +227,9 @@ async fn reload_keeps_fifo_order_and_runs_before_new_work() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
     let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
-    pool.submit(Job::with(0, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    pool.submit(Job::with(0, 3_600_000, Action::IgnoreToken))
+        .await
+        .unwrap();
     for n in 1..50 {
         pool.submit(Job::work(n, 1)).await.unwrap();
     }
@@ -207,7 +247,10 @@ async fn reload_keeps_fifo_order_and_runs_before_new_work() {
     let expected: Vec<u64> = (0..50).chain(100..110).collect();
     assert_eq!(ledger.started(), expected);
     let report = pool.shutdown().await.unwrap();
-    assert_eq!((report.replayed, report.submitted, report.completed), (50, 10, 60));
+    assert_eq!(
+        (report.replayed, report.submitted, report.completed),
+        (50, 10, 60)
+    );
     counts_add_up(&report);
 }
 
@@ -228,7 +271,9 @@ async fn failures_and_panics_are_recorded_and_never_take_a_worker_down() {
     counts_add_up(&report);
 
     // The failed tasks are kept as dead letters, not replayed.
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     assert_eq!(pool.recovery().replayed, 0);
     assert_eq!(pool.recovery().dead_letters, 2);
     pool.shutdown().await.unwrap();
@@ -239,7 +284,9 @@ async fn the_counts_add_up_in_a_mixed_run() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
     let pool = start(dir.path(), 3, &ledger, |b| b).await.unwrap();
-    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken))
+        .await
+        .unwrap();
     pool.submit(Job::with(2, 0, Action::Fail)).await.unwrap();
     pool.submit(Job::work(3, 100)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -282,7 +329,10 @@ async fn state_moves_from_running_to_draining_to_stopped() {
     });
     state.changed().await.unwrap();
     assert_eq!(*state.borrow_and_update(), State::Draining);
-    assert!(matches!(pool.try_submit(Job::work(2, 1)), Err(SubmitError::ShuttingDown(_))));
+    assert!(matches!(
+        pool.try_submit(Job::work(2, 1)),
+        Err(SubmitError::ShuttingDown(_))
+    ));
     state.changed().await.unwrap();
     assert_eq!(*state.borrow_and_update(), State::Stopped);
     let report = waiter.await.unwrap().unwrap();
@@ -294,15 +344,22 @@ async fn state_moves_from_running_to_draining_to_stopped() {
 #[tokio::test(start_paused = true)]
 async fn a_second_pool_on_a_locked_directory_is_refused_until_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     match start(dir.path(), 1, &Ledger::default(), |b| b).await {
         Err(e @ drainpool::StartError::JournalLocked { .. }) => {
-            assert!(e.to_string().contains(&dir.path().display().to_string()), "{e}");
+            assert!(
+                e.to_string().contains(&dir.path().display().to_string()),
+                "{e}"
+            );
         }
         other => panic!("expected JournalLocked, got {other:?}"),
     }
     pool.shutdown().await.unwrap();
-    let again = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let again = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     again.shutdown().await.unwrap();
 }
 
@@ -310,20 +367,26 @@ async fn a_second_pool_on_a_locked_directory_is_refused_until_shutdown() {
 async fn the_users_token_starts_the_shutdown_and_is_not_cancelled_by_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b.shutdown_token(token.clone()))
-        .await
-        .unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| {
+        b.shutdown_token(token.clone())
+    })
+    .await
+    .unwrap();
     for n in 0..5 {
-        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken)).await.unwrap();
+        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken))
+            .await
+            .unwrap();
     }
     token.cancel();
     let report = pool.wait().await.unwrap();
     assert_eq!((report.interrupted, report.spilled), (1, 4));
 
     let other = CancellationToken::new();
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b.shutdown_token(other.clone()))
-        .await
-        .unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| {
+        b.shutdown_token(other.clone())
+    })
+    .await
+    .unwrap();
     pool.shutdown().await.unwrap();
     assert!(!other.is_cancelled());
 }
@@ -331,15 +394,21 @@ async fn the_users_token_starts_the_shutdown_and_is_not_cancelled_by_the_pool() 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_last_handle_spills_the_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     let mut state = pool.state();
     for n in 0..5 {
-        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken)).await.unwrap();
+        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken))
+            .await
+            .unwrap();
     }
     settle().await;
     drop(pool);
     state.wait_for(|s| *s == State::Stopped).await.unwrap();
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     assert_eq!(pool.recovery().replayed, 5);
     pool.shutdown_now();
     pool.wait().await.unwrap();
@@ -348,8 +417,12 @@ async fn dropping_the_last_handle_spills_the_queue() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_now_skips_the_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = start(dir.path(), 2, &Ledger::default(), |b| b).await.unwrap();
-    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    let pool = start(dir.path(), 2, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
+    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken))
+        .await
+        .unwrap();
     pool.submit(Job::work(2, 3_600_000)).await.unwrap();
     settle().await;
     assert!(pool.shutdown_now());
@@ -362,8 +435,12 @@ async fn shutdown_now_skips_the_wait() {
 #[tokio::test(start_paused = true)]
 async fn a_payload_that_no_longer_decodes_becomes_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
-    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken)).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
+    pool.submit(Job::with(1, 3_600_000, Action::IgnoreToken))
+        .await
+        .unwrap();
     pool.submit(Job::work(2, 1)).await.unwrap();
     pool.shutdown_now();
     pool.wait().await.unwrap();
@@ -383,7 +460,9 @@ async fn a_payload_that_no_longer_decodes_becomes_a_dead_letter() {
     pool.shutdown().await.unwrap();
 
     // They stay dead letters (not lost, not replayed) on the next start too.
-    let pool = start(dir.path(), 1, &Ledger::default(), |b| b).await.unwrap();
+    let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
+        .await
+        .unwrap();
     assert_eq!(pool.recovery().replayed, 0);
     assert_eq!(pool.recovery().dead_letters, 2);
     pool.shutdown().await.unwrap();

@@ -119,9 +119,14 @@ impl fmt::Display for HeaderError {
         match self {
             Self::Short => f.write_str("segment header is cut short"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "format version {v} is newer than this build reads ({VERSION})")
+                write!(
+                    f,
+                    "format version {v} is newer than this build reads ({VERSION})"
+                )
             }
-            Self::Damaged { magic_ok: false, .. } => f.write_str("bad magic in segment header"),
+            Self::Damaged {
+                magic_ok: false, ..
+            } => f.write_str("bad magic in segment header"),
             Self::Damaged { magic_ok: true, .. } => f.write_str("segment header checksum mismatch"),
         }
     }
@@ -235,7 +240,10 @@ pub(crate) fn decode_header(buf: &[u8]) -> Result<Header, HeaderError> {
     if !(magic_ok && crc_ok && sane) {
         return Err(HeaderError::Damaged { magic_ok, epochs });
     }
-    Ok(Header { epoch: epochs[0], segment: u64_at(buf, 32) })
+    Ok(Header {
+        epoch: epochs[0],
+        segment: u64_at(buf, 32),
+    })
 }
 
 /// Appends one record to `out`. `write_payload` appends the JSON payload (nothing for an ack).
@@ -334,8 +342,16 @@ pub(crate) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, us
     if padding.iter().any(|&b| b != 0) {
         return Err(RecordError::BadBody);
     }
-    let mut record =
-        RecordRef { kind, id, meta: Meta { flags, ..Meta::default() }, error: &[], payload: &[] };
+    let mut record = RecordRef {
+        kind,
+        id,
+        meta: Meta {
+            flags,
+            ..Meta::default()
+        },
+        error: &[],
+        payload: &[],
+    };
     if kind == Kind::Ack {
         if !body.is_empty() {
             return Err(RecordError::BadBody);

@@ -91,7 +91,9 @@ impl Journal {
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StartError::JournalLocked { dir: dir.to_path_buf() });
+                return Err(StartError::JournalLocked {
+                    dir: dir.to_path_buf(),
+                });
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(JournalError::io("lock", &lock_path, None, e).into());
@@ -176,7 +178,13 @@ impl Journal {
         } else {
             format!("{number:020}{SEGMENT_SUFFIX}")
         };
-        SegmentWriter::create(self.dir.join(name), Header { epoch: self.epoch, segment: number })
+        SegmentWriter::create(
+            self.dir.join(name),
+            Header {
+                epoch: self.epoch,
+                segment: number,
+            },
+        )
     }
 
     fn current(&mut self) -> Result<&mut SegmentWriter, JournalError> {
@@ -322,7 +330,9 @@ impl Journal {
             return Err(error);
         }
         self.retire_obsolete()?;
-        self.lock.unlock().map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
+        self.lock
+            .unlock()
+            .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
         Ok(())
     }
 }
@@ -336,7 +346,11 @@ fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if let Some((number, dead)) = parse_segment_name(name) {
-            segments.push(SegmentFile { number, dead, path: entry.path() });
+            segments.push(SegmentFile {
+                number,
+                dead,
+                path: entry.path(),
+            });
         }
     }
     segments.sort();
@@ -356,7 +370,12 @@ fn parse_segment_name(name: &str) -> Option<(u64, bool)> {
 }
 
 /// Logs and records what a scan found wrong; truncates a torn tail; copies a damaged file aside.
-fn note_damage(dir: &Path, segment: &SegmentFile, scan: &reader::Scan, report: &mut RecoveryReport) {
+fn note_damage(
+    dir: &Path,
+    segment: &SegmentFile,
+    scan: &reader::Scan,
+    report: &mut RecoveryReport,
+) {
     let path = &segment.path;
     if let Err(error @ HeaderError::Damaged { .. }) = scan.header {
         tracing::warn!(path = %path.display(), offset = 0, %error, "damaged segment header");
@@ -395,7 +414,9 @@ fn note_damage(dir: &Path, segment: &SegmentFile, scan: &reader::Scan, report: &
         report.torn_tails.push(Damage {
             path: path.clone(),
             offset,
-            len: std::fs::metadata(path).map(|m| m.len().saturating_sub(offset)).unwrap_or(0),
+            len: std::fs::metadata(path)
+                .map(|m| m.len().saturating_sub(offset))
+                .unwrap_or(0),
             reason: error.to_string(),
         });
         if let Err(error) = truncate(path, offset) {
@@ -414,8 +435,14 @@ fn truncate(path: &Path, len: u64) -> std::io::Result<()> {
 fn keep_copy(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
     let damaged = dir.join(DAMAGED_DIR);
     fs::create_dir(&damaged)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let mut n = 0u32;
     loop {
         let copy = damaged.join(format!("{name}.{stamp}.{n}"));
@@ -437,7 +464,8 @@ fn keep_copy(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
 fn read_run(lock: &mut File, path: &Path) -> Result<Option<u64>, JournalError> {
     let mut buf = [0u8; 16];
     let mut read = 0;
-    lock.seek(SeekFrom::Start(0)).map_err(|e| JournalError::io("read", path, None, e))?;
+    lock.seek(SeekFrom::Start(0))
+        .map_err(|e| JournalError::io("read", path, None, e))?;
     while read < buf.len() {
         match lock.read(&mut buf[read..]) {
             Ok(0) => break,
@@ -464,9 +492,12 @@ fn write_run(lock: &mut File, path: &Path, run: u64) -> Result<(), JournalError>
     let mut buf = [0u8; 16];
     buf[0..8].copy_from_slice(&run.to_le_bytes());
     buf[8..12].copy_from_slice(&crc32c::crc32c(&run.to_le_bytes()).to_le_bytes());
-    lock.seek(SeekFrom::Start(0)).map_err(|e| JournalError::io("write", path, None, e))?;
-    lock.write_all(&buf).map_err(|e| JournalError::io("write", path, Some(0), e))?;
-    lock.sync_data().map_err(|e| JournalError::io("fsync", path, None, e))?;
+    lock.seek(SeekFrom::Start(0))
+        .map_err(|e| JournalError::io("write", path, None, e))?;
+    lock.write_all(&buf)
+        .map_err(|e| JournalError::io("write", path, Some(0), e))?;
+    lock.sync_data()
+        .map_err(|e| JournalError::io("fsync", path, None, e))?;
     if let Some(dir) = path.parent() {
         fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))?;
     }
@@ -478,7 +509,10 @@ fn random_epoch(run: u64) -> u64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(run);
     hasher.write_u32(std::process::id());
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     hasher.write_u128(now);
     hasher.finish()
 }

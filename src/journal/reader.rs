@@ -42,7 +42,13 @@ impl Scan {
 /// stored copies of the epoch. An unsupported version yields no records.
 pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'a>)) -> Scan {
     let header = format::decode_header(buf);
-    let mut scan = Scan { header, epoch: None, records: 0, damage: Vec::new(), torn_tail: None };
+    let mut scan = Scan {
+        header,
+        epoch: None,
+        records: 0,
+        damage: Vec::new(),
+        torn_tail: None,
+    };
     let epoch = match scan.header {
         Ok(h) => h.epoch,
         Err(HeaderError::Short) => {
@@ -87,7 +93,9 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
 
 /// The first aligned offset at or after `from` holding a valid record.
 fn next_valid(buf: &[u8], from: usize, epoch: u64) -> Option<usize> {
-    (from..buf.len()).step_by(ALIGN).find(|&p| format::decode_record(&buf[p..], epoch).is_ok())
+    (from..buf.len())
+        .step_by(ALIGN)
+        .find(|&p| format::decode_record(&buf[p..], epoch).is_ok())
 }
 
 /// Of the two stored epochs of a damaged header, the one under which a record validates first.

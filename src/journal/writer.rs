@@ -27,8 +27,15 @@ impl SegmentWriter {
         let mut file =
             fs::create_new(&path).map_err(|e| JournalError::io("create", &path, None, e))?;
         let bytes = format::encode_header(header);
-        file.write_all(&bytes).map_err(|e| JournalError::io("write", &path, Some(0), e))?;
-        Ok(Self { file, path, len: bytes.len() as u64, dir_synced: false, tasks: 0 })
+        file.write_all(&bytes)
+            .map_err(|e| JournalError::io("write", &path, Some(0), e))?;
+        Ok(Self {
+            file,
+            path,
+            len: bytes.len() as u64,
+            dir_synced: false,
+            tasks: 0,
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -58,7 +65,9 @@ impl SegmentWriter {
     /// Makes everything appended so far durable: the file's data, and its directory entry the
     /// first time.
     pub(crate) fn sync(&mut self) -> Result<(), JournalError> {
-        self.file.sync_data().map_err(|e| JournalError::io("fsync", &self.path, None, e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| JournalError::io("fsync", &self.path, None, e))?;
         if !self.dir_synced {
             if let Some(dir) = self.path.parent() {
                 fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))?;

@@ -36,7 +36,11 @@ pub enum Action {
 
 impl Job {
     pub fn work(n: u64, work_ms: u64) -> Self {
-        Self { n, work_ms, action: Action::Work }
+        Self {
+            n,
+            work_ms,
+            action: Action::Work,
+        }
     }
 
     pub fn with(n: u64, work_ms: u64, action: Action) -> Self {
@@ -72,7 +76,11 @@ impl Ledger {
     }
 
     pub fn completed(&self) -> Vec<u64> {
-        self.finished().iter().filter(|r| r.ok).map(|r| r.n).collect()
+        self.finished()
+            .iter()
+            .filter(|r| r.ok)
+            .map(|r| r.n)
+            .collect()
     }
 }
 
