@@ -37,6 +37,9 @@ pub(crate) struct Config {
     pub(crate) journal_dir: Option<PathBuf>,
     pub(crate) max_record_bytes: usize,
     pub(crate) shutdown_token: Option<CancellationToken>,
+    pub(crate) grace_period: Option<Duration>,
+    pub(crate) grace_period_env: Option<String>,
+    pub(crate) pre_stop: Duration,
 }
 
 /// Configures and starts a [`Pool`]. Made by [`Pool::builder`].
@@ -71,6 +74,9 @@ where
                 journal_dir: None,
                 max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
                 shutdown_token: None,
+                grace_period: None,
+                grace_period_env: None,
+                pre_stop: Duration::ZERO,
             },
             _task: PhantomData,
         }
@@ -140,6 +146,39 @@ where
         self
     }
 
+    /// The orchestrator's termination grace period: the time from the stop request to
+    /// SIGKILL (Kubernetes' `terminationGracePeriodSeconds`, systemd's `TimeoutStopSec`,
+    /// `docker stop --time`). When set, it replaces [`drain_deadline`](Self::drain_deadline):
+    /// the pool derives the deadline at shutdown as the grace period, less the
+    /// [`pre_stop`](Self::pre_stop) delay, less the cancel grace, less a spill reserve sized
+    /// from the work in flight and the journal's write speed, measured at start. The
+    /// [`ShutdownReport::budget`](crate::ShutdownReport::budget) says how it was spent.
+    ///
+    /// The default is unset: the drain deadline is used as given.
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.config.grace_period = Some(grace);
+        self
+    }
+
+    /// Reads the grace period, in seconds (`30` or `29.5`), from an environment variable at
+    /// `start`, e.g. one the deployment sets from its `terminationGracePeriodSeconds`. An unset
+    /// variable leaves the setting as it was; a malformed one makes `start` fail.
+    ///
+    /// The default is not to read any variable.
+    pub fn grace_period_from_env(mut self, variable: impl Into<String>) -> Self {
+        self.config.grace_period_env = Some(variable.into());
+        self
+    }
+
+    /// The time the orchestrator spends before it sends SIGTERM, out of the same grace period
+    /// (a Kubernetes `preStop` sleep, for example). Used only with a grace period.
+    ///
+    /// The default is zero.
+    pub fn pre_stop(mut self, delay: Duration) -> Self {
+        self.config.pre_stop = delay;
+        self
+    }
+
     /// Opens and locks the journal, recovers it, queues the recovered tasks ahead of anything
     /// new, and starts the workers.
     ///
@@ -163,7 +202,33 @@ where
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let config = self.config;
+        let mut config = self.config;
+        if let Some(variable) = &config.grace_period_env {
+            match std::env::var(variable) {
+                Ok(value) => match parse_seconds(&value) {
+                    Some(grace) => config.grace_period = Some(grace),
+                    None => {
+                        return Err(StartError::InvalidConfig(format!(
+                            "{variable}={value:?} is not a number of seconds"
+                        )));
+                    }
+                },
+                Err(std::env::VarError::NotPresent) => {}
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(StartError::InvalidConfig(format!(
+                        "{variable} is not unicode"
+                    )));
+                }
+            }
+        }
+        if let Some(grace) = config.grace_period
+            && config.pre_stop >= grace
+        {
+            return Err(StartError::InvalidConfig(format!(
+                "pre_stop ({:?}) leaves nothing of the grace period ({grace:?})",
+                config.pre_stop
+            )));
+        }
         if config.workers == 0 {
             return Err(StartError::InvalidConfig(
                 "workers must be at least 1".into(),
@@ -184,5 +249,29 @@ where
             return Err(StartError::InvalidConfig("journal_dir is required".into()));
         }
         pool::start(config, handler).await
+    }
+}
+
+/// Parses a number of seconds such as `30` or `29.5`.
+fn parse_seconds(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_periods_parse_as_seconds() {
+        assert_eq!(parse_seconds("30"), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_seconds(" 29.5\n"),
+            Some(Duration::from_millis(29_500))
+        );
+        assert_eq!(parse_seconds("0"), Some(Duration::ZERO));
+        for bad in ["", "-1", "NaN", "inf", "30s", "1e400"] {
+            assert_eq!(parse_seconds(bad), None, "{bad:?}");
+        }
     }
 }

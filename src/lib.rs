@@ -58,7 +58,7 @@ pub use builder::{
 };
 pub use error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 pub use pool::Pool;
-pub use report::{Damage, RecoveryReport, ShutdownReport, State, Stats};
+pub use report::{Budget, Damage, RecoveryReport, ShutdownReport, State, Stats};
 pub use signal::{ShutdownSignal, Signal, shutdown_signal};
 pub use task::{Task, TaskId};
 

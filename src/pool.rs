@@ -20,7 +20,7 @@ use crate::builder::{Builder, Config};
 use crate::error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 use crate::journal::Journal;
 use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
-use crate::report::{RecoveryReport, ShutdownReport, State, Stats};
+use crate::report::{Budget, RecoveryReport, ShutdownReport, State, Stats};
 use crate::task::{Task, TaskId};
 use crate::worker;
 
@@ -85,6 +85,13 @@ pub(crate) struct Inner<T> {
     report: watch::Sender<Option<ShutdownReport>>,
     journal_error: Mutex<Option<Arc<JournalError>>>,
     recovery: RecoveryReport,
+    /// The journal's write speed and fsync latency, measured at start when a grace period is
+    /// set.
+    probe: Option<(u64, Duration)>,
+    /// Serialized payload bytes of the tasks accepted, for the spill estimate.
+    submitted_bytes: AtomicU64,
+    /// Time spent writing and syncing spills.
+    spill_times: Mutex<(Duration, Duration)>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -276,7 +283,7 @@ where
         if inner.intake.is_cancelled() {
             return Err(SubmitError::ShuttingDown(payload));
         }
-        let payload = self.checked(payload)?;
+        let (payload, size) = self.checked(payload)?;
         let permit = tokio::select! {
             biased;
             () = inner.intake.cancelled() => return Err(SubmitError::ShuttingDown(payload)),
@@ -285,7 +292,7 @@ where
                 Err(_) => return Err(SubmitError::ShuttingDown(payload)),
             },
         };
-        Ok(self.enqueue(permit, payload))
+        Ok(self.enqueue(permit, payload, size))
     }
 
     /// Queues a task if there is room now. Returns its id.
@@ -298,22 +305,23 @@ where
         if inner.intake.is_cancelled() {
             return Err(SubmitError::ShuttingDown(payload));
         }
-        let payload = self.checked(payload)?;
+        let (payload, size) = self.checked(payload)?;
         match inner.tx.try_reserve() {
-            Ok(permit) => Ok(self.enqueue(permit, payload)),
+            Ok(permit) => Ok(self.enqueue(permit, payload, size)),
             Err(mpsc::error::TrySendError::Full(())) => Err(SubmitError::Full(payload)),
             Err(mpsc::error::TrySendError::Closed(())) => Err(SubmitError::ShuttingDown(payload)),
         }
     }
 
-    fn checked(&self, payload: T) -> Result<T, SubmitError<T>> {
+    /// The payload back with its serialized size, or the refusal.
+    fn checked(&self, payload: T) -> Result<(T, usize), SubmitError<T>> {
         let limit = self.inner.config.max_record_bytes;
         let mut sink = SizeSink {
             len: 0,
             limit: limit.saturating_sub(format::task_record_len(0, 0)),
         };
         match serde_json::to_writer(&mut sink, &payload) {
-            Ok(()) => Ok(payload),
+            Ok(()) => Ok((payload, sink.len)),
             Err(_) if sink.len > sink.limit => Err(SubmitError::RecordTooLarge {
                 task: payload,
                 limit,
@@ -325,7 +333,7 @@ where
         }
     }
 
-    fn enqueue(&self, permit: mpsc::Permit<'_, Job<T>>, payload: T) -> TaskId {
+    fn enqueue(&self, permit: mpsc::Permit<'_, Job<T>>, payload: T, size: usize) -> TaskId {
         let inner = &*self.inner;
         let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
         let meta = Meta {
@@ -340,6 +348,9 @@ where
             journaled: false,
         });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        inner
+            .submitted_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
         id
     }
 }
@@ -451,16 +462,16 @@ impl<T> Pool<T> {
         let inner = &*self.inner;
         let c = &inner.counters;
         let channel = inner.tx.max_capacity() - inner.tx.capacity();
-        let mut stats = Stats::default();
-        stats.queued = inner.backlog_len.load(Ordering::Relaxed) + channel;
-        stats.in_flight = c.in_flight.load(Ordering::Relaxed);
-        stats.submitted = c.submitted.load(Ordering::Relaxed);
-        stats.replayed = c.replayed.load(Ordering::Relaxed);
-        stats.completed = c.completed.load(Ordering::Relaxed);
-        stats.failed = c.failed.load(Ordering::Relaxed);
-        stats.spilled = c.spilled.load(Ordering::Relaxed);
-        stats.interrupted = c.interrupted.load(Ordering::Relaxed);
-        stats
+        Stats {
+            queued: inner.backlog_len.load(Ordering::Relaxed) + channel,
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            submitted: c.submitted.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            completed: c.completed.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            spilled: c.spilled.load(Ordering::Relaxed),
+            interrupted: c.interrupted.load(Ordering::Relaxed),
+        }
     }
 
     /// What recovery found when the pool started.
@@ -523,10 +534,25 @@ where
 {
     let dir = config.journal_dir.clone().unwrap_or_default();
     let open_dir = dir.clone();
-    let opened = tokio::task::spawn_blocking(move || recover::<T>(&open_dir))
-        .await
-        .map_err(|e| StartError::InvalidConfig(format!("journal recovery panicked: {e}")))??;
-    let (journal, mut recovery, recovered) = opened;
+    let want_probe = config.grace_period.is_some();
+    let opened = tokio::task::spawn_blocking(move || {
+        let opened = recover::<T>(&open_dir)?;
+        let probe = want_probe.then(|| opened.0.probe());
+        Ok::<_, StartError>((opened, probe))
+    })
+    .await
+    .map_err(|e| StartError::InvalidConfig(format!("journal recovery panicked: {e}")))??;
+    let ((journal, mut recovery, recovered), probe) = opened;
+    let probe = probe.map(|probe| match probe {
+        Ok((rate, fsync)) => {
+            tracing::info!(bytes_per_sec = rate, fsync_us = fsync.as_micros() as u64, "journal write speed measured");
+            (rate, fsync)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not measure the journal's write speed; assuming 10 MB/s and 50 ms per fsync");
+            (10_000_000, Duration::from_millis(50))
+        }
+    });
 
     // Tasks whose payload no longer decodes become dead letters, durably, before anything runs.
     let mut journal = journal;
@@ -611,6 +637,9 @@ where
         journal_error: Mutex::new(None),
         recovery,
         config,
+        probe,
+        submitted_bytes: AtomicU64::new(0),
+        spill_times: Mutex::new((Duration::ZERO, Duration::ZERO)),
     });
     inner
         .counters
@@ -707,8 +736,9 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         }
     }
 
+    let (drain_deadline, budget) = deadline(inner, queued.len());
     let spill_queued = spill(inner, queued);
-    let wait_in_flight = wait_in_flight(inner, started);
+    let wait_in_flight = wait_in_flight(inner, started, drain_deadline);
     let (spilled, drain_time) = tokio::join!(spill_queued, wait_in_flight);
 
     // Interrupted tasks first, then failed ones whose dead letter could not be written.
@@ -722,6 +752,7 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     let jobs: Vec<Job<T>> = held.into_iter().map(|(_, job)| job).collect();
     let held_saved = spill(inner, jobs).await;
 
+    let closing = std::time::Instant::now();
     let closed = {
         let guard = Arc::clone(&inner.journal).lock_owned().await;
         tokio::task::spawn_blocking(move || {
@@ -730,6 +761,8 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         })
         .await
     };
+    let close_time = closing.elapsed();
+    let (spill_time, sync_time) = *lock(&inner.spill_times);
     match closed {
         Ok(Ok(())) => {}
         Ok(Err(error)) => inner.record_journal_error(error),
@@ -758,7 +791,11 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         unsaved: spilled.1 + held_unsaved,
         interrupted_ids,
         elapsed: started.elapsed(),
+        drain_deadline,
         drain_time,
+        spill_time,
+        sync_time: sync_time + close_time,
+        budget,
         journal_dir: inner.journal_dir.clone(),
         journal_error: lock(&inner.journal_error).clone(),
     };
@@ -774,15 +811,56 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     report
 }
 
+/// The drain deadline for this shutdown: as configured, or derived from the grace period.
+fn deadline<T>(inner: &Inner<T>, queued: usize) -> (Duration, Option<Budget>) {
+    let config = &inner.config;
+    let (Some(grace), Some((rate, fsync))) = (config.grace_period, inner.probe) else {
+        return (config.drain_deadline, None);
+    };
+    let available = grace.saturating_sub(config.pre_stop);
+    let submitted = inner.counters.submitted.load(Ordering::Relaxed).max(1);
+    let average = inner.submitted_bytes.load(Ordering::Relaxed) / submitted
+        + format::task_record_len(0, 0) as u64;
+    let seconds_for = |bytes: u64| Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+    let margin = (available / 20).max(Duration::from_millis(100));
+    let spill_reserve = fsync * 3 + seconds_for(config.workers as u64 * average) + margin;
+    let drain_deadline = available
+        .saturating_sub(config.cancel_grace)
+        .saturating_sub(spill_reserve);
+    let queue_spill_estimate = fsync + seconds_for(queued as u64 * average);
+    if queue_spill_estimate > drain_deadline + config.cancel_grace {
+        tracing::error!(
+            queued,
+            estimate_ms = queue_spill_estimate.as_millis() as u64,
+            "spilling the queue may outlast the grace period"
+        );
+    }
+    let budget = Budget {
+        grace_period: grace,
+        pre_stop: config.pre_stop,
+        cancel_grace: config.cancel_grace,
+        spill_reserve,
+        queue_spill_estimate,
+        drain_deadline,
+        write_bytes_per_sec: rate,
+        fsync_latency: fsync,
+    };
+    tracing::info!(
+        deadline_ms = drain_deadline.as_millis() as u64,
+        "drain deadline derived from the grace period"
+    );
+    (drain_deadline, Some(budget))
+}
+
 /// Waits for in-flight tasks: to the deadline, then the handlers' tokens fire; after the grace,
 /// the hard stop. Returns how long it waited.
-async fn wait_in_flight<T>(inner: &Inner<T>, started: Instant) -> Duration {
+async fn wait_in_flight<T>(inner: &Inner<T>, started: Instant, deadline: Duration) -> Duration {
     let config = &inner.config;
     let all_done = inner.tracker.wait();
     tokio::pin!(all_done);
     tokio::select! {
         () = &mut all_done => return started.elapsed(),
-        () = tokio::time::sleep_until(started + config.drain_deadline) => {
+        () = tokio::time::sleep_until(started + deadline) => {
             tracing::error!(
                 in_flight = inner.counters.in_flight.load(Ordering::Relaxed),
                 "drain deadline passed; cancelling in-flight tasks"
@@ -816,33 +894,43 @@ async fn spill<T: Serialize + Send + Sync + 'static>(
     let result = tokio::task::spawn_blocking(move || {
         let mut guard = guard;
         let Some(journal) = guard.as_mut() else {
-            return (Err(JournalError::Poisoned), 0);
+            return (
+                Err(JournalError::Poisoned),
+                0,
+                (Duration::ZERO, Duration::ZERO),
+            );
         };
         let outcome = journal.spill(&jobs, encode_job);
+        let times = (outcome.write_time, outcome.sync_time);
         let written = if outcome.durable {
             outcome.written as u64
         } else {
             0
         };
         match outcome.error {
-            Some(error) if !outcome.durable => (Err(error), written),
-            Some(error) => (Ok(Some(error)), written),
-            None => (Ok(None), written),
+            Some(error) if !outcome.durable => (Err(error), written, times),
+            Some(error) => (Ok(Some(error)), written, times),
+            None => (Ok(None), written, times),
         }
     })
     .await;
-    let (status, written) = match result {
-        Ok(pair) => pair,
-        Err(e) => (
-            Err(JournalError::io(
-                "spill",
-                &inner.journal_dir,
-                None,
-                std::io::Error::other(e.to_string()),
-            )),
-            0,
-        ),
+    let (status, written, times) = match result {
+        Ok(triple) => triple,
+        Err(e) => {
+            let error = std::io::Error::other(e.to_string());
+            let times = (Duration::ZERO, Duration::ZERO);
+            (
+                Err(JournalError::io("spill", &inner.journal_dir, None, error)),
+                0,
+                times,
+            )
+        }
     };
+    {
+        let mut total = lock(&inner.spill_times);
+        total.0 += times.0;
+        total.1 += times.1;
+    }
     match status {
         Ok(None) => tracing::warn!(tasks = written, "spilled tasks to the journal"),
         Ok(Some(error)) => {

@@ -79,6 +79,34 @@ pub struct RecoveryReport {
     pub damaged_copies: Vec<PathBuf>,
 }
 
+/// How a drain deadline was derived from the orchestrator's grace period.
+///
+/// `drain_deadline = grace_period - pre_stop - cancel_grace - spill_reserve`, where the spill
+/// reserve covers the final spill (at most one task per worker, at the average record size
+/// seen), three fsyncs at the latency measured at start, and a safety margin of 5% of what is
+/// left after the pre-stop delay (at least 100 ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Budget {
+    /// The grace period given.
+    pub grace_period: Duration,
+    /// The pre-stop delay given.
+    pub pre_stop: Duration,
+    /// The cancel grace given.
+    pub cancel_grace: Duration,
+    /// The time kept back for the final spill and sync.
+    pub spill_reserve: Duration,
+    /// The estimated time to spill the queue at shutdown (it runs during the drain; if it is
+    /// longer than the drain, the shutdown may outlast the grace period).
+    pub queue_spill_estimate: Duration,
+    /// The deadline derived.
+    pub drain_deadline: Duration,
+    /// The journal's write speed measured at start, fsync included, in bytes per second.
+    pub write_bytes_per_sec: u64,
+    /// The fsync latency measured at start.
+    pub fsync_latency: Duration,
+}
+
 /// What a shutdown did, returned by [`Pool::shutdown`](crate::Pool::shutdown) and
 /// [`Pool::wait`](crate::Pool::wait).
 ///
@@ -106,8 +134,16 @@ pub struct ShutdownReport {
     pub interrupted_ids: Vec<TaskId>,
     /// From the shutdown trigger to the report.
     pub elapsed: Duration,
-    /// Of `elapsed`, the time spent waiting for in-flight tasks.
+    /// The drain deadline this shutdown used (given, or derived from the grace period).
+    pub drain_deadline: Duration,
+    /// The time spent waiting for in-flight tasks (the queued tasks' spill runs meanwhile).
     pub drain_time: Duration,
+    /// The time spent encoding and writing spilled tasks, fsync excluded.
+    pub spill_time: Duration,
+    /// The time spent in fsync (spills and the final sync).
+    pub sync_time: Duration,
+    /// How the deadline was derived from the grace period, if one was given.
+    pub budget: Option<Budget>,
     /// The journal directory.
     pub journal_dir: PathBuf,
     /// The first journal failure during the run or the shutdown, if any.

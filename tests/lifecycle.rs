@@ -467,3 +467,68 @@ async fn a_payload_that_no_longer_decodes_becomes_a_dead_letter() {
     assert_eq!(pool.recovery().dead_letters, 2);
     pool.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_is_derived_from_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 2, &ledger, |b| {
+        b.grace_period(Duration::from_secs(30))
+            .pre_stop(Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    let id = pool
+        .submit(Job::with(1, 3_600_000, Action::IgnoreToken))
+        .await
+        .unwrap();
+    for n in 2..100 {
+        pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken))
+            .await
+            .unwrap();
+    }
+    settle().await;
+    let report = pool.shutdown().await.unwrap();
+    let budget = report.budget.expect("a budget when a grace period is set");
+    assert_eq!(budget.grace_period, Duration::from_secs(30));
+    assert_eq!(budget.drain_deadline, report.drain_deadline);
+    assert_eq!(
+        budget.pre_stop + budget.drain_deadline + budget.cancel_grace + budget.spill_reserve,
+        budget.grace_period
+    );
+    // The reserve keeps at least its 5% margin, and leaves most of the time to the drain.
+    assert!(
+        budget.spill_reserve >= Duration::from_millis(1250),
+        "{budget:?}"
+    );
+    assert!(
+        budget.drain_deadline > Duration::from_secs(15),
+        "{budget:?}"
+    );
+    assert!(budget.write_bytes_per_sec > 0);
+    // The tasks ignoring their token were stopped at the derived deadline plus the grace.
+    let hard_stop = report.drain_deadline + Duration::from_secs(2);
+    assert!(report.drain_time >= hard_stop, "{report:?}");
+    assert!(
+        report.drain_time <= hard_stop + Duration::from_millis(5),
+        "{report:?}"
+    );
+    assert_eq!(report.interrupted, 2);
+    assert!(report.interrupted_ids.contains(&id));
+    assert_eq!(report.spilled, 97);
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pre_stop_longer_than_the_grace_period_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = start(dir.path(), 1, &Ledger::default(), |b| {
+        b.grace_period(Duration::from_secs(5))
+            .pre_stop(Duration::from_secs(5))
+    })
+    .await;
+    assert!(
+        matches!(result, Err(drainpool::StartError::InvalidConfig(_))),
+        "{result:?}"
+    );
+}

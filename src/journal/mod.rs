@@ -21,7 +21,7 @@ use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use self::format::{Header, HeaderError, Kind, RecordRef};
 use self::writer::SegmentWriter;
@@ -33,6 +33,7 @@ const LOCK_FILE: &str = "LOCK";
 const DAMAGED_DIR: &str = "damaged";
 const SEGMENT_SUFFIX: &str = ".seg";
 const DEAD_PREFIX: &str = "dead-";
+const PROBE_FILE: &str = "probe.tmp";
 
 /// Spills are written in chunks of about this many bytes.
 const SPILL_CHUNK: usize = 1 << 20;
@@ -67,6 +68,10 @@ pub(crate) struct Journal {
 /// How a spill went.
 #[derive(Debug, Default)]
 pub(crate) struct SpillOutcome {
+    /// Time spent encoding and writing.
+    pub(crate) write_time: Duration,
+    /// Time spent in fsync.
+    pub(crate) sync_time: Duration,
     /// Tasks made durable.
     pub(crate) written: usize,
     /// Tasks whose payload failed to serialize.
@@ -242,7 +247,7 @@ impl Journal {
             return outcome;
         }
         for try_number in 0..2 {
-            match self.spill_once(items, &mut encode) {
+            match self.spill_once(items, &mut encode, &mut outcome) {
                 Ok((written, unencodable)) => {
                     outcome.written = written;
                     outcome.unencodable = unencodable;
@@ -264,7 +269,9 @@ impl Journal {
         &mut self,
         items: &[J],
         encode: &mut impl FnMut(&J, u64, &mut Vec<u8>) -> bool,
+        times: &mut SpillOutcome,
     ) -> Result<(usize, usize), JournalError> {
+        let started = Instant::now();
         let epoch = self.epoch;
         let segment = self.current()?;
         let mut buf = Vec::with_capacity(SPILL_CHUNK + 4096);
@@ -284,7 +291,11 @@ impl Journal {
         }
         segment.append(&buf, in_buf)?;
         written += in_buf;
-        segment.sync()?;
+        let synced = Instant::now();
+        times.write_time += synced - started;
+        let result = segment.sync();
+        times.sync_time += synced.elapsed();
+        result?;
         Ok((written, unencodable))
     }
 
@@ -318,6 +329,27 @@ impl Journal {
         fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
         tracing::debug!(dir = %self.dir.display(), "retired old segments");
         Ok(())
+    }
+
+    /// Measures how fast this directory takes data: writes and fsyncs a 1 MiB probe file (then
+    /// removes it). Returns bytes per second, fsync included, and the time of the fsync alone.
+    pub(crate) fn probe(&self) -> Result<(u64, Duration), JournalError> {
+        const PROBE_BYTES: usize = 1 << 20;
+        let path = self.dir.join(PROBE_FILE);
+        let _ = std::fs::remove_file(&path);
+        let result = (|| {
+            let mut file = fs::create_new(&path)?;
+            let started = Instant::now();
+            file.write_all(&vec![0u8; PROBE_BYTES])?;
+            let synced = Instant::now();
+            file.sync_data()?;
+            let done = Instant::now();
+            let total = (done - started).max(Duration::from_micros(1));
+            let rate = (PROBE_BYTES as f64 / total.as_secs_f64()) as u64;
+            Ok::<_, std::io::Error>((rate, done - synced))
+        })();
+        let _ = std::fs::remove_file(&path);
+        result.map_err(|e| JournalError::io("probe", &path, None, e))
     }
 
     /// Syncs this run's segment, deletes what the spill replaced, and releases the lock.
@@ -401,7 +433,16 @@ fn note_damage(
             reason: damage.error.to_string(),
         });
     }
-    if scan.is_damaged() {
+    // A whole record failing its checks at the end may be a torn write (its last pages never
+    // reached the disk) or damage: it is truncated like a torn tail, but a copy is kept.
+    let whole_bad_tail = matches!(
+        scan.torn_tail,
+        Some((
+            _,
+            format::RecordError::Checksum | format::RecordError::BadBody
+        ))
+    );
+    if scan.is_damaged() || whole_bad_tail {
         match keep_copy(dir, path) {
             Ok(copy) => report.damaged_copies.push(copy),
             Err(error) => {
