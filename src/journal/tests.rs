@@ -142,6 +142,17 @@ fn only_segment(dir: &Path) -> PathBuf {
 }
 
 /// The tasks live after replaying `seen` in order: the last state of each id not acked since.
+/// A directory holding one closed segment of `count` tasks: the directory, the tasks, the file.
+fn closed_segment(count: u64) -> (tempfile::TempDir, Vec<Item>, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut journal, _, _) = open(tmp.path());
+    let written = items(journal.run(), count);
+    spill_all(&mut journal, &written);
+    journal.close().unwrap();
+    let path = only_segment(tmp.path());
+    (tmp, written, path)
+}
+
 fn live(seen: &[Seen]) -> BTreeMap<TaskId, Seen> {
     let mut live = BTreeMap::new();
     for record in seen {
@@ -565,13 +576,7 @@ fn newer_version_segment_fails_open_and_is_left_alone() {
 
 #[test]
 fn damaged_middle_record_is_reported_and_a_copy_kept() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut journal, _, _) = open(tmp.path());
-    let written = items(journal.run(), 5);
-    spill_all(&mut journal, &written);
-    journal.close().unwrap();
-
-    let path = only_segment(tmp.path());
+    let (tmp, written, path) = closed_segment(5);
     let offset = format::HEADER_LEN + written[..2].iter().map(Item::record_len).sum::<usize>();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[offset + format::RECORD_HEADER_LEN + 3] ^= 0x04;
@@ -623,13 +628,7 @@ fn damaged_middle_record_is_reported_and_a_copy_kept() {
 
 #[test]
 fn damaged_header_costs_no_record() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut journal, _, _) = open(tmp.path());
-    let written = items(journal.run(), 3);
-    spill_all(&mut journal, &written);
-    journal.close().unwrap();
-
-    let path = only_segment(tmp.path());
+    let (tmp, written, path) = closed_segment(3);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[20] ^= 0x01; // the first copy of the epoch
     std::fs::write(&path, &bytes).unwrap();
@@ -649,13 +648,7 @@ fn damaged_header_costs_no_record() {
 
 #[test]
 fn torn_tail_is_truncated_on_disk_and_reported() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut journal, _, _) = open(tmp.path());
-    let written = items(journal.run(), 4);
-    spill_all(&mut journal, &written);
-    journal.close().unwrap();
-
-    let path = only_segment(tmp.path());
+    let (tmp, written, path) = closed_segment(4);
     let full = std::fs::metadata(&path).unwrap().len();
     let cut = full - 5;
     std::fs::OpenOptions::new()
@@ -693,13 +686,7 @@ fn torn_tail_is_truncated_on_disk_and_reported() {
 
 #[test]
 fn a_whole_last_record_failing_its_checksum_is_truncated_and_a_copy_kept() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut journal, _, _) = open(tmp.path());
-    let written = items(journal.run(), 4);
-    spill_all(&mut journal, &written);
-    journal.close().unwrap();
-
-    let path = only_segment(tmp.path());
+    let (tmp, written, path) = closed_segment(4);
     let mut bytes = std::fs::read(&path).unwrap();
     let full = bytes.len() as u64;
     let valid_end = full - written[3].record_len() as u64;
