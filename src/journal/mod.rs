@@ -111,6 +111,9 @@ impl Journal {
         let mut max_run = stored_run.unwrap_or(0);
         let mut obsolete = Vec::new();
         let mut next_segment = 1;
+        // Dead letters, last state per id: a dead record sets one aside, an ack (written when
+        // it is requeued) takes it back.
+        let mut dead = std::collections::HashSet::new();
         for segment in &segments {
             next_segment = next_segment.max(segment.number.saturating_add(1));
             let bytes = std::fs::read(&segment.path)
@@ -118,9 +121,11 @@ impl Journal {
             let scan = reader::scan(&bytes, |_, record| {
                 max_run = max_run.max(record.id.run());
                 if segment.dead {
-                    if record.kind == Kind::Dead {
-                        report.dead_letters += 1;
-                    }
+                    match record.kind {
+                        Kind::Dead => dead.insert(record.id),
+                        Kind::Ack => dead.remove(&record.id),
+                        Kind::Task => false,
+                    };
                 } else {
                     on_record(record);
                 }
@@ -141,6 +146,7 @@ impl Journal {
             }
         }
 
+        report.dead_letters = dead.len();
         let run = max_run.saturating_add(1);
         write_run(&mut lock, &lock_path, run)?;
         let journal = Self {
