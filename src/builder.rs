@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::BoxError;
 use crate::error::StartError;
 use crate::journal::format;
+use crate::policy::{DeadlineAction, Interruption, Policy};
 use crate::pool::{self, Pool};
 use crate::task::Task;
 
@@ -46,13 +47,14 @@ pub(crate) struct Config {
 #[must_use = "a builder does nothing until `start` is called"]
 pub struct Builder<T> {
     config: Config,
-    _task: PhantomData<fn(T)>,
+    policy: Policy<T>,
 }
 
 impl<T> fmt::Debug for Builder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("config", &self.config)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -78,7 +80,7 @@ where
                 grace_period_env: None,
                 pre_stop: Duration::ZERO,
             },
-            _task: PhantomData,
+            policy: Policy::default(),
         }
     }
 
@@ -179,6 +181,63 @@ where
         self
     }
 
+    /// How many times a task may fail (its handler returns an error or panics) before it is set
+    /// aside as a dead letter. A run interrupted at the drain deadline does not count.
+    ///
+    /// The default is 5.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.policy.max_attempts = attempts;
+        self
+    }
+
+    /// The delay before retrying a failed task: `base` after the first failure, doubling after
+    /// each further one up to `cap`, with jitter (each delay is between half and all of that).
+    /// A task waiting for its retry at shutdown is journaled with the time it may run again,
+    /// and the next start honours it.
+    ///
+    /// The default is 1 s, capped at 5 min.
+    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.policy.backoff_base = base;
+        self.policy.backoff_cap = cap;
+        self
+    }
+
+    /// What to do with a task still running at the drain deadline, decided from its payload
+    /// (an enum payload can answer per task kind).
+    ///
+    /// The default is [`DeadlineAction::Requeue`] for every task.
+    pub fn on_deadline(
+        mut self,
+        decide: impl Fn(&T) -> DeadlineAction + Send + Sync + 'static,
+    ) -> Self {
+        self.policy.on_deadline = Some(Arc::new(decide));
+        self
+    }
+
+    /// A hook that runs for each task stopped at the drain deadline, before its
+    /// [`DeadlineAction`] is carried out (to release a lease, say, or record a metric). It gets
+    /// the cancel grace to finish, then it is dropped.
+    ///
+    /// The default is none.
+    pub fn on_interrupt<H, Fut>(mut self, hook: H) -> Self
+    where
+        H: Fn(Interruption<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.policy.on_interrupt = Some(Arc::new(move |interruption| Box::pin(hook(interruption))));
+        self
+    }
+
+    /// After how many consecutive runs interrupted at the drain deadline a task is set aside
+    /// as a dead letter instead of replayed again, so a task that always outlives the deadline
+    /// cannot loop forever.
+    ///
+    /// The default is 3.
+    pub fn max_interruptions(mut self, runs: u32) -> Self {
+        self.policy.max_interruptions = runs;
+        self
+    }
+
     /// Opens and locks the journal, recovers it, queues the recovered tasks ahead of anything
     /// new, and starts the workers.
     ///
@@ -229,6 +288,11 @@ where
                 config.pre_stop
             )));
         }
+        if self.policy.max_attempts == 0 || self.policy.max_interruptions == 0 {
+            return Err(StartError::InvalidConfig(
+                "max_attempts and max_interruptions must be at least 1".into(),
+            ));
+        }
         if config.workers == 0 {
             return Err(StartError::InvalidConfig(
                 "workers must be at least 1".into(),
@@ -248,7 +312,7 @@ where
         if config.journal_dir.is_none() {
             return Err(StartError::InvalidConfig("journal_dir is required".into()));
         }
-        pool::start(config, handler).await
+        pool::start(config, self.policy, handler).await
     }
 }
 

@@ -46,6 +46,7 @@
 mod builder;
 pub mod error;
 mod journal;
+mod policy;
 mod pool;
 mod report;
 mod signal;
@@ -57,6 +58,10 @@ pub use builder::{
     DEFAULT_QUEUE_CAPACITY, MAX_RECORD_BYTES_LIMIT,
 };
 pub use error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
+pub use policy::{
+    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS,
+    DeadlineAction, Interruption, Permanent,
+};
 pub use pool::Pool;
 pub use report::{Budget, Damage, RecoveryReport, ShutdownReport, State, Stats};
 pub use signal::{ShutdownSignal, Signal, shutdown_signal};

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
@@ -20,6 +20,7 @@ use crate::builder::{Builder, Config};
 use crate::error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 use crate::journal::Journal;
 use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
+use crate::policy::{Jitter, Policy};
 use crate::report::{Budget, RecoveryReport, ShutdownReport, State, Stats};
 use crate::task::{Task, TaskId};
 use crate::worker;
@@ -52,6 +53,8 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) spilled: AtomicU64,
     pub(crate) interrupted: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) retried: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
 }
 
@@ -75,6 +78,14 @@ pub(crate) struct Inner<T> {
     pub(crate) hard_stop: CancellationToken,
     /// Cancelled to skip the wait for in-flight tasks.
     hurry: CancellationToken,
+    /// Woken when a job is added to the backlog.
+    backlog_ready: Notify,
+    /// Failed tasks waiting for their retry, with the instant they are due.
+    waiting: Mutex<Vec<(Instant, Job<T>)>>,
+    /// Woken when a retry is added.
+    waiting_changed: Notify,
+    pub(crate) policy: Policy<T>,
+    pub(crate) jitter: Jitter,
     /// The shutdown trigger (the user's token, if one was given).
     trigger: CancellationToken,
     tracker: TaskTracker,
@@ -109,25 +120,71 @@ impl<T> Inner<T> {
     /// The next job for a worker: replayed tasks first, then the queue. `None` once intake has
     /// closed: from then on queued tasks are spilled, never started.
     pub(crate) async fn next_job(&self) -> Option<Job<T>> {
-        if self.intake.is_cancelled() {
+        loop {
+            if self.intake.is_cancelled() {
+                return None;
+            }
+            if let Some(job) = self.pop_backlog() {
+                return Some(job);
+            }
+            let mut rx = tokio::select! {
+                biased;
+                () = self.intake.cancelled() => return None,
+                rx = self.rx.lock() => rx,
+            };
+            // A retry may have come due while this worker waited for the receiver.
+            if let Some(job) = self.pop_backlog() {
+                return Some(job);
+            }
+            tokio::select! {
+                biased;
+                () = self.intake.cancelled() => return None,
+                () = self.backlog_ready.notified() => continue,
+                job = rx.recv() => return job,
+            }
+        }
+    }
+
+    fn pop_backlog(&self) -> Option<Job<T>> {
+        if self.backlog_len.load(Ordering::Acquire) == 0 {
             return None;
         }
-        if self.backlog_len.load(Ordering::Acquire) > 0
-            && let Some(job) = lock(&self.backlog).pop_front()
-        {
-            self.backlog_len.fetch_sub(1, Ordering::AcqRel);
-            return Some(job);
+        let job = lock(&self.backlog).pop_front()?;
+        self.backlog_len.fetch_sub(1, Ordering::AcqRel);
+        Some(job)
+    }
+
+    /// Puts a failed task back after its backoff delay.
+    pub(crate) fn retry_later(&self, job: Job<T>, delay: Duration) {
+        lock(&self.waiting).push((Instant::now() + delay, job));
+        self.waiting_changed.notify_one();
+    }
+
+    /// Moves the retries that are due to the backlog; returns when the next one is due.
+    fn release_due(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut waiting = lock(&self.waiting);
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < waiting.len() {
+            if waiting[i].0 <= now {
+                due.push(waiting.swap_remove(i));
+            } else {
+                i += 1;
+            }
         }
-        let mut rx = tokio::select! {
-            biased;
-            () = self.intake.cancelled() => return None,
-            rx = self.rx.lock() => rx,
-        };
-        tokio::select! {
-            biased;
-            () = self.intake.cancelled() => None,
-            job = rx.recv() => job,
+        let next = waiting.iter().map(|(at, _)| *at).min();
+        drop(waiting);
+        if !due.is_empty() {
+            due.sort_by_key(|(_, job)| job.id);
+            let count = due.len();
+            lock(&self.backlog).extend(due.into_iter().map(|(_, job)| job));
+            self.backlog_len.fetch_add(count, Ordering::AcqRel);
+            for _ in 0..count {
+                self.backlog_ready.notify_one();
+            }
         }
+        next
     }
 
     /// Remembers the first journal failure for the report.
@@ -463,7 +520,9 @@ impl<T> Pool<T> {
         let c = &inner.counters;
         let channel = inner.tx.max_capacity() - inner.tx.capacity();
         Stats {
-            queued: inner.backlog_len.load(Ordering::Relaxed) + channel,
+            queued: inner.backlog_len.load(Ordering::Relaxed)
+                + channel
+                + lock(&inner.waiting).len(),
             in_flight: c.in_flight.load(Ordering::Relaxed),
             submitted: c.submitted.load(Ordering::Relaxed),
             replayed: c.replayed.load(Ordering::Relaxed),
@@ -471,6 +530,8 @@ impl<T> Pool<T> {
             failed: c.failed.load(Ordering::Relaxed),
             spilled: c.spilled.load(Ordering::Relaxed),
             interrupted: c.interrupted.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
         }
     }
 
@@ -525,7 +586,11 @@ enum Recovered<T> {
     },
 }
 
-pub(crate) async fn start<T, F, Fut, E>(config: Config, handler: F) -> Result<Pool<T>, StartError>
+pub(crate) async fn start<T, F, Fut, E>(
+    config: Config,
+    policy: Policy<T>,
+    handler: F,
+) -> Result<Pool<T>, StartError>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
     F: Fn(Task<T>) -> Fut + Send + Sync + 'static,
@@ -557,19 +622,30 @@ where
     // Tasks whose payload no longer decodes become dead letters, durably, before anything runs.
     let mut journal = journal;
     let mut backlog = VecDeque::with_capacity(recovered.len());
+    let mut waiting = Vec::new();
+    let (now, wall) = (Instant::now(), now_ms());
     for (id, task) in recovered {
         match task {
             Recovered::Live {
                 meta,
                 last_error,
                 payload,
-            } => backlog.push_back(Job {
-                id,
-                meta,
-                last_error,
-                payload: Arc::new(payload),
-                journaled: true,
-            }),
+            } => {
+                let job = Job {
+                    id,
+                    meta,
+                    last_error,
+                    payload: Arc::new(payload),
+                    journaled: true,
+                };
+                // A task spilled while waiting for its retry keeps its time.
+                if meta.not_before_ms > wall {
+                    let delay = Duration::from_millis(meta.not_before_ms - wall);
+                    waiting.push((now + delay, job));
+                } else {
+                    backlog.push_back(job);
+                }
+            }
             Recovered::Undecodable {
                 meta,
                 error,
@@ -604,7 +680,7 @@ where
             }
         }
     }
-    recovery.replayed = backlog.len();
+    recovery.replayed = backlog.len() + waiting.len();
 
     // A child token: the pool's own shutdown (or its drop) never cancels the user's token.
     let trigger = config
@@ -612,12 +688,13 @@ where
         .as_ref()
         .map_or_else(CancellationToken::new, CancellationToken::child_token);
     let (tx, rx) = mpsc::channel(config.queue_capacity);
-    let replayed = backlog.len();
+    let replayed = recovery.replayed;
+    let in_backlog = backlog.len();
     let inner = Arc::new(Inner {
         journal_dir: dir,
         tx,
         rx: tokio::sync::Mutex::new(rx),
-        backlog_len: AtomicUsize::new(replayed),
+        backlog_len: AtomicUsize::new(in_backlog),
         backlog: Mutex::new(backlog),
         epoch: journal.epoch(),
         run: journal.run(),
@@ -627,6 +704,11 @@ where
         deadline: CancellationToken::new(),
         hard_stop: CancellationToken::new(),
         hurry: CancellationToken::new(),
+        backlog_ready: Notify::new(),
+        waiting: Mutex::new(waiting),
+        waiting_changed: Notify::new(),
+        jitter: Jitter::from_entropy(),
+        policy,
         trigger: trigger.clone(),
         tracker: TaskTracker::new(),
         held: Mutex::new(Vec::new()),
@@ -662,6 +744,7 @@ where
             .spawn(worker::run(Arc::clone(&inner), Arc::clone(&handler)));
     }
     inner.tracker.close();
+    tokio::spawn(schedule_retries(Arc::clone(&inner)));
     tokio::spawn(supervise(Arc::clone(&inner)));
     tracing::info!(
         dir = %inner.journal_dir.display(),
@@ -708,6 +791,26 @@ fn recover<T: DeserializeOwned>(dir: &Path) -> Result<Opened<T>, StartError> {
     Ok((journal, report, tasks))
 }
 
+/// Moves retries to the backlog as they come due, until intake closes (then they are spilled
+/// with the time they may run).
+async fn schedule_retries<T>(inner: Arc<Inner<T>>) {
+    loop {
+        let next = inner.release_due();
+        tokio::select! {
+            () = inner.intake.cancelled() => return,
+            () = inner.waiting_changed.notified() => {}
+            () = sleep_until_option(next) => {}
+        }
+    }
+}
+
+async fn sleep_until_option(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits for the trigger, then runs the shutdown sequence and publishes the report.
 async fn supervise<T: Serialize + Send + Sync + 'static>(inner: Arc<Inner<T>>) {
     inner.trigger.cancelled().await;
@@ -749,7 +852,13 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         .filter(|(why, _)| *why == Held::Interrupted)
         .map(|(_, job)| job.id)
         .collect();
-    let jobs: Vec<Job<T>> = held.into_iter().map(|(_, job)| job).collect();
+    // Then the tasks waiting for a retry: they keep the time they may run.
+    let waiting = std::mem::take(&mut *lock(&inner.waiting));
+    let jobs: Vec<Job<T>> = held
+        .into_iter()
+        .map(|(_, job)| job)
+        .chain(waiting.into_iter().map(|(_, job)| job))
+        .collect();
     let held_saved = spill(inner, jobs).await;
 
     let closing = std::time::Instant::now();
@@ -788,6 +897,8 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         failed: c.failed.load(Ordering::Relaxed),
         spilled: c.spilled.load(Ordering::Relaxed),
         interrupted: c.interrupted.load(Ordering::Relaxed),
+        dropped: c.dropped.load(Ordering::Relaxed),
+        retried: c.retried.load(Ordering::Relaxed),
         unsaved: spilled.1 + held_unsaved,
         interrupted_ids,
         elapsed: started.elapsed(),

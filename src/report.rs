@@ -24,7 +24,8 @@ pub enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Tasks waiting for a worker (replayed ones included).
+    /// Tasks waiting for a worker (replayed ones, and failed ones waiting for their retry,
+    /// included).
     pub queued: usize,
     /// Tasks whose handler is running.
     pub in_flight: usize,
@@ -34,8 +35,13 @@ pub struct Stats {
     pub replayed: u64,
     /// Tasks whose handler returned `Ok`.
     pub completed: u64,
-    /// Tasks whose handler returned an error or panicked; they are kept as dead letters.
+    /// Tasks set aside as dead letters in this run: out of attempts, a permanent error, or
+    /// interrupted at the deadline too often (or by the deadline policy).
     pub failed: u64,
+    /// Failed attempts scheduled for a retry.
+    pub retried: u64,
+    /// Tasks dropped at the drain deadline by the deadline policy.
+    pub dropped: u64,
     /// Queued tasks journaled at shutdown.
     pub spilled: u64,
     /// In-flight tasks stopped at the drain deadline and journaled.
@@ -110,8 +116,8 @@ pub struct Budget {
 /// What a shutdown did, returned by [`Pool::shutdown`](crate::Pool::shutdown) and
 /// [`Pool::wait`](crate::Pool::wait).
 ///
-/// The counts add up: `replayed + submitted = completed + failed + spilled + interrupted +
-/// unsaved`.
+/// The counts add up: `replayed + submitted = completed + failed + dropped + spilled +
+/// interrupted + unsaved`.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -121,9 +127,16 @@ pub struct ShutdownReport {
     pub submitted: u64,
     /// Tasks finished with `Ok`.
     pub completed: u64,
-    /// Tasks that failed and were kept as dead letters (or, if that write failed, spilled).
+    /// Tasks set aside as dead letters in this run: out of attempts, a permanent error, or
+    /// interrupted at the deadline too often (or by the deadline policy). A task whose dead
+    /// letter could not be written is spilled as a live task instead.
     pub failed: u64,
-    /// Queued tasks journaled at shutdown, before waiting on anything.
+    /// Failed attempts scheduled for a retry (a task can count several times).
+    pub retried: u64,
+    /// Tasks dropped at the drain deadline by the deadline policy.
+    pub dropped: u64,
+    /// Tasks journaled at shutdown without having been interrupted: queued ones (spilled at
+    /// once), and failed ones waiting for their retry (with the time they may run).
     pub spilled: u64,
     /// In-flight tasks stopped at the drain deadline and journaled as interrupted.
     pub interrupted: u64,

@@ -14,13 +14,15 @@ use tracing::Instrument;
 
 use crate::BoxError;
 use crate::journal::format::FLAG_INTERRUPTED;
-use crate::pool::{Held, Inner, Job};
+use crate::policy::{DeadlineAction, Interruption, Permanent};
+use crate::pool::{Held, Inner, Job, now_ms};
 use crate::task::Task;
 
 /// How one run of a handler ended.
 enum Outcome {
     Completed,
-    Failed(String),
+    /// The error text, and whether it is permanent.
+    Failed(String, bool),
     /// Dropped at the hard stop.
     Aborted,
 }
@@ -57,15 +59,18 @@ where
     };
     let span = tracing::info_span!("task", id = %job.id, attempt = task.attempt);
     let outcome = match catch_unwind(AssertUnwindSafe(|| handler(task))) {
-        Err(panic) => Outcome::Failed(panic_message(&*panic)),
+        Err(panic) => Outcome::Failed(panic_message(&*panic), false),
         Ok(future) => {
             let future = CatchUnwind { inner: future }.instrument(span);
             tokio::select! {
                 biased;
                 result = future => match result {
                     Ok(Ok(())) => Outcome::Completed,
-                    Ok(Err(error)) => Outcome::Failed(error_chain(&*error.into())),
-                    Err(panic) => Outcome::Failed(panic_message(&*panic)),
+                    Ok(Err(error)) => {
+                        let error: BoxError = error.into();
+                        Outcome::Failed(error_chain(&*error), error.is::<Permanent>())
+                    }
+                    Err(panic) => Outcome::Failed(panic_message(&*panic), false),
                 },
                 () = inner.hard_stop.cancelled() => Outcome::Aborted,
             }
@@ -80,20 +85,95 @@ where
                 inner.finish_journaled(job.id).await;
             }
         }
-        Outcome::Aborted => {
-            tracing::warn!(task = %job.id, "task stopped at the hard stop; journaled as interrupted");
-            inner.hold(Held::Interrupted, job.interrupted());
+        Outcome::Aborted => interrupted(inner, job, None).await,
+        // A handler that gives up once its token fired was interrupted, not failed.
+        Outcome::Failed(error, _) if inner.deadline.is_cancelled() => {
+            interrupted(inner, job, Some(error)).await;
         }
-        Outcome::Failed(error) if inner.deadline.is_cancelled() => {
-            tracing::warn!(task = %job.id, %error, "task gave up after the drain deadline; journaled as interrupted");
-            job.last_error = Some(error.into());
-            inner.hold(Held::Interrupted, job.interrupted());
-        }
-        Outcome::Failed(error) => {
+        Outcome::Failed(error, permanent) => {
             job.meta.attempts = job.meta.attempts.saturating_add(1);
             job.meta.flags &= !FLAG_INTERRUPTED;
             job.meta.interruptions = 0;
-            inner.dead_letter(job, error).await;
+            let policy = &inner.policy;
+            if permanent || job.meta.attempts >= policy.max_attempts {
+                inner.dead_letter(job, error).await;
+            } else {
+                let delay = policy.backoff(job.meta.attempts, &inner.jitter);
+                tracing::info!(
+                    task = %job.id,
+                    attempt = job.meta.attempts,
+                    retry_in_ms = delay.as_millis() as u64,
+                    %error,
+                    "task failed; will retry"
+                );
+                job.meta.not_before_ms = now_ms().saturating_add(delay.as_millis() as u64);
+                job.last_error = Some(error.into());
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                inner.retry_later(job, delay);
+            }
+        }
+    }
+}
+
+/// Carries out the deadline action for a task stopped at the drain deadline, after the hook.
+async fn interrupted<T>(inner: &Inner<T>, job: Job<T>, error: Option<String>)
+where
+    T: Serialize + Send + Sync + 'static,
+{
+    let mut job = job.interrupted();
+    if let Some(error) = error {
+        job.last_error = Some(error.into());
+    }
+    let policy = &inner.policy;
+    let poisoned = job.meta.interruptions >= policy.max_interruptions;
+    let action = if poisoned {
+        DeadlineAction::DeadLetter
+    } else {
+        policy.deadline_action(&job.payload)
+    };
+    if let Some(hook) = &policy.on_interrupt {
+        let interruption = Interruption {
+            id: job.id,
+            attempt: job.meta.attempts.saturating_add(1),
+            interruptions: job.meta.interruptions,
+            action,
+            payload: Arc::clone(&job.payload),
+        };
+        let hook = CatchUnwind {
+            inner: hook(interruption),
+        };
+        match tokio::time::timeout(inner.config.cancel_grace, hook).await {
+            Ok(Ok(())) => {}
+            Ok(Err(panic)) => {
+                tracing::error!(task = %job.id, error = %panic_message(&*panic), "interrupt hook panicked")
+            }
+            Err(_) => {
+                tracing::error!(task = %job.id, "interrupt hook outlived the cancel grace; dropped")
+            }
+        }
+    }
+    match action {
+        DeadlineAction::Requeue => {
+            tracing::warn!(task = %job.id, interruptions = job.meta.interruptions, "task interrupted at the drain deadline; journaled");
+            inner.hold(Held::Interrupted, job);
+        }
+        DeadlineAction::Drop => {
+            tracing::warn!(task = %job.id, "task interrupted at the drain deadline; dropped by policy");
+            inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            if job.journaled {
+                inner.finish_journaled(job.id).await;
+            }
+        }
+        DeadlineAction::DeadLetter => {
+            let reason = if poisoned {
+                format!(
+                    "interrupted at the drain deadline in {} consecutive runs",
+                    job.meta.interruptions
+                )
+            } else {
+                "interrupted at the drain deadline".to_string()
+            };
+            inner.dead_letter(job, reason).await;
         }
     }
 }
