@@ -45,7 +45,7 @@
 
 mod builder;
 pub mod error;
-mod journal;
+pub mod journal;
 mod policy;
 mod pool;
 mod report;
@@ -65,6 +65,7 @@ pub use policy::{
 pub use pool::Pool;
 pub use report::{Budget, Damage, RecoveryReport, ShutdownReport, State, Stats};
 pub use signal::{ShutdownSignal, Signal, shutdown_signal};
+pub use task::ParseTaskIdError;
 pub use task::{Task, TaskId};
 
 /// The error type a handler may return: anything that converts into a boxed error.

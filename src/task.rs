@@ -1,6 +1,7 @@
 //! What a handler receives.
 
 use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -52,6 +53,29 @@ impl TaskId {
 impl fmt::Display for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.run, self.seq)
+    }
+}
+
+/// A string was not a task id of the form `run-seq`, e.g. `7-1042`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid task id {0:?}: expected run-seq, two decimal numbers such as 7-1042")]
+pub struct ParseTaskIdError(String);
+
+impl FromStr for TaskId {
+    type Err = ParseTaskIdError;
+
+    /// Parses the form [`Display`](fmt::Display) writes: `run-seq`, e.g. `7-1042`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let error = || ParseTaskIdError(s.to_owned());
+        let (run, seq) = s.split_once('-').ok_or_else(error)?;
+        let number = |part: &str| {
+            // `u64::from_str` takes a leading `+`; an id never has one.
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(error());
+            }
+            part.parse::<u64>().map_err(|_| error())
+        };
+        Ok(Self::new(number(run)?, number(seq)?))
     }
 }
 
@@ -130,5 +154,41 @@ impl<T: fmt::Debug> fmt::Debug for Task<T> {
             .field("payload", &self.payload)
             .field("cancelled", &self.cancel.is_cancelled())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_id_parses_back_from_its_display() {
+        for id in [
+            TaskId::new(0, 0),
+            TaskId::new(7, 1042),
+            TaskId::new(u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(id.to_string().parse::<TaskId>(), Ok(id));
+        }
+    }
+
+    #[test]
+    fn a_malformed_task_id_is_refused() {
+        for bad in [
+            "",
+            "7",
+            "7-",
+            "-7",
+            "7-1-2",
+            "+7-1",
+            "7-+1",
+            "a-1",
+            "7 -1",
+            "7-18446744073709551616",
+        ] {
+            let error = bad.parse::<TaskId>().unwrap_err();
+            assert_eq!(error, ParseTaskIdError(bad.to_owned()), "{bad:?}");
+            assert!(error.to_string().contains("run-seq"), "{error}");
+        }
     }
 }

@@ -10,9 +10,19 @@
 //!
 //! Segments from earlier runs are read at start and kept until what replaces them is durable:
 //! until each of their tasks is acked, or the run's spill is fsynced.
+//!
+//! The public functions here look into a journal directory without starting a pool: list its
+//! live tasks and dead letters, verify every record, count, and move dead letters back to the
+//! live journal. The `drainpool` command-line tool (the `cli` feature) is built on them.
+
+pub use self::inspect::{
+    JournalContents, JournalStats, JournaledTask, Requeue, RequeueError, Requeued, Verification,
+    inspect_journal, journal_stats, requeue_dead_letters, verify_journal,
+};
 
 pub(crate) mod format;
 mod fs;
+mod inspect;
 mod reader;
 mod writer;
 

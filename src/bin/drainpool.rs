@@ -1,0 +1,386 @@
+//! `drainpool`: look into a drainpool journal directory, check it, and take dead letters back.
+//!
+//! Built only with the `cli` feature: `cargo install drainpool --features cli`, or
+//! `cargo run --features cli --bin drainpool -- --help`. Results go to stdout (JSON lines where
+//! they are records), messages to stderr. Exit status: 0 success, 1 damage found or the
+//! operation failed, 2 a usage error.
+
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use drainpool::journal::{JournaledTask, Requeue};
+use drainpool::{Damage, TaskId};
+use serde_json::{Value, json};
+
+/// Look into a drainpool journal directory, check it, and take dead letters back.
+///
+/// `inspect`, `verify` and `stats` only read: they take no lock and change nothing, so they
+/// may run beside a pool (whose segment being written may then show a torn tail). `requeue`
+/// writes, and refuses while a pool holds the directory.
+#[derive(Debug, Parser)]
+#[command(
+    name = "drainpool",
+    version,
+    after_help = "Exit status: 0 success; 1 damage found (verify) or the operation failed; \
+                  2 a usage error.\n\
+                  Results go to stdout, messages to stderr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print every live task (or every dead letter) as one JSON object per line.
+    ///
+    /// Live tasks are printed in the order the next start replays them, dead letters in id
+    /// order. Each line holds: id ("run-seq"), attempts (failed runs so far), interruptions,
+    /// interrupted (whether the last run was cut off at the drain deadline), enqueued_at_ms
+    /// and not_before_ms (milliseconds since the Unix epoch; 0: at once), last_error (or
+    /// null), payload (the task's JSON; a string if the bytes are not JSON), and the segment
+    /// and offset of the record it was read from.
+    Inspect {
+        /// The journal directory (the pool's `journal_dir`).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Print the dead letters instead of the live tasks.
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Check every segment header and record; report each damaged stretch with file and offset.
+    ///
+    /// Prints one line per finding to stdout: `PATH: offset N: KIND: REASON (LEN bytes)`,
+    /// where KIND is "damaged header", "damaged records" (followed by valid records: the next
+    /// start skips them and keeps a copy of the file) or "torn tail" (nothing valid after it:
+    /// the next start truncates it). Exits 0 when clean, 1 when anything is found.
+    Verify {
+        /// The journal directory (the pool's `journal_dir`).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Print each finding as a JSON object (path, offset, len, kind, reason) instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back into the live journal, so the next start runs them.
+    ///
+    /// Each is written as a fresh live task (same id, payload and last error; attempts and
+    /// interruptions reset) and made durable before its dead letter is marked as taken back,
+    /// so a crash in between duplicates, never loses; requeuing again completes the move.
+    /// Prints the ids taken back, one per line. Refuses while a pool holds the directory.
+    Requeue {
+        /// The journal directory (the pool's `journal_dir`).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Count segments, records, live tasks, dead letters and damage, with their sizes.
+    ///
+    /// With --json, one object with the keys segments, segment_bytes, dead_segments,
+    /// dead_segment_bytes, records (valid ones, superseded included), live_tasks,
+    /// live_payload_bytes, dead_letters, dead_payload_bytes, damage (damaged stretches and torn
+    /// tails), damaged_copies, damaged_copy_bytes (copies kept under damaged/ by earlier
+    /// starts) and run (the run counter in LOCK, or null).
+    Stats {
+        /// The journal directory (the pool's `journal_dir`).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// Requeue this dead letter (its id as `inspect --dead` prints it, e.g. 3-17). Repeat the
+    /// option, or separate ids with commas, for several. If one is not a dead letter, nothing
+    /// is written.
+    #[arg(long = "id", value_name = "ID", value_delimiter = ',')]
+    ids: Vec<TaskId>,
+    /// Requeue every dead letter.
+    #[arg(long)]
+    all: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut out = Stdout::new();
+    let result = match cli.command {
+        Command::Inspect { dir, dead } => inspect(&dir, dead, &mut out),
+        Command::Verify { dir, json } => verify(&dir, json, &mut out),
+        Command::Requeue { dir, which } => requeue(&dir, which, &mut out),
+        Command::Stats { dir, json } => stats(&dir, json, &mut out),
+    };
+    let result = result.and_then(|code| {
+        out.finish()
+            .map_err(|e| Failure::new("could not write to stdout", e))?;
+        Ok(code)
+    });
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("drainpool: error: {failure}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// An operation that failed: its error and the error's sources, for stderr.
+#[derive(Debug)]
+struct Failure(String);
+
+impl Failure {
+    fn new(what: &str, error: impl std::error::Error) -> Self {
+        Self(format!("{what}: {}", chain(&error)))
+    }
+
+    fn from_error(error: impl std::error::Error) -> Self {
+        Self(chain(&error))
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors already show their source in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Stdout, buffered; a reader that went away (`| head`) ends the output quietly.
+struct Stdout {
+    out: BufWriter<io::StdoutLock<'static>>,
+    closed: bool,
+}
+
+impl Stdout {
+    fn new() -> Self {
+        Self {
+            out: BufWriter::new(io::stdout().lock()),
+            closed: false,
+        }
+    }
+
+    fn line(&mut self, line: impl std::fmt::Display) -> Result<(), Failure> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = writeln!(self.out, "{line}");
+        self.check(result)
+            .map_err(|e| Failure::new("could not write to stdout", e))
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = self.out.flush();
+        self.check(result)
+    }
+
+    fn check(&mut self, result: io::Result<()>) -> io::Result<()> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+fn inspect(dir: &Path, dead: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
+    let contents = drainpool::journal::inspect_journal(dir).map_err(Failure::from_error)?;
+    let tasks = if dead { &contents.dead } else { &contents.live };
+    for task in tasks {
+        out.line(task_json(task))?;
+    }
+    if contents.damage > 0 {
+        eprintln!(
+            "drainpool: warning: {} damaged stretch(es) skipped; `drainpool verify {}` shows where",
+            contents.damage,
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn task_json(task: &JournaledTask) -> Value {
+    let payload = serde_json::from_slice::<Value>(&task.payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&task.payload).into_owned()));
+    json!({
+        "id": task.id.to_string(),
+        "attempts": task.attempts,
+        "interruptions": task.interruptions,
+        "interrupted": task.interrupted,
+        "enqueued_at_ms": task.enqueued_at_ms,
+        "not_before_ms": task.not_before_ms,
+        "last_error": task.last_error,
+        "payload": payload,
+        "segment": task.segment.display().to_string(),
+        "offset": task.offset,
+    })
+}
+
+fn verify(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
+    let verification = drainpool::journal::verify_journal(dir).map_err(Failure::from_error)?;
+    let mut findings: Vec<(&Damage, &str)> = verification
+        .damage
+        .iter()
+        .map(|d| {
+            let kind = if d.offset == 0 {
+                "damaged header"
+            } else {
+                "damaged records"
+            };
+            (d, kind)
+        })
+        .chain(verification.torn_tails.iter().map(|d| (d, "torn tail")))
+        .collect();
+    findings.sort_by(|a, b| (&a.0.path, a.0.offset).cmp(&(&b.0.path, b.0.offset)));
+    for (damage, kind) in &findings {
+        if as_json {
+            out.line(json!({
+                "path": damage.path.display().to_string(),
+                "offset": damage.offset,
+                "len": damage.len,
+                "kind": kind.replace(' ', "_"),
+                "reason": damage.reason,
+            }))?;
+        } else {
+            out.line(format_args!(
+                "{}: offset {}: {kind}: {} ({} bytes)",
+                damage.path.display(),
+                damage.offset,
+                damage.reason,
+                damage.len
+            ))?;
+        }
+    }
+    let summary = format!(
+        "{} segment(s), {} valid record(s)",
+        verification.segments, verification.records
+    );
+    if verification.is_clean() {
+        eprintln!("drainpool: {}: clean: {summary}", dir.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "drainpool: {}: DAMAGED: {} damaged stretch(es), {} torn tail(s); {summary}",
+            dir.display(),
+            verification.damage.len(),
+            verification.torn_tails.len(),
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn requeue(dir: &Path, which: Which, out: &mut Stdout) -> Result<ExitCode, Failure> {
+    let which = if which.all {
+        Requeue::All
+    } else {
+        Requeue::Ids(which.ids)
+    };
+    let requeued = drainpool::journal::requeue_dead_letters(dir, which).map_err(Failure::from_error)?;
+    for id in &requeued.ids {
+        out.line(id)?;
+    }
+    match &requeued.live_segment {
+        _ if requeued.ids.is_empty() => eprintln!("drainpool: no dead letters to requeue"),
+        Some(segment) => eprintln!(
+            "drainpool: requeued {} dead letter(s) into {}; they run at the next start",
+            requeued.ids.len(),
+            segment.display()
+        ),
+        None => eprintln!(
+            "drainpool: requeued {} dead letter(s) that were live already; they run at the next start",
+            requeued.ids.len()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
+    let s = drainpool::journal::journal_stats(dir).map_err(Failure::from_error)?;
+    if as_json {
+        out.line(json!({
+            "segments": s.segments,
+            "segment_bytes": s.segment_bytes,
+            "dead_segments": s.dead_segments,
+            "dead_segment_bytes": s.dead_segment_bytes,
+            "records": s.records,
+            "live_tasks": s.live_tasks,
+            "live_payload_bytes": s.live_payload_bytes,
+            "dead_letters": s.dead_letters,
+            "dead_payload_bytes": s.dead_payload_bytes,
+            "damage": s.damage,
+            "damaged_copies": s.damaged_copies,
+            "damaged_copy_bytes": s.damaged_copy_bytes,
+            "run": s.run,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let run = s
+        .run
+        .map_or_else(|| "unknown".to_owned(), |r| r.to_string());
+    let rows = [
+        (
+            "live segments",
+            s.segments.to_string(),
+            bytes(s.segment_bytes),
+        ),
+        (
+            "dead segments",
+            s.dead_segments.to_string(),
+            bytes(s.dead_segment_bytes),
+        ),
+        ("records", s.records.to_string(), String::new()),
+        (
+            "live tasks",
+            s.live_tasks.to_string(),
+            format!("{} of payload", bytes(s.live_payload_bytes)),
+        ),
+        (
+            "dead letters",
+            s.dead_letters.to_string(),
+            format!("{} of payload", bytes(s.dead_payload_bytes)),
+        ),
+        ("damaged stretches", s.damage.to_string(), String::new()),
+        (
+            "damaged copies",
+            s.damaged_copies.to_string(),
+            bytes(s.damaged_copy_bytes),
+        ),
+        ("run counter", run, String::new()),
+    ];
+    for (name, value, detail) in rows {
+        if detail.is_empty() {
+            out.line(format_args!("{name:<18} {value:>10}"))?;
+        } else {
+            out.line(format_args!("{name:<18} {value:>10}  ({detail})"))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bytes(n: u64) -> String {
+    format!("{n} bytes")
+}
