@@ -299,7 +299,8 @@ fn requeue(dir: &Path, which: Which, out: &mut Stdout) -> Result<ExitCode, Failu
     } else {
         Requeue::Ids(which.ids)
     };
-    let requeued = drainpool::journal::requeue_dead_letters(dir, which).map_err(Failure::from_error)?;
+    let requeued =
+        drainpool::journal::requeue_dead_letters(dir, which).map_err(Failure::from_error)?;
     for id in &requeued.ids {
         out.line(id)?;
     }
