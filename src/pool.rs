@@ -55,6 +55,7 @@ pub(crate) struct Counters {
     pub(crate) interrupted: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) retried: AtomicU64,
+    pub(crate) unsaved: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
 }
 
@@ -90,6 +91,8 @@ pub(crate) struct Inner<T> {
     trigger: CancellationToken,
     tracker: TaskTracker,
     pub(crate) held: Mutex<Vec<(Held, Job<T>)>>,
+    /// Ids of the tasks journaled as interrupted, for the report.
+    interrupted_ids: Mutex<Vec<TaskId>>,
     pub(crate) replay_outstanding: AtomicUsize,
     pub(crate) counters: Counters,
     state: watch::Sender<State>,
@@ -464,6 +467,15 @@ impl<T> Pool<T> {
     /// are lost in `OnShutdown` mode (queued ones were spilled at the first signal). SIGQUIT
     /// keeps its default.
     ///
+    /// Signals are not queued: one sent while the same signal is still pending merges with it
+    /// (in the kernel, or on the pool's signal thread), so `kill -TERM` three times in a row
+    /// may count once. Escalation counts the signals the pool noticed.
+    ///
+    /// Tasks dropped at the hard stop are journaled at once, even while a handler that blocks
+    /// its thread has not returned yet; only such a handler's own task is then at the mercy of
+    /// a third signal. (Block with `tokio::task::block_in_place` or `spawn_blocking`: a thread
+    /// blocked in plain async code also stalls tasks the runtime queued on it.)
+    ///
     /// The handlers stay installed for the rest of the process's life: nothing is installed
     /// until this is called.
     ///
@@ -712,6 +724,7 @@ where
         trigger: trigger.clone(),
         tracker: TaskTracker::new(),
         held: Mutex::new(Vec::new()),
+        interrupted_ids: Mutex::new(Vec::new()),
         replay_outstanding: AtomicUsize::new(replayed),
         counters: Counters::default(),
         state: watch::Sender::new(State::Running),
@@ -844,22 +857,8 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     let wait_in_flight = wait_in_flight(inner, started, drain_deadline);
     let (spilled, drain_time) = tokio::join!(spill_queued, wait_in_flight);
 
-    // Interrupted tasks first, then failed ones whose dead letter could not be written.
-    let mut held = std::mem::take(&mut *lock(&inner.held));
-    held.sort_by_key(|(why, job)| (*why != Held::Interrupted, job.id));
-    let interrupted_ids: Vec<TaskId> = held
-        .iter()
-        .filter(|(why, _)| *why == Held::Interrupted)
-        .map(|(_, job)| job.id)
-        .collect();
-    // Then the tasks waiting for a retry: they keep the time they may run.
-    let waiting = std::mem::take(&mut *lock(&inner.waiting));
-    let jobs: Vec<Job<T>> = held
-        .into_iter()
-        .map(|(_, job)| job)
-        .chain(waiting.into_iter().map(|(_, job)| job))
-        .collect();
-    let held_saved = spill(inner, jobs).await;
+    // Whatever is still held, and the tasks waiting for a retry (they keep their time).
+    spill_held(inner, true).await;
 
     let closing = std::time::Instant::now();
     let closed = {
@@ -878,18 +877,9 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         Err(error) => tracing::error!(%error, "closing the journal panicked"),
     }
 
-    // A spill is durable whole or not at all; only a payload that fails to serialize (which
-    // submit already rules out) is dropped from a durable one, so the split is by count.
     let c = &inner.counters;
-    let interrupted = interrupted_ids.len() as u64;
-    let (held_written, held_unsaved) = held_saved;
-    let saved_interrupted = held_written.min(interrupted);
-    c.spilled.fetch_add(
-        spilled.0 + (held_written - saved_interrupted),
-        Ordering::Relaxed,
-    );
-    c.interrupted
-        .fetch_add(saved_interrupted, Ordering::Relaxed);
+    c.spilled.fetch_add(spilled.0, Ordering::Relaxed);
+    c.unsaved.fetch_add(spilled.1, Ordering::Relaxed);
     let report = ShutdownReport {
         replayed: c.replayed.load(Ordering::Relaxed),
         submitted: c.submitted.load(Ordering::Relaxed),
@@ -899,8 +889,8 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         interrupted: c.interrupted.load(Ordering::Relaxed),
         dropped: c.dropped.load(Ordering::Relaxed),
         retried: c.retried.load(Ordering::Relaxed),
-        unsaved: spilled.1 + held_unsaved,
-        interrupted_ids,
+        unsaved: c.unsaved.load(Ordering::Relaxed),
+        interrupted_ids: lock(&inner.interrupted_ids).clone(),
         elapsed: started.elapsed(),
         drain_deadline,
         drain_time,
@@ -965,7 +955,11 @@ fn deadline<T>(inner: &Inner<T>, queued: usize) -> (Duration, Option<Budget>) {
 
 /// Waits for in-flight tasks: to the deadline, then the handlers' tokens fire; after the grace,
 /// the hard stop. Returns how long it waited.
-async fn wait_in_flight<T>(inner: &Inner<T>, started: Instant, deadline: Duration) -> Duration {
+async fn wait_in_flight<T: Serialize + Send + Sync + 'static>(
+    inner: &Arc<Inner<T>>,
+    started: Instant,
+    deadline: Duration,
+) -> Duration {
     let config = &inner.config;
     let all_done = inner.tracker.wait();
     tokio::pin!(all_done);
@@ -988,8 +982,55 @@ async fn wait_in_flight<T>(inner: &Inner<T>, started: Instant, deadline: Duratio
         }
     }
     inner.hard_stop.cancel();
-    all_done.await;
+    // Handlers dropped at the hard stop hand their tasks back at once. One that blocks its
+    // thread would keep the others' tasks in memory until it returns, and a third signal then
+    // would lose them: journal what is held now, then wait for the rest.
+    if tokio::time::timeout(HELD_SPILL_AFTER, &mut all_done)
+        .await
+        .is_err()
+    {
+        spill_held(inner, false).await;
+        all_done.await;
+    }
     started.elapsed()
+}
+
+/// How long after the hard stop to wait for every handler before journaling what is held.
+const HELD_SPILL_AFTER: Duration = Duration::from_millis(20);
+
+/// Journals the held tasks (interrupted ones first, then failed ones whose dead letter could
+/// not be written) and, with `with_waiting`, the tasks waiting for a retry; counts them.
+async fn spill_held<T: Serialize + Send + Sync + 'static>(
+    inner: &Arc<Inner<T>>,
+    with_waiting: bool,
+) {
+    let mut held = std::mem::take(&mut *lock(&inner.held));
+    held.sort_by_key(|(why, job)| (*why != Held::Interrupted, job.id));
+    let ids: Vec<TaskId> = held
+        .iter()
+        .filter(|(why, _)| *why == Held::Interrupted)
+        .map(|(_, job)| job.id)
+        .collect();
+    let waiting = if with_waiting {
+        std::mem::take(&mut *lock(&inner.waiting))
+    } else {
+        Vec::new()
+    };
+    let jobs: Vec<Job<T>> = held
+        .into_iter()
+        .map(|(_, job)| job)
+        .chain(waiting.into_iter().map(|(_, job)| job))
+        .collect();
+    let (written, unsaved) = spill(inner, jobs).await;
+    // A spill is durable whole or not at all; only a payload that fails to serialize (which
+    // submit already rules out) is left out of a durable one, so the split is by count.
+    let interrupted = written.min(ids.len() as u64);
+    let c = &inner.counters;
+    c.interrupted.fetch_add(interrupted, Ordering::Relaxed);
+    c.spilled
+        .fetch_add(written - interrupted, Ordering::Relaxed);
+    c.unsaved.fetch_add(unsaved, Ordering::Relaxed);
+    lock(&inner.interrupted_ids).extend(ids);
 }
 
 /// Journals `jobs` as live tasks. Returns (written, not written).

@@ -611,3 +611,78 @@ fn a_crash_during_the_replay_run_loses_nothing() {
     done.dedup();
     assert_eq!(done, all, "every task finished in some run");
 }
+
+/// A handler that blocks its thread past the hard stop does not keep the other interrupted
+/// tasks off the disk: they are journaled while it is still blocked (so a third signal, which
+/// exits at once, loses only the blocked one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_still_runs() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    enum Work {
+        BlockThread,
+        Hang,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unblocked = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&unblocked);
+    let pool = drainpool::Pool::builder()
+        .workers(2)
+        .drain_deadline(Duration::from_millis(100))
+        .cancel_grace(Duration::from_millis(50))
+        .journal_dir(dir.path())
+        .start(move |task: drainpool::Task<Work>| {
+            let flag = Arc::clone(&flag);
+            async move {
+                match task.payload() {
+                    Work::BlockThread => {
+                        // Blocking as a careful handler does it: the runtime moves this
+                        // worker's other tasks elsewhere.
+                        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_secs(3)));
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    Work::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
+                }
+                Ok::<(), std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    pool.submit(Work::BlockThread).await.unwrap();
+    let hung = pool.submit(Work::Hang).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let shutdown = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.shutdown().await }
+    });
+
+    let waited = std::time::Instant::now();
+    let found = loop {
+        let live = drainpool::journal::inspect_journal(dir.path())
+            .unwrap()
+            .live;
+        if live.iter().any(|t| t.id == hung) {
+            break true;
+        }
+        if waited.elapsed() > Duration::from_secs(2) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        found,
+        "the hung task was not journaled while the other handler blocked"
+    );
+    assert!(
+        !unblocked.load(Ordering::SeqCst),
+        "the blocked handler returned first"
+    );
+
+    let report = shutdown.await.unwrap().unwrap();
+    assert_eq!(report.interrupted, 1);
+    assert_eq!(report.completed, 1); // the blocked handler returned Ok after the hard stop
+    assert_eq!(report.interrupted_ids, [hung]);
+    counts_add_up(&report);
+}
