@@ -73,8 +73,10 @@ pub(crate) struct Inner<T> {
     next_seq: AtomicU64,
     /// Cancelled when intake closes: at the first shutdown trigger.
     pub(crate) intake: CancellationToken,
-    /// The handlers' token: cancelled at the drain deadline.
-    pub(crate) deadline: CancellationToken,
+    /// Set just before `intake` is cancelled.
+    intake_closed: std::sync::atomic::AtomicBool,
+    /// The handlers' token: cancelled at the drain deadline. Shared with each task by `Arc`.
+    pub(crate) deadline: Arc<CancellationToken>,
     /// Cancelled at the hard stop: handlers still running are dropped.
     pub(crate) hard_stop: CancellationToken,
     /// Cancelled to skip the wait for in-flight tasks.
@@ -122,9 +124,13 @@ pub(crate) fn now_ms() -> u64 {
 impl<T> Inner<T> {
     /// The next job for a worker: replayed tasks first, then the queue. `None` once intake has
     /// closed: from then on queued tasks are spilled, never started.
+    ///
+    /// The queue is polled before the intake token, so a busy pool never registers with the
+    /// token (whose every poll takes a lock); a job received after intake closed is handed
+    /// back to the backlog, which the shutdown collects after the receiver.
     pub(crate) async fn next_job(&self) -> Option<Job<T>> {
         loop {
-            if self.intake.is_cancelled() {
+            if self.intake_closed() {
                 return None;
             }
             if let Some(job) = self.pop_backlog() {
@@ -132,20 +138,32 @@ impl<T> Inner<T> {
             }
             let mut rx = tokio::select! {
                 biased;
-                () = self.intake.cancelled() => return None,
                 rx = self.rx.lock() => rx,
+                () = self.intake.cancelled() => return None,
             };
             // A retry may have come due while this worker waited for the receiver.
             if let Some(job) = self.pop_backlog() {
                 return Some(job);
             }
-            tokio::select! {
+            let job = tokio::select! {
                 biased;
-                () = self.intake.cancelled() => return None,
+                job = rx.recv() => job?,
                 () = self.backlog_ready.notified() => continue,
-                job = rx.recv() => return job,
+                () = self.intake.cancelled() => return None,
+            };
+            if self.intake_closed() {
+                // Too late to start: the receiver is still held, so the shutdown finds it.
+                lock(&self.backlog).push_front(job);
+                self.backlog_len.fetch_add(1, Ordering::AcqRel);
+                return None;
             }
+            return Some(job);
         }
+    }
+
+    /// Whether intake has closed: an atomic load, for the hot paths.
+    pub(crate) fn intake_closed(&self) -> bool {
+        self.intake_closed.load(Ordering::Acquire)
     }
 
     fn pop_backlog(&self) -> Option<Job<T>> {
@@ -340,18 +358,21 @@ where
     /// Cancel safe: if the future is dropped before it completes, the task was not queued.
     pub async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
         let inner = &*self.inner;
-        if inner.intake.is_cancelled() {
+        if inner.intake_closed() {
             return Err(SubmitError::ShuttingDown(payload));
         }
         let (payload, size) = self.checked(payload)?;
         let permit = tokio::select! {
             biased;
-            () = inner.intake.cancelled() => return Err(SubmitError::ShuttingDown(payload)),
             permit = inner.tx.reserve() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return Err(SubmitError::ShuttingDown(payload)),
             },
+            () = inner.intake.cancelled() => return Err(SubmitError::ShuttingDown(payload)),
         };
+        if inner.intake_closed() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
         Ok(self.enqueue(permit, payload, size))
     }
 
@@ -362,7 +383,7 @@ where
     /// As [`submit`](Self::submit), plus [`SubmitError::Full`] when the queue is full.
     pub fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
         let inner = &*self.inner;
-        if inner.intake.is_cancelled() {
+        if inner.intake_closed() {
             return Err(SubmitError::ShuttingDown(payload));
         }
         let (payload, size) = self.checked(payload)?;
@@ -713,7 +734,8 @@ where
         journal: Arc::new(tokio::sync::Mutex::new(Some(journal))),
         next_seq: AtomicU64::new(1),
         intake: CancellationToken::new(),
-        deadline: CancellationToken::new(),
+        intake_closed: std::sync::atomic::AtomicBool::new(false),
+        deadline: Arc::new(CancellationToken::new()),
         hard_stop: CancellationToken::new(),
         hurry: CancellationToken::new(),
         backlog_ready: Notify::new(),
@@ -834,6 +856,7 @@ async fn supervise<T: Serialize + Send + Sync + 'static>(inner: Arc<Inner<T>>) {
 
 async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> ShutdownReport {
     let started = Instant::now();
+    inner.intake_closed.store(true, Ordering::Release);
     inner.intake.cancel();
     inner.state.send_replace(State::Draining);
     tracing::info!(
@@ -841,9 +864,9 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
         "shutdown: intake closed"
     );
 
-    // Everything queued: replayed tasks first, then the channel, in order.
-    let mut queued: Vec<Job<T>> = lock(&inner.backlog).drain(..).collect();
-    inner.backlog_len.store(0, Ordering::Release);
+    // Everything queued. The receiver first: once it is held, no worker can take a job, and
+    // one that received a job after intake closed has put it back in the backlog.
+    let mut queued: Vec<Job<T>> = Vec::new();
     {
         let mut rx = inner.rx.lock().await;
         rx.close();
@@ -851,6 +874,9 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
             queued.push(job);
         }
     }
+    queued.extend(lock(&inner.backlog).drain(..));
+    inner.backlog_len.store(0, Ordering::Release);
+    queued.sort_unstable_by_key(|job| job.id);
 
     let (drain_deadline, budget) = deadline(inner, queued.len());
     let spill_queued = spill(inner, queued);

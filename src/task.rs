@@ -89,7 +89,8 @@ pub struct Task<T> {
     pub(crate) interrupted: bool,
     pub(crate) enqueued_at: SystemTime,
     pub(crate) payload: Arc<T>,
-    pub(crate) cancel: CancellationToken,
+    /// Shared, not cloned: cloning a `CancellationToken` takes a lock, an `Arc` does not.
+    pub(crate) cancel: Arc<CancellationToken>,
 }
 
 impl<T> Task<T> {

@@ -55,7 +55,7 @@ where
         interrupted: job.meta.flags & FLAG_INTERRUPTED != 0,
         enqueued_at: UNIX_EPOCH + Duration::from_millis(job.meta.enqueued_ms),
         payload: Arc::clone(&job.payload),
-        cancel: inner.deadline.clone(),
+        cancel: Arc::clone(&inner.deadline),
     };
     let span = tracing::info_span!("task", id = %job.id, attempt = task.attempt);
     let outcome = match catch_unwind(AssertUnwindSafe(|| handler(task))) {
