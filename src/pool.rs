@@ -136,6 +136,12 @@ impl<T> Inner<T> {
             if let Some(job) = self.pop_backlog() {
                 return Some(job);
             }
+            // Fast path: the receiver is free and a job is waiting.
+            if let Ok(mut rx) = self.rx.try_lock()
+                && let Ok(job) = rx.try_recv()
+            {
+                return self.started_or_returned(job);
+            }
             let mut rx = tokio::select! {
                 biased;
                 rx = self.rx.lock() => rx,
@@ -151,14 +157,20 @@ impl<T> Inner<T> {
                 () = self.backlog_ready.notified() => continue,
                 () = self.intake.cancelled() => return None,
             };
-            if self.intake_closed() {
-                // Too late to start: the receiver is still held, so the shutdown finds it.
-                lock(&self.backlog).push_front(job);
-                self.backlog_len.fetch_add(1, Ordering::AcqRel);
-                return None;
-            }
-            return Some(job);
+            return self.started_or_returned(job);
         }
+    }
+
+    /// A job just received, unless intake closed meanwhile: then it is too late to start it,
+    /// and it goes back to the backlog (the caller still holds the receiver, so the shutdown,
+    /// which takes the receiver before the backlog, finds it).
+    fn started_or_returned(&self, job: Job<T>) -> Option<Job<T>> {
+        if self.intake_closed() {
+            lock(&self.backlog).push_front(job);
+            self.backlog_len.fetch_add(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(job)
     }
 
     /// Whether intake has closed: an atomic load, for the hot paths.
@@ -362,13 +374,20 @@ where
             return Err(SubmitError::ShuttingDown(payload));
         }
         let (payload, size) = self.checked(payload)?;
-        let permit = tokio::select! {
-            biased;
-            permit = inner.tx.reserve() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return Err(SubmitError::ShuttingDown(payload)),
+        let permit = match inner.tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                return Err(SubmitError::ShuttingDown(payload));
+            }
+            // Full: wait for room, or for intake to close.
+            Err(mpsc::error::TrySendError::Full(())) => tokio::select! {
+                biased;
+                permit = inner.tx.reserve() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return Err(SubmitError::ShuttingDown(payload)),
+                },
+                () = inner.intake.cancelled() => return Err(SubmitError::ShuttingDown(payload)),
             },
-            () = inner.intake.cancelled() => return Err(SubmitError::ShuttingDown(payload)),
         };
         if inner.intake_closed() {
             return Err(SubmitError::ShuttingDown(payload));
@@ -610,7 +629,8 @@ enum Recovered<T> {
     Live {
         meta: Meta,
         last_error: Option<Box<str>>,
-        payload: T,
+        /// Boxed at once, so the moves that follow are a pointer's, not a payload's.
+        payload: Arc<T>,
     },
     Undecodable {
         meta: Meta,
@@ -668,7 +688,7 @@ where
                     id,
                     meta,
                     last_error,
-                    payload: Arc::new(payload),
+                    payload,
                     journaled: true,
                 };
                 // A task spilled while waiting for its retry keeps its time.
@@ -798,7 +818,12 @@ type Opened<T> = (Journal, RecoveryReport, Vec<(TaskId, Recovered<T>)>);
 
 /// Opens the journal and keeps the last state of every task id, in id order.
 fn recover<T: DeserializeOwned>(dir: &Path) -> Result<Opened<T>, StartError> {
-    let mut live: HashMap<TaskId, Recovered<T>> = HashMap::new();
+    // Tasks in the order their id was first seen (file order: almost always id order), and
+    // where each id stands; an ack or a dead letter empties its slot. Both are sized from the
+    // segments' bytes so that a large journal is not rehashed and moved again and again.
+    let estimate = segment_bytes(dir) / 160;
+    let mut slots: Vec<Option<(TaskId, Recovered<T>)>> = Vec::with_capacity(estimate);
+    let mut index: HashMap<TaskId, usize> = HashMap::with_capacity(estimate);
     let (journal, report) = Journal::open(dir, |record| match record.kind {
         Kind::Task => {
             let meta = record.meta;
@@ -807,7 +832,7 @@ fn recover<T: DeserializeOwned>(dir: &Path) -> Result<Opened<T>, StartError> {
                     meta,
                     last_error: (!record.error.is_empty())
                         .then(|| String::from_utf8_lossy(record.error).into()),
-                    payload,
+                    payload: Arc::new(payload),
                 },
                 Err(e) => Recovered::Undecodable {
                     meta,
@@ -815,15 +840,39 @@ fn recover<T: DeserializeOwned>(dir: &Path) -> Result<Opened<T>, StartError> {
                     payload: record.payload.to_vec(),
                 },
             };
-            live.insert(record.id, entry);
+            match index.get(&record.id) {
+                Some(&at) => slots[at] = Some((record.id, entry)),
+                None => {
+                    index.insert(record.id, slots.len());
+                    slots.push(Some((record.id, entry)));
+                }
+            }
         }
         Kind::Ack | Kind::Dead => {
-            live.remove(&record.id);
+            if let Some(&at) = index.get(&record.id) {
+                slots[at] = None;
+            }
         }
     })?;
-    let mut tasks: Vec<_> = live.into_iter().collect();
-    tasks.sort_unstable_by_key(|(id, _)| *id);
+    drop(index);
+    let mut tasks: Vec<_> = slots.into_iter().flatten().collect();
+    if !tasks.is_sorted_by_key(|(id, _)| *id) {
+        tasks.sort_by_key(|(id, _)| *id);
+    }
     Ok((journal, report, tasks))
+}
+
+/// The total size of the files in `dir`, for sizing recovery's tables (0 if unreadable).
+fn segment_bytes(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len() as usize)
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Moves retries to the backlog as they come due, until intake closes (then they are spilled
