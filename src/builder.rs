@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::BoxError;
 use crate::error::StartError;
 use crate::journal::format;
-use crate::policy::{DeadlineAction, Interruption, Policy};
+use crate::policy::{DeadlineAction, Durability, Interruption, Policy};
 use crate::pool::{self, Pool};
 use crate::task::Task;
 
@@ -41,6 +41,7 @@ pub(crate) struct Config {
     pub(crate) grace_period: Option<Duration>,
     pub(crate) grace_period_env: Option<String>,
     pub(crate) pre_stop: Duration,
+    pub(crate) durability: Durability,
 }
 
 /// Configures and starts a [`Pool`]. Made by [`Pool::builder`].
@@ -79,6 +80,7 @@ where
                 grace_period: None,
                 grace_period_env: None,
                 pre_stop: Duration::ZERO,
+                durability: Durability::OnShutdown,
             },
             policy: Policy::default(),
         }
@@ -178,6 +180,15 @@ where
     /// The default is zero.
     pub fn pre_stop(mut self, delay: Duration) -> Self {
         self.config.pre_stop = delay;
+        self
+    }
+
+    /// When tasks reach the disk: at shutdown, or before `submit` returns. See [`Durability`]
+    /// for what each mode survives.
+    ///
+    /// The default is [`Durability::OnShutdown`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.config.durability = durability;
         self
     }
 

@@ -120,12 +120,24 @@ pub enum SubmitError<T> {
     Full(T),
     /// The pool has begun shutting down and takes no new work.
     ShuttingDown(T),
+    /// Accepting the task would mean waiting (only from `try_submit` in write-ahead mode, where
+    /// a task is journaled before it is accepted).
+    WouldBlock(T),
     /// The task's record would be larger than the pool's maximum record size.
     RecordTooLarge {
         /// The task.
         task: T,
         /// The limit, in bytes.
         limit: usize,
+    },
+    /// The write-ahead journal failed, so the task could not be made durable. The journal
+    /// takes no more writes (a failed fsync is never retried as if the data were safe); the
+    /// tasks it already holds stay in memory and are spilled to a fresh file at shutdown.
+    Journal {
+        /// The task.
+        task: T,
+        /// What failed.
+        error: std::sync::Arc<JournalError>,
     },
     /// The payload failed to serialize, so it could never be journaled.
     Unserializable {
@@ -142,7 +154,9 @@ impl<T> SubmitError<T> {
         match self {
             Self::Full(task)
             | Self::ShuttingDown(task)
+            | Self::WouldBlock(task)
             | Self::RecordTooLarge { task, .. }
+            | Self::Journal { task, .. }
             | Self::Unserializable { task, .. } => task,
         }
     }
@@ -151,7 +165,9 @@ impl<T> SubmitError<T> {
         match self {
             Self::Full(_) => "Full",
             Self::ShuttingDown(_) => "ShuttingDown",
+            Self::WouldBlock(_) => "WouldBlock",
             Self::RecordTooLarge { .. } => "RecordTooLarge",
+            Self::Journal { .. } => "Journal",
             Self::Unserializable { .. } => "Unserializable",
         }
     }
@@ -163,6 +179,10 @@ impl<T> fmt::Debug for SubmitError<T> {
             Self::RecordTooLarge { limit, .. } => f
                 .debug_struct("RecordTooLarge")
                 .field("limit", limit)
+                .finish_non_exhaustive(),
+            Self::Journal { error, .. } => f
+                .debug_struct("Journal")
+                .field("error", error)
                 .finish_non_exhaustive(),
             Self::Unserializable { source, .. } => f
                 .debug_struct("Unserializable")
@@ -178,9 +198,11 @@ impl<T> fmt::Display for SubmitError<T> {
         match self {
             Self::Full(_) => f.write_str("queue is full"),
             Self::ShuttingDown(_) => f.write_str("pool is shutting down"),
+            Self::WouldBlock(_) => f.write_str("accepting the task would wait for the journal"),
             Self::RecordTooLarge { limit, .. } => {
                 write!(f, "task record is larger than the {limit}-byte limit")
             }
+            Self::Journal { .. } => f.write_str("the write-ahead journal failed"),
             Self::Unserializable { .. } => f.write_str("task payload does not serialize"),
         }
     }
@@ -190,6 +212,7 @@ impl<T> std::error::Error for SubmitError<T> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Unserializable { source, .. } => Some(source),
+            Self::Journal { error, .. } => Some(&**error),
             _ => None,
         }
     }

@@ -44,6 +44,7 @@
 )]
 
 mod builder;
+mod commit;
 pub mod error;
 pub mod journal;
 mod policy;
@@ -60,7 +61,7 @@ pub use builder::{
 pub use error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 pub use policy::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS,
-    DeadlineAction, Interruption, Permanent,
+    DeadlineAction, Durability, Interruption, Permanent, SyncPolicy,
 };
 pub use pool::Pool;
 pub use report::{Budget, Damage, RecoveryReport, ShutdownReport, State, Stats};

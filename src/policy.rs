@@ -47,6 +47,42 @@ impl std::error::Error for Permanent {
     }
 }
 
+/// When a task reaches the disk.
+///
+/// | mode | a task is on disk | survives |
+/// | --- | --- | --- |
+/// | `OnShutdown` | at shutdown (the spill) | SIGTERM, SIGINT, `shutdown()`, handler panics, a drain past its deadline |
+/// | `WriteAhead { sync: Always }` | before `submit` returns, fsynced | all of the above, SIGKILL, OOM kill, power loss |
+/// | `WriteAhead { sync: Interval(d) }` | before `submit` returns, fsynced within `d` | all of the above but power loss, which can take the last `d` |
+/// | `WriteAhead { sync: Never }` | before `submit` returns, in the kernel | all of the above but power loss, which can take what the OS had not written |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Tasks are journaled at shutdown: nothing is written while the service runs (but acks
+    /// for replayed tasks). The default.
+    #[default]
+    OnShutdown,
+    /// Every task is journaled before `submit` returns, so a SIGKILL or an OOM kill loses
+    /// nothing accepted; completions append acks (not synced: a lost ack means a repeat).
+    WriteAhead {
+        /// When the journal is fsynced.
+        sync: SyncPolicy,
+    },
+}
+
+/// When a write-ahead journal is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncPolicy {
+    /// `submit` returns after an fsync that covers its record. Concurrent submits share one
+    /// fsync (group commit), so throughput grows with concurrency.
+    Always,
+    /// `submit` returns once the record is written; the journal is fsynced at this interval.
+    Interval(Duration),
+    /// `submit` returns once the record is written; the OS decides when it reaches the disk.
+    Never,
+}
+
 /// What to do with a task still running when the drain deadline comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]

@@ -17,10 +17,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::BoxError;
 use crate::builder::{Builder, Config};
+use crate::commit::Commit;
 use crate::error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 use crate::journal::Journal;
 use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
-use crate::policy::{Jitter, Policy};
+use crate::policy::{Durability, Jitter, Policy, SyncPolicy};
 use crate::report::{Budget, RecoveryReport, ShutdownReport, State, Stats};
 use crate::task::{Task, TaskId};
 use crate::worker;
@@ -31,9 +32,10 @@ pub(crate) struct Job<T> {
     pub(crate) meta: Meta,
     pub(crate) last_error: Option<Box<str>>,
     pub(crate) payload: Arc<T>,
-    /// Whether a record of this task is in a segment of an earlier run (so finishing it must
-    /// append an ack).
+    /// Whether a record of this task is in the journal (so finishing it must append an ack).
     pub(crate) journaled: bool,
+    /// Whether it was replayed from an earlier run (whose segments wait for it).
+    pub(crate) replayed: bool,
 }
 
 /// Why a task is held back for the final spill.
@@ -89,6 +91,8 @@ pub(crate) struct Inner<T> {
     waiting_changed: Notify,
     pub(crate) policy: Policy<T>,
     pub(crate) jitter: Jitter,
+    /// The write-ahead group commit (`None` in `OnShutdown` mode).
+    commit: Option<Commit>,
     /// The shutdown trigger (the user's token, if one was given).
     trigger: CancellationToken,
     tracker: TaskTracker,
@@ -222,10 +226,14 @@ impl<T> Inner<T> {
 
     /// Remembers the first journal failure for the report.
     pub(crate) fn record_journal_error(&self, error: JournalError) {
+        self.record_journal_arc(Arc::new(error));
+    }
+
+    pub(crate) fn record_journal_arc(&self, error: Arc<JournalError>) {
         tracing::error!(%error, "journal failure");
         let mut slot = lock(&self.journal_error);
         if slot.is_none() {
-            *slot = Some(Arc::new(error));
+            *slot = Some(error);
         }
     }
 
@@ -235,9 +243,27 @@ impl<T> Inner<T> {
 }
 
 impl<T: Serialize + Send + Sync + 'static> Inner<T> {
-    /// Appends an ack for a task from an earlier run; retires old segments after the last one.
-    pub(crate) async fn finish_journaled(&self, id: TaskId) {
-        {
+    /// Appends an ack for a journaled task that is finished (completed, dead-lettered or
+    /// dropped); retires the old segments after the last replayed one.
+    pub(crate) async fn finish_journaled(self: &Arc<Self>, job: &Job<T>) {
+        let id = job.id;
+        if let Some(commit) = &self.commit {
+            // Write-ahead: the ack rides with the next batch, unsynced.
+            let mut record = Vec::with_capacity(format::RECORD_HEADER_LEN);
+            let Ok(_) = format::encode_record(
+                &mut record,
+                self.epoch,
+                Kind::Ack,
+                id,
+                &Meta::default(),
+                "",
+                |_| Ok::<(), std::convert::Infallible>(()),
+            );
+            let (_, start) = commit.push(&record, 0);
+            if start {
+                tokio::spawn(flush(Arc::clone(self)));
+            }
+        } else {
             let mut journal = self.journal.lock().await;
             if let Some(journal) = journal.as_mut()
                 && let Err(error) = journal.append_ack(id)
@@ -246,7 +272,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
                 tracing::warn!(%error, task = %id, "could not append ack");
             }
         }
-        if self.replay_outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if job.replayed && self.replay_outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.retire_replayed().await;
         }
     }
@@ -266,7 +292,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
     }
 
     /// Writes a dead letter, durably. On failure the task is held for the final spill instead.
-    pub(crate) async fn dead_letter(&self, job: Job<T>, error: String) {
+    pub(crate) async fn dead_letter(self: &Arc<Self>, job: Job<T>, error: String) {
         let mut record = Vec::new();
         let encoded = format::encode_record(
             &mut record,
@@ -304,7 +330,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
                 tracing::warn!(task = %job.id, attempts = job.meta.attempts, %error, "task failed; kept as a dead letter");
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 if job.journaled {
-                    self.finish_journaled(job.id).await;
+                    self.finish_journaled(&job).await;
                 }
             }
             Err(why) => {
@@ -392,20 +418,82 @@ where
         if inner.intake_closed() {
             return Err(SubmitError::ShuttingDown(payload));
         }
+        if inner.commit.is_some() {
+            return self.write_ahead(permit, payload, size).await;
+        }
         Ok(self.enqueue(permit, payload, size))
+    }
+
+    /// Write-ahead: journals the task (and waits for the fsync the policy asks for) before
+    /// queueing it.
+    async fn write_ahead(
+        &self,
+        permit: mpsc::Permit<'_, Job<T>>,
+        payload: T,
+        size: usize,
+    ) -> Result<TaskId, SubmitError<T>> {
+        let inner = &self.inner;
+        let Some(commit) = &inner.commit else {
+            return Ok(self.enqueue(permit, payload, size));
+        };
+        let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
+        let meta = Meta {
+            enqueued_ms: now_ms(),
+            ..Meta::default()
+        };
+        let mut record = Vec::with_capacity(format::task_record_len(size, 0));
+        if let Err(source) =
+            format::encode_record(&mut record, inner.epoch, Kind::Task, id, &meta, "", |out| {
+                serde_json::to_writer(out, &payload)
+            })
+        {
+            return Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            });
+        }
+        let (seq, start) = commit.push(&record, 1);
+        if start {
+            tokio::spawn(flush(Arc::clone(inner)));
+        }
+        if let Err(error) = commit.wait(seq).await {
+            return Err(SubmitError::Journal {
+                task: payload,
+                error,
+            });
+        }
+        permit.send(Job {
+            id,
+            meta,
+            last_error: None,
+            payload: Arc::new(payload),
+            journaled: true,
+            replayed: false,
+        });
+        inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        inner
+            .submitted_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        Ok(id)
     }
 
     /// Queues a task if there is room now. Returns its id.
     ///
     /// # Errors
     ///
-    /// As [`submit`](Self::submit), plus [`SubmitError::Full`] when the queue is full.
+    /// As [`submit`](Self::submit), plus [`SubmitError::Full`] when the queue is full, and
+    /// [`SubmitError::WouldBlock`] always in write-ahead mode, where accepting a task means
+    /// waiting for the journal: use `submit` there.
     pub fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
         let inner = &*self.inner;
         if inner.intake_closed() {
             return Err(SubmitError::ShuttingDown(payload));
         }
         let (payload, size) = self.checked(payload)?;
+        if inner.commit.is_some() {
+            // Journaling waits for the disk; only `submit` can do that.
+            return Err(SubmitError::WouldBlock(payload));
+        }
         match inner.tx.try_reserve() {
             Ok(permit) => Ok(self.enqueue(permit, payload, size)),
             Err(mpsc::error::TrySendError::Full(())) => Err(SubmitError::Full(payload)),
@@ -446,6 +534,7 @@ where
             last_error: None,
             payload: Arc::new(payload),
             journaled: false,
+            replayed: false,
         });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         inner
@@ -690,6 +779,7 @@ where
                     last_error,
                     payload,
                     journaled: true,
+                    replayed: true,
                 };
                 // A task spilled while waiting for its retry keeps its time.
                 if meta.not_before_ms > wall {
@@ -762,6 +852,7 @@ where
         waiting: Mutex::new(waiting),
         waiting_changed: Notify::new(),
         jitter: Jitter::from_entropy(),
+        commit: matches!(config.durability, Durability::WriteAhead { .. }).then(Commit::new),
         policy,
         trigger: trigger.clone(),
         tracker: TaskTracker::new(),
@@ -800,6 +891,12 @@ where
     }
     inner.tracker.close();
     tokio::spawn(schedule_retries(Arc::clone(&inner)));
+    if let Durability::WriteAhead {
+        sync: SyncPolicy::Interval(every),
+    } = inner.config.durability
+    {
+        tokio::spawn(sync_every(Arc::clone(&inner), every));
+    }
     tokio::spawn(supervise(Arc::clone(&inner)));
     tracing::info!(
         dir = %inner.journal_dir.display(),
@@ -875,6 +972,63 @@ fn segment_bytes(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Writes the group-commit buffer to the journal, batch after batch, until it is empty.
+async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
+    let Some(commit) = &inner.commit else { return };
+    let sync = matches!(
+        inner.config.durability,
+        Durability::WriteAhead {
+            sync: SyncPolicy::Always
+        }
+    );
+    while let Some(batch) = commit.take() {
+        let guard = Arc::clone(&inner.journal).lock_owned().await;
+        let tasks = batch.tasks;
+        let bytes = batch.bytes;
+        let written = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            guard.as_mut().map_or(Err(JournalError::Poisoned), |j| {
+                j.append_batch(&bytes, tasks, sync && tasks > 0)
+            })
+        })
+        .await;
+        let result = match written {
+            Ok(result) => result,
+            Err(e) => Err(JournalError::io(
+                "append",
+                &inner.journal_dir,
+                None,
+                std::io::Error::other(e.to_string()),
+            )),
+        };
+        let result = result.map_err(|error| {
+            let error = Arc::new(error);
+            inner.record_journal_arc(Arc::clone(&error));
+            error
+        });
+        commit.finish(batch.last_seq, result);
+    }
+}
+
+/// The write-ahead `Interval` policy: fsyncs the journal every `every`, until intake closes.
+async fn sync_every<T>(inner: Arc<Inner<T>>, every: Duration) {
+    loop {
+        tokio::select! {
+            () = inner.intake.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let guard = Arc::clone(&inner.journal).lock_owned().await;
+        let synced = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            guard.as_mut().map_or(Ok(()), Journal::sync_current)
+        })
+        .await;
+        if let Ok(Err(error)) = synced {
+            inner.record_journal_arc(Arc::new(error));
+        }
+    }
+}
+
 /// Moves retries to the backlog as they come due, until intake closes (then they are spilled
 /// with the time they may run).
 async fn schedule_retries<T>(inner: Arc<Inner<T>>) {
@@ -927,6 +1081,14 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     inner.backlog_len.store(0, Ordering::Release);
     queued.sort_unstable_by_key(|job| job.id);
 
+    if inner.commit.is_some() {
+        // Write-ahead: the live tasks are journaled already, but among the whole run's history.
+        // Spill them (and the interrupted ones) to a fresh segment, so that the next start reads
+        // the live queue only; this run's segments go at close, once that spill is durable.
+        if let Some(journal) = inner.journal.lock().await.as_mut() {
+            journal.rotate_for_spill();
+        }
+    }
     let (drain_deadline, budget) = deadline(inner, queued.len());
     let spill_queued = spill(inner, queued);
     let wait_in_flight = wait_in_flight(inner, started, drain_deadline);

@@ -40,7 +40,7 @@ where
     }
 }
 
-async fn run_one<T, F, Fut, E>(inner: &Inner<T>, handler: &F, mut job: Job<T>)
+async fn run_one<T, F, Fut, E>(inner: &Arc<Inner<T>>, handler: &F, mut job: Job<T>)
 where
     T: Serialize + Send + Sync + 'static,
     F: Fn(Task<T>) -> Fut,
@@ -82,7 +82,7 @@ where
         Outcome::Completed => {
             counters.completed.fetch_add(1, Ordering::Relaxed);
             if job.journaled {
-                inner.finish_journaled(job.id).await;
+                inner.finish_journaled(&job).await;
             }
         }
         Outcome::Aborted => interrupted(inner, job, None).await,
@@ -116,7 +116,7 @@ where
 }
 
 /// Carries out the deadline action for a task stopped at the drain deadline, after the hook.
-async fn interrupted<T>(inner: &Inner<T>, job: Job<T>, error: Option<String>)
+async fn interrupted<T>(inner: &Arc<Inner<T>>, job: Job<T>, error: Option<String>)
 where
     T: Serialize + Send + Sync + 'static,
 {
@@ -161,7 +161,7 @@ where
             tracing::warn!(task = %job.id, "task interrupted at the drain deadline; dropped by policy");
             inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
             if job.journaled {
-                inner.finish_journaled(job.id).await;
+                inner.finish_journaled(&job).await;
             }
         }
         DeadlineAction::DeadLetter => {

@@ -73,6 +73,12 @@ pub(crate) struct Journal {
     obsolete: Vec<PathBuf>,
     /// Set when a spill could not be made durable: nothing old may be deleted then.
     keep_obsolete: bool,
+    /// Set when a write-ahead batch failed: no more write-ahead appends (the spill at
+    /// shutdown still tries a fresh segment).
+    failed: bool,
+    /// This run's write-ahead segments, set aside at shutdown: deleted only at close, after the
+    /// spill of every live task is durable.
+    rotated: Vec<PathBuf>,
 }
 
 /// How a spill went.
@@ -169,6 +175,8 @@ impl Journal {
             dead: None,
             obsolete,
             keep_obsolete: false,
+            failed: false,
+            rotated: Vec::new(),
         };
         tracing::info!(
             dir = %dir.display(),
@@ -230,6 +238,53 @@ impl Journal {
             self.current = None;
         }
         result
+    }
+
+    /// Appends a write-ahead batch of encoded records (`tasks` of them task records), fsyncing
+    /// it when `sync` is set. A failure poisons the segment and every later batch: a failed
+    /// write or fsync is never retried as if the data were safe.
+    pub(crate) fn append_batch(
+        &mut self,
+        bytes: &[u8],
+        tasks: usize,
+        sync: bool,
+    ) -> Result<(), JournalError> {
+        if self.failed {
+            return Err(JournalError::Poisoned);
+        }
+        let result = self.current().and_then(|segment| {
+            segment.append(bytes, tasks)?;
+            if sync { segment.sync() } else { Ok(()) }
+        });
+        if result.is_err() {
+            self.failed = true;
+            self.keep_obsolete = true;
+            self.current = None;
+        }
+        result
+    }
+
+    /// Fsyncs this run's segment, if it has one (the write-ahead `Interval` policy).
+    pub(crate) fn sync_current(&mut self) -> Result<(), JournalError> {
+        let Some(segment) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let result = segment.sync();
+        if result.is_err() {
+            self.failed = true;
+            self.keep_obsolete = true;
+            self.current = None;
+        }
+        result
+    }
+
+    /// Starts a fresh segment for what follows: the current one joins the segments that the
+    /// shutdown deletes once its spill is durable. Used at shutdown in write-ahead mode, so the
+    /// next start reads the live tasks, not the whole run's history.
+    pub(crate) fn rotate_for_spill(&mut self) {
+        if let Some(segment) = self.current.take() {
+            self.rotated.push(segment.path().to_path_buf());
+        }
     }
 
     /// Appends one encoded dead-letter record (encoded under [`epoch`](Self::epoch)) and
@@ -378,6 +433,16 @@ impl Journal {
             return Err(error);
         }
         self.retire_obsolete()?;
+        if !self.keep_obsolete && !self.rotated.is_empty() {
+            for path in std::mem::take(&mut self.rotated) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(JournalError::io("remove", &path, None, e)),
+                }
+            }
+            fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
+        }
         self.lock
             .unlock()
             .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
