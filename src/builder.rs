@@ -25,6 +25,8 @@ pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// The largest maximum record size a pool accepts: 64 MiB.
 pub const MAX_RECORD_BYTES_LIMIT: usize = format::MAX_RECORD_LIMIT;
+/// The default size at which a write-ahead segment is sealed: 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The default queue capacity.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 
@@ -42,6 +44,7 @@ pub(crate) struct Config {
     pub(crate) grace_period_env: Option<String>,
     pub(crate) pre_stop: Duration,
     pub(crate) durability: Durability,
+    pub(crate) segment_bytes: u64,
 }
 
 /// Configures and starts a [`Pool`]. Made by [`Pool::builder`].
@@ -81,6 +84,7 @@ where
                 grace_period_env: None,
                 pre_stop: Duration::ZERO,
                 durability: Durability::OnShutdown,
+                segment_bytes: DEFAULT_SEGMENT_BYTES,
             },
             policy: Policy::default(),
         }
@@ -189,6 +193,16 @@ where
     /// The default is [`Durability::OnShutdown`].
     pub fn durability(mut self, durability: Durability) -> Self {
         self.config.durability = durability;
+        self
+    }
+
+    /// In write-ahead mode, the size at which the journal's segment is sealed and a new one
+    /// started. A sealed segment is deleted as soon as every task in it (and in every older
+    /// one) is finished, so the journal's size follows the live queue, not history.
+    ///
+    /// The default is 64 MiB.
+    pub fn segment_bytes(mut self, bytes: u64) -> Self {
+        self.config.segment_bytes = bytes;
         self
     }
 

@@ -21,6 +21,8 @@ struct Pending {
     last_seq: u64,
     /// Whether a flusher is running.
     flushing: bool,
+    /// The last sequence number taken by the flusher.
+    taken_through: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -38,12 +40,15 @@ struct Progress {
 pub(crate) struct Commit {
     pending: Mutex<Pending>,
     progress: watch::Sender<Progress>,
+    /// Where each segment's records start: (first sequence number, segment), ascending.
+    placement: Mutex<Vec<(u64, u64)>>,
 }
 
 /// A batch taken by the flusher.
 pub(crate) struct Batch {
     pub(crate) bytes: Vec<u8>,
     pub(crate) tasks: usize,
+    pub(crate) first_seq: u64,
     pub(crate) last_seq: u64,
 }
 
@@ -52,6 +57,7 @@ impl Commit {
         Self {
             pending: Mutex::new(Pending::default()),
             progress: watch::Sender::new(Progress::default()),
+            placement: Mutex::new(Vec::new()),
         }
     }
 
@@ -78,11 +84,36 @@ impl Commit {
             pending.flushing = false;
             return None;
         }
+        let first_seq = pending.taken_through + 1;
+        pending.taken_through = pending.last_seq;
         Some(Batch {
             bytes: std::mem::take(&mut pending.buf),
             tasks: std::mem::take(&mut pending.tasks),
+            first_seq,
             last_seq: pending.last_seq,
         })
+    }
+
+    /// Records that the records from `first_seq` on went to `segment` (called by the flusher
+    /// before it publishes the batch).
+    pub(crate) fn placed(&self, first_seq: u64, segment: u64) {
+        let mut placement = self
+            .placement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if placement.last().is_none_or(|&(_, last)| last != segment) {
+            placement.push((first_seq, segment));
+        }
+    }
+
+    /// The segment holding the record numbered `seq` (once its batch is published).
+    pub(crate) fn segment_of(&self, seq: u64) -> u64 {
+        let placement = self
+            .placement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = placement.partition_point(|&(first, _)| first <= seq);
+        at.checked_sub(1).map_or(0, |i| placement[i].1)
     }
 
     /// Publishes how a batch went.

@@ -56,7 +56,7 @@ mod worker;
 
 pub use builder::{
     Builder, DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES,
-    DEFAULT_QUEUE_CAPACITY, MAX_RECORD_BYTES_LIMIT,
+    DEFAULT_QUEUE_CAPACITY, DEFAULT_SEGMENT_BYTES, MAX_RECORD_BYTES_LIMIT,
 };
 pub use error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
 pub use policy::{

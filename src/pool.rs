@@ -1,6 +1,6 @@
 //! The pool: intake, the queue, the workers, and the shutdown sequence.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ pub(crate) struct Job<T> {
     pub(crate) journaled: bool,
     /// Whether it was replayed from an earlier run (whose segments wait for it).
     pub(crate) replayed: bool,
+    /// Write-ahead: the segment of this run holding its record (0: none).
+    pub(crate) segment: u64,
 }
 
 /// Why a task is held back for the final spill.
@@ -93,6 +95,8 @@ pub(crate) struct Inner<T> {
     pub(crate) jitter: Jitter,
     /// The write-ahead group commit (`None` in `OnShutdown` mode).
     commit: Option<Commit>,
+    /// Write-ahead: unacked tasks per segment of this run, so full segments can go once empty.
+    segment_live: Mutex<BTreeMap<u64, u64>>,
     /// The shutdown trigger (the user's token, if one was given).
     trigger: CancellationToken,
     tracker: TaskTracker,
@@ -262,6 +266,17 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
             let (_, start) = commit.push(&record, 0);
             if start {
                 tokio::spawn(flush(Arc::clone(self)));
+            }
+            if job.segment != 0 {
+                let emptied = {
+                    let mut live = lock(&self.segment_live);
+                    let count = live.entry(job.segment).or_default();
+                    *count = count.saturating_sub(1);
+                    *count == 0
+                };
+                if emptied {
+                    tokio::spawn(delete_empty_segments(Arc::clone(self)));
+                }
             }
         } else {
             let mut journal = self.journal.lock().await;
@@ -462,6 +477,7 @@ where
                 error,
             });
         }
+        let segment = commit.segment_of(seq);
         permit.send(Job {
             id,
             meta,
@@ -469,6 +485,7 @@ where
             payload: Arc::new(payload),
             journaled: true,
             replayed: false,
+            segment,
         });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         inner
@@ -535,6 +552,7 @@ where
             payload: Arc::new(payload),
             journaled: false,
             replayed: false,
+            segment: 0,
         });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         inner
@@ -780,6 +798,7 @@ where
                     payload,
                     journaled: true,
                     replayed: true,
+                    segment: 0,
                 };
                 // A task spilled while waiting for its retry keeps its time.
                 if meta.not_before_ms > wall {
@@ -853,6 +872,7 @@ where
         waiting_changed: Notify::new(),
         jitter: Jitter::from_entropy(),
         commit: matches!(config.durability, Durability::WriteAhead { .. }).then(Commit::new),
+        segment_live: Mutex::new(BTreeMap::new()),
         policy,
         trigger: trigger.clone(),
         tracker: TaskTracker::new(),
@@ -981,15 +1001,23 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
             sync: SyncPolicy::Always
         }
     );
+    let segment_bytes = inner.config.segment_bytes;
     while let Some(batch) = commit.take() {
         let guard = Arc::clone(&inner.journal).lock_owned().await;
         let tasks = batch.tasks;
         let bytes = batch.bytes;
         let written = tokio::task::spawn_blocking(move || {
             let mut guard = guard;
-            guard.as_mut().map_or(Err(JournalError::Poisoned), |j| {
-                j.append_batch(&bytes, tasks, sync && tasks > 0)
-            })
+            match guard.as_mut() {
+                Some(journal) => journal
+                    .append_batch(&bytes, tasks, sync && tasks > 0, segment_bytes)
+                    .map(Some),
+                // Closed by the shutdown: only acks can come this late (every submit's record
+                // was flushed before the queue was collected), and the segments they would
+                // ack are gone with the spill. Nothing to write.
+                None if tasks == 0 => Ok(None),
+                None => Err(JournalError::Poisoned),
+            }
         })
         .await;
         let result = match written {
@@ -1001,12 +1029,53 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
                 std::io::Error::other(e.to_string()),
             )),
         };
-        let result = result.map_err(|error| {
-            let error = Arc::new(error);
-            inner.record_journal_arc(Arc::clone(&error));
-            error
-        });
+        let result = match result {
+            Ok(Some(segment)) => {
+                commit.placed(batch.first_seq, segment);
+                if batch.tasks > 0 {
+                    *lock(&inner.segment_live).entry(segment).or_default() += batch.tasks as u64;
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(error) => {
+                let error = Arc::new(error);
+                inner.record_journal_arc(Arc::clone(&error));
+                Err(error)
+            }
+        };
         commit.finish(batch.last_seq, result);
+    }
+}
+
+/// Write-ahead: deletes this run's full segments whose tasks are all acked, oldest first (a
+/// newer segment may hold the acks of an older one's tasks, so it never goes first).
+async fn delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
+    let guard = Arc::clone(&inner.journal).lock_owned().await;
+    let worker = Arc::clone(&inner);
+    let deleted = tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        let Some(journal) = guard.as_mut() else {
+            return Ok(());
+        };
+        let through = {
+            let live = lock(&worker.segment_live);
+            journal
+                .sealed()
+                .take_while(|n| live.get(n).is_none_or(|&c| c == 0))
+                .last()
+        };
+        match through {
+            Some(through) => {
+                lock(&worker.segment_live).retain(|&n, _| n > through);
+                journal.delete_sealed_through(through)
+            }
+            None => Ok(()),
+        }
+    })
+    .await;
+    if let Ok(Err(error)) = deleted {
+        inner.record_journal_error(error);
     }
 }
 

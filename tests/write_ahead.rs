@@ -181,3 +181,61 @@ fn try_submit_refuses_to_wait_for_the_journal() {
         pool.shutdown().await.unwrap();
     });
 }
+
+#[test]
+fn full_segments_are_deleted_once_their_tasks_are_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = Done::default();
+    let rt = runtime();
+    let pool = rt.block_on(async {
+        let done = Arc::clone(&done);
+        let pool = Pool::builder()
+            .workers(2)
+            .durability(Durability::WriteAhead {
+                sync: SyncPolicy::Never,
+            })
+            .segment_bytes(4096)
+            .journal_dir(dir.path())
+            .start(move |task: Task<u64>| {
+                let done = Arc::clone(&done);
+                async move {
+                    // Tasks from 2,000 on stay unfinished until the crash.
+                    if *task.payload() >= 2_000 {
+                        std::future::pending::<()>().await;
+                    }
+                    done.lock().unwrap().push(*task.payload());
+                    Ok::<(), std::io::Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        submit_all(&pool, 2_000).await;
+        completed(&pool, 2_000).await;
+        pool.submit(2_000).await.unwrap();
+        pool.submit(2_001).await.unwrap();
+        // 2,000 task records of ~70 bytes and their acks fill about 60 segments of 4 KiB;
+        // every full one has gone once its tasks were done.
+        let waited = std::time::Instant::now();
+        loop {
+            let stats = drainpool::journal::journal_stats(dir.path()).unwrap();
+            if stats.segments <= 2 || waited.elapsed() > Duration::from_secs(10) {
+                assert!(stats.segments <= 2, "{stats:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pool
+    });
+    crash(rt, pool);
+
+    // What is left holds the two unfinished tasks, and of the finished ones at most those
+    // whose ack the crash cut off.
+    let contents = drainpool::journal::inspect_journal(dir.path()).unwrap();
+    let live: Vec<u64> = contents
+        .live
+        .iter()
+        .map(|t| serde_json::from_slice::<u64>(&t.payload).unwrap())
+        .collect();
+    assert!(live.contains(&2_000) && live.contains(&2_001), "{live:?}");
+    assert!(live.len() < 100, "{} live records survive", live.len());
+}

@@ -79,6 +79,8 @@ pub(crate) struct Journal {
     /// This run's write-ahead segments, set aside at shutdown: deleted only at close, after the
     /// spill of every live task is durable.
     rotated: Vec<PathBuf>,
+    /// This run's full write-ahead segments, oldest first, until all their tasks are acked.
+    sealed: Vec<(u64, PathBuf)>,
 }
 
 /// How a spill went.
@@ -177,6 +179,7 @@ impl Journal {
             keep_obsolete: false,
             failed: false,
             rotated: Vec::new(),
+            sealed: Vec::new(),
         };
         tracing::info!(
             dir = %dir.display(),
@@ -243,25 +246,68 @@ impl Journal {
     /// Appends a write-ahead batch of encoded records (`tasks` of them task records), fsyncing
     /// it when `sync` is set. A failure poisons the segment and every later batch: a failed
     /// write or fsync is never retried as if the data were safe.
+    ///
+    /// A segment that would grow past `segment_bytes` is sealed (fsynced) first and a new one
+    /// started. Returns the number of the segment the batch went to.
     pub(crate) fn append_batch(
         &mut self,
         bytes: &[u8],
         tasks: usize,
         sync: bool,
-    ) -> Result<(), JournalError> {
+        segment_bytes: u64,
+    ) -> Result<u64, JournalError> {
         if self.failed {
             return Err(JournalError::Poisoned);
         }
-        let result = self.current().and_then(|segment| {
-            segment.append(bytes, tasks)?;
-            if sync { segment.sync() } else { Ok(()) }
-        });
+        let result = self
+            .seal_if_full(bytes.len() as u64, segment_bytes)
+            .and_then(|()| {
+                let segment = self.current()?;
+                segment.append(bytes, tasks)?;
+                if sync {
+                    segment.sync()?;
+                }
+                Ok(segment.number())
+            });
         if result.is_err() {
             self.failed = true;
             self.keep_obsolete = true;
             self.current = None;
         }
         result
+    }
+
+    fn seal_if_full(&mut self, adding: u64, segment_bytes: u64) -> Result<(), JournalError> {
+        let full = self.current.as_ref().is_some_and(|s| {
+            s.len() > format::HEADER_LEN as u64 && s.len() + adding > segment_bytes
+        });
+        if full && let Some(mut segment) = self.current.take() {
+            segment.sync()?;
+            self.sealed
+                .push((segment.number(), segment.path().to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Deletes this run's sealed segments numbered up to `through`, oldest first (their tasks
+    /// are all acked: the caller counts them).
+    pub(crate) fn delete_sealed_through(&mut self, through: u64) -> Result<(), JournalError> {
+        let mut removed = false;
+        while let Some((number, path)) = self.sealed.first().cloned()
+            && number <= through
+        {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io("remove", &path, None, e)),
+            }
+            self.sealed.remove(0);
+            removed = true;
+        }
+        if removed {
+            fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
+        }
+        Ok(())
     }
 
     /// Fsyncs this run's segment, if it has one (the write-ahead `Interval` policy).
@@ -282,6 +328,8 @@ impl Journal {
     /// shutdown deletes once its spill is durable. Used at shutdown in write-ahead mode, so the
     /// next start reads the live tasks, not the whole run's history.
     pub(crate) fn rotate_for_spill(&mut self) {
+        self.rotated
+            .extend(self.sealed.drain(..).map(|(_, path)| path));
         if let Some(segment) = self.current.take() {
             self.rotated.push(segment.path().to_path_buf());
         }
@@ -368,6 +416,11 @@ impl Journal {
         times.sync_time += synced.elapsed();
         result?;
         Ok((written, unencodable))
+    }
+
+    /// This run's sealed write-ahead segments, oldest first.
+    pub(crate) fn sealed(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sealed.iter().map(|(number, _)| *number)
     }
 
     /// Keeps the segments of earlier runs for good: something live in them could not be

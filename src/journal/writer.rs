@@ -13,6 +13,7 @@ use crate::error::JournalError;
 pub(crate) struct SegmentWriter {
     file: File,
     path: PathBuf,
+    number: u64,
     /// Bytes known written (header and whole records).
     len: u64,
     /// Whether the directory entry has been fsynced since the file was created.
@@ -32,6 +33,7 @@ impl SegmentWriter {
         Ok(Self {
             file,
             path,
+            number: header.segment,
             len: bytes.len() as u64,
             dir_synced: false,
             tasks: 0,
@@ -40,6 +42,16 @@ impl SegmentWriter {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The segment's number.
+    pub(crate) fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// Bytes written so far, header included.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
     }
 
     /// Task or dead-letter records written to this segment.

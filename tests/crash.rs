@@ -1,0 +1,1142 @@
+//! SIGKILL at seeded random moments loses no acknowledged task under
+//! `Durability::WriteAhead { sync: SyncPolicy::Always }`.
+//!
+//! Every generation starts this test binary again as a worker process (the ignored test
+//! `crash_worker`, which does nothing unless the environment names a worker directory). The
+//! worker runs a write-ahead pool on `journal/`; several concurrent submitters (4 to 16 in
+//! flight, so group commit is exercised) submit numbered tasks and append each number to
+//! `acknowledged.log` only after `submit` returned `Ok`. Handlers take 0 to 5 ms and append the
+//! number to `completed.log` before they return `Ok`. Lines are single `write`s to `O_APPEND`
+//! files: a SIGKILL does not lose the page cache, so no fsync is needed.
+//!
+//! The harness kills with SIGKILL (a) during the submits, after a random number of
+//! acknowledgements; (b) during the drain, a few milliseconds after a SIGTERM (the worker runs
+//! `run_until_signal`); (c) during the replay: the second generation (sometimes the third too)
+//! after it completed a random number of the tasks it replayed, or while it starts. It then
+//! restarts the worker until a generation runs to empty without a kill, and asserts that every
+//! acknowledged number was completed at least once (`lost=0`), that no generation's recovery
+//! found damage mid-file, that each one replayed at least the acknowledged tasks still
+//! pending, that a worker the kill missed exited 0 with a clean report, and that the journal
+//! holds no live task at the end. Repeats (at-least-once) are counted, not failed. A SIGKILL
+//! keeps the page cache, so these tests check that a record is written before `submit`
+//! returns and that recovery finds it, not the fsync itself.
+//!
+//! `cargo test --test crash` runs `CRASH_ROUNDS` (default 12) rounds of each kill moment, seeded
+//! from `CRASH_SEED`; a failure names its round's seed, and `CRASH_ROUND_SEED=<seed>` runs only
+//! that round (`CRASH_KEEP_DIR=1` keeps a failing round's directory). The soak cycles the three
+//! moments,
+//!
+//! ```text
+//! SOAK_ROUNDS=1000 cargo test --release --test crash -- --ignored soak
+//! ```
+//!
+//! and its last line reads `rounds=N acknowledged=A lost=0`.
+
+#![cfg(unix)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use drainpool::{Durability, Pool, State, SubmitError, SyncPolicy, Task};
+use rustix::process::{Pid, Signal};
+use serde::{Deserialize, Serialize};
+
+/// The worker's directory (ledgers, markers and `journal/`); its presence selects the worker.
+const WORKER_DIR: &str = "DRAINPOOL_CRASH_WORKER_DIR";
+/// The worker's configuration, as `key=value` words.
+const WORKER_CONFIG: &str = "DRAINPOOL_CRASH_WORKER_CONFIG";
+/// How the test binary runs only `crash_worker`.
+const WORKER_ARGS: [&str; 5] = [
+    "crash_worker",
+    "--exact",
+    "--ignored",
+    "--nocapture",
+    "--test-threads=1",
+];
+
+/// Limits on every wait for a worker.
+const READY_LIMIT: Duration = Duration::from_secs(15);
+const PROGRESS_LIMIT: Duration = Duration::from_secs(15);
+const EXIT_LIMIT: Duration = Duration::from_secs(30);
+/// Generations in one round before the work must be done.
+const MAX_GENERATIONS: u32 = 8;
+
+// ---------------------------------------------------------------------------------------------
+// The worker process.
+// ---------------------------------------------------------------------------------------------
+
+/// The task payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Work {
+    n: u64,
+    work_ms: u64,
+}
+
+/// One generation of the worker.
+#[derive(Debug, Clone)]
+struct WorkerConfig {
+    generation: u32,
+    /// The first task number this generation submits; lower numbers are from earlier ones.
+    first: u64,
+    count: u64,
+    /// Submits in flight at once.
+    submitters: usize,
+    workers: usize,
+    queue: usize,
+    seed: u64,
+    multi_thread: bool,
+    /// Shut down by itself once the producer is done and nothing is queued or running.
+    until_empty: bool,
+}
+
+impl WorkerConfig {
+    fn encode(&self) -> String {
+        format!(
+            "generation={} first={} count={} submitters={} workers={} queue={} seed={} multi_thread={} until_empty={}",
+            self.generation,
+            self.first,
+            self.count,
+            self.submitters,
+            self.workers,
+            self.queue,
+            self.seed,
+            self.multi_thread,
+            self.until_empty
+        )
+    }
+
+    fn decode(text: &str) -> Self {
+        let map: HashMap<&str, &str> = text.split(' ').filter_map(|w| w.split_once('=')).collect();
+        let get = |key: &str| {
+            *map.get(key)
+                .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+        };
+        let num = |key: &str| get(key).parse::<u64>().expect("a number");
+        Self {
+            generation: num("generation") as u32,
+            first: num("first"),
+            count: num("count"),
+            submitters: num("submitters") as usize,
+            workers: num("workers") as usize,
+            queue: num("queue") as usize,
+            seed: num("seed"),
+            multi_thread: get("multi_thread") == "true",
+            until_empty: get("until_empty") == "true",
+        }
+    }
+}
+
+/// The worker: runs only when a crash test starts this binary with a worker directory.
+#[test]
+#[ignore = "the worker process of the crash tests, which start it themselves"]
+fn crash_worker() {
+    let (Some(dir), Ok(config)) = (std::env::var_os(WORKER_DIR), std::env::var(WORKER_CONFIG))
+    else {
+        return;
+    };
+    let config = WorkerConfig::decode(&config);
+    let mut runtime = if config.multi_thread {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(2);
+        builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = runtime.enable_all().build().expect("a tokio runtime");
+    let code = runtime.block_on(worker(PathBuf::from(dir), config));
+    // Exit here: no destructors, no waiting for blocking threads.
+    std::process::exit(code);
+}
+
+/// An append-only ledger file; every line, `generation number;`, goes out in one `write`.
+struct Ledger(Mutex<File>);
+
+impl Ledger {
+    /// Opens a ledger, ending a line an earlier generation's SIGKILL may have cut short (a
+    /// write across a page boundary can stop between pages), so that the harness sees the
+    /// fragment, without its `;`, on a line of its own.
+    fn open(path: &Path) -> Self {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("a ledger file");
+        let text = std::fs::read(path).expect("a ledger file");
+        if text.last().is_some_and(|&b| b != b'\n') {
+            file.write_all(b"\n").expect("a ledger write");
+        }
+        Self(Mutex::new(file))
+    }
+
+    fn line(&self, line: String) {
+        let mut file = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        file.write_all(line.as_bytes()).expect("a ledger write");
+    }
+}
+
+/// Writes a small file whole: the harness never reads half of it.
+fn publish(dir: &Path, name: &str, text: &str) {
+    let partial = dir.join(format!("{name}.partial"));
+    std::fs::write(&partial, text).expect("a marker file");
+    std::fs::rename(&partial, dir.join(name)).expect("a marker file");
+}
+
+/// A task's run time, 0 to 5 ms, from the seed and its number.
+fn work_ms(seed: u64, n: u64) -> u64 {
+    splitmix(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 6
+}
+
+async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
+    let generation = config.generation;
+    let completed = Arc::new(Ledger::open(&dir.join("completed.log")));
+    let started = Arc::new(Ledger::open(&dir.join("started.log")));
+    let handler = move |task: Task<Work>| {
+        let Work { n, work_ms } = *task.payload();
+        started.line(format!("{generation} {n};\n"));
+        let completed = Arc::clone(&completed);
+        async move {
+            tokio::time::sleep(Duration::from_millis(work_ms)).await;
+            completed.line(format!("{generation} {n};\n"));
+            Ok::<(), std::io::Error>(())
+        }
+    };
+    let pool = Pool::builder()
+        .workers(config.workers)
+        .queue_capacity(config.queue)
+        .drain_deadline(Duration::from_secs(5))
+        .durability(Durability::WriteAhead {
+            sync: SyncPolicy::Always,
+        })
+        .journal_dir(dir.join("journal"))
+        .start(handler)
+        .await;
+    let pool = match pool {
+        Ok(pool) => pool,
+        Err(error) => {
+            publish(
+                &dir,
+                &format!("fatal.{generation}"),
+                &format!("start failed: {error}: {error:?}"),
+            );
+            return 2;
+        }
+    };
+    let recovery = pool.recovery();
+    publish(
+        &dir,
+        &format!("start.{generation}"),
+        &format!(
+            "replayed={} torn={} damage={} undecodable={} dead_letters={}",
+            recovery.replayed,
+            recovery.torn_tails.len(),
+            recovery.damage.len(),
+            recovery.undecodable,
+            recovery.dead_letters
+        ),
+    );
+
+    // The first poll installs the signal handlers; only then is the worker ready.
+    let mut run = std::pin::pin!(pool.run_until_signal());
+    let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first {
+        panic!("run_until_signal returned at once: {result:?}");
+    }
+    publish(&dir, &format!("ready.{generation}"), "");
+    let mut state = pool.state();
+    let draining = dir.join(format!("draining.{generation}"));
+    tokio::spawn(async move {
+        if state.wait_for(|s| *s != State::Running).await.is_ok() {
+            File::create(draining).expect("a marker file");
+        }
+    });
+
+    let producer_done = Arc::new(AtomicBool::new(false));
+    let producer = tokio::spawn({
+        let pool = pool.clone();
+        let done = Arc::clone(&producer_done);
+        let acknowledged = Arc::new(Ledger::open(&dir.join("acknowledged.log")));
+        let errors = Arc::new(Ledger::open(&dir.join("submit_errors.log")));
+        let config = config.clone();
+        async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(config.submitters));
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut submits = tokio::task::JoinSet::new();
+            for n in config.first..config.first + config.count {
+                let slot = Arc::clone(&slots)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (pool, acknowledged, errors, stop) = (
+                    pool.clone(),
+                    Arc::clone(&acknowledged),
+                    Arc::clone(&errors),
+                    Arc::clone(&stop),
+                );
+                submits.spawn(async move {
+                    let work = Work {
+                        n,
+                        work_ms: work_ms(config.seed, n),
+                    };
+                    match pool.submit(work).await {
+                        // Only now is the task the pool's responsibility.
+                        Ok(_) => acknowledged.line(format!("{generation} {n};\n")),
+                        Err(SubmitError::ShuttingDown(_)) => stop.store(true, Ordering::SeqCst),
+                        Err(error) => {
+                            errors.line(format!("{generation} {n} {error}: {error:?}\n"));
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+            while let Some(joined) = submits.join_next().await {
+                joined.expect("a submitter");
+            }
+            done.store(true, Ordering::SeqCst);
+        }
+    });
+
+    if config.until_empty {
+        let pool = pool.clone();
+        let done = Arc::clone(&producer_done);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let stats = pool.stats();
+                if done.load(Ordering::SeqCst) && stats.queued == 0 && stats.in_flight == 0 {
+                    pool.shutdown_token().cancel();
+                    return;
+                }
+            }
+        });
+    }
+
+    let report = run.await.expect("run_until_signal");
+    producer.await.expect("the producer");
+    publish(
+        &dir,
+        &format!("report.{generation}"),
+        &format!(
+            "replayed={} submitted={} completed={} failed={} retried={} dropped={} spilled={} interrupted={} unsaved={} clean={} journal_error={}",
+            report.replayed,
+            report.submitted,
+            report.completed,
+            report.failed,
+            report.retried,
+            report.dropped,
+            report.spilled,
+            report.interrupted,
+            report.unsaved,
+            report.is_clean(),
+            report.journal_error.as_ref().map_or_else(
+                || "none".to_string(),
+                |e| format!("{e:?}").replace(' ', "_")
+            ),
+        ),
+    );
+    if report.is_clean() { 0 } else { 1 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness.
+// ---------------------------------------------------------------------------------------------
+
+/// When the harness sends SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// While the first generation submits, after a random number of acknowledgements.
+    Submits,
+    /// A few milliseconds after a SIGTERM started the first generation's drain.
+    Drain,
+    /// While the second (and sometimes the third) generation replays what the first left.
+    Replay,
+}
+
+const MOMENTS: [Moment; 3] = [Moment::Submits, Moment::Drain, Moment::Replay];
+
+/// A tiny deterministic PRNG (xorshift64*).
+struct Rng(u64);
+
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(splitmix(seed) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn coin(&mut self) -> bool {
+        self.next() & 1 == 1
+    }
+}
+
+/// A worker process that is killed (SIGKILL) and reaped when dropped, whatever happened.
+struct Worker {
+    child: Child,
+}
+
+impl Worker {
+    fn spawn(dir: &Path, config: &WorkerConfig) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let generation = config.generation;
+        let out = File::create(dir.join(format!("out.{generation}")))
+            .map_err(|e| format!("stdout file: {e}"))?;
+        let err = File::create(dir.join(format!("err.{generation}")))
+            .map_err(|e| format!("stderr file: {e}"))?;
+        let child = Command::new(exe)
+            .args(WORKER_ARGS)
+            .env(WORKER_DIR, dir)
+            .env(WORKER_CONFIG, config.encode())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("spawning the worker: {e}"))?;
+        Ok(Self { child })
+    }
+
+    fn signal(&self, signal: Signal, name: &str) -> Result<(), String> {
+        let pid = self.child.id();
+        let target = Pid::from_raw(pid as i32).ok_or("pid 0")?;
+        // The child is not reaped before `wait`, so its pid cannot be reused meanwhile.
+        rustix::process::kill_process(target, signal).map_err(|e| format!("{name} to {pid}: {e}"))
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the exit, killing the worker after `limit`.
+    fn wait(&mut self, limit: Duration) -> Result<ExitStatus, String> {
+        let started = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if started.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(format!("the worker still ran after {limit:?}; killed it"));
+                }
+                Err(e) => return Err(format!("waiting for the worker: {e}")),
+            }
+        }
+    }
+
+    /// Polls `ready` until it holds (true), or the worker exits first (false); an error after
+    /// `limit`.
+    fn wait_until(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<bool, String> {
+        let started = Instant::now();
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            if self.exited().is_some() {
+                return Ok(false);
+            }
+            if started.elapsed() > limit {
+                return Err(format!("no {what} after {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whole lines in a ledger.
+fn line_count(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// Whole lines of generation `generation` in a ledger.
+fn lines_of(path: &Path, generation: u32) -> usize {
+    let prefix = format!("{generation} ");
+    read(path)
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with(";\n") && l.starts_with(&prefix))
+        .count()
+}
+
+/// A `key=value ...` file the worker published, if it did.
+fn fields(path: &Path) -> Option<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn field(map: &HashMap<String, String>, key: &str) -> Result<u64, String> {
+    map.get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no number {key} in {map:?}"))
+}
+
+/// The `generation number;` lines of a ledger, and how many lines a SIGKILL cut short (no
+/// `;`; never seen so far: each line is one small `write`), which are left out.
+fn pairs(dir: &Path, name: &str) -> Result<(Vec<(u32, u64)>, usize), String> {
+    let text = read(&dir.join(name));
+    let mut out = Vec::new();
+    let mut torn = 0;
+    for line in text.split_inclusive('\n') {
+        let Some(line) = line.strip_suffix(";\n") else {
+            torn += 1;
+            continue;
+        };
+        let pair = line
+            .split_once(' ')
+            .and_then(|(g, n)| Some((g.parse().ok()?, n.parse().ok()?)))
+            .ok_or_else(|| format!("malformed line in {name}: {line:?}"))?;
+        out.push(pair);
+    }
+    Ok((out, torn))
+}
+
+fn describe(set: &BTreeSet<u64>) -> String {
+    let shown: Vec<String> = set.iter().take(20).map(u64::to_string).collect();
+    let more = if set.len() > 20 { ", ..." } else { "" };
+    format!("{} [{}{more}]", set.len(), shown.join(", "))
+}
+
+/// What one generation did.
+struct GenRun {
+    config: WorkerConfig,
+    status: ExitStatus,
+    /// What its recovery found, if it got that far.
+    start: Option<HashMap<String, String>>,
+    report: Option<HashMap<String, String>>,
+}
+
+impl GenRun {
+    fn killed(&self) -> bool {
+        std::os::unix::process::ExitStatusExt::signal(&self.status) == Some(9)
+    }
+}
+
+/// What a round found.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// Distinct task numbers acknowledged to the producer.
+    acknowledged: usize,
+    /// Acknowledged numbers never completed: must be zero.
+    lost: usize,
+    /// What was lost, and what the ledgers say about it.
+    lost_detail: String,
+    /// Extra completions (at-least-once).
+    duplicates: usize,
+    /// Completed tasks whose acknowledgement a kill cut off (submitted, journaled, not acked).
+    completed_unacknowledged: usize,
+    /// SIGKILLs that found the worker running.
+    kills: usize,
+    /// SIGKILLs that came after the drain began (the pool had left `Running`).
+    kills_in_drain: usize,
+    /// Drains that finished before their SIGKILL came.
+    drains_finished_first: usize,
+    /// Tasks the generations' recoveries replayed.
+    replayed: u64,
+    torn_tails: u64,
+    /// Ledger lines a SIGKILL cut short (left out of the checks).
+    torn_ledger_lines: usize,
+    generations: u32,
+}
+
+/// Why a round failed, with what it found if it got to the end (tasks lost).
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    outcome: Option<Box<Outcome>>,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            outcome: None,
+        }
+    }
+}
+
+/// Runs one round in a temporary directory, removed afterwards whatever happened (unless
+/// `CRASH_KEEP_DIR` is set and the round failed).
+fn run_round(moment: Moment, seed: u64) -> Result<Outcome, Failure> {
+    let temp = tempfile::Builder::new()
+        .prefix("drainpool-crash-")
+        .tempdir()
+        .map_err(|e| Failure::from(format!("a temporary directory: {e}")))?;
+    let dir = temp.path().to_path_buf();
+    let result = run_generations(moment, seed, &dir)
+        .map_err(Failure::from)
+        .and_then(|outcome| {
+            if outcome.lost == 0 {
+                Ok(outcome)
+            } else {
+                Err(Failure {
+                    message: format!(
+                        "{} acknowledged tasks lost: {}",
+                        outcome.lost, outcome.lost_detail
+                    ),
+                    outcome: Some(Box::new(outcome)),
+                })
+            }
+        });
+    let result = result.map_err(|mut failure| {
+        // Show the last words of every generation's worker.
+        let text = &mut failure.message;
+        for generation in 1..=MAX_GENERATIONS {
+            let err = read(&dir.join(format!("err.{generation}")));
+            let out = read(&dir.join(format!("out.{generation}")));
+            let fatal = read(&dir.join(format!("fatal.{generation}")));
+            if !err.is_empty() || !out.is_empty() || !fatal.is_empty() {
+                text.push_str(&format!(
+                    "\n--- generation {generation} stdout:\n{}\n--- stderr:\n{}{fatal}",
+                    tail(&out, 8),
+                    tail(&err, 15)
+                ));
+            }
+        }
+        failure
+    });
+    if result.is_err() && std::env::var_os("CRASH_KEEP_DIR").is_some() {
+        let kept = temp.keep();
+        return result.map_err(|mut failure| {
+            let kept = format!("\n(directory kept: {})", kept.display());
+            failure.message.push_str(&kept);
+            failure
+        });
+    }
+    temp.close()
+        .map_err(|e| Failure::from(format!("removing the temporary directory: {e}")))?;
+    result
+}
+
+fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, String> {
+    let mut rng = Rng::new(seed);
+    let mut outcome = Outcome::default();
+    let acknowledged = dir.join("acknowledged.log");
+    let completed = dir.join("completed.log");
+
+    // Generation 1: submits, and is killed. For the replay, one or two slow workers and a deep
+    // queue leave a long backlog in the journal.
+    let count = rng.range(100, 300);
+    let config = WorkerConfig {
+        generation: 1,
+        first: 0,
+        count,
+        submitters: rng.range(4, 16) as usize,
+        workers: if moment == Moment::Replay {
+            rng.range(1, 2)
+        } else {
+            rng.range(2, 4)
+        } as usize,
+        queue: if moment == Moment::Replay {
+            512
+        } else {
+            rng.range(16, 128) as usize
+        },
+        seed,
+        multi_thread: rng.coin(),
+        until_empty: false,
+    };
+    let mut next = count;
+    let mut worker = Worker::spawn(dir, &config)?;
+    let ready = dir.join("ready.1");
+    if !worker.wait_until(READY_LIMIT, "ready marker", || ready.exists())? {
+        return Err("generation 1 exited before it was ready".into());
+    }
+    let after = match moment {
+        Moment::Submits | Moment::Drain => rng.range(0, count - 1),
+        Moment::Replay => rng.range(count / 3, count - 1),
+    } as usize;
+    if !worker.wait_until(PROGRESS_LIMIT, "acknowledgements", || {
+        line_count(&acknowledged) >= after
+    })? {
+        return Err("generation 1 exited by itself".into());
+    }
+    if moment == Moment::Drain {
+        worker.signal(Signal::TERM, "SIGTERM")?;
+        std::thread::sleep(Duration::from_micros(rng.range(0, 6_000)));
+    }
+    worker.signal(Signal::KILL, "SIGKILL")?;
+    let status = worker.wait(EXIT_LIMIT)?;
+    drop(worker);
+    let mut runs = vec![collect(dir, config, status)];
+    let first = &runs[0];
+    match (moment, first.killed(), first.status.code()) {
+        (Moment::Drain, true, _) if dir.join("draining.1").exists() => {
+            outcome.kills += 1;
+            outcome.kills_in_drain += 1;
+        }
+        (_, true, _) => outcome.kills += 1,
+        // The drain may finish before the SIGKILL comes.
+        (Moment::Drain, false, Some(0)) => outcome.drains_finished_first += 1,
+        _ => return Err(unexpected_end(dir, first)),
+    }
+
+    // Restarts until one runs to empty without a kill.
+    let replay_kills = if moment == Moment::Replay {
+        rng.range(1, 2) as u32
+    } else {
+        0
+    };
+    let mut done = false;
+    for generation in 2..=MAX_GENERATIONS {
+        let count = if generation == 2 { rng.range(0, 20) } else { 0 };
+        let config = WorkerConfig {
+            generation,
+            first: next,
+            count,
+            submitters: rng.range(4, 16) as usize,
+            workers: rng.range(2, 4) as usize,
+            queue: 64,
+            seed,
+            multi_thread: rng.coin(),
+            until_empty: true,
+        };
+        next += count;
+        let mut worker = Worker::spawn(dir, &config)?;
+        if generation <= 1 + replay_kills {
+            let start = dir.join(format!("start.{generation}"));
+            let running = if rng.range(0, 3) == 0 {
+                // While it starts: opening, recovering, or just replaying.
+                std::thread::sleep(Duration::from_micros(rng.range(0, 40_000)));
+                true
+            } else if worker.wait_until(READY_LIMIT, "recovery", || start.exists())? {
+                let replayed = fields(&start)
+                    .map(|f| field(&f, "replayed"))
+                    .transpose()?
+                    .unwrap_or(0);
+                let enough = rng.range(1, replayed.saturating_sub(1).max(1)) as usize;
+                worker.wait_until(PROGRESS_LIMIT, "replayed completions", || {
+                    lines_of(&completed, generation) >= enough
+                })?
+            } else {
+                false
+            };
+            if running {
+                worker.signal(Signal::KILL, "SIGKILL")?;
+            }
+        }
+        let status = worker.wait(EXIT_LIMIT)?;
+        drop(worker);
+        let run = collect(dir, config, status);
+        if run.killed() {
+            outcome.kills += 1;
+        } else if run.status.code() != Some(0) {
+            return Err(unexpected_end(dir, &run));
+        } else {
+            let report = run
+                .report
+                .as_ref()
+                .ok_or_else(|| format!("generation {generation} exited without a report"))?;
+            // It ran to empty: nothing is left to spill.
+            done = field(report, "spilled")? + field(report, "interrupted")? == 0;
+        }
+        runs.push(run);
+        if done {
+            break;
+        }
+    }
+    if !done {
+        return Err(format!(
+            "the work was not done after {MAX_GENERATIONS} generations"
+        ));
+    }
+    check(dir, &runs, outcome)
+}
+
+/// A worker that ended neither by the harness's SIGKILL nor with success: what it said.
+fn unexpected_end(dir: &Path, run: &GenRun) -> String {
+    format!(
+        "generation {} ended with {}; start {:?}, report {:?}, submit errors {:?}",
+        run.config.generation,
+        run.status,
+        run.start,
+        run.report,
+        tail(&read(&dir.join("submit_errors.log")), 3)
+    )
+}
+
+fn collect(dir: &Path, config: WorkerConfig, status: ExitStatus) -> GenRun {
+    let generation = config.generation;
+    GenRun {
+        start: fields(&dir.join(format!("start.{generation}"))),
+        report: fields(&dir.join(format!("report.{generation}"))),
+        config,
+        status,
+    }
+}
+
+/// Checks the ledgers, the recoveries and the reports of a round.
+fn check(dir: &Path, runs: &[GenRun], mut outcome: Outcome) -> Result<Outcome, String> {
+    let (acks, torn_acks) = pairs(dir, "acknowledged.log")?;
+    let (completions, torn_completions) = pairs(dir, "completed.log")?;
+    let (starts, _) = pairs(dir, "started.log")?;
+    outcome.torn_ledger_lines = torn_acks + torn_completions;
+    let errors = read(&dir.join("submit_errors.log"));
+    if !errors.is_empty() {
+        return Err(format!("submit failed:\n{}", tail(&errors, 5)));
+    }
+    outcome.generations = runs.len() as u32;
+
+    // Acknowledged once each, and only numbers that generation submitted.
+    let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
+    for &(g, n) in &acks {
+        let config = runs
+            .iter()
+            .map(|r| &r.config)
+            .find(|c| c.generation == g)
+            .ok_or_else(|| format!("an acknowledgement from unknown generation {g}"))?;
+        if !(config.first..config.first + config.count).contains(&n) {
+            return Err(format!(
+                "generation {g} acknowledged {n}, not one of its tasks"
+            ));
+        }
+        if acked.insert(n, g).is_some() {
+            return Err(format!("task {n} was acknowledged twice"));
+        }
+    }
+    let submitted_end = runs
+        .iter()
+        .map(|r| r.config.first + r.config.count)
+        .max()
+        .unwrap_or(0);
+    let mut times: BTreeMap<u64, usize> = BTreeMap::new();
+    for &(_, n) in &completions {
+        if n >= submitted_end {
+            return Err(format!("task {n} completed but was never submitted"));
+        }
+        *times.entry(n).or_default() += 1;
+    }
+
+    // The loss first: the checks below explain it, when there is one.
+    outcome.acknowledged = acked.len();
+    outcome.duplicates = times.values().map(|&c| c - 1).sum();
+    outcome.completed_unacknowledged = times.keys().filter(|n| !acked.contains_key(n)).count();
+    let lost: BTreeSet<u64> = acked
+        .keys()
+        .copied()
+        .filter(|n| !times.contains_key(n))
+        .collect();
+    outcome.lost = lost.len();
+
+    let mut problems = Vec::new();
+    for run in runs {
+        let g = run.config.generation;
+        let Some(start) = &run.start else {
+            if !run.killed() {
+                problems.push(format!("generation {g} published no recovery"));
+            }
+            continue; // killed before its recovery was done
+        };
+        let replayed = field(start, "replayed")?;
+        outcome.replayed += replayed;
+        outcome.torn_tails += field(start, "torn")?;
+        // A SIGKILL keeps the page cache: records can be cut short at the end, never damaged
+        // in the middle.
+        for key in ["damage", "undecodable", "dead_letters"] {
+            if field(start, key)? != 0 {
+                problems.push(format!("generation {g}'s recovery found {key}: {start:?}"));
+            }
+        }
+        // Every acknowledged task not completed before this start is in the journal.
+        let done_before: BTreeSet<u64> = completions
+            .iter()
+            .filter(|&&(h, _)| h < g)
+            .map(|&(_, n)| n)
+            .collect();
+        let pending: BTreeSet<u64> = acks
+            .iter()
+            .filter(|&&(h, n)| h < g && !done_before.contains(&n))
+            .map(|&(_, n)| n)
+            .collect();
+        if replayed < pending.len() as u64 {
+            problems.push(format!(
+                "generation {g} replayed {replayed} tasks, but {} acknowledged ones were pending: {}",
+                pending.len(),
+                describe(&pending)
+            ));
+        }
+        if let Some(report) = &run.report {
+            let get = |key: &str| field(report, key);
+            if report.get("clean").map(String::as_str) != Some("true")
+                || ["failed", "retried", "dropped", "unsaved"]
+                    .iter()
+                    .any(|key| get(key).ok() != Some(0))
+            {
+                problems.push(format!("generation {g}: unclean report: {report:?}"));
+            }
+            if get("replayed")? != replayed {
+                problems.push(format!(
+                    "generation {g}: report and recovery disagree: {report:?} {start:?}"
+                ));
+            }
+        }
+    }
+
+    // The last generation ran to empty and shut down cleanly: nothing is left to replay.
+    match drainpool::journal::inspect_journal(&dir.join("journal")) {
+        Ok(contents) if contents.live.is_empty() && contents.damage == 0 => {}
+        Ok(contents) => problems.push(format!(
+            "after a clean run to empty the journal holds {} live tasks (first {:?}) and {} damage",
+            contents.live.len(),
+            contents.live.first().map(|t| t.id),
+            contents.damage
+        )),
+        Err(e) => problems.push(format!("inspecting the journal: {e}")),
+    }
+
+    if lost.is_empty() {
+        return if problems.is_empty() {
+            Ok(outcome)
+        } else {
+            Err(problems.join("\n"))
+        };
+    }
+    let mut detail = describe(&lost);
+    for &n in lost.iter().take(5) {
+        let ran: Vec<u32> = starts
+            .iter()
+            .filter(|&&(_, m)| m == n)
+            .map(|&(g, _)| g)
+            .collect();
+        detail.push_str(&format!(
+            "\n  task {n}: acknowledged in generation {}, started in generations {ran:?}",
+            acked[&n]
+        ));
+    }
+    for problem in &problems {
+        detail.push_str(&format!("\n  {problem}"));
+    }
+    for run in runs {
+        detail.push_str(&format!(
+            "\n  generation {} ({}): {:?} start {:?} report {:?}",
+            run.config.generation,
+            run.status,
+            run.config.encode(),
+            run.start,
+            run.report
+        ));
+    }
+    outcome.lost_detail = detail;
+    Ok(outcome)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+// ---------------------------------------------------------------------------------------------
+
+fn env_u64(name: &str) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    let text = text.trim();
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
+}
+
+fn round_seed(moment: Moment, round: u64) -> u64 {
+    let base = env_u64("CRASH_SEED").unwrap_or(0xC2A5_D2A1_4900_0001);
+    splitmix(base ^ ((moment as u64 + 1) << 48) ^ round)
+}
+
+/// Writes a line past the test harness's output capture, so it shows in `cargo test`.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
+/// Totals over rounds.
+#[derive(Debug, Default)]
+struct Totals {
+    rounds: u64,
+    acknowledged: usize,
+    lost: usize,
+    duplicates: usize,
+    completed_unacknowledged: usize,
+    kills: usize,
+    kills_in_drain: usize,
+    drains_finished_first: usize,
+    replayed: u64,
+    torn_tails: u64,
+    torn_ledger_lines: usize,
+    most_generations: u32,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Outcome) {
+        self.rounds += 1;
+        self.acknowledged += o.acknowledged;
+        self.lost += o.lost;
+        self.duplicates += o.duplicates;
+        self.completed_unacknowledged += o.completed_unacknowledged;
+        self.kills += o.kills;
+        self.kills_in_drain += o.kills_in_drain;
+        self.drains_finished_first += o.drains_finished_first;
+        self.replayed += o.replayed;
+        self.torn_tails += o.torn_tails;
+        self.torn_ledger_lines += o.torn_ledger_lines;
+        self.most_generations = self.most_generations.max(o.generations);
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "kills {} (in a drain {}; drains finished before the kill {}), replayed {}, torn tails {}, ledger lines cut short {}, duplicates {}, completed but never acknowledged {}, up to {} generations",
+            self.kills,
+            self.kills_in_drain,
+            self.drains_finished_first,
+            self.replayed,
+            self.torn_tails,
+            self.torn_ledger_lines,
+            self.duplicates,
+            self.completed_unacknowledged,
+            self.most_generations
+        )
+    }
+}
+
+fn run_moment(moment: Moment, test: &str) {
+    let seeds: Vec<u64> = match env_u64("CRASH_ROUND_SEED") {
+        Some(seed) => vec![seed],
+        None => (0..env_u64("CRASH_ROUNDS").unwrap_or(12))
+            .map(|round| round_seed(moment, round))
+            .collect(),
+    };
+    let started = Instant::now();
+    let mut totals = Totals::default();
+    for (round, &seed) in seeds.iter().enumerate() {
+        let outcome = run_round(moment, seed).unwrap_or_else(|failure| {
+            panic!(
+                "{moment:?} round {round} (seed {seed:#x}): {}\nreproduce: CRASH_ROUND_SEED={seed:#x} cargo test --test crash {test}",
+                failure.message
+            )
+        });
+        totals.add(&outcome);
+    }
+    say(&format!(
+        "crash {moment:?}: {} rounds in {:.1} s: acknowledged {}, lost {}; {}",
+        totals.rounds,
+        started.elapsed().as_secs_f64(),
+        totals.acknowledged,
+        totals.lost,
+        totals.summary()
+    ));
+    assert_eq!(totals.lost, 0);
+}
+
+#[test]
+fn sigkill_during_submits() {
+    run_moment(Moment::Submits, "sigkill_during_submits");
+}
+
+#[test]
+fn sigkill_during_the_drain() {
+    run_moment(Moment::Drain, "sigkill_during_the_drain");
+}
+
+#[test]
+fn sigkill_during_replay() {
+    run_moment(Moment::Replay, "sigkill_during_replay");
+}
+
+/// `SOAK_ROUNDS=1000 cargo test --release --test crash -- --ignored soak`
+#[test]
+#[ignore = "a long soak: run it by name"]
+fn soak() {
+    let rounds = env_u64("SOAK_ROUNDS").unwrap_or(30);
+    let started = Instant::now();
+    let mut totals = Totals::default();
+    let mut failures = Vec::new();
+    for round in 0..rounds {
+        let moment = MOMENTS[(round % MOMENTS.len() as u64) as usize];
+        let seed = round_seed(moment, 1_000_000 + round);
+        match run_round(moment, seed) {
+            Ok(outcome) => totals.add(&outcome),
+            Err(failure) => {
+                // A round that lost tasks got to the end: count what it found.
+                if let Some(outcome) = &failure.outcome {
+                    totals.add(outcome);
+                }
+                say(&format!(
+                    "FAILED {moment:?} round {round} (seed {seed:#x}): {}",
+                    failure.message
+                ));
+                failures.push(format!("{moment:?} round {round} (seed {seed:#x})"));
+            }
+        }
+        if (round + 1) % 50 == 0 && round + 1 < rounds {
+            say(&format!(
+                "soak: {} rounds in {:.0} s",
+                round + 1,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    say(&format!(
+        "soak: {rounds} rounds in {:.0} s, failures {}; {}",
+        started.elapsed().as_secs_f64(),
+        failures.len(),
+        totals.summary()
+    ));
+    say(&format!(
+        "rounds={rounds} acknowledged={} lost={}",
+        totals.acknowledged, totals.lost
+    ));
+    assert!(failures.is_empty(), "failed rounds: {failures:?}");
+    assert_eq!(totals.lost, 0, "acknowledged tasks were lost");
+}
