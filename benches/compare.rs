@@ -963,7 +963,9 @@ fn write_ahead_rate(dir: &Path, submitters: usize, period: Duration) -> BoxResul
         let pool = Pool::builder()
             .workers(2)
             .queue_capacity(submitters * 4 + 64)
-            .durability(Durability::WriteAhead { sync: SyncPolicy::Always })
+            .durability(Durability::WriteAhead {
+                sync: SyncPolicy::Always,
+            })
             .journal_dir(&journal)
             .start(|task: Task<Email>| async move {
                 black_box(task.payload());
