@@ -1,0 +1,181 @@
+//! A real full disk: a tiny tmpfs mounted by the test (Linux, as root, as CI runs; skipped with
+//! a printed reason where mounting is refused).
+//!
+//! Write-ahead: once the disk is full, `submit` fails with `SubmitError::Journal` and hands the
+//! task back; the journal takes no more writes; every task accepted before is still in the
+//! journal and comes back once there is room. On-shutdown: a spill that finds the disk full is
+//! reported loudly (an error in the report, `unsaved` counted, a failing exit code).
+
+#![cfg(target_os = "linux")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use drainpool::{Durability, Pool, SubmitError, SyncPolicy, Task};
+
+/// A tmpfs of `size` mounted on a fresh temporary directory; unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("mount could not run: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount refused: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn mounted(size: &str) -> Option<Tmpfs> {
+    match Tmpfs::mount(size) {
+        Ok(tmpfs) => Some(tmpfs),
+        Err(reason) => {
+            println!("skipped: a tmpfs is needed for a real full disk, and {reason}");
+            None
+        }
+    }
+}
+
+fn is_enospc(error: &drainpool::JournalError) -> bool {
+    error.io_error().and_then(std::io::Error::raw_os_error) == Some(28)
+}
+
+/// A payload of about 1 KiB of JSON.
+fn payload(n: u64) -> (u64, String) {
+    (n, "x".repeat(1000))
+}
+
+async fn hanging_pool(dir: PathBuf, durability: Durability) -> Pool<(u64, String)> {
+    Pool::builder()
+        .workers(1)
+        .queue_capacity(10_000)
+        .drain_deadline(Duration::from_millis(10))
+        .cancel_grace(Duration::from_millis(10))
+        .durability(durability)
+        .journal_dir(dir)
+        .start(|task: Task<(u64, String)>| async move {
+            task.cancelled().await;
+            Err::<(), _>("stopped at the deadline")
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn write_ahead_on_a_full_disk_refuses_new_tasks_and_keeps_every_accepted_one() {
+    let Some(disk) = mounted("256k") else { return };
+    let dir = disk.path().join("journal");
+    let pool = hanging_pool(
+        dir.clone(),
+        Durability::WriteAhead {
+            sync: SyncPolicy::Always,
+        },
+    )
+    .await;
+
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for n in 0..1_000 {
+        match pool.submit(payload(n)).await {
+            Ok(_) => accepted.push(n),
+            Err(SubmitError::Journal { task, error }) => {
+                assert_eq!(task, payload(n), "the refused task is handed back whole");
+                assert!(is_enospc(&error), "{error:?}");
+                refused = Some(n);
+                break;
+            }
+            Err(other) => panic!("unexpected refusal: {other}"),
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    assert!(
+        accepted.len() > 50,
+        "only {} accepted before the disk was full",
+        accepted.len()
+    );
+    // The journal takes no more writes, even small ones.
+    match pool.submit((refused + 1, String::new())).await {
+        Err(SubmitError::Journal { task, .. }) => assert_eq!(task.0, refused + 1),
+        other => panic!("expected the journal to stay stopped, got {other:?}"),
+    }
+
+    let report = pool.shutdown().await.unwrap();
+    assert!(!report.is_clean());
+    assert!(report.journal_error.is_some());
+    assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
+
+    // With room again, the next start replays every accepted task: none was lost.
+    disk.resize("16m");
+    let pool = hanging_pool(dir, Durability::OnShutdown).await;
+    assert_eq!(
+        pool.recovery().replayed,
+        accepted.len(),
+        "{:?}",
+        pool.recovery()
+    );
+    pool.shutdown_now();
+    let report = pool.wait().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_spill_that_finds_the_disk_full_is_reported_loudly() {
+    let Some(disk) = mounted("256k") else { return };
+    let dir = disk.path().join("journal");
+    let pool = hanging_pool(dir.clone(), Durability::OnShutdown).await;
+    for n in 0..500 {
+        pool.submit(payload(n)).await.unwrap();
+    }
+    let report = pool.shutdown().await.unwrap();
+    assert!(!report.is_clean());
+    assert!(
+        report.journal_error.as_deref().is_some_and(is_enospc),
+        "{report:?}"
+    );
+    assert!(report.unsaved > 0, "{report:?}");
+    assert_eq!(
+        report.spilled + report.interrupted + report.unsaved,
+        500,
+        "every task is accounted for: {report:?}"
+    );
+    assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
+}
