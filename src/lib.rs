@@ -5,7 +5,12 @@
 //! checksummed journal at once, lets in-flight tasks run to a deadline, journals those still
 //! running as interrupted, and fsyncs. The next start on the same journal directory replays
 //! every journaled task before any new one. Nothing accepted is lost: a task is forgotten only
-//! when its handler returns `Ok`.
+//! when its handler returns `Ok` (or is set aside as a dead letter after its retries).
+//!
+//! By default tasks reach the disk at shutdown, which survives SIGTERM but not SIGKILL; with
+//! [`Durability::WriteAhead`] every task is journaled before `submit` returns, which survives
+//! SIGKILL too (and power loss, with [`SyncPolicy::Always`]). Signals are caught only when asked:
+//! [`Pool::run_until_signal`], or [`shutdown_signal`] for a service that owns its main loop.
 //!
 //! ```no_run
 //! use std::time::Duration;
