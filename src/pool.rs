@@ -254,15 +254,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
         if let Some(commit) = &self.commit {
             // Write-ahead: the ack rides with the next batch, unsynced.
             let mut record = Vec::with_capacity(format::RECORD_HEADER_LEN);
-            let Ok(_) = format::encode_record(
-                &mut record,
-                self.epoch,
-                Kind::Ack,
-                id,
-                &Meta::default(),
-                "",
-                |_| Ok::<(), std::convert::Infallible>(()),
-            );
+            format::encode_ack(&mut record, self.epoch, id);
             let (_, start) = commit.push(&record, 0);
             if start {
                 tokio::spawn(flush(Arc::clone(self)));

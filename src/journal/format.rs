@@ -289,6 +289,13 @@ pub(crate) fn encode_record<E>(
     Ok(end - start)
 }
 
+/// Appends an ack record for `id`.
+pub(crate) fn encode_ack(out: &mut Vec<u8>, epoch: u64, id: TaskId) {
+    let Ok(_) = encode_record(out, epoch, Kind::Ack, id, &Meta::default(), "", |_| {
+        Ok::<(), std::convert::Infallible>(())
+    });
+}
+
 /// The longest last-error text kept in a record; longer texts are cut at a character boundary.
 pub(crate) const MAX_ERROR_LEN: usize = 4096;
 

@@ -425,10 +425,7 @@ fn write_taken_back(dir: &Path, number: u64, ids: &[TaskId]) -> Result<PathBuf, 
     let epoch = random_epoch(number);
     let mut buf = Vec::with_capacity(ids.len() * format::RECORD_HEADER_LEN);
     for &id in ids {
-        let Ok(_) =
-            format::encode_record(&mut buf, epoch, Kind::Ack, id, &Meta::default(), "", |_| {
-                Ok::<(), std::convert::Infallible>(())
-            });
+        format::encode_ack(&mut buf, epoch, id);
     }
     let path = dir.join(segment_name(number, true));
     let mut segment = SegmentWriter::create(

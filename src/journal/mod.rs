@@ -230,11 +230,7 @@ impl Journal {
     /// the task runs again, which the at-least-once contract allows.
     pub(crate) fn append_ack(&mut self, id: TaskId) -> Result<(), JournalError> {
         let mut buf = Vec::with_capacity(format::RECORD_HEADER_LEN);
-        let meta = format::Meta::default();
-        let epoch = self.epoch;
-        let Ok(_) = format::encode_record(&mut buf, epoch, Kind::Ack, id, &meta, "", |_| {
-            Ok::<(), std::convert::Infallible>(())
-        });
+        format::encode_ack(&mut buf, self.epoch, id);
         let result = self.current().and_then(|segment| segment.append(&buf, 0));
         if result.is_err() {
             // Never write to a segment after a failed write.
@@ -292,21 +288,14 @@ impl Journal {
     /// Deletes this run's sealed segments numbered up to `through`, oldest first (their tasks
     /// are all acked: the caller counts them).
     pub(crate) fn delete_sealed_through(&mut self, through: u64) -> Result<(), JournalError> {
-        let mut removed = false;
-        while let Some((number, path)) = self.sealed.first().cloned()
-            && number <= through
-        {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(JournalError::io("remove", &path, None, e)),
-            }
-            self.sealed.remove(0);
-            removed = true;
-        }
-        if removed {
-            fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
-        }
+        let done = self
+            .sealed
+            .partition_point(|&(number, _)| number <= through);
+        // Forget them only once removed: on a failure they stay listed (and go with the spill's
+        // rotation at shutdown), as before.
+        let paths: Vec<PathBuf> = self.sealed[..done].iter().map(|(_, p)| p.clone()).collect();
+        remove_segments(&self.dir, &paths)?;
+        self.sealed.drain(..done);
         Ok(())
     }
 
@@ -443,14 +432,7 @@ impl Journal {
         if self.obsolete.is_empty() {
             return Ok(());
         }
-        for path in std::mem::take(&mut self.obsolete) {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(JournalError::io("remove", &path, None, e)),
-            }
-        }
-        fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
+        remove_segments(&self.dir, &std::mem::take(&mut self.obsolete))?;
         tracing::debug!(dir = %self.dir.display(), "retired old segments");
         Ok(())
     }
@@ -486,21 +468,30 @@ impl Journal {
             return Err(error);
         }
         self.retire_obsolete()?;
-        if !self.keep_obsolete && !self.rotated.is_empty() {
-            for path in std::mem::take(&mut self.rotated) {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(JournalError::io("remove", &path, None, e)),
-                }
-            }
-            fs::sync_dir(&self.dir).map_err(|e| JournalError::io("fsync", &self.dir, None, e))?;
+        if !self.keep_obsolete {
+            remove_segments(&self.dir, &std::mem::take(&mut self.rotated))?;
         }
         self.lock
             .unlock()
             .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
         Ok(())
     }
+}
+
+/// Removes segment files (one already gone is fine), then fsyncs the directory so the removals
+/// are durable. Does nothing for an empty list.
+fn remove_segments(dir: &Path, paths: &[PathBuf]) -> Result<(), JournalError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(JournalError::io("remove", path, None, e)),
+        }
+    }
+    fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))
 }
 
 /// Lists the segment files of `dir`, in number order.
