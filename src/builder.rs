@@ -45,6 +45,8 @@ pub(crate) struct Config {
     pub(crate) pre_stop: Duration,
     pub(crate) durability: Durability,
     pub(crate) segment_bytes: u64,
+    /// How the journal writes its files: the real calls, or a test's faulty ones.
+    pub(crate) file_ops: crate::journal::fs::Ops,
 }
 
 /// Configures and starts a [`Pool`]. Made by [`Pool::builder`].
@@ -85,6 +87,7 @@ where
                 pre_stop: Duration::ZERO,
                 durability: Durability::OnShutdown,
                 segment_bytes: DEFAULT_SEGMENT_BYTES,
+                file_ops: crate::journal::fs::os(),
             },
             policy: Policy::default(),
         }

@@ -751,9 +751,10 @@ where
 {
     let dir = config.journal_dir.clone().unwrap_or_default();
     let open_dir = dir.clone();
+    let ops = config.file_ops.clone();
     let want_probe = config.grace_period.is_some();
     let opened = tokio::task::spawn_blocking(move || {
-        let opened = recover::<T>(&open_dir)?;
+        let opened = recover::<T>(&open_dir, ops)?;
         let probe = want_probe.then(|| opened.0.probe());
         Ok::<_, StartError>((opened, probe))
     })
@@ -926,14 +927,17 @@ where
 type Opened<T> = (Journal, RecoveryReport, Vec<(TaskId, Recovered<T>)>);
 
 /// Opens the journal and keeps the last state of every task id, in id order.
-fn recover<T: DeserializeOwned>(dir: &Path) -> Result<Opened<T>, StartError> {
+fn recover<T: DeserializeOwned>(
+    dir: &Path,
+    ops: crate::journal::fs::Ops,
+) -> Result<Opened<T>, StartError> {
     // Tasks in the order their id was first seen (file order: almost always id order), and
     // where each id stands; an ack or a dead letter empties its slot. Both are sized from the
     // segments' bytes so that a large journal is not rehashed and moved again and again.
     let estimate = segment_bytes(dir) / 160;
     let mut slots: Vec<Option<(TaskId, Recovered<T>)>> = Vec::with_capacity(estimate);
     let mut index: HashMap<TaskId, usize> = HashMap::with_capacity(estimate);
-    let (journal, report) = Journal::open(dir, |record| match record.kind {
+    let (journal, report) = Journal::open(dir, ops, |record| match record.kind {
         Kind::Task => {
             let meta = record.meta;
             let entry = match serde_json::from_slice::<T>(record.payload) {

@@ -398,6 +398,7 @@ fn write_live(dir: &Path, number: u64, tasks: &[&SurveyedTask]) -> Result<PathBu
     }
     let path = dir.join(segment_name(number, false));
     let result = SegmentWriter::create(
+        fs::os(),
         path.clone(),
         Header {
             epoch,
@@ -429,6 +430,7 @@ fn write_taken_back(dir: &Path, number: u64, ids: &[TaskId]) -> Result<PathBuf, 
     }
     let path = dir.join(segment_name(number, true));
     let mut segment = SegmentWriter::create(
+        fs::os(),
         path.clone(),
         Header {
             epoch,

@@ -21,7 +21,7 @@ pub use self::inspect::{
 };
 
 pub(crate) mod format;
-mod fs;
+pub(crate) mod fs;
 mod inspect;
 mod reader;
 mod writer;
@@ -60,6 +60,8 @@ struct SegmentFile {
 #[derive(Debug)]
 pub(crate) struct Journal {
     dir: PathBuf,
+    /// The file operations segments are written with.
+    ops: fs::Ops,
     /// Holds the directory lock; closing the file releases it.
     lock: File,
     epoch: u64,
@@ -105,6 +107,7 @@ impl Journal {
     /// segments to `on_record`, in segment and file order.
     pub(crate) fn open(
         dir: &Path,
+        ops: fs::Ops,
         mut on_record: impl FnMut(RecordRef<'_>),
     ) -> Result<(Self, RecoveryReport), StartError> {
         fs::create_dir(dir).map_err(|e| JournalError::io("create", dir, None, e))?;
@@ -169,6 +172,7 @@ impl Journal {
         write_run(&mut lock, &lock_path, run)?;
         let journal = Self {
             dir: dir.to_path_buf(),
+            ops,
             lock,
             epoch: random_epoch(run),
             run,
@@ -211,6 +215,7 @@ impl Journal {
             format!("{number:020}{SEGMENT_SUFFIX}")
         };
         SegmentWriter::create(
+            self.ops.clone(),
             self.dir.join(name),
             Header {
                 epoch: self.epoch,
@@ -294,7 +299,7 @@ impl Journal {
         // Forget them only once removed: on a failure they stay listed (and go with the spill's
         // rotation at shutdown), as before.
         let paths: Vec<PathBuf> = self.sealed[..done].iter().map(|(_, p)| p.clone()).collect();
-        remove_segments(&self.dir, &paths)?;
+        remove_segments(&*self.ops, &self.dir, &paths)?;
         self.sealed.drain(..done);
         Ok(())
     }
@@ -432,7 +437,7 @@ impl Journal {
         if self.obsolete.is_empty() {
             return Ok(());
         }
-        remove_segments(&self.dir, &std::mem::take(&mut self.obsolete))?;
+        remove_segments(&*self.ops, &self.dir, &std::mem::take(&mut self.obsolete))?;
         tracing::debug!(dir = %self.dir.display(), "retired old segments");
         Ok(())
     }
@@ -469,7 +474,7 @@ impl Journal {
         }
         self.retire_obsolete()?;
         if !self.keep_obsolete {
-            remove_segments(&self.dir, &std::mem::take(&mut self.rotated))?;
+            remove_segments(&*self.ops, &self.dir, &std::mem::take(&mut self.rotated))?;
         }
         self.lock
             .unlock()
@@ -480,18 +485,23 @@ impl Journal {
 
 /// Removes segment files (one already gone is fine), then fsyncs the directory so the removals
 /// are durable. Does nothing for an empty list.
-fn remove_segments(dir: &Path, paths: &[PathBuf]) -> Result<(), JournalError> {
+fn remove_segments(
+    ops: &dyn fs::FileOps,
+    dir: &Path,
+    paths: &[PathBuf],
+) -> Result<(), JournalError> {
     if paths.is_empty() {
         return Ok(());
     }
     for path in paths {
-        match std::fs::remove_file(path) {
+        match ops.remove(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(JournalError::io("remove", path, None, e)),
         }
     }
-    fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))
+    ops.sync_dir(dir)
+        .map_err(|e| JournalError::io("fsync", dir, None, e))
 }
 
 /// Lists the segment files of `dir`, in number order.

@@ -1,16 +1,16 @@
 //! Appends records to one segment file.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::format::{self, Header};
-use super::fs;
+use super::fs::Ops;
 use crate::error::JournalError;
 
 /// An open segment this run appends to.
 #[derive(Debug)]
 pub(crate) struct SegmentWriter {
+    ops: Ops,
     file: File,
     path: PathBuf,
     number: u64,
@@ -24,13 +24,15 @@ pub(crate) struct SegmentWriter {
 
 impl SegmentWriter {
     /// Creates `path` (it must not exist) and writes its header.
-    pub(crate) fn create(path: PathBuf, header: Header) -> Result<Self, JournalError> {
-        let mut file =
-            fs::create_new(&path).map_err(|e| JournalError::io("create", &path, None, e))?;
+    pub(crate) fn create(ops: Ops, path: PathBuf, header: Header) -> Result<Self, JournalError> {
+        let mut file = ops
+            .create(&path)
+            .map_err(|e| JournalError::io("create", &path, None, e))?;
         let bytes = format::encode_header(header);
-        file.write_all(&bytes)
+        ops.write(&path, &mut file, &bytes)
             .map_err(|e| JournalError::io("write", &path, Some(0), e))?;
         Ok(Self {
+            ops,
             file,
             path,
             number: header.segment,
@@ -64,9 +66,9 @@ impl SegmentWriter {
     /// On a failed or short write the file is cut back to the last whole record, so what is on
     /// disk stays a valid prefix; the caller must treat the writer as poisoned.
     pub(crate) fn append(&mut self, bytes: &[u8], tasks: usize) -> Result<(), JournalError> {
-        if let Err(e) = self.file.write_all(bytes) {
+        if let Err(e) = self.ops.write(&self.path, &mut self.file, bytes) {
             // Best effort: a torn tail is also handled on recovery.
-            let _ = self.file.set_len(self.len);
+            let _ = self.ops.truncate(&self.path, &self.file, self.len);
             return Err(JournalError::io("write", &self.path, Some(self.len), e));
         }
         self.len += bytes.len() as u64;
@@ -77,12 +79,14 @@ impl SegmentWriter {
     /// Makes everything appended so far durable: the file's data, and its directory entry the
     /// first time.
     pub(crate) fn sync(&mut self) -> Result<(), JournalError> {
-        self.file
-            .sync_data()
+        self.ops
+            .sync(&self.path, &self.file)
             .map_err(|e| JournalError::io("fsync", &self.path, None, e))?;
         if !self.dir_synced {
             if let Some(dir) = self.path.parent() {
-                fs::sync_dir(dir).map_err(|e| JournalError::io("fsync", dir, None, e))?;
+                self.ops
+                    .sync_dir(dir)
+                    .map_err(|e| JournalError::io("fsync", dir, None, e))?;
             }
             self.dir_synced = true;
         }
