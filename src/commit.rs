@@ -11,18 +11,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 
 use crate::error::JournalError;
+use crate::live::Placement;
 
 #[derive(Debug, Default)]
 struct Pending {
     buf: Vec<u8>,
-    /// Task records in `buf` (acks do not need an fsync).
-    tasks: usize,
+    /// The task records in `buf`, in order.
+    placements: Vec<Placement>,
+    /// Whether `buf` holds a new task's record: only those wait for an fsync (a lost ack or
+    /// retry state means a repeat; a compaction copy is synced before its original goes).
+    new_tasks: bool,
     /// The sequence number of the last record appended.
     last_seq: u64,
     /// Whether a flusher is running.
     flushing: bool,
-    /// The last sequence number taken by the flusher.
-    taken_through: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -40,15 +42,15 @@ struct Progress {
 pub(crate) struct Commit {
     pending: Mutex<Pending>,
     progress: watch::Sender<Progress>,
-    /// Where each segment's records start: (first sequence number, segment), ascending.
-    placement: Mutex<Vec<(u64, u64)>>,
 }
 
 /// A batch taken by the flusher.
 pub(crate) struct Batch {
     pub(crate) bytes: Vec<u8>,
-    pub(crate) tasks: usize,
-    pub(crate) first_seq: u64,
+    /// The task records in `bytes`, in order.
+    pub(crate) placements: Vec<Placement>,
+    /// Whether the batch holds a new task's record (which the `Always` policy fsyncs).
+    pub(crate) new_tasks: bool,
     pub(crate) last_seq: u64,
 }
 
@@ -57,7 +59,6 @@ impl Commit {
         Self {
             pending: Mutex::new(Pending::default()),
             progress: watch::Sender::new(Progress::default()),
-            placement: Mutex::new(Vec::new()),
         }
     }
 
@@ -65,12 +66,15 @@ impl Commit {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Appends encoded records holding `tasks` task records. Returns their sequence number, and
-    /// whether the caller must start a flusher.
-    pub(crate) fn push(&self, bytes: &[u8], tasks: usize) -> (u64, bool) {
+    /// Appends encoded records: one task record with its placement, or acks (`None`). Returns
+    /// their sequence number, and whether the caller must start a flusher.
+    pub(crate) fn push(&self, bytes: &[u8], task: Option<Placement>) -> (u64, bool) {
         let mut pending = self.pending();
         pending.buf.extend_from_slice(bytes);
-        pending.tasks += tasks;
+        if let Some(placement) = task {
+            pending.new_tasks |= !placement.moved;
+            pending.placements.push(placement);
+        }
         pending.last_seq += 1;
         let start = !pending.flushing;
         pending.flushing = true;
@@ -84,36 +88,12 @@ impl Commit {
             pending.flushing = false;
             return None;
         }
-        let first_seq = pending.taken_through + 1;
-        pending.taken_through = pending.last_seq;
         Some(Batch {
             bytes: std::mem::take(&mut pending.buf),
-            tasks: std::mem::take(&mut pending.tasks),
-            first_seq,
+            placements: std::mem::take(&mut pending.placements),
+            new_tasks: std::mem::take(&mut pending.new_tasks),
             last_seq: pending.last_seq,
         })
-    }
-
-    /// Records that the records from `first_seq` on went to `segment` (called by the flusher
-    /// before it publishes the batch).
-    pub(crate) fn placed(&self, first_seq: u64, segment: u64) {
-        let mut placement = self
-            .placement
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if placement.last().is_none_or(|&(_, last)| last != segment) {
-            placement.push((first_seq, segment));
-        }
-    }
-
-    /// The segment holding the record numbered `seq` (once its batch is published).
-    pub(crate) fn segment_of(&self, seq: u64) -> u64 {
-        let placement = self
-            .placement
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let at = placement.partition_point(|&(first, _)| first <= seq);
-        at.checked_sub(1).map_or(0, |i| placement[i].1)
     }
 
     /// Publishes how a batch went.
@@ -155,37 +135,55 @@ impl Commit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::TaskId;
+
+    fn task(seq: u64, moved: bool) -> Option<Placement> {
+        Some(Placement {
+            id: TaskId::new(1, seq),
+            len: 1,
+            moved,
+        })
+    }
 
     #[tokio::test]
     async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
         let commit = Commit::new();
-        assert_eq!(commit.push(b"a", 1), (1, true));
-        assert_eq!(commit.push(b"b", 1), (2, false));
-        assert_eq!(commit.push(b"c", 0), (3, false));
+        assert_eq!(commit.push(b"a", task(1, false)), (1, true));
+        assert_eq!(commit.push(b"b", task(2, true)), (2, false));
+        assert_eq!(commit.push(b"c", None), (3, false));
         let batch = commit.take().unwrap();
         assert_eq!(
-            (batch.bytes.as_slice(), batch.tasks, batch.last_seq),
+            (
+                batch.bytes.as_slice(),
+                batch.placements.len(),
+                batch.last_seq
+            ),
             (&b"abc"[..], 2, 3)
         );
+        assert!(batch.new_tasks);
         assert!(commit.take().is_none());
         commit.finish(3, Ok(()));
         for seq in 1..=3 {
             commit.wait(seq).await.unwrap();
         }
         // The flusher stopped: the next push starts another.
-        assert_eq!(commit.push(b"d", 1), (4, true));
+        assert_eq!(commit.push(b"d", task(3, true)), (4, true));
+        assert!(
+            !commit.take().unwrap().new_tasks,
+            "a moved record alone needs no fsync"
+        );
     }
 
     #[tokio::test]
     async fn a_failed_batch_fails_its_records_and_every_later_one_but_not_earlier_ones() {
         let commit = Commit::new();
-        commit.push(b"a", 1);
+        commit.push(b"a", task(1, false));
         let first = commit.take().unwrap();
         commit.finish(first.last_seq, Ok(()));
-        commit.push(b"b", 1);
+        commit.push(b"b", task(2, false));
         let second = commit.take().unwrap();
         commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
-        commit.push(b"c", 1);
+        commit.push(b"c", task(3, false));
         let third = commit.take().unwrap();
         commit.finish(third.last_seq, Ok(()));
         assert!(commit.wait(1).await.is_ok());

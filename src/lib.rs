@@ -52,6 +52,7 @@ mod builder;
 mod commit;
 pub mod error;
 pub mod journal;
+mod live;
 mod policy;
 mod pool;
 mod report;

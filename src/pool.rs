@@ -1,6 +1,6 @@
 //! The pool: intake, the queue, the workers, and the shutdown sequence.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,8 +19,9 @@ use crate::BoxError;
 use crate::builder::{Builder, Config};
 use crate::commit::Commit;
 use crate::error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
-use crate::journal::Journal;
 use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
+use crate::journal::{self, Journal, Sealed};
+use crate::live::{LiveIndex, Placement};
 use crate::policy::{Durability, Jitter, Policy, SyncPolicy};
 use crate::report::{Budget, RecoveryReport, ShutdownReport, State, Stats};
 use crate::task::{Task, TaskId};
@@ -36,8 +37,6 @@ pub(crate) struct Job<T> {
     pub(crate) journaled: bool,
     /// Whether it was replayed from an earlier run (whose segments wait for it).
     pub(crate) replayed: bool,
-    /// Write-ahead: the segment of this run holding its record (0: none).
-    pub(crate) segment: u64,
 }
 
 /// Why a task is held back for the final spill.
@@ -95,8 +94,13 @@ pub(crate) struct Inner<T> {
     pub(crate) jitter: Jitter,
     /// The write-ahead group commit (`None` in `OnShutdown` mode).
     commit: Option<Commit>,
-    /// Write-ahead: unacked tasks per segment of this run, so full segments can go once empty.
-    segment_live: Mutex<BTreeMap<u64, u64>>,
+    /// Write-ahead: where each unfinished task's latest record is, so that sealed segments go
+    /// once nothing live is left in them, and sparse ones are compacted.
+    live: Mutex<LiveIndex>,
+    /// Write-ahead: set while a compaction runs.
+    compacting: std::sync::atomic::AtomicBool,
+    /// Write-ahead: the newest segment compacted so far; a compaction needs a newer one.
+    compacted_through: AtomicU64,
     /// The shutdown trigger (the user's token, if one was given).
     trigger: CancellationToken,
     tracker: TaskTracker,
@@ -252,23 +256,22 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
     pub(crate) async fn finish_journaled(self: &Arc<Self>, job: &Job<T>) {
         let id = job.id;
         if let Some(commit) = &self.commit {
-            // Write-ahead: the ack rides with the next batch, unsynced.
+            // Write-ahead: the ack rides with the next batch, unsynced. It leaves the index and
+            // enters the buffer under one lock, so that a compaction copy of the task is either
+            // not made or ordered before the ack.
             let mut record = Vec::with_capacity(format::RECORD_HEADER_LEN);
             format::encode_ack(&mut record, self.epoch, id);
-            let (_, start) = commit.push(&record, 0);
+            let (emptied, start) = {
+                let mut live = lock(&self.live);
+                let emptied = live.finish(id);
+                let (_, start) = commit.push(&record, None);
+                (emptied, start)
+            };
             if start {
                 tokio::spawn(flush(Arc::clone(self)));
             }
-            if job.segment != 0 {
-                let emptied = {
-                    let mut live = lock(&self.segment_live);
-                    let count = live.entry(job.segment).or_default();
-                    *count = count.saturating_sub(1);
-                    *count == 0
-                };
-                if emptied {
-                    tokio::spawn(delete_empty_segments(Arc::clone(self)));
-                }
+            if emptied {
+                spawn_delete_empty_segments(Arc::clone(self));
             }
         } else {
             let mut journal = self.journal.lock().await;
@@ -279,8 +282,53 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
                 tracing::warn!(%error, task = %id, "could not append ack");
             }
         }
-        if job.replayed && self.replay_outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Write-ahead retires earlier runs' segments like its own, by what they still hold.
+        if job.replayed
+            && self.replay_outstanding.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.commit.is_none()
+        {
             self.retire_replayed().await;
+        }
+    }
+
+    /// Write-ahead: journals a failed task's new state (its attempt count, its retry time and
+    /// its error) as it waits for the retry. Not synced: if it is lost, the task runs with its
+    /// earlier state, an extra attempt at most.
+    pub(crate) fn journal_retry(self: &Arc<Self>, job: &Job<T>) {
+        let Some(commit) = &self.commit else { return };
+        if !job.journaled {
+            return;
+        }
+        let mut record = Vec::new();
+        let error = job.last_error.as_deref().unwrap_or("");
+        let encoded = format::encode_record(
+            &mut record,
+            self.epoch,
+            Kind::Task,
+            job.id,
+            &job.meta,
+            error,
+            |out| serde_json::to_writer(out, &*job.payload),
+        );
+        let Ok(len) = encoded else {
+            // Submit checked it serializes; if it no longer does, the journal keeps the
+            // earlier state.
+            return;
+        };
+        let start = {
+            let mut live = lock(&self.live);
+            if !live.begin_move(job.id) {
+                return;
+            }
+            let placement = Placement {
+                id: job.id,
+                len: len as u32,
+                moved: true,
+            };
+            commit.push(&record, Some(placement)).1
+        };
+        if start {
+            tokio::spawn(flush(Arc::clone(self)));
         }
     }
 
@@ -449,17 +497,29 @@ where
             ..Meta::default()
         };
         let mut record = Vec::with_capacity(format::task_record_len(size, 0));
-        if let Err(source) =
-            format::encode_record(&mut record, inner.epoch, Kind::Task, id, &meta, "", |out| {
-                serde_json::to_writer(out, &payload)
-            })
-        {
-            return Err(SubmitError::Unserializable {
-                task: payload,
-                source,
-            });
-        }
-        let (seq, start) = commit.push(&record, 1);
+        let len = match format::encode_record(
+            &mut record,
+            inner.epoch,
+            Kind::Task,
+            id,
+            &meta,
+            "",
+            |out| serde_json::to_writer(out, &payload),
+        ) {
+            Ok(len) => len as u32,
+            Err(source) => {
+                return Err(SubmitError::Unserializable {
+                    task: payload,
+                    source,
+                });
+            }
+        };
+        let placement = Placement {
+            id,
+            len,
+            moved: false,
+        };
+        let (seq, start) = commit.push(&record, Some(placement));
         if start {
             tokio::spawn(flush(Arc::clone(inner)));
         }
@@ -469,7 +529,6 @@ where
                 error,
             });
         }
-        let segment = commit.segment_of(seq);
         permit.send(Job {
             id,
             meta,
@@ -477,7 +536,6 @@ where
             payload: Arc::new(payload),
             journaled: true,
             replayed: false,
-            segment,
         });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         inner
@@ -544,7 +602,6 @@ where
             payload: Arc::new(payload),
             journaled: false,
             replayed: false,
-            segment: 0,
         });
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         inner
@@ -730,6 +787,9 @@ enum Recovered<T> {
         last_error: Option<Box<str>>,
         /// Boxed at once, so the moves that follow are a pointer's, not a payload's.
         payload: Arc<T>,
+        /// The segment holding this latest record, and the record's length.
+        segment: u64,
+        len: u32,
     },
     Undecodable {
         meta: Meta,
@@ -774,6 +834,11 @@ where
 
     // Tasks whose payload no longer decodes become dead letters, durably, before anything runs.
     let mut journal = journal;
+    let write_ahead = matches!(config.durability, Durability::WriteAhead { .. });
+    let mut live = LiveIndex::default();
+    if write_ahead {
+        journal.adopt_obsolete();
+    }
     let mut backlog = VecDeque::with_capacity(recovered.len());
     let mut waiting = Vec::new();
     let (now, wall) = (Instant::now(), now_ms());
@@ -783,7 +848,12 @@ where
                 meta,
                 last_error,
                 payload,
+                segment,
+                len,
             } => {
+                if write_ahead {
+                    live.recovered(id, segment, len);
+                }
                 let job = Job {
                     id,
                     meta,
@@ -791,7 +861,6 @@ where
                     payload,
                     journaled: true,
                     replayed: true,
-                    segment: 0,
                 };
                 // A task spilled while waiting for its retry keeps its time.
                 if meta.not_before_ms > wall {
@@ -864,8 +933,10 @@ where
         waiting: Mutex::new(waiting),
         waiting_changed: Notify::new(),
         jitter: Jitter::from_entropy(),
-        commit: matches!(config.durability, Durability::WriteAhead { .. }).then(Commit::new),
-        segment_live: Mutex::new(BTreeMap::new()),
+        commit: write_ahead.then(Commit::new),
+        live: Mutex::new(live),
+        compacting: std::sync::atomic::AtomicBool::new(false),
+        compacted_through: AtomicU64::new(0),
         policy,
         trigger: trigger.clone(),
         tracker: TaskTracker::new(),
@@ -886,7 +957,10 @@ where
         .counters
         .replayed
         .store(replayed as u64, Ordering::Relaxed);
-    if replayed == 0 && inner.recovery.segments > 0 {
+    if write_ahead {
+        // Earlier runs' segments without live tasks go now, the others as they empty.
+        spawn_delete_empty_segments(Arc::clone(&inner));
+    } else if replayed == 0 && inner.recovery.segments > 0 {
         // Nothing to replay: the old segments (acks only, or all damaged) can go now.
         let mut journal = inner.journal.lock().await;
         if let Some(journal) = journal.as_mut()
@@ -937,7 +1011,7 @@ fn recover<T: DeserializeOwned>(
     let estimate = segment_bytes(dir) / 160;
     let mut slots: Vec<Option<(TaskId, Recovered<T>)>> = Vec::with_capacity(estimate);
     let mut index: HashMap<TaskId, usize> = HashMap::with_capacity(estimate);
-    let (journal, report) = Journal::open(dir, ops, |record| match record.kind {
+    let (journal, report) = Journal::open(dir, ops, |segment, record| match record.kind {
         Kind::Task => {
             let meta = record.meta;
             let entry = match serde_json::from_slice::<T>(record.payload) {
@@ -946,6 +1020,8 @@ fn recover<T: DeserializeOwned>(
                     last_error: (!record.error.is_empty())
                         .then(|| String::from_utf8_lossy(record.error).into()),
                     payload: Arc::new(payload),
+                    segment,
+                    len: format::task_record_len(record.payload.len(), record.error.len()) as u32,
                 },
                 Err(e) => Recovered::Undecodable {
                     meta,
@@ -1000,18 +1076,18 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
     let segment_bytes = inner.config.segment_bytes;
     while let Some(batch) = commit.take() {
         let guard = Arc::clone(&inner.journal).lock_owned().await;
-        let tasks = batch.tasks;
+        let (tasks, new_tasks) = (batch.placements.len(), batch.new_tasks);
         let bytes = batch.bytes;
         let written = tokio::task::spawn_blocking(move || {
             let mut guard = guard;
             match guard.as_mut() {
                 Some(journal) => journal
-                    .append_batch(&bytes, tasks, sync && tasks > 0, segment_bytes)
+                    .append_batch(&bytes, tasks, sync && new_tasks, segment_bytes)
                     .map(Some),
-                // Closed by the shutdown: only acks can come this late (every submit's record
-                // was flushed before the queue was collected), and the segments they would
-                // ack are gone with the spill. Nothing to write.
-                None if tasks == 0 => Ok(None),
+                // Closed by the shutdown, whose spill holds every live task in its latest
+                // state: acks, retry states and compaction copies need not be written. A new
+                // task's record that comes this late fails its submit.
+                None if !new_tasks => Ok(None),
                 None => Err(JournalError::Poisoned),
             }
         })
@@ -1026,10 +1102,10 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
             )),
         };
         let result = match result {
-            Ok(Some(segment)) => {
-                commit.placed(batch.first_seq, segment);
-                if batch.tasks > 0 {
-                    *lock(&inner.segment_live).entry(segment).or_default() += batch.tasks as u64;
+            Ok(Some((segment, sealed))) => {
+                lock(&inner.live).placed(segment, &batch.placements);
+                if sealed {
+                    spawn_delete_empty_segments(Arc::clone(&inner));
                 }
                 Ok(())
             }
@@ -1044,36 +1120,159 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
     }
 }
 
-/// Write-ahead: deletes this run's full segments whose tasks are all acked, oldest first (a
-/// newer segment may hold the acks of an older one's tasks, so it never goes first).
+/// Write-ahead: deletes the sealed segments with nothing live left, oldest first (a newer
+/// segment may hold the acks of an older one's tasks, so it never goes first). Then, if the
+/// sealed segments before the newest hold no more live data than dead, starts a compaction
+/// of them, unless one runs or no segment was sealed since the last one.
+fn spawn_delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
+    tokio::spawn(delete_empty_segments(inner));
+}
+
 async fn delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
     let guard = Arc::clone(&inner.journal).lock_owned().await;
     let worker = Arc::clone(&inner);
     let deleted = tokio::task::spawn_blocking(move || {
         let mut guard = guard;
         let Some(journal) = guard.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
-        let through = {
-            let live = lock(&worker.segment_live);
-            journal
-                .sealed()
-                .take_while(|n| live.get(n).is_none_or(|&c| c == 0))
-                .last()
+        let (through, sparse) = {
+            let live = lock(&worker.live);
+            let sealed = journal.sealed();
+            let empty = sealed
+                .iter()
+                .take_while(|s| live.usage(s.number).tasks == 0)
+                .count();
+            let through = empty.checked_sub(1).map(|i| sealed[i].number);
+            // The newest sealed segment is left alone: its tasks are the most likely to finish
+            // on their own soon.
+            let older = sealed[empty..]
+                .split_last()
+                .map_or(&[][..], |(_, older)| older);
+            let size: u64 = older.iter().map(|s| s.len).sum();
+            let used: u64 = older.iter().map(|s| live.usage(s.number).bytes).sum();
+            let newest = older.last().map_or(0, |s| s.number);
+            let sparse = (!older.is_empty()
+                && used.saturating_mul(2) <= size
+                && newest > worker.compacted_through.load(Ordering::Acquire))
+            .then(|| older.to_vec());
+            (through, sparse)
         };
-        match through {
-            Some(through) => {
-                lock(&worker.segment_live).retain(|&n, _| n > through);
-                journal.delete_sealed_through(through)
-            }
-            None => Ok(()),
+        if let Some(through) = through {
+            journal.delete_sealed_through(through)?;
         }
+        Ok(sparse)
     })
     .await;
-    if let Ok(Err(error)) = deleted {
-        inner.record_journal_error(error);
+    match deleted {
+        Ok(Ok(Some(sparse))) if !inner.intake_closed() => {
+            if !inner.compacting.swap(true, Ordering::AcqRel) {
+                tokio::spawn(compact(inner, sparse));
+            }
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => inner.record_journal_error(error),
+        Err(error) => tracing::error!(%error, "deleting segments panicked"),
     }
 }
+
+/// Write-ahead compaction: writes the live tasks of `segments` again at the end of the journal,
+/// so that they hold nothing live and the next deletion pass removes them (after an fsync of
+/// the copies). A crash at any point leaves the old records, the copies, or both: recovery
+/// keeps one task per id.
+async fn compact<T: Send + Sync + 'static>(inner: Arc<Inner<T>>, segments: Vec<Sealed>) {
+    let newest = segments.last().map_or(0, |s| s.number);
+    inner.compacted_through.fetch_max(newest, Ordering::AcqRel);
+    let copied = copy_live(&inner, segments).await;
+    inner.compacting.store(false, Ordering::Release);
+    match copied {
+        Ok(0) => {}
+        Ok(count) => {
+            tracing::info!(tasks = count, through = newest, "compacted old segments");
+            spawn_delete_empty_segments(inner);
+        }
+        Err(error) => tracing::warn!(%error, "compaction stopped; the old segments stay"),
+    }
+}
+
+/// Reads the live tasks of `segments` and hands copies to the group commit; waits until they
+/// are written. Returns how many were copied.
+async fn copy_live<T: Send + Sync + 'static>(
+    inner: &Arc<Inner<T>>,
+    segments: Vec<Sealed>,
+) -> Result<usize, Arc<JournalError>> {
+    let Some(commit) = &inner.commit else {
+        return Ok(0);
+    };
+    let reader = Arc::clone(inner);
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        let mut copies = Vec::new();
+        for segment in &segments {
+            let found = journal::copy_tasks(&segment.path, reader.epoch, &mut buf, |id| {
+                lock(&reader.live).settled_in(id, segment.number)
+            })?;
+            copies.extend(
+                found
+                    .into_iter()
+                    .map(|(id, range)| (id, segment.number, range)),
+            );
+        }
+        Ok::<_, JournalError>((buf, copies))
+    })
+    .await;
+    let (buf, copies) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(error)) => return Err(Arc::new(error)),
+        Err(error) => {
+            let error = std::io::Error::other(error.to_string());
+            return Err(Arc::new(JournalError::io(
+                "compact",
+                &inner.journal_dir,
+                None,
+                error,
+            )));
+        }
+    };
+    // Each copy is checked and pushed under the index lock: a task finished before is not
+    // copied, and one finished after has its ack behind the copy.
+    let (mut count, mut last_seq) = (0, None);
+    for chunk in copies.chunks(COMPACT_CHUNK) {
+        if inner.intake_closed() {
+            // The shutdown spill writes every live task anew.
+            break;
+        }
+        let mut start = false;
+        {
+            let mut live = lock(&inner.live);
+            for (id, segment, range) in chunk {
+                if !live.settled_in(*id, *segment) || !live.begin_move(*id) {
+                    continue;
+                }
+                let placement = Placement {
+                    id: *id,
+                    len: range.len() as u32,
+                    moved: true,
+                };
+                let (seq, started) = commit.push(&buf[range.clone()], Some(placement));
+                start |= started;
+                last_seq = Some(seq);
+                count += 1;
+            }
+        }
+        if start {
+            tokio::spawn(flush(Arc::clone(inner)));
+        }
+    }
+    if let Some(seq) = last_seq {
+        commit.wait(seq).await?;
+    }
+    Ok(count)
+}
+
+/// Compaction copies are handed to the group commit this many at a time, so acks never wait
+/// long for the index lock.
+const COMPACT_CHUNK: usize = 256;
 
 /// The write-ahead `Interval` policy: fsyncs the journal every `every`, until intake closes.
 async fn sync_every<T>(inner: Arc<Inner<T>>, every: Duration) {

@@ -108,6 +108,7 @@ where
                 );
                 job.meta.not_before_ms = now_ms().saturating_add(delay.as_millis() as u64);
                 job.last_error = Some(error.into());
+                inner.journal_retry(&job);
                 counters.retried.fetch_add(1, Ordering::Relaxed);
                 inner.retry_later(job, delay);
             }

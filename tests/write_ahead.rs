@@ -188,54 +188,203 @@ fn full_segments_are_deleted_once_their_tasks_are_done() {
     let done = Done::default();
     let rt = runtime();
     let pool = rt.block_on(async {
-        let done = Arc::clone(&done);
-        let pool = Pool::builder()
-            .workers(2)
-            .durability(Durability::WriteAhead {
-                sync: SyncPolicy::Never,
-            })
-            .segment_bytes(4096)
-            .journal_dir(dir.path())
-            .start(move |task: Task<u64>| {
-                let done = Arc::clone(&done);
-                async move {
-                    // Tasks from 2,000 on stay unfinished until the crash.
-                    if *task.payload() >= 2_000 {
-                        std::future::pending::<()>().await;
-                    }
-                    done.lock().unwrap().push(*task.payload());
-                    Ok::<(), std::io::Error>(())
-                }
-            })
-            .await
-            .unwrap();
+        // Tasks from 2,000 on stay unfinished until the crash.
+        let pool = start_small(dir.path(), &done, 2_000, 0).await;
         submit_all(&pool, 2_000).await;
         completed(&pool, 2_000).await;
         pool.submit(2_000).await.unwrap();
         pool.submit(2_001).await.unwrap();
         // 2,000 task records of ~70 bytes and their acks fill about 60 segments of 4 KiB;
         // every full one has gone once its tasks were done.
-        let waited = std::time::Instant::now();
-        loop {
-            let stats = drainpool::journal::journal_stats(dir.path()).unwrap();
-            if stats.segments <= 2 || waited.elapsed() > Duration::from_secs(10) {
-                assert!(stats.segments <= 2, "{stats:?}");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let stats = journal_shrinks_to(dir.path(), 2).await;
+        assert!(stats.segments <= 2, "{stats:?}");
         pool
     });
     crash(rt, pool);
 
     // What is left holds the two unfinished tasks, and of the finished ones at most those
     // whose ack the crash cut off.
-    let contents = drainpool::journal::inspect_journal(dir.path()).unwrap();
-    let live: Vec<u64> = contents
+    let live = live_payloads(dir.path());
+    assert!(live.contains(&2_000) && live.contains(&2_001), "{live:?}");
+    assert!(live.len() < 100, "{} live records survive", live.len());
+}
+
+/// A pool with small segments whose handler finishes every task except those from `hang_from`
+/// on, which never finish; and tasks numbered below `fail_below`, which fail with a backoff of
+/// an hour (so they wait for their retry until the crash).
+async fn start_small(
+    dir: &std::path::Path,
+    done: &Done,
+    hang_from: u64,
+    fail_below: u64,
+) -> Pool<u64> {
+    let done = Arc::clone(done);
+    Pool::builder()
+        .workers(2)
+        .durability(Durability::WriteAhead {
+            sync: SyncPolicy::Never,
+        })
+        .segment_bytes(4096)
+        .backoff(Duration::from_secs(3600), Duration::from_secs(3600))
+        .journal_dir(dir)
+        .start(move |task: Task<u64>| {
+            let done = Arc::clone(&done);
+            async move {
+                let n = *task.payload();
+                if n >= hang_from {
+                    std::future::pending::<()>().await;
+                }
+                if n < fail_below {
+                    return Err(std::io::Error::other(format!("task {n} failed")));
+                }
+                done.lock().unwrap().push(n);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) until the journal has at most `segments` segments; returns the stats.
+async fn journal_shrinks_to(
+    dir: &std::path::Path,
+    segments: usize,
+) -> drainpool::journal::JournalStats {
+    let waited = std::time::Instant::now();
+    loop {
+        let stats = drainpool::journal::journal_stats(dir).unwrap();
+        if stats.segments <= segments || waited.elapsed() > Duration::from_secs(10) {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The live tasks of a journal, by payload, in order.
+fn live_payloads(dir: &std::path::Path) -> Vec<u64> {
+    let contents = drainpool::journal::inspect_journal(dir).unwrap();
+    let mut live: Vec<u64> = contents
         .live
         .iter()
         .map(|t| serde_json::from_slice::<u64>(&t.payload).unwrap())
         .collect();
-    assert!(live.contains(&2_000) && live.contains(&2_001), "{live:?}");
-    assert!(live.len() < 100, "{} live records survive", live.len());
+    live.sort_unstable();
+    live
+}
+
+#[test]
+fn a_task_that_never_finishes_does_not_pin_the_segments_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = Done::default();
+    let rt = runtime();
+    let pool = rt.block_on(async {
+        // Task 1,000,000 is submitted first and never finishes; 3,000 quick ones follow.
+        let pool = start_small(dir.path(), &done, 1_000_000, 0).await;
+        pool.submit(1_000_000).await.unwrap();
+        submit_all(&pool, 3_000).await;
+        completed(&pool, 3_000).await;
+        pool.submit(1_000_001).await.unwrap();
+        // Without compaction the first segment would keep all ~90 after it.
+        let stats = journal_shrinks_to(dir.path(), 4).await;
+        assert!(stats.segments <= 4, "{stats:?}");
+        pool
+    });
+    crash(rt, pool);
+
+    // The unfinished tasks are there once each (copies and originals are one task), and of
+    // the finished ones at most those whose ack the crash cut off.
+    let live = live_payloads(dir.path());
+    assert_eq!(
+        live.iter()
+            .filter(|&&n| n >= 1_000_000)
+            .copied()
+            .collect::<Vec<_>>(),
+        [1_000_000, 1_000_001],
+        "{live:?}"
+    );
+    assert!(live.len() < 150, "{} live records survive", live.len());
+
+    let rt = runtime();
+    rt.block_on(async {
+        let pool = start_small(dir.path(), &done, u64::MAX, 0).await;
+        assert_eq!(pool.recovery().damage, []);
+        assert_eq!(pool.recovery().replayed, live.len());
+        completed(&pool, live.len() as u64).await;
+        pool.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn segments_of_an_earlier_run_go_as_their_replayed_tasks_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = Done::default();
+    let rt = runtime();
+    let pool = rt.block_on(async {
+        // 600 tasks that never finish in this run: about ten segments.
+        let pool = start_small(dir.path(), &done, 0, 0).await;
+        submit_all(&pool, 600).await;
+        pool
+    });
+    crash(rt, pool);
+    let before = drainpool::journal::journal_stats(dir.path()).unwrap();
+    assert!(before.segments >= 10, "{before:?}");
+
+    let rt = runtime();
+    let pool = rt.block_on(async {
+        let pool = start_small(dir.path(), &done, u64::MAX, 0).await;
+        assert_eq!(pool.recovery().replayed, 600);
+        completed(&pool, 600).await;
+        pool.submit(5).await.unwrap();
+        completed(&pool, 601).await;
+        // The earlier run's segments are gone while the pool runs, not only at its shutdown.
+        let stats = journal_shrinks_to(dir.path(), 1).await;
+        assert_eq!(stats.segments, 1, "{stats:?}");
+        pool
+    });
+    crash(rt, pool);
+    // Nothing of the earlier run is left; the last task's ack may not have been written.
+    let live = live_payloads(dir.path());
+    assert!(live.iter().all(|&n| n == 5), "{live:?}");
+}
+
+#[test]
+fn a_retry_state_reaches_the_journal_when_the_task_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = Done::default();
+    let rt = runtime();
+    let pool = rt.block_on(async {
+        // Tasks 0 to 2 fail once, then wait an hour for their retry.
+        let pool = start_small(dir.path(), &done, u64::MAX, 3).await;
+        submit_all(&pool, 3).await;
+        let waited = std::time::Instant::now();
+        while pool.stats().retried < 3 && waited.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pool.stats().retried, 3);
+        // The retry states ride with the next batch; this submit's record follows them.
+        pool.submit(10).await.unwrap();
+        completed(&pool, 1).await;
+        pool
+    });
+    crash(rt, pool);
+
+    let contents = drainpool::journal::inspect_journal(dir.path()).unwrap();
+    assert_eq!(contents.live.len(), 3, "{contents:?}");
+    for task in &contents.live {
+        let n: u64 = serde_json::from_slice(&task.payload).unwrap();
+        assert_eq!(task.attempts, 1, "{task:?}");
+        assert_eq!(
+            task.last_error.as_deref(),
+            Some(&*format!("task {n} failed"))
+        );
+        // An hour's backoff, jittered down to half of it at most.
+        assert!(task.not_before_ms > now_ms() + 1_700_000, "{task:?}");
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }

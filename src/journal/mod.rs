@@ -48,6 +48,15 @@ const PROBE_FILE: &str = "probe.tmp";
 /// Spills are written in chunks of about this many bytes.
 const SPILL_CHUNK: usize = 1 << 20;
 
+/// A full segment: one this run sealed, or one of an earlier run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sealed {
+    pub(crate) number: u64,
+    pub(crate) path: PathBuf,
+    /// Its size in bytes.
+    pub(crate) len: u64,
+}
+
 /// A segment file found in the directory.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct SegmentFile {
@@ -72,7 +81,7 @@ pub(crate) struct Journal {
     /// This run's dead-letter segment.
     dead: Option<SegmentWriter>,
     /// Segments of earlier runs, deleted once nothing live depends on them.
-    obsolete: Vec<PathBuf>,
+    obsolete: Vec<Sealed>,
     /// Set when a spill could not be made durable: nothing old may be deleted then.
     keep_obsolete: bool,
     /// Set when a write-ahead batch failed: no more write-ahead appends (the spill at
@@ -81,8 +90,9 @@ pub(crate) struct Journal {
     /// This run's write-ahead segments, set aside at shutdown: deleted only at close, after the
     /// spill of every live task is durable.
     rotated: Vec<PathBuf>,
-    /// This run's full write-ahead segments, oldest first, until all their tasks are acked.
-    sealed: Vec<(u64, PathBuf)>,
+    /// Full write-ahead segments, oldest first, until all their tasks are acked: this run's,
+    /// after those of earlier runs once [`adopt_obsolete`](Self::adopt_obsolete) is called.
+    sealed: Vec<Sealed>,
 }
 
 /// How a spill went.
@@ -104,11 +114,11 @@ pub(crate) struct SpillOutcome {
 
 impl Journal {
     /// Opens and locks `dir`, recovers every segment, and hands each valid record of the live
-    /// segments to `on_record`, in segment and file order.
+    /// segments to `on_record` with its segment's number, in segment and file order.
     pub(crate) fn open(
         dir: &Path,
         ops: fs::Ops,
-        mut on_record: impl FnMut(RecordRef<'_>),
+        mut on_record: impl FnMut(u64, RecordRef<'_>),
     ) -> Result<(Self, RecoveryReport), StartError> {
         fs::create_dir(dir).map_err(|e| JournalError::io("create", dir, None, e))?;
         let lock_path = dir.join(LOCK_FILE);
@@ -148,7 +158,7 @@ impl Journal {
                         Kind::Task => false,
                     };
                 } else {
-                    on_record(record);
+                    on_record(segment.number, record);
                 }
             });
             if let Err(HeaderError::UnsupportedVersion(found)) = scan.header {
@@ -163,7 +173,11 @@ impl Journal {
             report.records += scan.records;
             note_damage(dir, segment, &scan, &mut report);
             if !segment.dead {
-                obsolete.push(segment.path.clone());
+                obsolete.push(Sealed {
+                    number: segment.number,
+                    path: segment.path.clone(),
+                    len: bytes.len() as u64,
+                });
             }
         }
 
@@ -249,26 +263,27 @@ impl Journal {
     /// write or fsync is never retried as if the data were safe.
     ///
     /// A segment that would grow past `segment_bytes` is sealed (fsynced) first and a new one
-    /// started. Returns the number of the segment the batch went to.
+    /// started. Returns the number of the segment the batch went to, and whether one was
+    /// sealed.
     pub(crate) fn append_batch(
         &mut self,
         bytes: &[u8],
         tasks: usize,
         sync: bool,
         segment_bytes: u64,
-    ) -> Result<u64, JournalError> {
+    ) -> Result<(u64, bool), JournalError> {
         if self.failed {
             return Err(JournalError::Poisoned);
         }
         let result = self
             .seal_if_full(bytes.len() as u64, segment_bytes)
-            .and_then(|()| {
+            .and_then(|sealed| {
                 let segment = self.current()?;
                 segment.append(bytes, tasks)?;
                 if sync {
                     segment.sync()?;
                 }
-                Ok(segment.number())
+                Ok((segment.number(), sealed))
             });
         if result.is_err() {
             self.failed = true;
@@ -278,27 +293,45 @@ impl Journal {
         result
     }
 
-    fn seal_if_full(&mut self, adding: u64, segment_bytes: u64) -> Result<(), JournalError> {
+    fn seal_if_full(&mut self, adding: u64, segment_bytes: u64) -> Result<bool, JournalError> {
         let full = self.current.as_ref().is_some_and(|s| {
             s.len() > format::HEADER_LEN as u64 && s.len() + adding > segment_bytes
         });
         if full && let Some(mut segment) = self.current.take() {
             segment.sync()?;
-            self.sealed
-                .push((segment.number(), segment.path().to_path_buf()));
+            self.sealed.push(Sealed {
+                number: segment.number(),
+                path: segment.path().to_path_buf(),
+                len: segment.len(),
+            });
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
-    /// Deletes this run's sealed segments numbered up to `through`, oldest first (their tasks
-    /// are all acked: the caller counts them).
+    /// Write-ahead: the segments of earlier runs join the sealed ones, to be deleted as their
+    /// tasks finish or are compacted, like this run's own.
+    pub(crate) fn adopt_obsolete(&mut self) {
+        let mut adopted = std::mem::take(&mut self.obsolete);
+        adopted.append(&mut self.sealed);
+        self.sealed = adopted;
+    }
+
+    /// Deletes the sealed segments numbered up to `through`, oldest first: nothing live is
+    /// left in them (the caller counts), and no older segment is left whose tasks they ack.
+    ///
+    /// This run's segment is fsynced first, so whatever replaced them (acks, compaction copies,
+    /// new retry states) is durable before they go. Nothing is deleted once the journal has
+    /// failed.
     pub(crate) fn delete_sealed_through(&mut self, through: u64) -> Result<(), JournalError> {
-        let done = self
-            .sealed
-            .partition_point(|&(number, _)| number <= through);
+        let done = self.sealed.partition_point(|s| s.number <= through);
+        if done == 0 || self.failed || self.keep_obsolete {
+            return Ok(());
+        }
+        self.sync_current()?;
         // Forget them only once removed: on a failure they stay listed (and go with the spill's
-        // rotation at shutdown), as before.
-        let paths: Vec<PathBuf> = self.sealed[..done].iter().map(|(_, p)| p.clone()).collect();
+        // rotation at shutdown).
+        let paths: Vec<PathBuf> = self.sealed[..done].iter().map(|s| s.path.clone()).collect();
         remove_segments(&*self.ops, &self.dir, &paths)?;
         self.sealed.drain(..done);
         Ok(())
@@ -322,8 +355,7 @@ impl Journal {
     /// shutdown deletes once its spill is durable. Used at shutdown in write-ahead mode, so the
     /// next start reads the live tasks, not the whole run's history.
     pub(crate) fn rotate_for_spill(&mut self) {
-        self.rotated
-            .extend(self.sealed.drain(..).map(|(_, path)| path));
+        self.rotated.extend(self.sealed.drain(..).map(|s| s.path));
         if let Some(segment) = self.current.take() {
             self.rotated.push(segment.path().to_path_buf());
         }
@@ -412,9 +444,9 @@ impl Journal {
         Ok((written, unencodable))
     }
 
-    /// This run's sealed write-ahead segments, oldest first.
-    pub(crate) fn sealed(&self) -> impl Iterator<Item = u64> + '_ {
-        self.sealed.iter().map(|(number, _)| *number)
+    /// The sealed segments, oldest first.
+    pub(crate) fn sealed(&self) -> &[Sealed] {
+        &self.sealed
     }
 
     /// Keeps the segments of earlier runs for good: something live in them could not be
@@ -432,12 +464,20 @@ impl Journal {
         if self.current.as_ref().is_some_and(|s| s.tasks() == 0)
             && let Some(segment) = self.current.take()
         {
-            self.obsolete.push(segment.path().to_path_buf());
+            self.obsolete.push(Sealed {
+                number: segment.number(),
+                path: segment.path().to_path_buf(),
+                len: segment.len(),
+            });
         }
         if self.obsolete.is_empty() {
             return Ok(());
         }
-        remove_segments(&*self.ops, &self.dir, &std::mem::take(&mut self.obsolete))?;
+        let paths: Vec<PathBuf> = std::mem::take(&mut self.obsolete)
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
+        remove_segments(&*self.ops, &self.dir, &paths)?;
         tracing::debug!(dir = %self.dir.display(), "retired old segments");
         Ok(())
     }
@@ -481,6 +521,50 @@ impl Journal {
             .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
         Ok(())
     }
+}
+
+/// Reads the task records of a sealed segment that `keep` selects (the last one per id) and
+/// appends each, encoded under `epoch`, to `out`. Returns each copy's id and byte range in
+/// `out`. Damaged records are skipped: a task whose record does not read back is not copied,
+/// so its segment stays. A segment already gone yields nothing.
+pub(crate) fn copy_tasks(
+    path: &Path,
+    epoch: u64,
+    out: &mut Vec<u8>,
+    mut keep: impl FnMut(TaskId) -> bool,
+) -> Result<Vec<(TaskId, std::ops::Range<usize>)>, JournalError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(JournalError::io("read", path, None, e)),
+    };
+    let mut last = std::collections::HashMap::new();
+    reader::scan(&bytes, |_, record| {
+        if record.kind == Kind::Task && keep(record.id) {
+            last.insert(record.id, record);
+        }
+    });
+    let mut records: Vec<_> = last.into_values().collect();
+    records.sort_unstable_by_key(|record| record.id);
+    let mut copies = Vec::with_capacity(records.len());
+    for record in records {
+        let start = out.len();
+        let error = String::from_utf8_lossy(record.error);
+        let Ok(_) = format::encode_record(
+            out,
+            epoch,
+            Kind::Task,
+            record.id,
+            &record.meta,
+            &error,
+            |out| {
+                out.extend_from_slice(record.payload);
+                Ok::<(), std::convert::Infallible>(())
+            },
+        );
+        copies.push((record.id, start..out.len()));
+    }
+    Ok(copies)
 }
 
 /// Removes segment files (one already gone is fine), then fsyncs the directory so the removals

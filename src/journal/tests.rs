@@ -87,7 +87,7 @@ fn items(run: u64, count: u64) -> Vec<Item> {
 
 fn try_open(dir: &Path) -> Result<(Journal, RecoveryReport, Vec<Seen>), StartError> {
     let mut seen = Vec::new();
-    let (journal, report) = Journal::open(dir, fs::os(), |record| {
+    let (journal, report) = Journal::open(dir, fs::os(), |_, record| {
         seen.push(Seen {
             kind: record.kind,
             id: record.id,

@@ -31,7 +31,7 @@ fn record(epoch: u64, kind: Kind, id: TaskId, error: &str) -> Vec<u8> {
 /// Opens `dir` as a pool would, spills `live` as tasks, sets `dead` aside as dead letters (each
 /// with the error "failed <seq>"), acks `acked`, and closes. Returns the run.
 fn write_journal(dir: &Path, live: &[u64], dead: &[u64], acked: &[u64]) -> u64 {
-    let (mut journal, _) = Journal::open(dir, crate::journal::fs::os(), |_| {}).unwrap();
+    let (mut journal, _) = Journal::open(dir, crate::journal::fs::os(), |_, _| {}).unwrap();
     let run = journal.run();
     let outcome = journal.spill(live, |&seq, epoch, out| {
         out.extend(record(epoch, Kind::Task, TaskId::new(run, seq), ""));
@@ -370,7 +370,7 @@ fn requeue_of_an_id_that_is_not_a_dead_letter_writes_nothing() {
 fn requeue_refuses_while_a_pool_holds_the_lock() {
     let tmp = tempfile::tempdir().unwrap();
     write_journal(tmp.path(), &[], &[1], &[]);
-    let (journal, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_| {}).unwrap();
+    let (journal, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_, _| {}).unwrap();
     let before = snapshot(tmp.path());
     match requeue_dead_letters(tmp.path(), Requeue::All) {
         Err(error @ RequeueError::Locked { .. }) => assert_eq!(
@@ -497,7 +497,7 @@ fn a_directory_with_no_lock_file_and_no_segment_is_refused() {
     assert!(snapshot(tmp.path()).is_empty());
 
     // A journal directory with nothing left in it is one.
-    let (journal, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_| {}).unwrap();
+    let (journal, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_, _| {}).unwrap();
     journal.close().unwrap();
     assert_eq!(
         inspect_journal(tmp.path()).unwrap(),
