@@ -34,33 +34,32 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
-use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use drainpool::{Durability, Pool, State, SubmitError, SyncPolicy, Task};
-use rustix::process::{Pid, Signal};
+use common::child::{
+    LedgerFile, Rng, SelfExec, describe, env_u64, field, install_signal_handlers, last_words, read,
+    run_worker, say, shut_down_when_empty, splitmix, tail, task_hash, touch_when_draining,
+};
+use drainpool::{Durability, Pool, SubmitError, SyncPolicy, Task};
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
-/// The worker's directory (ledgers, markers and `journal/`); its presence selects the worker.
-const WORKER_DIR: &str = "DRAINPOOL_CRASH_WORKER_DIR";
-/// The worker's configuration, as `key=value` words.
-const WORKER_CONFIG: &str = "DRAINPOOL_CRASH_WORKER_CONFIG";
-/// How the test binary runs only `crash_worker`.
-const WORKER_ARGS: [&str; 5] = [
-    "crash_worker",
-    "--exact",
-    "--ignored",
-    "--nocapture",
-    "--test-threads=1",
-];
+/// How the test binary runs itself as a worker: only `crash_worker`, on the directory (ledgers,
+/// markers and `journal/`) and the configuration (`key=value` words) these variables name.
+const WORKER: SelfExec = SelfExec {
+    test: "crash_worker",
+    dir_var: "DRAINPOOL_CRASH_WORKER_DIR",
+    config_var: "DRAINPOOL_CRASH_WORKER_CONFIG",
+    exit_poll: Duration::from_millis(1),
+    ready_poll: Duration::from_micros(500),
+};
 
 /// Limits on every wait for a worker.
 const READY_LIMIT: Duration = Duration::from_secs(15);
@@ -138,48 +137,11 @@ impl WorkerConfig {
 #[test]
 #[ignore = "the worker process of the crash tests, which start it themselves"]
 fn crash_worker() {
-    let (Some(dir), Ok(config)) = (std::env::var_os(WORKER_DIR), std::env::var(WORKER_CONFIG))
-    else {
+    let Some((dir, config)) = WORKER.worker_env() else {
         return;
     };
     let config = WorkerConfig::decode(&config);
-    let mut runtime = if config.multi_thread {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(2);
-        builder
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
-    let runtime = runtime.enable_all().build().expect("a tokio runtime");
-    let code = runtime.block_on(worker(PathBuf::from(dir), config));
-    // Exit here: no destructors, no waiting for blocking threads.
-    std::process::exit(code);
-}
-
-/// An append-only ledger file; every line, `generation number;`, goes out in one `write`.
-struct Ledger(Mutex<File>);
-
-impl Ledger {
-    /// Opens a ledger, ending a line an earlier generation's SIGKILL may have cut short (a
-    /// write across a page boundary can stop between pages), so that the harness sees the
-    /// fragment, without its `;`, on a line of its own.
-    fn open(path: &Path) -> Self {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("a ledger file");
-        let text = std::fs::read(path).expect("a ledger file");
-        if text.last().is_some_and(|&b| b != b'\n') {
-            file.write_all(b"\n").expect("a ledger write");
-        }
-        Self(Mutex::new(file))
-    }
-
-    fn line(&self, line: String) {
-        let mut file = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(line.as_bytes()).expect("a ledger write");
-    }
+    run_worker(config.multi_thread, worker(dir, config));
 }
 
 /// Writes a small file whole: the harness never reads half of it.
@@ -191,13 +153,14 @@ fn publish(dir: &Path, name: &str, text: &str) {
 
 /// A task's run time, 0 to 5 ms, from the seed and its number.
 fn work_ms(seed: u64, n: u64) -> u64 {
-    splitmix(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 6
+    task_hash(seed, n) % 6
 }
 
 async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
     let generation = config.generation;
-    let completed = Arc::new(Ledger::open(&dir.join("completed.log")));
-    let started = Arc::new(Ledger::open(&dir.join("started.log")));
+    // Every ledger line, `generation number;`, goes out in one `write`.
+    let completed = Arc::new(LedgerFile::open_mended(&dir.join("completed.log")));
+    let started = Arc::new(LedgerFile::open_mended(&dir.join("started.log")));
     let handler = move |task: Task<Work>| {
         let Work { n, work_ms } = *task.payload();
         started.line(format!("{generation} {n};\n"));
@@ -243,27 +206,17 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
         ),
     );
 
-    // The first poll installs the signal handlers; only then is the worker ready.
     let mut run = std::pin::pin!(pool.run_until_signal());
-    let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-    if let Poll::Ready(result) = first {
-        panic!("run_until_signal returned at once: {result:?}");
-    }
+    install_signal_handlers(run.as_mut()).await;
     publish(&dir, &format!("ready.{generation}"), "");
-    let mut state = pool.state();
-    let draining = dir.join(format!("draining.{generation}"));
-    tokio::spawn(async move {
-        if state.wait_for(|s| *s != State::Running).await.is_ok() {
-            File::create(draining).expect("a marker file");
-        }
-    });
+    touch_when_draining(&pool, dir.join(format!("draining.{generation}")));
 
     let producer_done = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn({
         let pool = pool.clone();
         let done = Arc::clone(&producer_done);
-        let acknowledged = Arc::new(Ledger::open(&dir.join("acknowledged.log")));
-        let errors = Arc::new(Ledger::open(&dir.join("submit_errors.log")));
+        let acknowledged = Arc::new(LedgerFile::open_mended(&dir.join("acknowledged.log")));
+        let errors = Arc::new(LedgerFile::open_mended(&dir.join("submit_errors.log")));
         let config = config.clone();
         async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(config.submitters));
@@ -308,18 +261,7 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
     });
 
     if config.until_empty {
-        let pool = pool.clone();
-        let done = Arc::clone(&producer_done);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                let stats = pool.stats();
-                if done.load(Ordering::SeqCst) && stats.queued == 0 && stats.in_flight == 0 {
-                    pool.shutdown_token().cancel();
-                    return;
-                }
-            }
-        });
+        shut_down_when_empty(&pool, &producer_done, Duration::from_millis(2));
     }
 
     let report = run.await.expect("run_until_signal");
@@ -365,135 +307,6 @@ enum Moment {
 
 const MOMENTS: [Moment; 3] = [Moment::Submits, Moment::Drain, Moment::Replay];
 
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-
-fn splitmix(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-}
-
-/// A worker process that is killed (SIGKILL) and reaped when dropped, whatever happened.
-struct Worker {
-    child: Child,
-}
-
-impl Worker {
-    fn spawn(dir: &Path, config: &WorkerConfig) -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let generation = config.generation;
-        let out = File::create(dir.join(format!("out.{generation}")))
-            .map_err(|e| format!("stdout file: {e}"))?;
-        let err = File::create(dir.join(format!("err.{generation}")))
-            .map_err(|e| format!("stderr file: {e}"))?;
-        let child = Command::new(exe)
-            .args(WORKER_ARGS)
-            .env(WORKER_DIR, dir)
-            .env(WORKER_CONFIG, config.encode())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("spawning the worker: {e}"))?;
-        Ok(Self { child })
-    }
-
-    fn signal(&self, signal: Signal, name: &str) -> Result<(), String> {
-        let pid = self.child.id();
-        let target = Pid::from_raw(pid as i32).ok_or("pid 0")?;
-        // The child is not reaped before `wait`, so its pid cannot be reused meanwhile.
-        rustix::process::kill_process(target, signal).map_err(|e| format!("{name} to {pid}: {e}"))
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// Waits for the exit, killing the worker after `limit`.
-    fn wait(&mut self, limit: Duration) -> Result<ExitStatus, String> {
-        let started = Instant::now();
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
-                Ok(None) if started.elapsed() < limit => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok(None) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(format!("the worker still ran after {limit:?}; killed it"));
-                }
-                Err(e) => return Err(format!("waiting for the worker: {e}")),
-            }
-        }
-    }
-
-    /// Polls `ready` until it holds (true), or the worker exits first (false); an error after
-    /// `limit`.
-    fn wait_until(
-        &mut self,
-        limit: Duration,
-        what: &str,
-        mut ready: impl FnMut() -> bool,
-    ) -> Result<bool, String> {
-        let started = Instant::now();
-        loop {
-            if ready() {
-                return Ok(true);
-            }
-            if self.exited().is_some() {
-                return Ok(false);
-            }
-            if started.elapsed() > limit {
-                return Err(format!("no {what} after {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Whole lines in a ledger.
 fn line_count(path: &Path) -> usize {
     std::fs::read(path)
@@ -521,12 +334,6 @@ fn fields(path: &Path) -> Option<HashMap<String, String>> {
     )
 }
 
-fn field(map: &HashMap<String, String>, key: &str) -> Result<u64, String> {
-    map.get(key)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no number {key} in {map:?}"))
-}
-
 /// The `generation number;` lines of a ledger, and how many lines a SIGKILL cut short (no
 /// `;`; never seen so far: each line is one small `write`), which are left out.
 fn pairs(dir: &Path, name: &str) -> Result<(Vec<(u32, u64)>, usize), String> {
@@ -545,12 +352,6 @@ fn pairs(dir: &Path, name: &str) -> Result<(Vec<(u32, u64)>, usize), String> {
         out.push(pair);
     }
     Ok((out, torn))
-}
-
-fn describe(set: &BTreeSet<u64>) -> String {
-    let shown: Vec<String> = set.iter().take(20).map(u64::to_string).collect();
-    let more = if set.len() > 20 { ", ..." } else { "" };
-    format!("{} [{}{more}]", set.len(), shown.join(", "))
 }
 
 /// What one generation did.
@@ -636,19 +437,8 @@ fn run_round(moment: Moment, seed: u64) -> Result<Outcome, Failure> {
         });
     let result = result.map_err(|mut failure| {
         // Show the last words of every generation's worker.
-        let text = &mut failure.message;
-        for generation in 1..=MAX_GENERATIONS {
-            let err = read(&dir.join(format!("err.{generation}")));
-            let out = read(&dir.join(format!("out.{generation}")));
-            let fatal = read(&dir.join(format!("fatal.{generation}")));
-            if !err.is_empty() || !out.is_empty() || !fatal.is_empty() {
-                text.push_str(&format!(
-                    "\n--- generation {generation} stdout:\n{}\n--- stderr:\n{}{fatal}",
-                    tail(&out, 8),
-                    tail(&err, 15)
-                ));
-            }
-        }
+        let words = last_words(&dir, MAX_GENERATIONS, Some("fatal"));
+        failure.message.push_str(&words);
         failure
     });
     if result.is_err() && std::env::var_os("CRASH_KEEP_DIR").is_some() {
@@ -693,7 +483,7 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
         until_empty: false,
     };
     let mut next = count;
-    let mut worker = Worker::spawn(dir, &config)?;
+    let mut worker = WORKER.spawn(dir, config.generation, &config.encode(), None)?;
     let ready = dir.join("ready.1");
     if !worker.wait_until(READY_LIMIT, "ready marker", || ready.exists())? {
         return Err("generation 1 exited before it was ready".into());
@@ -748,7 +538,7 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
             until_empty: true,
         };
         next += count;
-        let mut worker = Worker::spawn(dir, &config)?;
+        let mut worker = WORKER.spawn(dir, config.generation, &config.encode(), None)?;
         if generation <= 1 + replay_kills {
             let start = dir.join(format!("start.{generation}"));
             let running = if rng.range(0, 3) == 0 {
@@ -980,25 +770,9 @@ fn check(dir: &Path, runs: &[GenRun], mut outcome: Outcome) -> Result<Outcome, S
 // The tests.
 // ---------------------------------------------------------------------------------------------
 
-fn env_u64(name: &str) -> Option<u64> {
-    let text = std::env::var(name).ok()?;
-    let text = text.trim();
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
-}
-
 fn round_seed(moment: Moment, round: u64) -> u64 {
     let base = env_u64("CRASH_SEED").unwrap_or(0xC2A5_D2A1_4900_0001);
     splitmix(base ^ ((moment as u64 + 1) << 48) ^ round)
-}
-
-/// Writes a line past the test harness's output capture, so it shows in `cargo test`.
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
 }
 
 /// Totals over rounds.

@@ -35,33 +35,32 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
-use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use drainpool::{Pool, State, SubmitError, Task, TaskId};
-use rustix::process::{Pid, Signal};
+use common::child::{
+    LedgerFile, Rng, SelfExec, describe, env_u64, field, install_signal_handlers, last_words, read,
+    run_worker, say, send, shut_down_when_empty, splitmix, task_hash, touch, touch_when_draining,
+};
+use drainpool::{Pool, SubmitError, Task, TaskId};
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
-/// The worker's directory (ledgers, markers, and `journal/`); its presence selects the worker.
-const WORKER_DIR: &str = "DRAINPOOL_SIGNALS_WORKER_DIR";
-/// The worker's configuration, as `key=value` words.
-const WORKER_CONFIG: &str = "DRAINPOOL_SIGNALS_WORKER_CONFIG";
-/// How the test binary runs only `worker_main`.
-const WORKER_ARGS: [&str; 5] = [
-    "worker_main",
-    "--exact",
-    "--ignored",
-    "--nocapture",
-    "--test-threads=1",
-];
+/// How the test binary runs itself as a worker: only `worker_main`, on the directory (ledgers,
+/// markers, and `journal/`) and the configuration (`key=value` words) these variables name.
+const WORKER: SelfExec = SelfExec {
+    test: "worker_main",
+    dir_var: "DRAINPOOL_SIGNALS_WORKER_DIR",
+    config_var: "DRAINPOOL_SIGNALS_WORKER_CONFIG",
+    exit_poll: Duration::from_millis(2),
+    ready_poll: Duration::from_millis(1),
+};
 
 /// The time between the drain deadline and the hard stop.
 const CANCEL_GRACE_MS: u64 = 100;
@@ -190,57 +189,23 @@ impl WorkerConfig {
 #[test]
 #[ignore = "the worker process of the signal tests, which start it themselves"]
 fn worker_main() {
-    let (Some(dir), Ok(config)) = (std::env::var_os(WORKER_DIR), std::env::var(WORKER_CONFIG))
-    else {
+    let Some((dir, config)) = WORKER.worker_env() else {
         return;
     };
     let config = WorkerConfig::decode(&config);
-    let mut runtime = if config.multi_thread {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(2);
-        builder
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
-    let runtime = runtime.enable_all().build().expect("a tokio runtime");
-    let code = runtime.block_on(worker(PathBuf::from(dir), config));
-    // Exit here: no destructors, no waiting for blocking threads.
-    std::process::exit(code);
-}
-
-/// An append-only ledger file; every line goes out in one `write`.
-struct Ledger(Mutex<File>);
-
-impl Ledger {
-    fn open(path: &Path) -> Self {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("a ledger file");
-        Self(Mutex::new(file))
-    }
-
-    fn line(&self, line: String) {
-        let mut file = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(line.as_bytes()).expect("a ledger write");
-    }
-}
-
-fn touch(path: &Path) {
-    File::create(path).expect("a marker file");
+    run_worker(config.multi_thread, worker(dir, config));
 }
 
 /// A task's work and reply times, from the seed and its number.
 fn task_times(seed: u64, n: u64) -> (u64, u64) {
-    let h = splitmix(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let h = task_hash(seed, n);
     (1 + h % 20, (h >> 32) % 3)
 }
 
 async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
     let generation = config.generation;
-    let completed = Arc::new(Ledger::open(&dir.join("completed.log")));
-    let starts = Arc::new(Ledger::open(&dir.join("starts.log")));
+    let completed = Arc::new(LedgerFile::open(&dir.join("completed.log")));
+    let starts = Arc::new(LedgerFile::open(&dir.join("starts.log")));
     let numbers: Arc<Mutex<HashMap<TaskId, u64>>> = Arc::default();
     let watching = Arc::new(AtomicBool::new(false));
     let tokens_marker = dir.join(format!("tokens.{generation}"));
@@ -308,19 +273,13 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
         std::process::id()
     );
 
-    let mut state = pool.state();
-    let draining_marker = dir.join(format!("draining.{generation}"));
-    tokio::spawn(async move {
-        if state.wait_for(|s| *s != State::Running).await.is_ok() {
-            touch(&draining_marker);
-        }
-    });
+    touch_when_draining(&pool, dir.join(format!("draining.{generation}")));
 
     let accepted = Arc::new(AtomicU64::new(0));
     let producer_done = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn({
         let pool = pool.clone();
-        let ledger = Ledger::open(&dir.join("accepted.log"));
+        let ledger = LedgerFile::open(&dir.join("accepted.log"));
         let accepted = Arc::clone(&accepted);
         let done = Arc::clone(&producer_done);
         let config = config.clone();
@@ -352,12 +311,8 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
         }
     });
 
-    // The first poll installs the signal handlers; only then is the worker ready.
     let mut run = std::pin::pin!(pool.run_until_signal());
-    let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-    if let Poll::Ready(result) = first {
-        panic!("run_until_signal returned at once: {result:?}");
-    }
+    install_signal_handlers(run.as_mut()).await;
     let enough = config.count.min(20);
     while accepted.load(Ordering::SeqCst) < enough && !producer_done.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -365,18 +320,7 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
     touch(&dir.join(format!("ready.{generation}")));
 
     if config.until_empty {
-        let pool = pool.clone();
-        let done = Arc::clone(&producer_done);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let stats = pool.stats();
-                if done.load(Ordering::SeqCst) && stats.queued == 0 && stats.in_flight == 0 {
-                    pool.shutdown_token().cancel();
-                    return;
-                }
-            }
-        });
+        shut_down_when_empty(&pool, &producer_done, Duration::from_millis(5));
     }
 
     let report = run.await.expect("run_until_signal");
@@ -488,141 +432,6 @@ impl Case {
     }
 }
 
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-
-fn splitmix(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-
-    fn sleep_ms(&mut self, lo: u64, hi: u64) {
-        std::thread::sleep(Duration::from_millis(self.range(lo, hi)));
-    }
-}
-
-/// A worker process that is killed (SIGKILL) and reaped when dropped, whatever happened.
-struct Reaper {
-    child: Child,
-}
-
-impl Reaper {
-    /// Starts a worker, as PID 1 of a new PID namespace if `unshare` options are given.
-    fn spawn(dir: &Path, config: &WorkerConfig, unshare: Option<&[&str]>) -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let mut command = match unshare {
-            Some(options) => {
-                let mut command = Command::new("unshare");
-                command.args(options).arg(&exe);
-                command
-            }
-            None => Command::new(&exe),
-        };
-        let generation = config.generation;
-        let out = File::create(dir.join(format!("out.{generation}")))
-            .map_err(|e| format!("stdout file: {e}"))?;
-        let err = File::create(dir.join(format!("err.{generation}")))
-            .map_err(|e| format!("stderr file: {e}"))?;
-        let child = command
-            .args(WORKER_ARGS)
-            .env(WORKER_DIR, dir)
-            .env(WORKER_CONFIG, config.encode())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("spawning the worker: {e}"))?;
-        Ok(Self { child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// Waits for the exit, killing the worker after `limit`.
-    fn wait(&mut self, limit: Duration) -> Result<ExitStatus, String> {
-        let started = Instant::now();
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
-                Ok(None) if started.elapsed() < limit => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Ok(None) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(format!("the worker still ran after {limit:?}; killed it"));
-                }
-                Err(e) => return Err(format!("waiting for the worker: {e}")),
-            }
-        }
-    }
-
-    /// Polls `ready` until it holds, failing if the worker exits first or after `limit`.
-    fn wait_for(
-        &mut self,
-        limit: Duration,
-        what: &str,
-        mut ready: impl FnMut() -> bool,
-    ) -> Result<(), String> {
-        let started = Instant::now();
-        loop {
-            if ready() {
-                return Ok(());
-            }
-            if let Some(status) = self.exited() {
-                return Err(format!("the worker exited ({status}) before {what}"));
-            }
-            if started.elapsed() > limit {
-                return Err(format!("no {what} after {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // For `unshare --kill-child`, its child dies with it.
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn send(pid: u32, signal: Signal, name: &str) -> Result<(), String> {
-    let target = Pid::from_raw(pid as i32).ok_or("pid 0")?;
-    rustix::process::kill_process(target, signal).map_err(|e| format!("{name} to {pid}: {e}"))
-}
-
 /// The `unshare` options that make a PID namespace here (without privileges, inside a user
 /// namespace), or why none does.
 fn pid_namespaces() -> Result<&'static [&'static str], String> {
@@ -721,12 +530,6 @@ fn worker_line(out: &str, kind: &str) -> Option<HashMap<String, String>> {
     )
 }
 
-fn field(map: &HashMap<String, String>, key: &str) -> Result<u64, String> {
-    map.get(key)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no number {key} in {map:?}"))
-}
-
 fn numbers_field(map: &HashMap<String, String>, key: &str) -> Result<BTreeSet<u64>, String> {
     let text = map.get(key).ok_or_else(|| format!("no {key} in {map:?}"))?;
     text.split(',')
@@ -736,15 +539,6 @@ fn numbers_field(map: &HashMap<String, String>, key: &str) -> Result<BTreeSet<u6
                 .map_err(|_| format!("{key}: not a task number: {s}"))
         })
         .collect()
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn collect(dir: &Path, config: WorkerConfig, status: ExitStatus) -> Result<GenRun, String> {
@@ -836,22 +630,8 @@ fn run_round(case: Case, seed: u64) -> Result<Outcome, String> {
         .map_err(|e| format!("a temporary directory: {e}"))?;
     let dir = temp.path();
     let result = run_generations(case, seed, dir);
-    let result = result.map_err(|e| {
-        // Show the last words of every generation's worker.
-        let mut text = e;
-        for generation in 1..=MAX_GENERATIONS {
-            let err = read(&dir.join(format!("err.{generation}")));
-            let out = read(&dir.join(format!("out.{generation}")));
-            if !err.is_empty() || !out.is_empty() {
-                text.push_str(&format!(
-                    "\n--- generation {generation} stdout:\n{}\n--- stderr:\n{}",
-                    tail(&out, 8),
-                    tail(&err, 15)
-                ));
-            }
-        }
-        text
-    });
+    // Show the last words of every generation's worker.
+    let result = result.map_err(|e| e + &last_words(dir, MAX_GENERATIONS, None));
     temp.close()
         .map_err(|e| format!("removing the temporary directory: {e}"))?;
     result
@@ -898,7 +678,7 @@ fn run_generations(case: Case, seed: u64, dir: &Path) -> Result<Outcome, String>
             until_empty: true,
         };
         next += count;
-        let mut worker = Reaper::spawn(dir, &config, None)?;
+        let mut worker = WORKER.spawn(dir, config.generation, &config.encode(), None)?;
         let status = worker
             .wait(EXIT_LIMIT)
             .map_err(|e| format!("generation {generation}: {e}"))?;
@@ -939,7 +719,8 @@ fn signalled_generation(
     } else {
         None
     };
-    let mut worker = Reaper::spawn(dir, &config, unshare)?;
+    let launcher = unshare.map(|options| ("unshare", options));
+    let mut worker = WORKER.spawn(dir, config.generation, &config.encode(), launcher)?;
     let ready = dir.join("ready.1");
     worker.wait_for(READY_LIMIT, "ready marker", || ready.exists())?;
     // The slow tasks must be in flight when the signal comes.
@@ -1007,12 +788,6 @@ fn signalled_generation(
         .map_err(|e| format!("generation 1: {e}"))?;
     drop(worker);
     collect(dir, config, status)
-}
-
-fn describe(set: &BTreeSet<u64>) -> String {
-    let shown: Vec<String> = set.iter().take(20).map(u64::to_string).collect();
-    let more = if set.len() > 20 { ", ..." } else { "" };
-    format!("{} [{}{more}]", set.len(), shown.join(", "))
 }
 
 /// Checks the ledgers and the reports of a round.
@@ -1312,29 +1087,9 @@ fn check(case: Case, dir: &Path, runs: &[GenRun]) -> Result<Outcome, String> {
 // The tests.
 // ---------------------------------------------------------------------------------------------
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(text) => {
-            let text = text.trim();
-            let parsed = match text.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => text.parse(),
-            };
-            parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number"))
-        }
-        Err(_) => default,
-    }
-}
-
 fn round_seed(case: Case, round: u64) -> u64 {
-    let base = env_u64("SIGNALS_SEED", 0x5EED_D2A1_4900_0001);
+    let base = env_u64("SIGNALS_SEED").unwrap_or(0x5EED_D2A1_4900_0001);
     splitmix(base ^ ((case as u64) << 48) ^ round)
-}
-
-/// Writes a line past the test harness's output capture, so it shows in `cargo test`.
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
 }
 
 /// Totals over rounds.
@@ -1366,7 +1121,7 @@ impl Totals {
 }
 
 fn run_case(case: Case) {
-    let rounds = env_u64("SIGNALS_ROUNDS", 8);
+    let rounds = env_u64("SIGNALS_ROUNDS").unwrap_or(8);
     let started = Instant::now();
     let mut totals = Totals::default();
     for round in 0..rounds {
@@ -1444,7 +1199,7 @@ fn sigterm_to_pid_1_of_a_pid_namespace() {
 #[test]
 #[ignore = "a long soak: run it by name"]
 fn soak() {
-    let rounds = env_u64("SOAK_ROUNDS", 20);
+    let rounds = env_u64("SOAK_ROUNDS").unwrap_or(20);
     let started = Instant::now();
     let mut totals = Totals::default();
     let mut failures = Vec::new();

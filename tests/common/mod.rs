@@ -2,6 +2,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(unix)]
+pub mod child;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
