@@ -59,6 +59,7 @@ pub(crate) struct Counters {
     pub(crate) dropped: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) unsaved: AtomicU64,
+    pub(crate) compacted: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
 }
 
@@ -740,6 +741,7 @@ impl<T> Pool<T> {
             interrupted: c.interrupted.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
+            compacted: c.compacted.load(Ordering::Relaxed),
         }
     }
 
@@ -1188,6 +1190,10 @@ async fn compact<T: Send + Sync + 'static>(inner: Arc<Inner<T>>, segments: Vec<S
     match copied {
         Ok(0) => {}
         Ok(count) => {
+            inner
+                .counters
+                .compacted
+                .fetch_add(count as u64, Ordering::Relaxed);
             tracing::info!(tasks = count, through = newest, "compacted old segments");
             spawn_delete_empty_segments(inner);
         }

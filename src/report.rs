@@ -46,6 +46,9 @@ pub struct Stats {
     pub spilled: u64,
     /// In-flight tasks stopped at the drain deadline and journaled.
     pub interrupted: u64,
+    /// Write-ahead: live tasks copied out of old segments by compaction, so those segments
+    /// could be deleted.
+    pub compacted: u64,
 }
 
 /// One stretch of damage found in a segment at start.

@@ -12,7 +12,10 @@
 //! The harness kills with SIGKILL (a) during the submits, after a random number of
 //! acknowledgements; (b) during the drain, a few milliseconds after a SIGTERM (the worker runs
 //! `run_until_signal`); (c) during the replay: the second generation (sometimes the third too)
-//! after it completed a random number of the tasks it replayed, or while it starts. It then
+//! after it completed a random number of the tasks it replayed, or while it starts; (d) during
+//! compaction: with segments of 1 to 4 KiB and one slow task in 40 to 120 pinning its segment,
+//! a few milliseconds after the first compaction copied tasks (compactions go on after it as
+//! segments fill). It then
 //! restarts the worker until a generation runs to empty without a kill, and asserts that every
 //! acknowledged number was completed at least once (`lost=0`), that no generation's recovery
 //! found damage mid-file, that each one replayed at least the acknowledged tasks still
@@ -23,7 +26,7 @@
 //!
 //! `cargo test --test crash` runs `CRASH_ROUNDS` (default 12) rounds of each kill moment, seeded
 //! from `CRASH_SEED`; a failure names its round's seed, and `CRASH_ROUND_SEED=<seed>` runs only
-//! that round (`CRASH_KEEP_DIR=1` keeps a failing round's directory). The soak cycles the three
+//! that round (`CRASH_KEEP_DIR=1` keeps a failing round's directory). The soak cycles the four
 //! moments,
 //!
 //! ```text
@@ -94,12 +97,19 @@ struct WorkerConfig {
     multi_thread: bool,
     /// Shut down by itself once the producer is done and nothing is queued or running.
     until_empty: bool,
+    /// The journal's segment size (0: the default).
+    segment_bytes: u64,
+    /// Every this many tasks, one runs for `SLOW_MS` (0: none), pinning its segment.
+    slow_every: u64,
 }
+
+/// How long a slow task runs.
+const SLOW_MS: u64 = 400;
 
 impl WorkerConfig {
     fn encode(&self) -> String {
         format!(
-            "generation={} first={} count={} submitters={} workers={} queue={} seed={} multi_thread={} until_empty={}",
+            "generation={} first={} count={} submitters={} workers={} queue={} seed={} multi_thread={} until_empty={} segment_bytes={} slow_every={}",
             self.generation,
             self.first,
             self.count,
@@ -108,7 +118,9 @@ impl WorkerConfig {
             self.queue,
             self.seed,
             self.multi_thread,
-            self.until_empty
+            self.until_empty,
+            self.segment_bytes,
+            self.slow_every
         )
     }
 
@@ -129,6 +141,8 @@ impl WorkerConfig {
             seed: num("seed"),
             multi_thread: get("multi_thread") == "true",
             until_empty: get("until_empty") == "true",
+            segment_bytes: num("segment_bytes"),
+            slow_every: num("slow_every"),
         }
     }
 }
@@ -151,9 +165,14 @@ fn publish(dir: &Path, name: &str, text: &str) {
     std::fs::rename(&partial, dir.join(name)).expect("a marker file");
 }
 
-/// A task's run time, 0 to 5 ms, from the seed and its number.
-fn work_ms(seed: u64, n: u64) -> u64 {
-    task_hash(seed, n) % 6
+/// A task's run time, 0 to 5 ms, from the seed and its number; or, with `slow_every`, `SLOW_MS`
+/// for every `slow_every`-th task and 0 for the others.
+fn work_ms(seed: u64, n: u64, slow_every: u64) -> u64 {
+    match slow_every {
+        0 => task_hash(seed, n) % 6,
+        every if n.is_multiple_of(every) => SLOW_MS,
+        _ => 0,
+    }
 }
 
 async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
@@ -171,7 +190,11 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
             Ok::<(), std::io::Error>(())
         }
     };
-    let pool = Pool::builder()
+    let mut builder = Pool::builder();
+    if config.segment_bytes > 0 {
+        builder = builder.segment_bytes(config.segment_bytes);
+    }
+    let pool = builder
         .workers(config.workers)
         .queue_capacity(config.queue)
         .drain_deadline(Duration::from_secs(5))
@@ -210,6 +233,21 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
     install_signal_handlers(run.as_mut()).await;
     publish(&dir, &format!("ready.{generation}"), "");
     touch_when_draining(&pool, dir.join(format!("draining.{generation}")));
+    tokio::spawn({
+        // Tells the harness once a compaction has copied tasks.
+        let (pool, dir) = (pool.clone(), dir.clone());
+        async move {
+            while pool.stats().compacted == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let compacted = pool.stats().compacted;
+            publish(
+                &dir,
+                &format!("compacted.{generation}"),
+                &compacted.to_string(),
+            );
+        }
+    });
 
     let producer_done = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn({
@@ -239,7 +277,7 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
                 submits.spawn(async move {
                     let work = Work {
                         n,
-                        work_ms: work_ms(config.seed, n),
+                        work_ms: work_ms(config.seed, n, config.slow_every),
                     };
                     match pool.submit(work).await {
                         // Only now is the task the pool's responsibility.
@@ -303,9 +341,17 @@ enum Moment {
     Drain,
     /// While the second (and sometimes the third) generation replays what the first left.
     Replay,
+    /// While the first generation compacts: small segments, some slow tasks pinning them,
+    /// killed a random few milliseconds after its first compaction copied tasks.
+    Compaction,
 }
 
-const MOMENTS: [Moment; 3] = [Moment::Submits, Moment::Drain, Moment::Replay];
+const MOMENTS: [Moment; 4] = [
+    Moment::Submits,
+    Moment::Drain,
+    Moment::Replay,
+    Moment::Compaction,
+];
 
 /// Whole lines in a ledger.
 fn line_count(path: &Path) -> usize {
@@ -388,6 +434,8 @@ struct Outcome {
     kills_in_drain: usize,
     /// Drains that finished before their SIGKILL came.
     drains_finished_first: usize,
+    /// SIGKILLs that came after a compaction had copied tasks.
+    kills_after_compaction: usize,
     /// Tasks the generations' recoveries replayed.
     replayed: u64,
     torn_tails: u64,
@@ -462,16 +510,21 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
 
     // Generation 1: submits, and is killed. For the replay, one or two slow workers and a deep
     // queue leave a long backlog in the journal.
-    let count = rng.range(100, 300);
+    let compaction = moment == Moment::Compaction;
+    let count = if compaction {
+        rng.range(600, 1_000)
+    } else {
+        rng.range(100, 300)
+    };
     let config = WorkerConfig {
         generation: 1,
         first: 0,
         count,
         submitters: rng.range(4, 16) as usize,
-        workers: if moment == Moment::Replay {
-            rng.range(1, 2)
-        } else {
-            rng.range(2, 4)
+        workers: match moment {
+            Moment::Replay => rng.range(1, 2),
+            Moment::Compaction => 16,
+            Moment::Submits | Moment::Drain => rng.range(2, 4),
         } as usize,
         queue: if moment == Moment::Replay {
             512
@@ -481,6 +534,12 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
         seed,
         multi_thread: rng.coin(),
         until_empty: false,
+        segment_bytes: if compaction {
+            rng.range(1_024, 4_096)
+        } else {
+            0
+        },
+        slow_every: if compaction { rng.range(40, 120) } else { 0 },
     };
     let mut next = count;
     let mut worker = WORKER.spawn(dir, config.generation, &config.encode(), None)?;
@@ -491,11 +550,17 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
     let after = match moment {
         Moment::Submits | Moment::Drain => rng.range(0, count - 1),
         Moment::Replay => rng.range(count / 3, count - 1),
+        // Until the first compaction (or the last submit), then a few milliseconds.
+        Moment::Compaction => count,
     } as usize;
+    let compacted = dir.join("compacted.1");
     if !worker.wait_until(PROGRESS_LIMIT, "acknowledgements", || {
-        line_count(&acknowledged) >= after
+        line_count(&acknowledged) >= after || (compaction && compacted.exists())
     })? {
         return Err("generation 1 exited by itself".into());
+    }
+    if compaction {
+        std::thread::sleep(Duration::from_micros(rng.range(0, 10_000)));
     }
     if moment == Moment::Drain {
         worker.signal(Signal::TERM, "SIGTERM")?;
@@ -510,6 +575,10 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
         (Moment::Drain, true, _) if dir.join("draining.1").exists() => {
             outcome.kills += 1;
             outcome.kills_in_drain += 1;
+        }
+        (Moment::Compaction, true, _) if compacted.exists() => {
+            outcome.kills += 1;
+            outcome.kills_after_compaction += 1;
         }
         (_, true, _) => outcome.kills += 1,
         // The drain may finish before the SIGKILL comes.
@@ -536,6 +605,8 @@ fn run_generations(moment: Moment, seed: u64, dir: &Path) -> Result<Outcome, Str
             seed,
             multi_thread: rng.coin(),
             until_empty: true,
+            segment_bytes: 0,
+            slow_every: 0,
         };
         next += count;
         let mut worker = WORKER.spawn(dir, config.generation, &config.encode(), None)?;
@@ -786,6 +857,7 @@ struct Totals {
     kills: usize,
     kills_in_drain: usize,
     drains_finished_first: usize,
+    kills_after_compaction: usize,
     replayed: u64,
     torn_tails: u64,
     torn_ledger_lines: usize,
@@ -802,6 +874,7 @@ impl Totals {
         self.kills += o.kills;
         self.kills_in_drain += o.kills_in_drain;
         self.drains_finished_first += o.drains_finished_first;
+        self.kills_after_compaction += o.kills_after_compaction;
         self.replayed += o.replayed;
         self.torn_tails += o.torn_tails;
         self.torn_ledger_lines += o.torn_ledger_lines;
@@ -810,10 +883,11 @@ impl Totals {
 
     fn summary(&self) -> String {
         format!(
-            "kills {} (in a drain {}; drains finished before the kill {}), replayed {}, torn tails {}, ledger lines cut short {}, duplicates {}, completed but never acknowledged {}, up to {} generations",
+            "kills {} (in a drain {}; drains finished before the kill {}; after a compaction {}), replayed {}, torn tails {}, ledger lines cut short {}, duplicates {}, completed but never acknowledged {}, up to {} generations",
             self.kills,
             self.kills_in_drain,
             self.drains_finished_first,
+            self.kills_after_compaction,
             self.replayed,
             self.torn_tails,
             self.torn_ledger_lines,
@@ -851,6 +925,13 @@ fn run_moment(moment: Moment, test: &str) {
         totals.summary()
     ));
     assert_eq!(totals.lost, 0);
+    if moment == Moment::Compaction && seeds.len() > 1 {
+        assert!(
+            totals.kills_after_compaction > 0,
+            "no kill came after a compaction: {}",
+            totals.summary()
+        );
+    }
 }
 
 #[test]
@@ -866,6 +947,11 @@ fn sigkill_during_the_drain() {
 #[test]
 fn sigkill_during_replay() {
     run_moment(Moment::Replay, "sigkill_during_replay");
+}
+
+#[test]
+fn sigkill_during_compaction() {
+    run_moment(Moment::Compaction, "sigkill_during_compaction");
 }
 
 /// `SOAK_ROUNDS=1000 cargo test --release --test crash -- --ignored soak`
