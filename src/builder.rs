@@ -201,7 +201,10 @@ where
 
     /// In write-ahead mode, the size at which the journal's segment is sealed and a new one
     /// started. A sealed segment is deleted as soon as every task in it (and in every older
-    /// one) is finished, so the journal's size follows the live queue, not history.
+    /// one) is finished. When the older sealed segments hold no more live data than finished,
+    /// their unfinished tasks are copied to the end of the journal and the segments deleted
+    /// (compaction), so one task that never finishes pins nothing: the journal stays within
+    /// about twice the live tasks' records plus three segments.
     ///
     /// The default is 64 MiB.
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
