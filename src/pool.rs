@@ -334,9 +334,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
     }
 
     async fn retire_replayed(&self) {
-        let guard = Arc::clone(&self.journal).lock_owned().await;
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = guard;
+        let result = with_journal(&self.journal, move |guard| {
             guard.as_mut().map_or(Ok(()), Journal::retire_obsolete)
         })
         .await;
@@ -362,9 +360,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
         let result = match encoded {
             Err(e) => Err(e.to_string()),
             Ok(_) => {
-                let guard = Arc::clone(&self.journal).lock_owned().await;
-                let written = tokio::task::spawn_blocking(move || {
-                    let mut guard = guard;
+                let written = with_journal(&self.journal, move |guard| {
                     guard
                         .as_mut()
                         .map_or(Err(JournalError::Poisoned), |j| j.write_dead(&record))
@@ -1066,6 +1062,15 @@ fn segment_bytes(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Runs `f` on a blocking thread with the journal locked (`None` once it is closed).
+async fn with_journal<R: Send + 'static>(
+    journal: &Arc<tokio::sync::Mutex<Option<Journal>>>,
+    f: impl FnOnce(&mut Option<Journal>) -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError> {
+    let mut guard = Arc::clone(journal).lock_owned().await;
+    tokio::task::spawn_blocking(move || f(&mut guard)).await
+}
+
 /// Writes the group-commit buffer to the journal, batch after batch, until it is empty.
 async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
     let Some(commit) = &inner.commit else { return };
@@ -1077,11 +1082,9 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
     );
     let segment_bytes = inner.config.segment_bytes;
     while let Some(batch) = commit.take() {
-        let guard = Arc::clone(&inner.journal).lock_owned().await;
         let (tasks, new_tasks) = (batch.placements.len(), batch.new_tasks);
         let bytes = batch.bytes;
-        let written = tokio::task::spawn_blocking(move || {
-            let mut guard = guard;
+        let written = with_journal(&inner.journal, move |guard| {
             match guard.as_mut() {
                 Some(journal) => journal
                     .append_batch(&bytes, tasks, sync && new_tasks, segment_bytes)
@@ -1131,10 +1134,8 @@ fn spawn_delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
 }
 
 async fn delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
-    let guard = Arc::clone(&inner.journal).lock_owned().await;
     let worker = Arc::clone(&inner);
-    let deleted = tokio::task::spawn_blocking(move || {
-        let mut guard = guard;
+    let deleted = with_journal(&inner.journal, move |guard| {
         let Some(journal) = guard.as_mut() else {
             return Ok(None);
         };
@@ -1287,9 +1288,7 @@ async fn sync_every<T>(inner: Arc<Inner<T>>, every: Duration) {
             () = inner.intake.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let guard = Arc::clone(&inner.journal).lock_owned().await;
-        let synced = tokio::task::spawn_blocking(move || {
-            let mut guard = guard;
+        let synced = with_journal(&inner.journal, move |guard| {
             guard.as_mut().map_or(Ok(()), Journal::sync_current)
         })
         .await;
@@ -1369,9 +1368,7 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
 
     let closing = std::time::Instant::now();
     let closed = {
-        let guard = Arc::clone(&inner.journal).lock_owned().await;
-        tokio::task::spawn_blocking(move || {
-            let mut guard = guard;
+        with_journal(&inner.journal, move |guard| {
             guard.take().map_or(Ok(()), Journal::close)
         })
         .await
@@ -1549,9 +1546,7 @@ async fn spill<T: Serialize + Send + Sync + 'static>(
         return (0, 0);
     }
     let count = jobs.len() as u64;
-    let guard = Arc::clone(&inner.journal).lock_owned().await;
-    let result = tokio::task::spawn_blocking(move || {
-        let mut guard = guard;
+    let result = with_journal(&inner.journal, move |guard| {
         let Some(journal) = guard.as_mut() else {
             return (
                 Err(JournalError::Poisoned),
