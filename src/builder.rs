@@ -212,6 +212,13 @@ where
         self
     }
 
+    /// The journal's file operations: a test's faulty ones instead of the real calls.
+    #[cfg(test)]
+    pub(crate) fn file_ops(mut self, ops: crate::journal::fs::Ops) -> Self {
+        self.config.file_ops = ops;
+        self
+    }
+
     /// How many times a task may fail (its handler returns an error or panics) before it is set
     /// aside as a dead letter. A run interrupted at the drain deadline does not count.
     ///

@@ -51,6 +51,8 @@
 mod builder;
 mod commit;
 pub mod error;
+#[cfg(test)]
+mod fault_tests;
 pub mod journal;
 mod live;
 mod policy;

@@ -20,6 +20,8 @@ pub use self::inspect::{
     inspect_journal, journal_stats, requeue_dead_letters, verify_journal,
 };
 
+#[cfg(test)]
+pub(crate) mod faults;
 pub(crate) mod format;
 pub(crate) mod fs;
 mod inspect;

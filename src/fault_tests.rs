@@ -1,0 +1,746 @@
+//! Fault injection through a whole pool: the journal's file operations fail where each test
+//! says (EIO, ENOSPC, short writes) or lose what was never fsynced (a power cut), and each test
+//! checks the outcome the documentation promises: the failure is reported, never a panic or a
+//! silent success, and no task accepted is lost but as the durability mode allows.
+//!
+//! Every pool runs on a current-thread runtime with a paused clock, so drain deadlines pass at
+//! once and nothing depends on timing. Most handlers hold their task until the drain deadline
+//! and give up, so every accepted task ends up in the journal (spilled or interrupted). A
+//! "crash" tears the runtime down with the pool running, as a kill would; a power cut then
+//! drops what was not fsynced. What survives is read back as a starting pool reads it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::journal::faults::{EIO, ENOSPC, Faults, Op, errno, recover, segments};
+use crate::journal::format::{HEADER_LEN, task_record_len};
+use crate::{Durability, Pool, ShutdownReport, SubmitError, SyncPolicy, Task};
+
+const ALWAYS: Durability = Durability::WriteAhead {
+    sync: SyncPolicy::Always,
+};
+
+/// The length of the record of every task here: a `u64` payload under 10,000, no error.
+const RECORD: u64 = task_record_len(4, 0) as u64;
+
+/// A segment header's length.
+const HEADER: u64 = HEADER_LEN as u64;
+
+type Done = Arc<Mutex<Vec<u64>>>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// A pool on `dir` writing through `faults`, with one worker. Its handler completes the tasks
+/// `completes` picks (recording them in `done`); it holds the others until the drain deadline
+/// and gives up, so they are journaled as interrupted.
+async fn start(
+    dir: &Path,
+    durability: Durability,
+    faults: &Arc<Faults>,
+    done: &Done,
+    completes: fn(u64) -> bool,
+) -> Pool<u64> {
+    let done = Arc::clone(done);
+    Pool::builder()
+        .workers(1)
+        .queue_capacity(1_000)
+        .drain_deadline(Duration::from_secs(1))
+        .cancel_grace(Duration::from_secs(1))
+        .durability(durability)
+        .file_ops(faults.ops())
+        .journal_dir(dir)
+        .start(move |task: Task<u64>| {
+            let done = Arc::clone(&done);
+            async move {
+                let n = *task.payload();
+                if !completes(n) {
+                    task.cancelled().await;
+                    return Err("stopped at the drain deadline");
+                }
+                done.lock().unwrap().push(n);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap()
+}
+
+/// A handler that completes nothing.
+fn none(_: u64) -> bool {
+    false
+}
+
+/// Submits every task of `tasks`; each must be accepted.
+async fn submit_all(pool: &Pool<u64>, tasks: std::ops::Range<u64>) {
+    for n in tasks {
+        if let Err(error) = pool.submit(n).await {
+            panic!("task {n} refused: {error:?}");
+        }
+    }
+}
+
+/// Submits `n`, which must be refused with `SubmitError::Journal` and handed back whole.
+/// Returns the error's raw OS error.
+async fn refused(pool: &Pool<u64>, n: u64) -> Option<i32> {
+    match pool.submit(n).await {
+        Err(SubmitError::Journal { task, error }) => {
+            assert_eq!(task, n, "the refused task is handed back");
+            errno(&error)
+        }
+        other => panic!("task {n}: expected SubmitError::Journal, got {other:?}"),
+    }
+}
+
+/// Tears the runtime down with the pool running: the journal is left as a kill leaves it.
+fn crash(rt: tokio::runtime::Runtime, pool: Pool<u64>) {
+    drop(rt);
+    drop(pool);
+}
+
+fn report_errno(report: &ShutdownReport) -> Option<i32> {
+    report.journal_error.as_deref().and_then(errno)
+}
+
+/// Whether recovery found nothing wrong: no damage, no torn tail, no damaged copy.
+fn undamaged(report: &crate::RecoveryReport) -> bool {
+    report.damage.is_empty() && report.torn_tails.is_empty() && report.damaged_copies.is_empty()
+}
+
+/// An fsync fails in write-ahead mode (`SyncPolicy::Always`): the submit it covered fails with
+/// `SubmitError::Journal` and hands its task back; every later submit fails too, without a
+/// write or an fsync (the journal is poisoned, the fsync never retried); the tasks accepted
+/// before are finished or spilled at shutdown, which reports the error; after a power cut the
+/// next start has every accepted task that was not finished.
+fn a_failed_fsync_in_write_ahead_mode(code: i32) {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let done = Done::default();
+    let report = runtime().block_on(async {
+        // Even tasks complete (their acks are written unsynced), odd ones are held.
+        let pool = start(dir.path(), ALWAYS, &faults, &done, |n| n % 2 == 0).await;
+        submit_all(&pool, 0..6).await;
+        faults.fail_next(Op::Sync, code);
+        assert_eq!(refused(&pool, 6).await, Some(code));
+        let calls = [Op::Create, Op::Write, Op::Sync].map(|op| faults.calls(op));
+        for n in 7..10 {
+            assert_eq!(refused(&pool, n).await, Some(code), "the first error stays");
+        }
+        assert_eq!(
+            [Op::Create, Op::Write, Op::Sync].map(|op| faults.calls(op)),
+            calls,
+            "nothing is written or synced after the failed fsync"
+        );
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report.submitted, 6, "{report:?}");
+    assert_eq!(report_errno(&report), Some(code), "{report:?}");
+    assert!(!report.is_clean());
+    assert_eq!(report.unsaved, 0, "{report:?}");
+    assert_eq!(
+        report.completed + report.spilled + report.interrupted,
+        6,
+        "{report:?}"
+    );
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    let done = done.lock().unwrap().clone();
+    for n in 0..6 {
+        assert!(
+            done.contains(&n) || live.contains(&n),
+            "task {n} was neither finished nor kept: done {done:?}, live {live:?}"
+        );
+    }
+    assert!(
+        live.iter().all(|n| *n < 6),
+        "only accepted tasks come back: {live:?}"
+    );
+}
+
+#[test]
+fn eio_on_fsync_refuses_the_task_poisons_the_journal_and_keeps_the_accepted_ones() {
+    a_failed_fsync_in_write_ahead_mode(EIO);
+}
+
+#[test]
+fn enospc_on_fsync_refuses_the_task_poisons_the_journal_and_keeps_the_accepted_ones() {
+    a_failed_fsync_in_write_ahead_mode(ENOSPC);
+}
+
+/// The task whose fsync failed was handed back to the caller by `SubmitError::Journal`; it
+/// should not also run at the next start. Its record was written before the fsync failed, and
+/// the segment holding it is kept (the journal keeps its old segments after a failure), so a
+/// plain restart replays it: the caller may then run it twice.
+#[test]
+#[ignore = "a task refused after a failed fsync is replayed at the next start: its record stays in the kept segment"]
+fn a_task_refused_after_a_failed_fsync_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    runtime().block_on(async {
+        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..6).await;
+        faults.fail_next(Op::Sync, EIO);
+        assert_eq!(refused(&pool, 6).await, Some(EIO));
+        pool.shutdown().await.unwrap();
+    });
+    let (_, live) = recover(dir.path());
+    assert_eq!(live, [0, 1, 2, 3, 4, 5], "task 6 was handed back");
+}
+
+/// An fsync of the `SyncPolicy::Interval` task fails: the journal is poisoned, so the next
+/// submit fails and hands its task back; the tasks accepted before, whose records were never
+/// durable, are spilled at shutdown and survive a power cut.
+#[test]
+fn eio_on_an_interval_fsync_poisons_the_journal_and_the_accepted_tasks_are_spilled() {
+    const EVERY: Duration = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let durability = Durability::WriteAhead {
+        sync: SyncPolicy::Interval(EVERY),
+    };
+    let report = runtime().block_on(async {
+        let pool = start(dir.path(), durability, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..5).await;
+        faults.fail_next(Op::Sync, EIO);
+        tokio::time::sleep(EVERY + EVERY / 2).await;
+        assert_eq!(faults.calls(Op::Sync), 1);
+        let writes = faults.calls(Op::Write);
+        for n in 5..8 {
+            match pool.submit(n).await {
+                Err(SubmitError::Journal { task, .. }) => assert_eq!(task, n),
+                other => panic!("task {n}: expected SubmitError::Journal, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            faults.calls(Op::Write),
+            writes,
+            "no write after the failure"
+        );
+        tokio::time::sleep(EVERY * 3).await;
+        assert_eq!(faults.calls(Op::Sync), 1, "the failed fsync is not retried");
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
+    assert_eq!(report.submitted, 5, "{report:?}");
+    assert_eq!(report.unsaved, 0, "{report:?}");
+    assert_eq!(report.spilled + report.interrupted, 5, "{report:?}");
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(live, [0, 1, 2, 3, 4]);
+}
+
+/// A write fails with ENOSPC in write-ahead mode, and the disk has room again by shutdown: the
+/// refused task is handed back and nothing of it is in the journal; the journal takes no more
+/// writes; every accepted task is spilled and comes back.
+#[test]
+fn enospc_on_write_refuses_the_task_and_leaves_nothing_of_it_in_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..6).await;
+        faults.fail_next(Op::Write, ENOSPC);
+        assert_eq!(refused(&pool, 6).await, Some(ENOSPC));
+        let writes = faults.calls(Op::Write);
+        assert_eq!(refused(&pool, 7).await, Some(ENOSPC));
+        assert_eq!(
+            faults.calls(Op::Write),
+            writes,
+            "no write after the failure"
+        );
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(ENOSPC), "{report:?}");
+    assert_eq!(report.unsaved, 0, "{report:?}");
+    assert_eq!((report.spilled, report.interrupted), (5, 1), "{report:?}");
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(live, [0, 1, 2, 3, 4, 5]);
+}
+
+/// The disk stays full from a write-ahead write on: the spill at shutdown fails in both
+/// segments it tries, which the report says loudly; the write-ahead segment holding every
+/// accepted task is kept, so none is lost.
+#[test]
+fn a_disk_that_stays_full_fails_the_spill_loudly_and_keeps_the_write_ahead_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..6).await;
+        faults.fail_from_next(Op::Write, ENOSPC);
+        assert_eq!(refused(&pool, 6).await, Some(ENOSPC));
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(ENOSPC), "{report:?}");
+    assert_eq!(report.unsaved, 6, "{report:?}");
+    assert_eq!(report.spilled + report.interrupted, 0, "{report:?}");
+    assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(live, [0, 1, 2, 3, 4, 5]);
+}
+
+/// A write-ahead write stops short: the segment is cut back to the last whole record at once,
+/// so the journal holds whole records only, and the next start finds no torn tail.
+#[test]
+fn a_short_write_is_cut_back_to_the_last_whole_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..6).await;
+        let [segment] = &segments(dir.path())[..] else {
+            panic!("one segment expected")
+        };
+        let whole = HEADER + 6 * RECORD;
+        assert_eq!(std::fs::metadata(segment).unwrap().len(), whole);
+
+        faults.short_write_next(20, ENOSPC);
+        assert_eq!(refused(&pool, 6).await, Some(ENOSPC));
+        assert_eq!(faults.calls(Op::Truncate), 1);
+        assert_eq!(std::fs::metadata(segment).unwrap().len(), whole);
+        let verified = crate::journal::verify_journal(dir.path()).unwrap();
+        assert!(verified.is_clean(), "{verified:?}");
+        assert_eq!(verified.records, 6);
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report.unsaved, 0, "{report:?}");
+    assert_eq!(report.spilled + report.interrupted, 6, "{report:?}");
+
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(live, [0, 1, 2, 3, 4, 5]);
+}
+
+/// With `SyncPolicy::Always`, every task whose submit returned `Ok` survives a power cut, even
+/// with submits in flight at the cut and segments sealed along the way.
+#[test]
+fn a_power_cut_with_sync_always_keeps_every_acknowledged_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let accepted = Done::default();
+    let attempted = Done::default();
+    let rt = runtime();
+    let pool = rt.block_on(async {
+        let pool = Pool::builder()
+            .workers(1)
+            .queue_capacity(1_000)
+            .durability(ALWAYS)
+            // Four records to a segment.
+            .segment_bytes(HEADER + 4 * RECORD)
+            .file_ops(faults.ops())
+            .journal_dir(dir.path())
+            .start(|task: Task<u64>| async move {
+                task.cancelled().await;
+                Err::<(), _>("stopped at the drain deadline")
+            })
+            .await
+            .unwrap();
+        // Four submitters share the fsyncs; the power goes while they are still submitting.
+        for lane in 0..4 {
+            let pool = pool.clone();
+            let (accepted, attempted) = (Arc::clone(&accepted), Arc::clone(&attempted));
+            tokio::spawn(async move {
+                for n in (lane..).step_by(4) {
+                    attempted.lock().unwrap().push(n);
+                    pool.submit(n).await.unwrap();
+                    accepted.lock().unwrap().push(n);
+                }
+            });
+        }
+        while faults.calls(Op::Sync) < 12 {
+            tokio::task::yield_now().await;
+        }
+        pool
+    });
+    crash(rt, pool);
+    faults.power_cut().unwrap();
+
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert!(recovery.segments > 1, "{recovery:?}");
+    let accepted = accepted.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    assert!(accepted.len() >= 12, "{accepted:?}");
+    for n in &accepted {
+        assert!(
+            live.contains(n),
+            "task {n} was acknowledged and lost: {live:?}"
+        );
+    }
+    for n in &live {
+        assert!(attempted.contains(n), "task {n} was never submitted");
+    }
+}
+
+/// Submits tasks `0..count` in write-ahead mode under `sync`, then crashes; returns the faults
+/// to cut the power with.
+fn crash_after_submitting(dir: &Path, sync: SyncPolicy, count: u64) -> Arc<Faults> {
+    let faults = Faults::new();
+    let rt = runtime();
+    let durability = Durability::WriteAhead { sync };
+    let pool = rt.block_on(async {
+        let pool = start(dir, durability, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..count).await;
+        pool
+    });
+    crash(rt, pool);
+    faults
+}
+
+/// With `SyncPolicy::Never`, a power cut may lose every task accepted (nothing was fsynced),
+/// but never corrupts the journal: whether the unsynced writes are dropped, or torn at any
+/// byte, the next start reads a valid prefix of what was accepted, and truncates the torn tail.
+#[test]
+fn a_power_cut_with_sync_never_leaves_a_valid_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = crash_after_submitting(dir.path(), SyncPolicy::Never, 8);
+    assert_eq!(faults.calls(Op::Sync) + faults.calls(Op::SyncDir), 0);
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert!(live.is_empty(), "{live:?}");
+
+    let full = HEADER + 8 * RECORD;
+    for keep in [
+        0,
+        20,
+        HEADER,
+        HEADER + 1,
+        HEADER + RECORD,
+        HEADER + 3 * RECORD + 17,
+        full - 1,
+        full,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = crash_after_submitting(dir.path(), SyncPolicy::Never, 8);
+        faults.torn_power_cut(keep).unwrap();
+        let (recovery, live) = recover(dir.path());
+        let whole = keep.saturating_sub(HEADER) / RECORD;
+        assert_eq!(live, (0..whole).collect::<Vec<_>>(), "cut at {keep}");
+        let torn = keep != 0 && keep != HEADER + whole * RECORD;
+        assert_eq!(
+            recovery.torn_tails.len(),
+            usize::from(torn),
+            "cut at {keep}: {recovery:?}"
+        );
+        assert!(
+            recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
+            "cut at {keep}: {recovery:?}"
+        );
+        let segment = segments(dir.path()).remove(0);
+        assert_eq!(
+            std::fs::metadata(segment).unwrap().len(),
+            if keep < HEADER {
+                0
+            } else {
+                HEADER + whole * RECORD
+            },
+            "the torn tail is truncated"
+        );
+    }
+}
+
+/// How the power goes.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Every unsynced write is dropped.
+    Clean,
+    /// This many bytes of unsynced writes reached the disk.
+    Torn(u64),
+    /// This many bytes of file length past the synced data reached the disk, as zeros.
+    Zeroed(u64),
+}
+
+impl Cut {
+    fn apply(self, faults: &Faults) {
+        match self {
+            Self::Clean => faults.power_cut(),
+            Self::Torn(keep) => faults.torn_power_cut(keep),
+            Self::Zeroed(keep) => faults.zeroed_power_cut(keep),
+        }
+        .unwrap();
+    }
+}
+
+/// With `SyncPolicy::Interval`, a power cut loses at most the tasks accepted since the last
+/// fsync: the next start has every task accepted before it, then a prefix of the rest (none
+/// if the unsynced bytes are zeros), and truncates the torn tail.
+#[test]
+fn a_power_cut_with_sync_interval_loses_at_most_what_followed_the_last_fsync() {
+    const EVERY: Duration = Duration::from_secs(1);
+    for cut in [
+        Cut::Clean,
+        Cut::Torn(RECORD + 36),
+        Cut::Torn(2 * RECORD),
+        Cut::Zeroed(RECORD + 36),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let rt = runtime();
+        let durability = Durability::WriteAhead {
+            sync: SyncPolicy::Interval(EVERY),
+        };
+        let pool = rt.block_on(async {
+            let pool = start(dir.path(), durability, &faults, &Done::default(), none).await;
+            submit_all(&pool, 0..5).await;
+            assert_eq!(
+                faults.calls(Op::Sync),
+                0,
+                "submits do not wait for an fsync"
+            );
+            tokio::time::sleep(EVERY + EVERY / 2).await;
+            assert_eq!(faults.calls(Op::Sync), 1);
+            submit_all(&pool, 5..10).await;
+            assert_eq!(faults.calls(Op::Sync), 1);
+            pool
+        });
+        crash(rt, pool);
+
+        cut.apply(&faults);
+        let (recovery, live) = recover(dir.path());
+        let (survivors, torn) = match cut {
+            Cut::Clean => (5, false),
+            Cut::Torn(keep) => (5 + keep / RECORD, keep % RECORD != 0),
+            Cut::Zeroed(keep) => (5, keep != 0),
+        };
+        assert_eq!(live, (0..survivors).collect::<Vec<_>>(), "{cut:?}");
+        assert_eq!(
+            recovery.torn_tails.len(),
+            usize::from(torn),
+            "{cut:?}: {recovery:?}"
+        );
+        assert!(
+            recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
+            "{cut:?}: {recovery:?}"
+        );
+    }
+}
+
+/// A segment never fsynced whose length reached the disk but not its data is all zeros after
+/// the power cut. Nothing valid is in it, so it is a torn tail like any other: it should not
+/// be reported as damage, nor copied aside.
+#[test]
+#[ignore = "an all-zero segment header is reported as damage (bad magic) and copied to damaged/, not treated as a torn tail"]
+fn a_never_synced_segment_left_zero_filled_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = crash_after_submitting(dir.path(), SyncPolicy::Never, 8);
+    Cut::Zeroed(HEADER + 3 * RECORD).apply(&faults);
+    let (recovery, live) = recover(dir.path());
+    assert!(live.is_empty(), "{live:?}");
+    assert!(
+        recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
+        "{recovery:?}"
+    );
+}
+
+/// On-shutdown mode: the spill's segment fails (its creation, its header, the queued tasks'
+/// records, their fsync, the directory's fsync, or later the interrupted task's record or its
+/// fsync); the spill is written whole to a fresh segment, the failure is in the report, and
+/// after a power cut every task comes back.
+#[test]
+fn a_spill_that_fails_once_is_retried_in_a_fresh_segment() {
+    let cases = [
+        (Op::Create, 1, EIO),
+        (Op::Write, 1, ENOSPC),
+        (Op::Write, 2, ENOSPC),
+        (Op::Sync, 1, EIO),
+        (Op::SyncDir, 1, EIO),
+        (Op::Write, 3, ENOSPC),
+        (Op::Sync, 2, EIO),
+    ];
+    for (op, nth, code) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let report = runtime().block_on(async {
+            let pool = start(
+                dir.path(),
+                Durability::OnShutdown,
+                &faults,
+                &Done::default(),
+                none,
+            )
+            .await;
+            submit_all(&pool, 0..10).await;
+            // Nothing is written before the shutdown in this mode.
+            assert_eq!(faults.calls(op), 0);
+            faults.fail_nth(op, nth, code);
+            pool.shutdown().await.unwrap()
+        });
+        let case = format!("{op:?} #{nth}");
+        assert_eq!(report_errno(&report), Some(code), "{case}: {report:?}");
+        assert_eq!(report.unsaved, 0, "{case}: {report:?}");
+        assert_eq!(
+            (report.spilled, report.interrupted),
+            (9, 1),
+            "{case}: {report:?}"
+        );
+        assert_eq!(
+            faults.calls(Op::Create),
+            2,
+            "{case}: one retry, in a fresh segment"
+        );
+
+        faults.power_cut().unwrap();
+        let (recovery, live) = recover(dir.path());
+        assert!(undamaged(&recovery), "{case}: {recovery:?}");
+        assert_eq!(live, (0..10).collect::<Vec<_>>(), "{case}");
+    }
+}
+
+/// On-shutdown mode: both spill attempts fail. The report says so (the error, `unsaved`, a
+/// failing exit code), nothing panics, and the segments the replayed tasks came from are kept:
+/// only the tasks new in the failed run are lost, fewer than `unsaved` says.
+#[test]
+fn a_spill_that_fails_twice_is_reported_and_the_old_segments_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    // A first run leaves tasks 0 to 4 in the journal.
+    let first = runtime().block_on(async {
+        let faults = Faults::new();
+        let pool = start(
+            dir.path(),
+            Durability::OnShutdown,
+            &faults,
+            &Done::default(),
+            none,
+        )
+        .await;
+        submit_all(&pool, 0..5).await;
+        pool.shutdown().await.unwrap()
+    });
+    assert!(first.is_clean(), "{first:?}");
+    let old = segments(dir.path());
+    assert_eq!(old.len(), 1);
+
+    // The second replays them, takes three more, and every fsync fails.
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = start(
+            dir.path(),
+            Durability::OnShutdown,
+            &faults,
+            &Done::default(),
+            none,
+        )
+        .await;
+        assert_eq!(pool.recovery().replayed, 5);
+        submit_all(&pool, 5..8).await;
+        faults.fail_from(Op::Sync, 1, EIO);
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
+    assert_eq!((report.replayed, report.submitted), (5, 3), "{report:?}");
+    assert_eq!(report.unsaved, 8, "{report:?}");
+    assert_eq!(report.spilled + report.interrupted, 0, "{report:?}");
+    assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
+    assert!(old[0].exists(), "the old segment is kept");
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(live, [0, 1, 2, 3, 4]);
+}
+
+/// Write-ahead mode: the spill at shutdown fails in both segments. This run's write-ahead
+/// segments, which hold every accepted task, are kept, so none is lost.
+#[test]
+fn a_write_ahead_spill_that_fails_twice_keeps_the_run_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..6).await;
+        faults.fail_from_next(Op::Sync, EIO);
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
+    assert_eq!(report.unsaved, 6, "{report:?}");
+    assert!(!report.is_clean());
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(live, [0, 1, 2, 3, 4, 5]);
+}
+
+/// Write-ahead mode: the spill is durable but the run's old segments cannot be removed at
+/// close. The report says so; the next start reads the old segments and the spill, and has
+/// each live task once.
+#[test]
+fn a_failed_removal_at_close_is_reported_and_costs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
+        submit_all(&pool, 0..3).await;
+        faults.fail_from_next(Op::Remove, EIO);
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
+    assert_eq!(report.unsaved, 0, "{report:?}");
+    assert_eq!(report.spilled + report.interrupted, 3, "{report:?}");
+
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir.path());
+    assert!(undamaged(&recovery), "{recovery:?}");
+    assert_eq!(recovery.segments, 2, "{recovery:?}");
+    assert_eq!(live, [0, 1, 2]);
+}
+
+/// A task out of attempts whose dead letter cannot be written is not lost, nor counted as
+/// failed: it stays a live task, spilled at shutdown with its last error, and the report has
+/// the failure.
+#[test]
+fn a_dead_letter_that_cannot_be_written_stays_a_live_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let report = runtime().block_on(async {
+        let pool = Pool::builder()
+            .workers(1)
+            .max_attempts(1)
+            .drain_deadline(Duration::from_secs(1))
+            .file_ops(faults.ops())
+            .journal_dir(dir.path())
+            .start(|_: Task<u64>| async { Err::<(), _>("always fails") })
+            .await
+            .unwrap();
+        // The dead-letter segment cannot be created.
+        faults.fail_nth(Op::Create, 1, EIO);
+        pool.submit(7).await.unwrap();
+        while faults.calls(Op::Create) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        pool.shutdown().await.unwrap()
+    });
+    assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
+    assert_eq!(
+        (report.failed, report.spilled, report.unsaved),
+        (0, 1, 0),
+        "{report:?}"
+    );
+
+    faults.power_cut().unwrap();
+    let contents = crate::journal::inspect_journal(dir.path()).unwrap();
+    assert!(contents.dead.is_empty(), "{contents:?}");
+    let [task] = &contents.live[..] else {
+        panic!("one live task expected: {contents:?}")
+    };
+    assert_eq!(task.payload, b"7");
+    assert_eq!(task.attempts, 1);
+    assert_eq!(task.last_error.as_deref(), Some("always fails"));
+}

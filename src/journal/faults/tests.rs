@@ -1,0 +1,344 @@
+//! The faulty file operations themselves, and the journal under them: a failed fsync or write
+//! poisons it without another call, a short write is cut back to the last whole record, and a
+//! spill is retried once in a fresh segment.
+
+use std::fs::File;
+
+use super::*;
+use crate::journal::format::{self, HEADER_LEN, Meta};
+use crate::task::TaskId;
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn the_chosen_calls_fail_with_the_chosen_error_and_the_others_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let faults = Faults::new();
+    let ops = faults.ops();
+    faults.fail_nth(Op::Create, 1, EIO);
+    let error = ops.create(&path).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(EIO));
+    assert!(!path.exists(), "a failed create makes no file");
+    let mut file = ops.create(&path).unwrap();
+
+    faults.fail_nth(Op::Write, 2, ENOSPC);
+    ops.write(&path, &mut file, b"one ").unwrap();
+    let error = ops.write(&path, &mut file, b"two ").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(ENOSPC));
+    ops.write(&path, &mut file, b"three").unwrap();
+    assert_eq!(read(&path), b"one three");
+
+    faults.fail_from_next(Op::Sync, EIO);
+    for _ in 0..3 {
+        assert_eq!(
+            ops.sync(&path, &file).unwrap_err().raw_os_error(),
+            Some(EIO)
+        );
+    }
+    faults.clear();
+    ops.sync(&path, &file).unwrap();
+    assert_eq!(
+        [Op::Create, Op::Write, Op::Sync, Op::SyncDir].map(|op| faults.calls(op)),
+        [2, 3, 4, 0]
+    );
+}
+
+#[test]
+fn a_short_write_puts_its_prefix_in_the_file_then_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let faults = Faults::new();
+    let ops = faults.ops();
+    let mut file = ops.create(&path).unwrap();
+    faults.short_write_next(5, ENOSPC);
+    let error = ops.write(&path, &mut file, b"hello world").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(ENOSPC));
+    assert_eq!(read(&path), b"hello");
+    ops.write(&path, &mut file, b"!").unwrap();
+    assert_eq!(read(&path), b"hello!");
+}
+
+#[test]
+fn a_power_cut_keeps_only_what_was_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let ops = faults.ops();
+    let [synced, entry_only, unlisted] =
+        ["synced", "entry-only", "unlisted"].map(|n| dir.path().join(n));
+
+    let mut a = ops.create(&synced).unwrap();
+    ops.write(&synced, &mut a, b"kept").unwrap();
+    ops.sync(&synced, &a).unwrap();
+    let mut b = ops.create(&entry_only).unwrap();
+    ops.sync_dir(dir.path()).unwrap();
+    ops.write(&synced, &mut a, b" lost").unwrap();
+    ops.write(&entry_only, &mut b, b"lost").unwrap();
+    // Synced, but its directory entry never was.
+    let mut c = ops.create(&unlisted).unwrap();
+    ops.write(&unlisted, &mut c, b"lost").unwrap();
+    ops.sync(&unlisted, &c).unwrap();
+    // A file from before, written through the faults: what it held counts as durable.
+    let old = dir.path().join("old");
+    std::fs::write(&old, b"old").unwrap();
+    let mut d = File::options().append(true).open(&old).unwrap();
+    ops.write(&old, &mut d, b" lost").unwrap();
+
+    faults.power_cut().unwrap();
+    assert_eq!(read(&synced), b"kept");
+    assert_eq!(read(&entry_only), b"");
+    assert!(!unlisted.exists());
+    assert_eq!(read(&old), b"old");
+}
+
+#[test]
+fn a_torn_power_cut_keeps_a_prefix_of_the_unsynced_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let ops = faults.ops();
+    let [synced, unsynced] = ["synced", "unsynced"].map(|n| dir.path().join(n));
+    let mut a = ops.create(&synced).unwrap();
+    ops.write(&synced, &mut a, b"kept").unwrap();
+    ops.sync(&synced, &a).unwrap();
+    ops.write(&synced, &mut a, b"+torn").unwrap();
+    let mut b = ops.create(&unsynced).unwrap();
+    ops.write(&unsynced, &mut b, b"to").unwrap();
+    let mut c = ops.create(&dir.path().join("short")).unwrap();
+    ops.write(&dir.path().join("short"), &mut c, b"a").unwrap();
+
+    faults.torn_power_cut(3).unwrap();
+    assert_eq!(read(&synced), b"kept+to");
+    assert_eq!(read(&unsynced), b"to");
+    assert_eq!(read(&dir.path().join("short")), b"a");
+}
+
+#[test]
+fn a_zeroed_power_cut_keeps_the_file_lengths_but_not_the_unsynced_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let ops = faults.ops();
+    let path = dir.path().join("a");
+    let mut a = ops.create(&path).unwrap();
+    ops.write(&path, &mut a, b"kept").unwrap();
+    ops.sync(&path, &a).unwrap();
+    ops.write(&path, &mut a, b"lost").unwrap();
+    faults.zeroed_power_cut(3).unwrap();
+    assert_eq!(read(&path), b"kept\0\0\0");
+}
+
+/// A task record with a `u64` payload.
+fn record(epoch: u64, seq: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let id = TaskId::new(1, seq);
+    format::encode_record(
+        &mut out,
+        epoch,
+        Kind::Task,
+        id,
+        &Meta::default(),
+        "",
+        |out| serde_json::to_writer(out, &seq),
+    )
+    .unwrap();
+    out
+}
+
+fn open(dir: &Path, faults: &Arc<Faults>) -> Journal {
+    Journal::open(dir, faults.ops(), |_| {}).unwrap().0
+}
+
+const NO_SEAL: u64 = u64::MAX;
+
+#[test]
+fn a_failed_fsync_poisons_the_journal_and_nothing_is_written_or_synced_after_it() {
+    for code in [EIO, ENOSPC] {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let mut journal = open(dir.path(), &faults);
+        let epoch = journal.epoch();
+        journal
+            .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
+            .unwrap();
+        faults.fail_next(Op::Sync, code);
+        let error = journal
+            .append_batch(&record(epoch, 2), 1, true, NO_SEAL)
+            .unwrap_err();
+        assert_eq!(errno(&error), Some(code), "{error}");
+        let calls = [Op::Create, Op::Write, Op::Sync, Op::Truncate].map(|op| faults.calls(op));
+        for seq in 3..6 {
+            let error = journal
+                .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
+                .unwrap_err();
+            assert!(matches!(error, JournalError::Poisoned), "{error}");
+        }
+        assert_eq!(
+            [Op::Create, Op::Write, Op::Sync, Op::Truncate].map(|op| faults.calls(op)),
+            calls,
+            "a failed fsync is never retried, nor anything written after it"
+        );
+        drop(journal);
+
+        // What the failed fsync covered is not on the disk after a power cut; what an earlier
+        // one covered is.
+        faults.power_cut().unwrap();
+        let (report, live) = recover(dir.path());
+        assert_eq!(live, [1]);
+        assert!(
+            report.damage.is_empty() && report.torn_tails.is_empty(),
+            "{report:?}"
+        );
+    }
+}
+
+#[test]
+fn a_short_write_is_cut_back_to_the_last_whole_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    let epoch = journal.epoch();
+    let batch = [record(epoch, 1), record(epoch, 2)].concat();
+    journal.append_batch(&batch, 2, true, NO_SEAL).unwrap();
+    let [segment] = &segments(dir.path())[..] else {
+        panic!("one segment expected")
+    };
+    let whole = (HEADER_LEN + batch.len()) as u64;
+    assert_eq!(std::fs::metadata(segment).unwrap().len(), whole);
+
+    // The next batch stops 40 bytes into its first record.
+    faults.short_write_next(40, ENOSPC);
+    let batch = [record(epoch, 3), record(epoch, 4)].concat();
+    let error = journal.append_batch(&batch, 2, true, NO_SEAL).unwrap_err();
+    assert_eq!(errno(&error), Some(ENOSPC));
+    assert_eq!(error.offset(), Some(whole), "{error}");
+    assert_eq!(faults.calls(Op::Truncate), 1);
+    assert_eq!(std::fs::metadata(segment).unwrap().len(), whole);
+    assert!(matches!(
+        journal.append_batch(&batch, 2, true, NO_SEAL),
+        Err(JournalError::Poisoned)
+    ));
+    drop(journal);
+
+    let (report, live) = recover(dir.path());
+    assert_eq!(live, [1, 2]);
+    assert_eq!(report.records, 2);
+    assert!(
+        report.damage.is_empty() && report.torn_tails.is_empty(),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn a_short_write_that_cannot_be_cut_back_is_a_torn_tail_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    let epoch = journal.epoch();
+    journal
+        .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
+        .unwrap();
+    let whole = (HEADER_LEN + record(epoch, 1).len()) as u64;
+    faults.short_write_next(40, ENOSPC);
+    faults.fail_next(Op::Truncate, EIO);
+    let error = journal
+        .append_batch(&record(epoch, 2), 1, true, NO_SEAL)
+        .unwrap_err();
+    assert_eq!(
+        errno(&error),
+        Some(ENOSPC),
+        "the write's error, not the cut's"
+    );
+    drop(journal);
+    let segment = segments(dir.path()).remove(0);
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), whole + 40);
+
+    let (report, live) = recover(dir.path());
+    assert_eq!(live, [1]);
+    assert!(
+        report.damage.is_empty() && report.damaged_copies.is_empty(),
+        "{report:?}"
+    );
+    let [torn] = &report.torn_tails[..] else {
+        panic!("one torn tail expected: {report:?}")
+    };
+    assert_eq!((&torn.path, torn.offset, torn.len), (&segment, whole, 40));
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        whole,
+        "truncated"
+    );
+}
+
+/// Spills tasks `seqs` (their payload is their sequence number).
+fn spill(journal: &mut Journal, seqs: std::ops::Range<u64>) -> crate::journal::SpillOutcome {
+    let items: Vec<u64> = seqs.collect();
+    journal.spill(&items, |&seq, epoch, out| {
+        out.extend_from_slice(&record(epoch, seq));
+        true
+    })
+}
+
+#[test]
+fn a_spill_that_fails_once_is_written_whole_to_a_fresh_segment() {
+    // The first segment's creation, header, records, fsync or directory fsync fails.
+    let cases = [
+        (Op::Create, 1),
+        (Op::Write, 1),
+        (Op::Write, 2),
+        (Op::Sync, 1),
+        (Op::SyncDir, 1),
+    ];
+    for (op, nth) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::new();
+        let mut journal = open(dir.path(), &faults);
+        faults.fail_nth(op, nth, EIO);
+        let outcome = spill(&mut journal, 1..6);
+        assert!(outcome.durable, "{op:?} {nth}");
+        assert_eq!(outcome.written, 5, "{op:?} {nth}");
+        let error = outcome.error.expect("the first failure is reported");
+        assert_eq!(errno(&error), Some(EIO), "{op:?} {nth}: {error}");
+        journal.close().unwrap();
+
+        faults.power_cut().unwrap();
+        let (report, live) = recover(dir.path());
+        assert_eq!(live, [1, 2, 3, 4, 5], "{op:?} {nth}");
+        assert!(
+            report.damage.is_empty() && report.torn_tails.is_empty(),
+            "{op:?} {nth}: {report:?}"
+        );
+    }
+}
+
+#[test]
+fn a_spill_that_fails_twice_leaves_the_old_segments_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    // An earlier run spilled tasks 1 to 5.
+    let mut journal = open(dir.path(), &Faults::new());
+    assert!(spill(&mut journal, 1..6).durable);
+    journal.close().unwrap();
+    let old = segments(dir.path());
+    assert_eq!(old.len(), 1);
+
+    // This run replays them and has two more, and every fsync fails.
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    faults.fail_from(Op::Sync, 1, EIO);
+    let outcome = spill(&mut journal, 1..8);
+    assert!(!outcome.durable);
+    assert_eq!(outcome.written, 0);
+    assert_eq!(outcome.error.as_ref().and_then(errno), Some(EIO));
+    assert_eq!(faults.calls(Op::Create), 2, "one retry, in a fresh segment");
+    journal.retire_obsolete().unwrap();
+    journal.close().unwrap();
+    assert!(old[0].exists(), "the old segment is kept");
+
+    faults.power_cut().unwrap();
+    let (report, live) = recover(dir.path());
+    assert_eq!(live, [1, 2, 3, 4, 5]);
+    assert!(
+        report.damage.is_empty() && report.torn_tails.is_empty(),
+        "{report:?}"
+    );
+}
