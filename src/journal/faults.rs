@@ -277,7 +277,7 @@ impl FileOps for Faults {
 /// truncated), and returns what recovery found and the live `u64` payloads in id order.
 pub(crate) fn recover(dir: &Path) -> (RecoveryReport, Vec<u64>) {
     let mut live = BTreeMap::new();
-    let opened = Journal::open(dir, super::fs::os(), |record| match record.kind {
+    let opened = Journal::open(dir, super::fs::os(), |_, record| match record.kind {
         Kind::Task => {
             let payload = serde_json::from_slice::<u64>(record.payload);
             live.insert(record.id, payload.expect("a u64 payload"));

@@ -146,7 +146,7 @@ fn record(epoch: u64, seq: u64) -> Vec<u8> {
 }
 
 fn open(dir: &Path, faults: &Arc<Faults>) -> Journal {
-    Journal::open(dir, faults.ops(), |_| {}).unwrap().0
+    Journal::open(dir, faults.ops(), |_, _| {}).unwrap().0
 }
 
 const NO_SEAL: u64 = u64::MAX;
