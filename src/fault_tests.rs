@@ -176,11 +176,9 @@ fn enospc_on_fsync_refuses_the_task_poisons_the_journal_and_keeps_the_accepted_o
 }
 
 /// The task whose fsync failed was handed back to the caller by `SubmitError::Journal`; it
-/// should not also run at the next start. Its record was written before the fsync failed, and
-/// the segment holding it is kept (the journal keeps its old segments after a failure), so a
-/// plain restart replays it: the caller may then run it twice.
+/// does not also run at the next start. Its record was written before the fsync failed, in a
+/// segment the journal keeps after a failure: the failed batch is cut off that segment.
 #[test]
-#[ignore = "a task refused after a failed fsync is replayed at the next start: its record stays in the kept segment"]
 fn a_task_refused_after_a_failed_fsync_does_not_come_back() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
@@ -533,10 +531,9 @@ fn a_power_cut_with_sync_interval_loses_at_most_what_followed_the_last_fsync() {
 }
 
 /// A segment never fsynced whose length reached the disk but not its data is all zeros after
-/// the power cut. Nothing valid is in it, so it is a torn tail like any other: it should not
-/// be reported as damage, nor copied aside.
+/// the power cut. Nothing valid is in it, so it is a torn tail like any other: it is not
+/// reported as damage, nor copied aside.
 #[test]
-#[ignore = "an all-zero segment header is reported as damage (bad magic) and copied to damaged/, not treated as a torn tail"]
 fn a_never_synced_segment_left_zero_filled_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let faults = crash_after_submitting(dir.path(), SyncPolicy::Never, 8);

@@ -281,9 +281,13 @@ impl Journal {
             .seal_if_full(bytes.len() as u64, segment_bytes)
             .and_then(|sealed| {
                 let segment = self.current()?;
+                let before = segment.len();
                 segment.append(bytes, tasks)?;
-                if sync {
-                    segment.sync()?;
+                if sync && let Err(error) = segment.sync() {
+                    // The batch's submits fail and hand their tasks back, so the tasks must not
+                    // come back at the next start either.
+                    segment.cut_back(before);
+                    return Err(error);
                 }
                 Ok((segment.number(), sealed))
             });

@@ -60,6 +60,14 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
         Err(HeaderError::UnsupportedVersion(_)) => return scan,
         Err(HeaderError::Damaged { epochs, .. }) => match choose_epoch(buf, epochs) {
             Some(epoch) => epoch,
+            // Zeros only: the file's data never reached the disk (a power cut soon after it
+            // was created, on a file system that keeps the size but not the data). That is a
+            // torn tail at 0, not damage.
+            None if buf.iter().all(|&b| b == 0) => {
+                scan.header = Err(HeaderError::Short);
+                scan.torn_tail = Some((0, RecordError::Truncated));
+                return scan;
+            }
             None => return scan,
         },
     };

@@ -76,6 +76,15 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// Best effort, cuts the file back to `len` bytes (a record boundary): used when the records
+    /// after it failed to become durable and their tasks were handed back. The caller must treat
+    /// the writer as poisoned.
+    pub(crate) fn cut_back(&mut self, len: u64) {
+        if len < self.len && self.ops.truncate(&self.path, &self.file, len).is_ok() {
+            self.len = len;
+        }
+    }
+
     /// Makes everything appended so far durable: the file's data, and its directory entry the
     /// first time.
     pub(crate) fn sync(&mut self) -> Result<(), JournalError> {
