@@ -1115,6 +1115,13 @@ async fn flush<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
                 Ok(())
             }
             Ok(None) => Ok(()),
+            // A journal poisoned earlier (by a failed `Interval` fsync, say): the submits get
+            // the failure that poisoned it.
+            Err(JournalError::Poisoned) if lock(&inner.journal_error).is_some() => {
+                Err(lock(&inner.journal_error)
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(JournalError::Poisoned)))
+            }
             Err(error) => {
                 let error = Arc::new(error);
                 inner.record_journal_arc(Arc::clone(&error));

@@ -143,8 +143,10 @@ pub struct ShutdownReport {
     pub spilled: u64,
     /// In-flight tasks stopped at the drain deadline and journaled as interrupted.
     pub interrupted: u64,
-    /// Tasks that could not be journaled because the journal failed. Zero unless
-    /// `journal_error` is set.
+    /// Tasks the final spill could not journal because the journal failed. Zero unless
+    /// `journal_error` is set. An upper bound on what is lost: the segments that held them
+    /// before are kept after a failure, so a replayed task, or any task in write-ahead mode,
+    /// may still come back from there at the next start.
     pub unsaved: u64,
     /// Ids of the tasks journaled as interrupted.
     pub interrupted_ids: Vec<TaskId>,
