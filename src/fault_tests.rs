@@ -739,3 +739,118 @@ fn a_dead_letter_that_cannot_be_written_stays_a_live_task() {
     assert_eq!(task.attempts, 1);
     assert_eq!(task.last_error.as_deref(), Some("always fails"));
 }
+
+/// What one run of the compaction scenario left.
+struct CompactionRun {
+    /// File operations the run made before the crash.
+    calls: u64,
+    /// Tasks accepted and not completed at the crash: each must come back.
+    unfinished: Vec<u64>,
+    /// Tasks the compaction copied before the crash.
+    compacted: u64,
+}
+
+/// Task 0 never finishes; tasks 1 to 19 finish one after the other, filling small segments,
+/// so the first segment holds one live task among finished ones and is compacted. The pool
+/// is then torn down as a kill would (after `halt_after` file operations, if given, every
+/// further one fails and changes nothing: the process died there).
+fn compaction_scenario(dir: &Path, faults: &Arc<Faults>, halt_after: Option<u64>) -> CompactionRun {
+    if let Some(calls) = halt_after {
+        faults.halt_after(calls);
+    }
+    let done = Done::default();
+    let rt = runtime();
+    let (pool, run) = rt.block_on(async {
+        let finished = Arc::clone(&done);
+        let pool = Pool::builder()
+            .workers(2)
+            .durability(ALWAYS)
+            .segment_bytes(HEADER + 4 * RECORD)
+            .file_ops(faults.ops())
+            .journal_dir(dir)
+            .start(move |task: Task<u64>| {
+                let finished = Arc::clone(&finished);
+                async move {
+                    let n = *task.payload();
+                    if n == 0 {
+                        std::future::pending::<()>().await;
+                    }
+                    finished.lock().unwrap().push(n);
+                    Ok::<(), std::io::Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        let mut accepted = Vec::new();
+        for n in 0..20 {
+            if pool.submit(n).await.is_ok() {
+                accepted.push(n);
+            }
+            // Let the task finish, and its ack, deletions and compactions run.
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let finished = done.lock().unwrap().clone();
+        let run = CompactionRun {
+            calls: faults.total_calls(),
+            unfinished: accepted
+                .into_iter()
+                .filter(|n| !finished.contains(n))
+                .collect(),
+            compacted: pool.stats().compacted,
+        };
+        (pool, run)
+    });
+    crash(rt, pool);
+    run
+}
+
+/// A crash after each file operation of a run that compacts, in turn (writing the copies,
+/// fsyncing them, fsyncing the directory, unlinking each old segment, fsyncing the directory
+/// again), with and without a power cut after it: every unfinished task comes back, from its
+/// old segment or from its copy — the old state or the new, never neither.
+#[test]
+fn a_crash_at_any_step_of_a_compaction_keeps_every_unfinished_task() {
+    let clean = {
+        let dir = tempfile::tempdir().unwrap();
+        compaction_scenario(dir.path(), &Faults::new(), None)
+    };
+    assert!(clean.compacted > 0, "the scenario compacts");
+    assert_eq!(clean.unfinished, [0]);
+    let (mut copied_old_kept, mut copied_old_gone) = (0, 0);
+    for halt in 1..=clean.calls {
+        for power_cut in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let faults = Faults::new();
+            let run = compaction_scenario(dir.path(), &faults, Some(halt));
+            let first_segment = segments(dir.path()).first().cloned();
+            if power_cut {
+                faults.power_cut().unwrap();
+            }
+            let (recovery, live) = recover(dir.path());
+            let context = format!("crash after call {halt}, power cut {power_cut}");
+            assert!(
+                recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
+                "{context}: {recovery:?}"
+            );
+            for n in &run.unfinished {
+                assert!(live.contains(n), "{context}: task {n} lost; live {live:?}");
+            }
+            if run.compacted > 0 {
+                let oldest_kept =
+                    first_segment.is_some_and(|path| path.ends_with(format!("{:020}.seg", 1)));
+                if oldest_kept {
+                    copied_old_kept += 1;
+                } else {
+                    copied_old_gone += 1;
+                }
+            }
+        }
+    }
+    // The crashes fell between the copy and the deletion, and after the deletion.
+    assert!(
+        copied_old_kept > 0 && copied_old_gone > 0,
+        "{copied_old_kept} {copied_old_gone}"
+    );
+}

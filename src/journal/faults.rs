@@ -71,6 +71,10 @@ struct Tracked {
 #[derive(Debug, Default)]
 struct State {
     calls: HashMap<Op, u64>,
+    /// Calls of every operation.
+    total: u64,
+    /// Every call after this many in all fails with EIO: the process died there.
+    halt_after: Option<u64>,
     rules: Vec<Rule>,
     files: BTreeMap<PathBuf, Tracked>,
 }
@@ -136,6 +140,17 @@ impl Faults {
         self.add(Op::Write, nth, false, Fault::Short { keep, errno });
     }
 
+    /// Calls of every operation so far.
+    pub(crate) fn total_calls(&self) -> u64 {
+        self.state().total
+    }
+
+    /// Every call after the first `calls` (of any operation) fails with EIO and changes
+    /// nothing: the state on disk is the one a crash right after call `calls` leaves.
+    pub(crate) fn halt_after(&self, calls: u64) {
+        self.state().halt_after = Some(calls);
+    }
+
     /// Drops every rule: from now on every call succeeds (the disk has room again).
     pub(crate) fn clear(&self) {
         self.state().rules.clear();
@@ -144,6 +159,10 @@ impl Faults {
     /// Counts a call of `op` and returns the fault aimed at it, if any.
     fn call(&self, op: Op) -> Option<Fault> {
         let mut state = self.state();
+        state.total += 1;
+        if state.halt_after.is_some_and(|halt| state.total > halt) {
+            return Some(Fault::Error(EIO));
+        }
         let count = state.calls.entry(op).or_insert(0);
         *count += 1;
         let n = *count;
