@@ -43,11 +43,15 @@ struct Entry {
 pub(crate) struct LiveIndex {
     tasks: HashMap<TaskId, Entry>,
     segments: BTreeMap<u64, Usage>,
+    /// The newest segment a batch was placed in: the one being written.
+    newest: u64,
 }
 
 impl LiveIndex {
     /// A task read back from the journal at start, whose latest record is in `segment`.
     pub(crate) fn recovered(&mut self, id: TaskId, segment: u64, len: u32) {
+        // An earlier run's segment is full: this run writes newer ones.
+        self.newest = self.newest.max(segment.saturating_add(1));
         self.tasks.insert(
             id,
             Entry {
@@ -62,6 +66,7 @@ impl LiveIndex {
     /// A batch of records reached `segment`. A new task enters the index; a moved one leaves
     /// its old segment, unless it finished meanwhile.
     pub(crate) fn placed(&mut self, segment: u64, placements: &[Placement]) {
+        self.newest = self.newest.max(segment);
         for placement in placements {
             if placement.moved {
                 let Some(entry) = self.tasks.get_mut(&placement.id) else {
@@ -106,13 +111,14 @@ impl LiveIndex {
             .is_some_and(|entry| entry.segment == segment && entry.moving == 0)
     }
 
-    /// The task finished. Returns true if that left its segment without live tasks.
+    /// The task finished. Returns true if that left a full segment (one older than the
+    /// segment being written) without live tasks: it may be deleted now.
     pub(crate) fn finish(&mut self, id: TaskId) -> bool {
         let Some(entry) = self.tasks.remove(&id) else {
             return false;
         };
         self.remove(entry.segment, entry.len);
-        !self.segments.contains_key(&entry.segment)
+        entry.segment < self.newest && !self.segments.contains_key(&entry.segment)
     }
 
     /// What `segment` still holds.
@@ -160,21 +166,26 @@ mod tests {
         }
     }
 
+    fn usage(tasks: u64, bytes: u64) -> Usage {
+        Usage { tasks, bytes }
+    }
+
     #[test]
-    fn a_segment_empties_when_its_last_task_finishes() {
+    fn a_full_segment_empties_when_its_last_task_finishes() {
         let mut live = LiveIndex::default();
-        live.placed(1, &[fresh(1, 40), fresh(2, 48)]);
-        assert_eq!(
-            live.usage(1),
-            Usage {
-                tasks: 2,
-                bytes: 88
-            }
-        );
+        live.placed(1, &[fresh(1, 40), fresh(2, 48), fresh(3, 40)]);
+        assert_eq!(live.usage(1), usage(3, 128));
         assert!(!live.finish(id(1)));
-        assert!(live.finish(id(2)));
+        live.placed(2, &[fresh(4, 40)]);
+        assert!(!live.finish(id(2)));
+        assert!(live.finish(id(3)), "segment 1 is full and empty");
         assert_eq!(live.usage(1), Usage::default());
-        assert!(!live.finish(id(2)), "a second finish changes nothing");
+        assert!(!live.finish(id(3)), "a second finish changes nothing");
+        assert!(
+            !live.finish(id(4)),
+            "the segment being written is not deletable"
+        );
+        assert_eq!(live.usage(2), Usage::default());
     }
 
     #[test]
@@ -185,23 +196,12 @@ mod tests {
         assert!(!live.settled_in(id(1), 1), "a copy is on its way");
         assert!(live.settled_in(id(2), 1));
         live.placed(3, &[moved(1, 56)]);
-        assert_eq!(
-            live.usage(1),
-            Usage {
-                tasks: 1,
-                bytes: 40
-            }
-        );
-        assert_eq!(
-            live.usage(3),
-            Usage {
-                tasks: 1,
-                bytes: 56
-            }
-        );
+        assert_eq!(live.usage(1), usage(1, 40));
+        assert_eq!(live.usage(3), usage(1, 56));
         assert!(live.settled_in(id(1), 3));
-        assert!(live.finish(id(1)), "segment 3 held only the copy");
-        assert_eq!(live.usage(1).tasks, 1);
+        assert!(live.finish(id(2)), "segment 1 held one more task");
+        assert!(!live.finish(id(1)), "segment 3 is being written");
+        assert_eq!(live.usage(3), Usage::default());
     }
 
     #[test]
@@ -209,7 +209,7 @@ mod tests {
         let mut live = LiveIndex::default();
         live.placed(1, &[fresh(1, 40)]);
         assert!(live.begin_move(id(1)));
-        assert!(live.finish(id(1)));
+        live.finish(id(1));
         live.placed(2, &[moved(1, 40)]);
         assert_eq!(live.usage(2), Usage::default(), "the copy pins nothing");
         assert!(!live.begin_move(id(1)));
@@ -220,8 +220,9 @@ mod tests {
         let mut live = LiveIndex::default();
         live.recovered(id(7), 4, 64);
         live.recovered(id(8), 5, 64);
-        assert_eq!(live.usage(4).tasks, 1);
+        assert_eq!(live.usage(4), usage(1, 64));
         assert!(live.settled_in(id(8), 5));
-        assert!(live.finish(id(7)));
+        assert!(live.finish(id(7)), "an earlier run's segment is full");
+        assert!(live.finish(id(8)), "even the last one, before this run writes");
     }
 }
