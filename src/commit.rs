@@ -110,6 +110,11 @@ impl Commit {
         });
     }
 
+    /// The sequence number of the last record pushed.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.pending().last_seq
+    }
+
     /// Waits until the batch holding `seq` has been handled.
     ///
     /// # Errors

@@ -223,6 +223,9 @@ mod tests {
         assert_eq!(live.usage(4), usage(1, 64));
         assert!(live.settled_in(id(8), 5));
         assert!(live.finish(id(7)), "an earlier run's segment is full");
-        assert!(live.finish(id(8)), "even the last one, before this run writes");
+        assert!(
+            live.finish(id(8)),
+            "even the last one, before this run writes"
+        );
     }
 }

@@ -318,7 +318,8 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
         };
         let start = {
             let mut live = lock(&self.live);
-            if !live.begin_move(job.id) {
+            // Once intake closed, the final spill journals the task in its latest state.
+            if self.intake_closed() || !live.begin_move(job.id) {
                 return;
             }
             let placement = Placement {
@@ -1148,6 +1149,7 @@ async fn delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
         };
         let (through, sparse) = {
             let live = lock(&worker.live);
+            let healthy = journal.may_delete();
             let sealed = journal.sealed();
             let empty = sealed
                 .iter()
@@ -1162,7 +1164,8 @@ async fn delete_empty_segments<T: Send + Sync + 'static>(inner: Arc<Inner<T>>) {
             let size: u64 = older.iter().map(|s| s.len).sum();
             let used: u64 = older.iter().map(|s| live.usage(s.number).bytes).sum();
             let newest = older.last().map_or(0, |s| s.number);
-            let sparse = (!older.is_empty()
+            let sparse = (healthy
+                && !older.is_empty()
                 && used.saturating_mul(2) <= size
                 && newest > worker.compacted_through.load(Ordering::Acquire))
             .then(|| older.to_vec());
@@ -1252,13 +1255,13 @@ async fn copy_live<T: Send + Sync + 'static>(
     // copied, and one finished after has its ack behind the copy.
     let (mut count, mut last_seq) = (0, None);
     for chunk in copies.chunks(COMPACT_CHUNK) {
-        if inner.intake_closed() {
-            // The shutdown spill writes every live task anew.
-            break;
-        }
         let mut start = false;
         {
             let mut live = lock(&inner.live);
+            if inner.intake_closed() {
+                // The shutdown spill writes every live task anew.
+                break;
+            }
             for (id, segment, range) in chunk {
                 if !live.settled_in(*id, *segment) || !live.begin_move(*id) {
                     continue;
@@ -1357,10 +1360,19 @@ async fn drain<T: Serialize + Send + Sync + 'static>(inner: &Arc<Inner<T>>) -> S
     inner.backlog_len.store(0, Ordering::Release);
     queued.sort_unstable_by_key(|job| job.id);
 
-    if inner.commit.is_some() {
+    if let Some(commit) = &inner.commit {
         // Write-ahead: the live tasks are journaled already, but among the whole run's history.
         // Spill them (and the interrupted ones) to a fresh segment, so that the next start reads
         // the live queue only; this run's segments go at close, once that spill is durable.
+        // First, what is in the commit buffer is written: no retry state or compaction copy is
+        // pushed after intake closed (both check under the index lock), so none can land after
+        // the spill's newer records.
+        let pushed = {
+            let _live = lock(&inner.live);
+            commit.last_seq()
+        };
+        // A failure is the journal's, recorded by the flusher.
+        let _ = commit.wait(pushed).await;
         if let Some(journal) = inner.journal.lock().await.as_mut() {
             journal.rotate_for_spill();
         }

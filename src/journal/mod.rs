@@ -323,6 +323,11 @@ impl Journal {
         self.sealed = adopted;
     }
 
+    /// Whether segments may still be deleted: not after a failure.
+    pub(crate) fn may_delete(&self) -> bool {
+        !self.failed && !self.keep_obsolete
+    }
+
     /// Deletes the sealed segments numbered up to `through`, oldest first: nothing live is
     /// left in them (the caller counts), and no older segment is left whose tasks they ack.
     ///
@@ -331,7 +336,7 @@ impl Journal {
     /// failed.
     pub(crate) fn delete_sealed_through(&mut self, through: u64) -> Result<(), JournalError> {
         let done = self.sealed.partition_point(|s| s.number <= through);
-        if done == 0 || self.failed || self.keep_obsolete {
+        if done == 0 || !self.may_delete() {
             return Ok(());
         }
         self.sync_current()?;
