@@ -284,7 +284,7 @@ fn a_task_that_never_finishes_does_not_pin_the_segments_after_it() {
         submit_all(&pool, 3_000).await;
         completed(&pool, 3_000).await;
         pool.submit(1_000_001).await.unwrap();
-        // Without compaction the first segment would keep all ~90 after it.
+        // Without compaction the first segment would keep all ~75 after it.
         let stats = journal_shrinks_to(dir.path(), 4).await;
         assert!(stats.segments <= 4, "{stats:?}");
         assert!(pool.stats().compacted > 0, "{:?}", pool.stats());
