@@ -489,11 +489,7 @@ where
         let Some(commit) = &inner.commit else {
             return Ok(self.enqueue(permit, payload, size));
         };
-        let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
-        let meta = Meta {
-            enqueued_ms: now_ms(),
-            ..Meta::default()
-        };
+        let (id, meta) = self.fresh();
         let mut record = Vec::with_capacity(format::task_record_len(size, 0));
         let len = match format::encode_record(
             &mut record,
@@ -527,19 +523,7 @@ where
                 error,
             });
         }
-        permit.send(Job {
-            id,
-            meta,
-            last_error: None,
-            payload: Arc::new(payload),
-            journaled: true,
-            replayed: false,
-        });
-        inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        inner
-            .submitted_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-        Ok(id)
+        Ok(self.accept(permit, id, meta, payload, size, true))
     }
 
     /// Queues a task if there is room now. Returns its id.
@@ -586,21 +570,42 @@ where
         }
     }
 
+    /// Queues a new task that needs no journaling now (`OnShutdown` mode).
     fn enqueue(&self, permit: mpsc::Permit<'_, Job<T>>, payload: T, size: usize) -> TaskId {
+        let (id, meta) = self.fresh();
+        self.accept(permit, id, meta, payload, size, false)
+    }
+
+    /// A new task's id, and its metadata as accepted now.
+    fn fresh(&self) -> (TaskId, Meta) {
         let inner = &*self.inner;
         let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
         let meta = Meta {
             enqueued_ms: now_ms(),
             ..Meta::default()
         };
+        (id, meta)
+    }
+
+    /// Queues an accepted task (`journaled`: its record is in the journal) and counts it.
+    fn accept(
+        &self,
+        permit: mpsc::Permit<'_, Job<T>>,
+        id: TaskId,
+        meta: Meta,
+        payload: T,
+        size: usize,
+        journaled: bool,
+    ) -> TaskId {
         permit.send(Job {
             id,
             meta,
             last_error: None,
             payload: Arc::new(payload),
-            journaled: false,
+            journaled,
             replayed: false,
         });
+        let inner = &*self.inner;
         inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
         inner
             .submitted_bytes
