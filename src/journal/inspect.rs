@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use super::format::{self, Header, HeaderError, Kind, Meta, RecordRef};
 use super::writer::SegmentWriter;
 use super::{
-    DAMAGED_DIR, DEAD_PREFIX, LOCK_FILE, SEGMENT_SUFFIX, SegmentFile, fs, list_segments,
+    DAMAGED_DIR, DEAD_PREFIX, LOCK_FILE, SEGMENT_SUFFIX, SegmentFile, fs, list_segments, lock_dir,
     random_epoch, read_run, reader,
 };
 use crate::error::JournalError;
@@ -300,20 +300,11 @@ pub fn journal_stats(dir: &Path) -> Result<JournalStats, JournalError> {
 pub fn requeue_dead_letters(dir: &Path, which: Requeue) -> Result<Requeued, RequeueError> {
     // Never make a journal directory (or a `LOCK` file) out of a mistyped path.
     journal_segments(dir)?;
-    let lock_path = dir.join(LOCK_FILE);
-    let lock = fs::open_or_create(&lock_path)
-        .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(RequeueError::Locked {
-                dir: dir.to_path_buf(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(JournalError::io("lock", &lock_path, None, e).into());
-        }
-    }
+    let Some((lock, _)) = lock_dir(dir)? else {
+        return Err(RequeueError::Locked {
+            dir: dir.to_path_buf(),
+        });
+    };
     let result = requeue_locked(dir, which);
     // Closing the file releases the lock; unlocking first only makes it explicit.
     let _ = lock.unlock();

@@ -123,20 +123,11 @@ impl Journal {
         mut on_record: impl FnMut(u64, RecordRef<'_>),
     ) -> Result<(Self, RecoveryReport), StartError> {
         fs::create_dir(dir).map_err(|e| JournalError::io("create", dir, None, e))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let mut lock = fs::open_or_create(&lock_path)
-            .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StartError::JournalLocked {
-                    dir: dir.to_path_buf(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(JournalError::io("lock", &lock_path, None, e).into());
-            }
-        }
+        let Some((mut lock, lock_path)) = lock_dir(dir)? else {
+            return Err(StartError::JournalLocked {
+                dir: dir.to_path_buf(),
+            });
+        };
         let stored_run = read_run(&mut lock, &lock_path)?;
 
         let segments = list_segments(dir)?;
@@ -728,6 +719,19 @@ fn keep_copy(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Takes the directory's lock: its open `LOCK` file (closing it releases the lock) and the
+/// file's path, or `None` if another process holds it.
+fn lock_dir(dir: &Path) -> Result<Option<(File, PathBuf)>, JournalError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = fs::open_or_create(&lock_path)
+        .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some((lock, lock_path))),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(JournalError::io("lock", &lock_path, None, e)),
     }
 }
 
