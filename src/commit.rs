@@ -18,9 +18,6 @@ struct Pending {
     buf: Vec<u8>,
     /// The task records in `buf`, in order.
     placements: Vec<Placement>,
-    /// Whether `buf` holds a new task's record: only those wait for an fsync (a lost ack or
-    /// retry state means a repeat; a compaction copy is synced before its original goes).
-    new_tasks: bool,
     /// The sequence number of the last record appended.
     last_seq: u64,
     /// Whether a flusher is running.
@@ -49,7 +46,9 @@ pub(crate) struct Batch {
     pub(crate) bytes: Vec<u8>,
     /// The task records in `bytes`, in order.
     pub(crate) placements: Vec<Placement>,
-    /// Whether the batch holds a new task's record (which the `Always` policy fsyncs).
+    /// Whether the batch holds a new task's record: only those wait for an fsync under the
+    /// `Always` policy (a lost ack or retry state means a repeat; a compaction copy is synced
+    /// before its original goes).
     pub(crate) new_tasks: bool,
     pub(crate) last_seq: u64,
 }
@@ -72,7 +71,6 @@ impl Commit {
         let mut pending = self.pending();
         pending.buf.extend_from_slice(bytes);
         if let Some(placement) = task {
-            pending.new_tasks |= !placement.moved;
             pending.placements.push(placement);
         }
         pending.last_seq += 1;
@@ -88,10 +86,11 @@ impl Commit {
             pending.flushing = false;
             return None;
         }
+        let placements = std::mem::take(&mut pending.placements);
         Some(Batch {
             bytes: std::mem::take(&mut pending.buf),
-            placements: std::mem::take(&mut pending.placements),
-            new_tasks: std::mem::take(&mut pending.new_tasks),
+            new_tasks: placements.iter().any(|p| !p.moved),
+            placements,
             last_seq: pending.last_seq,
         })
     }
