@@ -108,6 +108,15 @@ fn report_errno(report: &ShutdownReport) -> Option<i32> {
     report.journal_error.as_deref().and_then(errno)
 }
 
+/// Cuts the power, then reads back what survived as a starting pool does; recovery must find
+/// nothing wrong. Returns what it found and the live payloads in id order.
+fn after_power_cut(dir: &Path, faults: &Faults) -> (crate::RecoveryReport, Vec<u64>) {
+    faults.power_cut().unwrap();
+    let (recovery, live) = recover(dir);
+    assert!(undamaged(&recovery), "{recovery:?}");
+    (recovery, live)
+}
+
 /// Whether recovery found nothing wrong: no damage, no torn tail, no damaged copy.
 fn undamaged(report: &crate::RecoveryReport) -> bool {
     report.damage.is_empty() && report.torn_tails.is_empty() && report.damaged_copies.is_empty()
@@ -149,9 +158,7 @@ fn a_failed_fsync_in_write_ahead_mode(code: i32) {
         "{report:?}"
     );
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     let done = done.lock().unwrap().clone();
     for n in 0..6 {
         assert!(
@@ -229,9 +236,7 @@ fn eio_on_an_interval_fsync_poisons_the_journal_and_the_accepted_tasks_are_spill
     assert_eq!(report.unsaved, 0, "{report:?}");
     assert_eq!(report.spilled + report.interrupted, 5, "{report:?}");
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     assert_eq!(live, [0, 1, 2, 3, 4]);
 }
 
@@ -260,9 +265,7 @@ fn enospc_on_write_refuses_the_task_and_leaves_nothing_of_it_in_the_journal() {
     assert_eq!(report.unsaved, 0, "{report:?}");
     assert_eq!((report.spilled, report.interrupted), (5, 1), "{report:?}");
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     assert_eq!(live, [0, 1, 2, 3, 4, 5]);
 }
 
@@ -285,9 +288,7 @@ fn a_disk_that_stays_full_fails_the_spill_loudly_and_keeps_the_write_ahead_segme
     assert_eq!(report.spilled + report.interrupted, 0, "{report:?}");
     assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     assert_eq!(live, [0, 1, 2, 3, 4, 5]);
 }
 
@@ -365,10 +366,7 @@ fn a_power_cut_with_sync_always_keeps_every_acknowledged_task() {
         pool
     });
     crash(rt, pool);
-    faults.power_cut().unwrap();
-
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (recovery, live) = after_power_cut(dir.path(), &faults);
     assert!(recovery.segments > 1, "{recovery:?}");
     let accepted = accepted.lock().unwrap().clone();
     let attempted = attempted.lock().unwrap().clone();
@@ -407,9 +405,7 @@ fn a_power_cut_with_sync_never_leaves_a_valid_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let faults = crash_after_submitting(dir.path(), SyncPolicy::Never, 8);
     assert_eq!(faults.calls(Op::Sync) + faults.calls(Op::SyncDir), 0);
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     assert!(live.is_empty(), "{live:?}");
 
     let full = HEADER + 8 * RECORD;
@@ -645,9 +641,7 @@ fn a_spill_that_fails_twice_is_reported_and_the_old_segments_are_kept() {
     assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
     assert!(old[0].exists(), "the old segment is kept");
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     assert_eq!(live, [0, 1, 2, 3, 4]);
 }
 
@@ -667,9 +661,7 @@ fn a_write_ahead_spill_that_fails_twice_keeps_the_run_segments() {
     assert_eq!(report.unsaved, 6, "{report:?}");
     assert!(!report.is_clean());
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (_, live) = after_power_cut(dir.path(), &faults);
     assert_eq!(live, [0, 1, 2, 3, 4, 5]);
 }
 
@@ -690,9 +682,7 @@ fn a_failed_removal_at_close_is_reported_and_costs_nothing() {
     assert_eq!(report.unsaved, 0, "{report:?}");
     assert_eq!(report.spilled + report.interrupted, 3, "{report:?}");
 
-    faults.power_cut().unwrap();
-    let (recovery, live) = recover(dir.path());
-    assert!(undamaged(&recovery), "{recovery:?}");
+    let (recovery, live) = after_power_cut(dir.path(), &faults);
     assert_eq!(recovery.segments, 2, "{recovery:?}");
     assert_eq!(live, [0, 1, 2]);
 }
