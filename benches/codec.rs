@@ -13,35 +13,19 @@
 //! there is one, so the disk's noise stays out of a CPU measurement; otherwise under
 //! `target/bench/`.
 
+mod common;
+
+use common::{Email, email};
+
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use drainpool::{Pool, Task};
-use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 
 const TASKS: u64 = 10_000;
-
-/// The payload of `benches/compare.rs`: about 100 bytes of JSON.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Email {
-    id: u64,
-    to: String,
-    subject: String,
-    body: String,
-}
-
-fn email(i: u64) -> Email {
-    let n = i % 10_000_000;
-    Email {
-        id: i,
-        to: format!("user{n:07}@example.com"),
-        subject: format!("Order {n:07} shipped"),
-        body: "Leaves today.".to_owned(),
-    }
-}
 
 /// A scratch directory for journals, removed on drop.
 struct Scratch(PathBuf);

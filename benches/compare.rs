@@ -15,6 +15,10 @@
 //! (comma-separated: `steady,spill,durable,shutdown,memory`) runs some rows only, for
 //! profiling, and writes `target/bench/compare-partial.json`, leaving the full run's file alone.
 
+mod common;
+
+use common::{Email, email};
+
 use std::convert::Infallible;
 use std::error::Error;
 use std::fs::{self, File};
@@ -27,32 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drainpool::{Durability, Pool, SyncPolicy, Task};
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tokio::sync::{Notify, mpsc};
 
 type BoxResult<T> = Result<T, Box<dyn Error>>;
-
-/// The task payload of every row: an e-mail to send, about 100 bytes of JSON.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Email {
-    id: u64,
-    to: String,
-    subject: String,
-    body: String,
-}
-
-/// The `i`th payload. Fixed-width numbers keep every payload the same size.
-fn email(i: u64) -> Email {
-    let n = i % 10_000_000;
-    Email {
-        id: i,
-        to: format!("user{n:07}@example.com"),
-        subject: format!("Order {n:07} shipped"),
-        body: "Leaves today.".to_owned(),
-    }
-}
 
 fn payload_json_len() -> usize {
     serde_json::to_vec(&email(1_234_567)).map_or(0, |v| v.len())
