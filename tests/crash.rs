@@ -48,8 +48,9 @@ use std::time::{Duration, Instant};
 
 use common::child::{
     LedgerFile, Rng, SelfExec, describe, env_u64, field, install_signal_handlers, last_words, read,
-    run_worker, say, shut_down_when_empty, splitmix, tail, task_hash, touch_when_draining,
+    run_worker, shut_down_when_empty, splitmix, tail, task_hash, touch_when_draining,
 };
+use common::say;
 use drainpool::{Durability, Pool, SubmitError, SyncPolicy, Task};
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,5 @@
-//! A real full disk: a tiny tmpfs mounted by the test (Linux, as root, as CI runs; skipped with
-//! a printed reason where mounting is refused).
+//! A real full disk: a tiny tmpfs mounted by the test (Linux, as root, as CI runs). Where
+//! mounting is refused the tests fail under `CI=true`, and elsewhere skip with a printed reason.
 //!
 //! Write-ahead: once the disk is full, `submit` fails with `SubmitError::Journal` and hands the
 //! task back; the journal takes no more writes; every task accepted before is still in the
@@ -7,6 +7,8 @@
 //! reported loudly (an error in the report, `unsaved` counted, a failing exit code).
 
 #![cfg(target_os = "linux")]
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,14 +67,13 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The tmpfs, or `None` once the test is skipped (outside CI) for want of one.
+#[track_caller]
 fn mounted(size: &str) -> Option<Tmpfs> {
-    match Tmpfs::mount(size) {
-        Ok(tmpfs) => Some(tmpfs),
-        Err(reason) => {
-            println!("skipped: a tmpfs is needed for a real full disk, and {reason}");
-            None
-        }
-    }
+    common::require(
+        "a tmpfs (mounted as root) for a real full disk",
+        Tmpfs::mount(size),
+    )
 }
 
 fn is_enospc(error: &drainpool::JournalError) -> bool {

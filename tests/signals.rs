@@ -46,8 +46,9 @@ use std::time::{Duration, Instant};
 
 use common::child::{
     LedgerFile, Rng, SelfExec, describe, env_u64, field, install_signal_handlers, last_words, read,
-    run_worker, say, send, shut_down_when_empty, splitmix, task_hash, touch, touch_when_draining,
+    run_worker, send, shut_down_when_empty, splitmix, task_hash, touch, touch_when_draining,
 };
+use common::say;
 use drainpool::{Pool, SubmitError, Task, TaskId};
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
@@ -1129,7 +1130,7 @@ fn run_case(case: Case) {
         let outcome = run_round(case, seed)
             .unwrap_or_else(|e| panic!("{case:?} round {round} (seed {seed:#x}): {e}"));
         if let Some(reason) = outcome.skipped {
-            say(&format!("signals {case:?}: skipped: {reason}"));
+            common::skip_or_fail(&format!("signals {case:?}: a PID namespace"), &reason);
             return;
         }
         assert_eq!(
@@ -1231,7 +1232,7 @@ fn soak() {
         }
     }
     for reason in &skipped {
-        say(&format!("skipped {reason}"));
+        common::skip_or_fail("every case of the soak", reason);
     }
     say(&format!(
         "cases={} accepted={} spilled_at_signal={} interrupted_at_signal={} duplicates_inside_deadline={} most_generations={} failures={} seconds={:.0}",

@@ -79,12 +79,6 @@ pub fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
 }
 
-/// Writes a line past the test harness's output capture, so it shows in `cargo test`.
-pub fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-}
-
 // ---------------------------------------------------------------------------------------------
 // The worker process.
 // ---------------------------------------------------------------------------------------------
