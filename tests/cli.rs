@@ -2,13 +2,16 @@
 
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{PATIENCE, eventually};
 use drainpool::{Pool, Task, TaskId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -75,17 +78,6 @@ async fn start(dir: &Path, ledger: &Ledger, first: bool) -> Pool<Job> {
         .unwrap()
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// A journal left by a pool stopped mid-work.
 struct Journal {
     dir: tempfile::TempDir,
@@ -118,13 +110,16 @@ async fn journal(dead: u64, queued: u64) -> Journal {
             .dead
             .push((pool.submit(job.clone()).await.unwrap(), job));
     }
-    wait_until("the dead letters", || pool.stats().failed == dead).await;
+    eventually(PATIENCE, "the dead letters", || pool.stats().failed == dead).await;
     if queued > 0 {
         let job = Job::new(100, Action::Block);
         journal
             .live
             .push((pool.submit(job.clone()).await.unwrap(), job));
-        wait_until("the blocking task to start", || pool.stats().in_flight == 1).await;
+        eventually(PATIENCE, "the blocking task to start", || {
+            pool.stats().in_flight == 1
+        })
+        .await;
         for n in 101..101 + queued {
             let job = Job::new(n, Action::Work);
             journal
@@ -417,7 +412,7 @@ async fn requeue_all_brings_dead_letters_back_and_the_next_start_runs_them() {
     let pool = start(journal.path(), &ledger, false).await;
     assert_eq!(pool.recovery().replayed, 6);
     assert_eq!(pool.recovery().dead_letters, 0);
-    wait_until("the replay", || pool.stats().completed == 6).await;
+    eventually(PATIENCE, "the replay", || pool.stats().completed == 6).await;
     assert!(pool.shutdown().await.unwrap().is_clean());
     let mut ran = ledger.lock().unwrap().clone();
     ran.sort();

@@ -7,6 +7,8 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -69,10 +71,7 @@ fn a_dead_letter_survives_a_sigkill_right_after_it_is_written() {
     let error = contents.dead[0].last_error.as_deref().unwrap_or_default();
     assert!(error.contains("no such customer: c-42"), "{error}");
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::current_thread_runtime();
     runtime.block_on(async {
         let pool = Pool::builder()
             .journal_dir(dir.path())
@@ -92,10 +91,7 @@ fn child_main() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::current_thread_runtime();
     runtime.block_on(async move {
         let pool = Pool::builder()
             .journal_dir(dir)

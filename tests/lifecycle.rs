@@ -4,17 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Action, Job, Ledger, settle, start};
+use common::{Action, Job, Ledger, counts_add_up, settle, start};
 use drainpool::{State, SubmitError};
 use tokio_util::sync::CancellationToken;
-
-fn counts_add_up(r: &drainpool::ShutdownReport) {
-    assert_eq!(
-        r.replayed + r.submitted,
-        r.completed + r.failed + r.dropped + r.spilled + r.interrupted + r.unsaved,
-        "counts do not add up: {r:?}"
-    );
-}
 
 #[tokio::test(start_paused = true)]
 async fn intake_refusal_hands_the_task_back() {
@@ -543,12 +535,7 @@ async fn a_pre_stop_longer_than_the_grace_period_is_refused() {
 #[test]
 fn a_crash_during_the_replay_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
+    let runtime = common::current_thread_runtime;
     let all: Vec<u64> = (0..20).collect();
 
     // Run 1: twenty tasks journaled (task 0 running and interrupted, the rest spilled).
@@ -574,10 +561,12 @@ fn a_crash_during_the_replay_run_loses_nothing() {
     let pool = rt.block_on(async {
         let pool = start(dir.path(), 2, &ledger, |b| b).await.unwrap();
         assert_eq!(pool.recovery().replayed, 20);
-        let waited = std::time::Instant::now();
-        while ledger.completed().len() < 10 && waited.elapsed() < Duration::from_secs(30) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        common::eventually(
+            Duration::from_secs(30),
+            "ten replayed tasks to complete",
+            || ledger.completed().len() >= 10,
+        )
+        .await;
         pool
     });
     rt.shutdown_background();
@@ -596,10 +585,12 @@ fn a_crash_during_the_replay_run_loses_nothing() {
             (20..=21).contains(&(replayed + completed_before_crash.len())),
             "replayed {replayed}, completed before the crash {completed_before_crash:?}"
         );
-        let waited = std::time::Instant::now();
-        while ledger.completed().len() < replayed && waited.elapsed() < Duration::from_secs(30) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        common::eventually(
+            Duration::from_secs(30),
+            "every replayed task to complete",
+            || ledger.completed().len() >= replayed,
+        )
+        .await;
         let report = pool.shutdown().await.unwrap();
         assert_eq!(report.completed as usize, replayed);
     });
@@ -658,19 +649,13 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
         async move { pool.shutdown().await }
     });
 
-    let waited = std::time::Instant::now();
-    let found = loop {
+    let found = common::poll_until(Duration::from_secs(2), || {
         let live = drainpool::journal::inspect_journal(dir.path())
             .unwrap()
             .live;
-        if live.iter().any(|t| t.id == hung) {
-            break true;
-        }
-        if waited.elapsed() > Duration::from_secs(2) {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+        live.iter().any(|t| t.id == hung)
+    })
+    .await;
     assert!(
         found,
         "the hung task was not journaled while the other handler blocked"

@@ -1,10 +1,13 @@
 //! Retries with backoff, permanent errors, the deadline policy and poison protection, under a
 //! paused clock.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drainpool::{DeadlineAction, Permanent, Pool, ShutdownReport, Task, TaskId};
+use common::counts_add_up;
+use drainpool::{DeadlineAction, Permanent, Pool, Task, TaskId};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -83,14 +86,6 @@ fn runs_of(runs: &Runs, n: u64) -> Vec<(u32, bool, Instant)> {
         .filter(|r| r.0 == n)
         .map(|r| (r.1, r.2, r.3))
         .collect()
-}
-
-fn counts_add_up(r: &ShutdownReport) {
-    assert_eq!(
-        r.replayed + r.submitted,
-        r.completed + r.failed + r.dropped + r.spilled + r.interrupted + r.unsaved,
-        "counts do not add up: {r:?}"
-    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,20 +2,15 @@
 //! running (no shutdown sequence, no spill), which leaves the journal as a SIGKILL would. The
 //! real kills are in `tests/crash.rs`.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::multi_thread_runtime as runtime;
 use drainpool::{Durability, Pool, SubmitError, SyncPolicy, Task};
 
 type Done = Arc<Mutex<Vec<u64>>>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A pool whose handler records the task and returns at once, unless the task number is at
 /// least `hang_from`: those wait for the drain deadline and give up.
@@ -69,10 +64,11 @@ fn crash(rt: tokio::runtime::Runtime, pool: Pool<u64>) {
 
 /// Waits until `count` tasks have completed (bounded).
 async fn completed(pool: &Pool<u64>, count: u64) {
-    let waited = std::time::Instant::now();
-    while pool.stats().completed < count && waited.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let what = format!("{count} tasks to complete");
+    common::eventually(Duration::from_secs(30), &what, || {
+        pool.stats().completed >= count
+    })
+    .await;
     assert_eq!(pool.stats().completed, count);
 }
 
@@ -258,14 +254,13 @@ async fn journal_until(
     dir: &std::path::Path,
     done: impl Fn(&drainpool::journal::JournalStats) -> bool,
 ) -> drainpool::journal::JournalStats {
-    let waited = std::time::Instant::now();
-    loop {
-        let stats = drainpool::journal::journal_stats(dir).unwrap();
-        if done(&stats) || waited.elapsed() > Duration::from_secs(10) {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut stats = drainpool::journal::journal_stats(dir).unwrap();
+    common::poll_until(common::PATIENCE, || {
+        stats = drainpool::journal::journal_stats(dir).unwrap();
+        done(&stats)
+    })
+    .await;
+    stats
 }
 
 /// The live tasks of a journal, by payload, in order.
@@ -364,10 +359,10 @@ fn a_retry_state_reaches_the_journal_when_the_task_fails() {
         // Tasks 0 to 2 fail once, then wait an hour for their retry.
         let pool = start_small(dir.path(), &done, u64::MAX, 3).await;
         submit_all(&pool, 3).await;
-        let waited = std::time::Instant::now();
-        while pool.stats().retried < 3 && waited.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        common::eventually(common::PATIENCE, "three tasks to fail once", || {
+            pool.stats().retried >= 3
+        })
+        .await;
         assert_eq!(pool.stats().retried, 3);
         // The retry states ride with the next batch; this submit's record follows them.
         pool.submit(10).await.unwrap();

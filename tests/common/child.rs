@@ -159,14 +159,11 @@ impl SelfExec {
 /// Runs the worker process's `main` on a tokio runtime (two worker threads, or the current
 /// thread) and exits with the code it returns.
 pub fn run_worker(multi_thread: bool, main: impl Future<Output = i32>) -> ! {
-    let mut runtime = if multi_thread {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(2);
-        builder
+    let runtime = if multi_thread {
+        super::multi_thread_runtime()
     } else {
-        tokio::runtime::Builder::new_current_thread()
+        super::current_thread_runtime()
     };
-    let runtime = runtime.enable_all().build().expect("a tokio runtime");
     let code = runtime.block_on(main);
     // Exit here: no destructors, no waiting for blocking threads.
     std::process::exit(code);

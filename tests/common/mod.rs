@@ -5,6 +5,7 @@
 #[cfg(unix)]
 pub mod child;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -195,4 +196,74 @@ pub fn require<T>(what: &str, available: Result<T, String>) -> Option<T> {
             None
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting for a state, bounded.
+// ---------------------------------------------------------------------------------------------
+
+/// How long a test waits for a state it expects before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `condition` every 5 ms until it holds (true), or `limit` of real time has passed
+/// (false). Under a paused clock the polls do not move virtual time by much.
+pub async fn poll_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if condition() {
+            return true;
+        }
+        if started.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until `condition` holds; fails the test, naming `what` ("for ..."), after `limit`
+/// of real time.
+#[track_caller]
+pub fn eventually<'a>(
+    limit: Duration,
+    what: &'a str,
+    condition: impl FnMut() -> bool + 'a,
+) -> impl Future<Output = ()> + 'a {
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            poll_until(limit, condition).await,
+            "waited {limit:?} in vain for {what} (at {caller})"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtimes and reports.
+// ---------------------------------------------------------------------------------------------
+
+/// A current-thread tokio runtime with every driver.
+pub fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// A tokio runtime with two worker threads and every driver.
+pub fn multi_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Every task a run took in is accounted for once in its report.
+#[track_caller]
+pub fn counts_add_up(r: &drainpool::ShutdownReport) {
+    assert_eq!(
+        r.replayed + r.submitted,
+        r.completed + r.failed + r.dropped + r.spilled + r.interrupted + r.unsaved,
+        "counts do not add up: {r:?}"
+    );
 }
