@@ -609,7 +609,7 @@ fn a_crash_during_the_replay_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_still_runs() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     #[derive(serde::Serialize, serde::Deserialize)]
     enum Work {
@@ -619,6 +619,8 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
     let dir = tempfile::tempdir().unwrap();
     let unblocked = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&unblocked);
+    let started = Arc::new(AtomicUsize::new(0));
+    let starts = Arc::clone(&started);
     let pool = drainpool::Pool::builder()
         .workers(2)
         .drain_deadline(Duration::from_millis(100))
@@ -626,7 +628,9 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
         .journal_dir(dir.path())
         .start(move |task: drainpool::Task<Work>| {
             let flag = Arc::clone(&flag);
+            let starts = Arc::clone(&starts);
             async move {
+                starts.fetch_add(1, Ordering::SeqCst);
                 match task.payload() {
                     Work::BlockThread => {
                         // Blocking as a careful handler does it: the runtime moves this
@@ -643,7 +647,11 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
         .unwrap();
     pool.submit(Work::BlockThread).await.unwrap();
     let hung = pool.submit(Work::Hang).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Both handlers run before the shutdown begins (else the hung task would be spilled).
+    common::eventually(common::PATIENCE, "both handlers to start", || {
+        started.load(Ordering::SeqCst) == 2
+    })
+    .await;
     let shutdown = tokio::spawn({
         let pool = pool.clone();
         async move { pool.shutdown().await }
