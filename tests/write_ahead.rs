@@ -125,8 +125,10 @@ fn acks_spare_finished_tasks_a_repeat_after_a_crash() {
         for n in 100..150 {
             pool.submit(n).await.unwrap();
         }
-        // Give the acks' batch a moment to reach the file (they are not waited for).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The acks are not waited for: wait until their batch is in the file, where only the
+        // 50 hanging tasks are live.
+        let stats = journal_until(dir.path(), |stats| stats.live_tasks == 50).await;
+        assert_eq!(stats.live_tasks, 50, "{stats:?}");
         pool
     });
     crash(rt, pool);
