@@ -660,9 +660,7 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
 
     let waited = std::time::Instant::now();
     let found = loop {
-        let live = drainpool::journal::inspect_journal(dir.path())
-            .unwrap()
-            .live;
+        let live = drainpool::journal::inspect(dir.path()).unwrap().live;
         if live.iter().any(|t| t.id == hung) {
             break true;
         }

@@ -5,7 +5,8 @@
 use std::fs::File;
 
 use super::*;
-use crate::journal::format::{self, HEADER_LEN, Meta};
+use crate::journal::format::{self, HEADER_LEN, Kind};
+use crate::journal::record::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
 fn read(path: &Path) -> Vec<u8> {
@@ -131,22 +132,23 @@ fn a_zeroed_power_cut_keeps_the_file_lengths_but_not_the_unsynced_bytes() {
 /// A task record with a `u64` payload.
 fn record(epoch: u64, seq: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    let id = TaskId::new(1, seq);
-    format::encode_record(
-        &mut out,
-        epoch,
-        Kind::Task,
-        id,
-        &Meta::default(),
-        "",
-        |out| serde_json::to_writer(out, &seq),
-    )
-    .unwrap();
+    let payload = seq.to_string();
+    format::encode_record(&mut out, epoch, Kind::Task, &task(seq, &payload));
     out
 }
 
+/// Task `seq` with its `payload` (its sequence number, as JSON).
+fn task(seq: u64, payload: &str) -> TaskRecord<'_> {
+    TaskRecord {
+        id: TaskId::new(1, seq),
+        state: TaskState::default(),
+        last_error: "".into(),
+        payload: payload.as_bytes(),
+    }
+}
+
 fn open(dir: &Path, faults: &Arc<Faults>) -> Journal {
-    Journal::open(dir, faults.ops(), |_, _| {}).unwrap().0
+    Journal::open(dir, faults.ops(), |_| ()).unwrap().0
 }
 
 const NO_SEAL: u64 = u64::MAX;
@@ -272,11 +274,12 @@ fn a_short_write_that_cannot_be_cut_back_is_a_torn_tail_at_recovery() {
 
 /// Spills tasks `seqs` (their payload is their sequence number).
 fn spill(journal: &mut Journal, seqs: std::ops::Range<u64>) -> crate::journal::SpillOutcome {
-    let items: Vec<u64> = seqs.collect();
-    journal.spill(&items, |&seq, epoch, out| {
-        out.extend_from_slice(&record(epoch, seq));
-        true
-    })
+    let payloads: Vec<(u64, String)> = seqs.map(|seq| (seq, seq.to_string())).collect();
+    let records: Vec<TaskRecord<'_>> = payloads
+        .iter()
+        .map(|(seq, payload)| task(*seq, payload))
+        .collect();
+    journal.spill(&records)
 }
 
 #[test]
