@@ -337,7 +337,11 @@ impl FileOps for Faults {
 /// truncated), and returns what recovery found and the live `u64` payloads in id order.
 pub(crate) fn recover(dir: &Path) -> (RecoveryReport, Vec<u64>) {
     let opened = Journal::open(dir, super::fs::os(), |record| {
-        serde_json::from_slice::<u64>(record.payload).expect("a u64 payload")
+        // A u64 as the pool serializes it: its decimal digits.
+        std::str::from_utf8(record.payload)
+            .ok()
+            .and_then(|digits| digits.parse::<u64>().ok())
+            .expect("a u64 payload")
     });
     let (journal, report, live) = opened.expect("the journal opens");
     // Dropped, not closed: closing would retire the segments just read.

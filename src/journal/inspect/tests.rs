@@ -507,3 +507,54 @@ fn a_directory_with_no_lock_file_and_no_segment_is_refused() {
         Requeued::default()
     );
 }
+
+#[test]
+fn recovery_reports_the_damage_verify_shows() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_journal(tmp.path(), &[1, 2, 3], &[4, 5], &[]);
+    let segments = list_segments(tmp.path()).unwrap();
+    let (live, dead) = (&segments[0].path, &segments[1].path);
+    // Both copies of the live segment's epoch destroyed: none of its records can be checked.
+    let mut bytes = std::fs::read(live).unwrap();
+    for byte in &mut bytes[16..32] {
+        *byte ^= 0xA5;
+    }
+    std::fs::write(live, &bytes).unwrap();
+    // The dead-letter segment's first record damaged, a valid one after it.
+    let mut bytes = std::fs::read(dead).unwrap();
+    bytes[record_offsets(dead)[0] as usize + 40] ^= 0x01;
+    std::fs::write(dead, &bytes).unwrap();
+    // A segment cut inside its header.
+    let header = format::encode_header(Header {
+        epoch: 9,
+        segment: 99,
+    });
+    std::fs::write(tmp.path().join(segment_name(99, false)), &header[..20]).unwrap();
+
+    let verification = verify(tmp.path()).unwrap();
+    let reasons: Vec<&str> = verification
+        .damage
+        .iter()
+        .chain(&verification.torn_tails)
+        .map(|d| d.reason.as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "segment header checksum mismatch",
+            "no record validates under either epoch of the damaged header",
+            "record checksum mismatch",
+            "segment header is cut short",
+        ]
+    );
+
+    let (journal, report, recovered) =
+        Journal::open(tmp.path(), crate::journal::fs::os(), |_| ()).unwrap();
+    drop(journal);
+    assert!(recovered.is_empty());
+    assert_eq!(report.damage, verification.damage);
+    assert_eq!(report.torn_tails, verification.torn_tails);
+    assert_eq!(report.dead_letters, 1);
+    // The two damaged segments are copied aside; the one cut in its header is truncated.
+    assert_eq!(report.damaged_copies.len(), 2, "{report:?}");
+}
