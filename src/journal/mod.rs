@@ -12,9 +12,12 @@
 //! until each of their tasks is acked, or the run's spill is fsynced.
 //!
 //! The public functions here look into a journal directory without starting a pool: list its
-//! live tasks and dead letters, verify every record, count, and move dead letters back to the
-//! live journal. The `drainpool` command-line tool (the `cli` feature) is built on them.
+//! live tasks and dead letters ([`inspect`]), verify every record ([`verify`]), count
+//! ([`stats`]), and move dead letters back to the live journal ([`requeue`]). The `drainpool`
+//! command-line tool (the `cli` feature) is built on them.
 
+// Inside the crate, the pool speaks to the journal in typed records; the payload is opaque bytes
+// here, and only `format.rs` knows frames, kinds and flags.
 pub(crate) use self::commit::{Commit, Copies, Placement};
 pub use self::inspect::{
     Contents, JournaledTask, Requeue, RequeueError, Requeued, Stats, Verification, inspect,
