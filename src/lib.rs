@@ -49,7 +49,6 @@
 )]
 
 mod builder;
-mod commit;
 pub mod error;
 #[cfg(test)]
 mod fault_tests;

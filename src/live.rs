@@ -8,18 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::journal::Placement;
 use crate::task::TaskId;
-
-/// A task record on its way to the journal through the group commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Placement {
-    pub(crate) id: TaskId,
-    /// The record's length in the journal.
-    pub(crate) len: u32,
-    /// A newer record of a task already in the index (a retry's new state, or a compaction
-    /// copy), rather than a new task.
-    pub(crate) moved: bool,
-}
 
 /// What a segment still holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

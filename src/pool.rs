@@ -1,6 +1,6 @@
 //! The pool: intake, the queue, the workers, and the shutdown sequence.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -17,11 +17,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::BoxError;
 use crate::builder::{Builder, Config};
-use crate::commit::Commit;
 use crate::error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
-use crate::journal::format::{self, FLAG_INTERRUPTED, Kind, Meta};
-use crate::journal::{self, Journal, Sealed};
-use crate::live::{LiveIndex, Placement};
+use crate::journal::format;
+use crate::journal::{self, Commit, Copies, Journal, Sealed, TaskRecord, TaskState};
+use crate::live::LiveIndex;
 use crate::policy::{Durability, Jitter, Policy, SyncPolicy};
 use crate::report::{Budget, RecoveryReport, ShutdownReport, State, Stats};
 use crate::task::{Task, TaskId};
@@ -30,7 +29,7 @@ use crate::worker;
 /// A task waiting for, or held by, a worker.
 pub(crate) struct Job<T> {
     pub(crate) id: TaskId,
-    pub(crate) meta: Meta,
+    pub(crate) meta: TaskState,
     pub(crate) last_error: Option<Box<str>>,
     pub(crate) payload: Arc<T>,
     /// Whether a record of this task is in the journal (so finishing it must append an ack).
@@ -260,12 +259,10 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
             // Write-ahead: the ack rides with the next batch, unsynced. It leaves the index and
             // enters the buffer under one lock, so that a compaction copy of the task is either
             // not made or ordered before the ack.
-            let mut record = Vec::with_capacity(format::RECORD_HEADER_LEN);
-            format::encode_ack(&mut record, self.epoch, id);
             let (emptied, start) = {
                 let mut live = lock(&self.live);
                 let emptied = live.finish(id);
-                let (_, start) = commit.push(&record, None);
+                let (_, start) = commit.push_ack(id);
                 (emptied, start)
             };
             if start {
@@ -300,18 +297,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
         if !job.journaled {
             return;
         }
-        let mut record = Vec::new();
-        let error = job.last_error.as_deref().unwrap_or("");
-        let encoded = format::encode_record(
-            &mut record,
-            self.epoch,
-            Kind::Task,
-            job.id,
-            &job.meta,
-            error,
-            |out| serde_json::to_writer(out, &*job.payload),
-        );
-        let Ok(len) = encoded else {
+        let Ok(payload) = serde_json::to_vec(&*job.payload) else {
             // Submit checked it serializes; if it no longer does, the journal keeps the
             // earlier state.
             return;
@@ -322,12 +308,7 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
             if self.intake_closed() || !live.begin_move(job.id) {
                 return;
             }
-            let placement = Placement {
-                id: job.id,
-                len: len as u32,
-                moved: true,
-            };
-            commit.push(&record, Some(placement)).1
+            commit.push_task(&job.record(&payload), true).1
         };
         if start {
             tokio::spawn(flush(Arc::clone(self)));
@@ -348,20 +329,18 @@ impl<T: Serialize + Send + Sync + 'static> Inner<T> {
 
     /// Writes a dead letter, durably. On failure the task is held for the final spill instead.
     pub(crate) async fn dead_letter(self: &Arc<Self>, job: Job<T>, error: String) {
-        let mut record = Vec::new();
-        let encoded = format::encode_record(
-            &mut record,
-            self.epoch,
-            Kind::Dead,
-            job.id,
-            &job.meta,
-            &error,
-            |out| serde_json::to_writer(out, &*job.payload),
-        );
+        let encoded = serde_json::to_vec(&*job.payload);
         let result = match encoded {
             Err(e) => Err(e.to_string()),
-            Ok(_) => {
+            Ok(payload) => {
+                let (id, state, reason) = (job.id, job.meta, error.clone());
                 let written = with_journal(&self.journal, move |guard| {
+                    let record = TaskRecord {
+                        id,
+                        state,
+                        last_error: reason.into(),
+                        payload: &payload,
+                    };
                     guard
                         .as_mut()
                         .map_or(Err(JournalError::Poisoned), |j| j.write_dead(&record))
@@ -490,30 +469,20 @@ where
             return Ok(self.enqueue(permit, payload, size));
         };
         let (id, meta) = self.fresh();
-        let mut record = Vec::with_capacity(format::task_record_len(size, 0));
-        let len = match format::encode_record(
-            &mut record,
-            inner.epoch,
-            Kind::Task,
+        let mut bytes = Vec::with_capacity(size);
+        if let Err(source) = serde_json::to_writer(&mut bytes, &payload) {
+            return Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            });
+        }
+        let record = TaskRecord {
             id,
-            &meta,
-            "",
-            |out| serde_json::to_writer(out, &payload),
-        ) {
-            Ok(len) => len as u32,
-            Err(source) => {
-                return Err(SubmitError::Unserializable {
-                    task: payload,
-                    source,
-                });
-            }
+            state: meta,
+            last_error: "".into(),
+            payload: &bytes,
         };
-        let placement = Placement {
-            id,
-            len,
-            moved: false,
-        };
-        let (seq, start) = commit.push(&record, Some(placement));
+        let (seq, start) = commit.push_task(&record, false);
         if start {
             tokio::spawn(flush(Arc::clone(inner)));
         }
@@ -577,12 +546,12 @@ where
     }
 
     /// A new task's id, and its metadata as accepted now.
-    fn fresh(&self) -> (TaskId, Meta) {
+    fn fresh(&self) -> (TaskId, TaskState) {
         let inner = &*self.inner;
         let id = TaskId::new(inner.run, inner.next_seq.fetch_add(1, Ordering::Relaxed));
-        let meta = Meta {
+        let meta = TaskState {
             enqueued_ms: now_ms(),
-            ..Meta::default()
+            ..TaskState::default()
         };
         (id, meta)
     }
@@ -592,7 +561,7 @@ where
         &self,
         permit: mpsc::Permit<'_, Job<T>>,
         id: TaskId,
-        meta: Meta,
+        meta: TaskState,
         payload: T,
         size: usize,
         journaled: bool,
@@ -787,7 +756,7 @@ impl std::io::Write for SizeSink {
 /// A task read back from the journal.
 enum Recovered<T> {
     Live {
-        meta: Meta,
+        meta: TaskState,
         last_error: Option<Box<str>>,
         /// Boxed at once, so the moves that follow are a pointer's, not a payload's.
         payload: Arc<T>,
@@ -796,7 +765,7 @@ enum Recovered<T> {
         len: u32,
     },
     Undecodable {
-        meta: Meta,
+        meta: TaskState,
         error: String,
         payload: Vec<u8>,
     },
@@ -880,20 +849,12 @@ where
                 payload,
             } => {
                 recovery.undecodable += 1;
-                let mut record = Vec::new();
-                let epoch = journal.epoch();
-                let Ok(_) = format::encode_record(
-                    &mut record,
-                    epoch,
-                    Kind::Dead,
+                let record = TaskRecord {
                     id,
-                    &meta,
-                    &error,
-                    |out| {
-                        out.extend_from_slice(&payload);
-                        Ok::<(), std::convert::Infallible>(())
-                    },
-                );
+                    state: meta,
+                    last_error: error.as_str().into(),
+                    payload: &payload,
+                };
                 tracing::warn!(task = %id, %error, "payload no longer decodes; kept as a dead letter");
                 match journal
                     .write_dead(&record)
@@ -918,13 +879,14 @@ where
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let replayed = recovery.replayed;
     let in_backlog = backlog.len();
+    let epoch = journal.epoch();
     let inner = Arc::new(Inner {
         journal_dir: dir,
         tx,
         rx: tokio::sync::Mutex::new(rx),
         backlog_len: AtomicUsize::new(in_backlog),
         backlog: Mutex::new(backlog),
-        epoch: journal.epoch(),
+        epoch,
         run: journal.run(),
         journal: Arc::new(tokio::sync::Mutex::new(Some(journal))),
         next_seq: AtomicU64::new(1),
@@ -937,7 +899,7 @@ where
         waiting: Mutex::new(waiting),
         waiting_changed: Notify::new(),
         jitter: Jitter::from_entropy(),
-        commit: write_ahead.then(Commit::new),
+        commit: write_ahead.then(|| Commit::new(epoch)),
         live: Mutex::new(live),
         compacting: std::sync::atomic::AtomicBool::new(false),
         compacted_through: AtomicU64::new(0),
@@ -1004,68 +966,41 @@ where
 
 type Opened<T> = (Journal, RecoveryReport, Vec<(TaskId, Recovered<T>)>);
 
-/// Opens the journal and keeps the last state of every task id, in id order.
+/// Opens the journal and decodes the last state of every task id, in id order.
 fn recover<T: DeserializeOwned>(
     dir: &Path,
     ops: crate::journal::fs::Ops,
 ) -> Result<Opened<T>, StartError> {
-    // Tasks in the order their id was first seen (file order: almost always id order), and
-    // where each id stands; an ack or a dead letter empties its slot. Both are sized from the
-    // segments' bytes so that a large journal is not rehashed and moved again and again.
-    let estimate = segment_bytes(dir) / 160;
-    let mut slots: Vec<Option<(TaskId, Recovered<T>)>> = Vec::with_capacity(estimate);
-    let mut index: HashMap<TaskId, usize> = HashMap::with_capacity(estimate);
-    let (journal, report) = Journal::open(dir, ops, |segment, record| match record.kind {
-        Kind::Task => {
-            let meta = record.meta;
-            let entry = match serde_json::from_slice::<T>(record.payload) {
+    let (journal, report, found): (_, _, Vec<journal::Recovered<_>>) =
+        Journal::open(dir, ops, |record| {
+            serde_json::from_slice::<T>(record.payload)
+                .map(Arc::new)
+                .map_err(|e| {
+                    let error = format!("payload no longer decodes: {e}");
+                    (error, record.payload.to_vec())
+                })
+        })?;
+    let tasks = found
+        .into_iter()
+        .map(|task| {
+            let entry = match task.value {
                 Ok(payload) => Recovered::Live {
-                    meta,
-                    last_error: (!record.error.is_empty())
-                        .then(|| String::from_utf8_lossy(record.error).into()),
-                    payload: Arc::new(payload),
-                    segment,
-                    len: format::task_record_len(record.payload.len(), record.error.len()) as u32,
+                    meta: task.state,
+                    last_error: task.last_error,
+                    payload,
+                    segment: task.segment,
+                    len: task.len,
                 },
-                Err(e) => Recovered::Undecodable {
-                    meta,
-                    error: format!("payload no longer decodes: {e}"),
-                    payload: record.payload.to_vec(),
+                Err((error, payload)) => Recovered::Undecodable {
+                    meta: task.state,
+                    error,
+                    payload,
                 },
             };
-            match index.get(&record.id) {
-                Some(&at) => slots[at] = Some((record.id, entry)),
-                None => {
-                    index.insert(record.id, slots.len());
-                    slots.push(Some((record.id, entry)));
-                }
-            }
-        }
-        Kind::Ack | Kind::Dead => {
-            if let Some(&at) = index.get(&record.id) {
-                slots[at] = None;
-            }
-        }
-    })?;
-    drop(index);
-    let mut tasks: Vec<_> = slots.into_iter().flatten().collect();
-    if !tasks.is_sorted_by_key(|(id, _)| *id) {
-        tasks.sort_by_key(|(id, _)| *id);
-    }
-    Ok((journal, report, tasks))
-}
-
-/// The total size of the files in `dir`, for sizing recovery's tables (0 if unreadable).
-fn segment_bytes(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len() as usize)
-                .sum()
+            (task.id, entry)
         })
-        .unwrap_or(0)
+        .collect();
+    Ok((journal, report, tasks))
 }
 
 /// Runs `f` on a blocking thread with the journal locked (`None` once it is closed).
@@ -1228,22 +1163,16 @@ async fn copy_live<T: Send + Sync + 'static>(
     };
     let reader = Arc::clone(inner);
     let read = tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::new();
-        let mut copies = Vec::new();
+        let mut copies = Copies::default();
         for segment in &segments {
-            let found = journal::copy_tasks(&segment.path, reader.epoch, &mut buf, |id| {
+            copies.read(&segment.path, segment.number, reader.epoch, |id| {
                 lock(&reader.live).settled_in(id, segment.number)
             })?;
-            copies.extend(
-                found
-                    .into_iter()
-                    .map(|(id, range)| (id, segment.number, range)),
-            );
         }
-        Ok::<_, JournalError>((buf, copies))
+        Ok::<_, JournalError>(copies)
     })
     .await;
-    let (buf, copies) = match read {
+    let copies = match read {
         Ok(Ok(read)) => read,
         Ok(Err(error)) => return Err(Arc::new(error)),
         Err(error) => {
@@ -1259,29 +1188,20 @@ async fn copy_live<T: Send + Sync + 'static>(
     // Each copy is checked and pushed under the index lock: a task finished before is not
     // copied, and one finished after has its ack behind the copy.
     let (mut count, mut last_seq) = (0, None);
-    for chunk in copies.chunks(COMPACT_CHUNK) {
-        let mut start = false;
-        {
+    for chunk in copies.list().chunks(COMPACT_CHUNK) {
+        let start = {
             let mut live = lock(&inner.live);
             if inner.intake_closed() {
                 // The shutdown spill writes every live task anew.
                 break;
             }
-            for (id, segment, range) in chunk {
-                if !live.settled_in(*id, *segment) || !live.begin_move(*id) {
-                    continue;
-                }
-                let placement = Placement {
-                    id: *id,
-                    len: range.len() as u32,
-                    moved: true,
-                };
-                let (seq, started) = commit.push(&buf[range.clone()], Some(placement));
-                start |= started;
-                last_seq = Some(seq);
-                count += 1;
-            }
-        }
+            let pushed = commit.push_copies(&copies, chunk, |copy| {
+                live.settled_in(copy.id, copy.segment) && live.begin_move(copy.id)
+            });
+            count += pushed.count;
+            last_seq = pushed.last_seq.or(last_seq);
+            pushed.start
+        };
         if start {
             tokio::spawn(flush(Arc::clone(inner)));
         }
@@ -1578,8 +1498,16 @@ async fn spill<T: Serialize + Send + Sync + 'static>(
                 (Duration::ZERO, Duration::ZERO),
             );
         };
-        let outcome = journal.spill(&jobs, encode_job);
-        let times = (outcome.write_time, outcome.sync_time);
+        let started = std::time::Instant::now();
+        let payloads: Vec<Option<Vec<u8>>> = jobs.iter().map(encode_payload).collect();
+        let records: Vec<TaskRecord<'_>> = jobs
+            .iter()
+            .zip(&payloads)
+            .filter_map(|(job, payload)| Some(job.record(payload.as_deref()?)))
+            .collect();
+        let encode_time = started.elapsed();
+        let outcome = journal.spill(&records);
+        let times = (outcome.write_time + encode_time, outcome.sync_time);
         let written = if outcome.durable {
             outcome.written as u64
         } else {
@@ -1623,24 +1551,31 @@ async fn spill<T: Serialize + Send + Sync + 'static>(
     (written, count - written)
 }
 
-fn encode_job<T: Serialize>(job: &Job<T>, epoch: u64, out: &mut Vec<u8>) -> bool {
-    let error = job.last_error.as_deref().unwrap_or("");
-    let encoded = format::encode_record(out, epoch, Kind::Task, job.id, &job.meta, error, |out| {
-        serde_json::to_writer(out, &*job.payload)
-    });
-    match encoded {
-        Ok(_) => true,
+/// The job's payload, serialized for the spill; `None` (logged) if it fails to.
+fn encode_payload<T: Serialize>(job: &Job<T>) -> Option<Vec<u8>> {
+    match serde_json::to_vec(&*job.payload) {
+        Ok(payload) => Some(payload),
         Err(error) => {
             tracing::error!(task = %job.id, %error, "payload failed to serialize at spill; task lost");
-            false
+            None
         }
     }
 }
 
 impl<T> Job<T> {
+    /// The job as a task record, with its `payload` serialized.
+    fn record<'a>(&'a self, payload: &'a [u8]) -> TaskRecord<'a> {
+        TaskRecord {
+            id: self.id,
+            state: self.meta,
+            last_error: self.last_error.as_deref().unwrap_or("").into(),
+            payload,
+        }
+    }
+
     /// Marks the job interrupted at the deadline: its attempt is not counted.
     pub(crate) fn interrupted(mut self) -> Self {
-        self.meta.flags |= FLAG_INTERRUPTED;
+        self.meta.interrupted = true;
         self.meta.interruptions = self.meta.interruptions.saturating_add(1);
         self
     }

@@ -13,7 +13,6 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::BoxError;
-use crate::journal::format::FLAG_INTERRUPTED;
 use crate::policy::{DeadlineAction, Interruption, Permanent};
 use crate::pool::{Held, Inner, Job, now_ms};
 use crate::task::Task;
@@ -52,7 +51,7 @@ where
     let task = Task {
         id: job.id,
         attempt: job.meta.attempts.saturating_add(1),
-        interrupted: job.meta.flags & FLAG_INTERRUPTED != 0,
+        interrupted: job.meta.interrupted,
         enqueued_at: UNIX_EPOCH + Duration::from_millis(job.meta.enqueued_ms),
         payload: Arc::clone(&job.payload),
         cancel: Arc::clone(&inner.deadline),
@@ -92,7 +91,7 @@ where
         }
         Outcome::Failed(error, permanent) => {
             job.meta.attempts = job.meta.attempts.saturating_add(1);
-            job.meta.flags &= !FLAG_INTERRUPTED;
+            job.meta.interrupted = false;
             job.meta.interruptions = 0;
             let policy = &inner.policy;
             if permanent || job.meta.attempts >= policy.max_attempts {

@@ -791,7 +791,7 @@ fn check(dir: &Path, runs: &[GenRun], mut outcome: Outcome) -> Result<Outcome, S
     }
 
     // The last generation ran to empty and shut down cleanly: nothing is left to replay.
-    match drainpool::journal::inspect_journal(&dir.join("journal")) {
+    match drainpool::journal::inspect(&dir.join("journal")) {
         Ok(contents) if contents.live.is_empty() && contents.damage == 0 => {}
         Ok(contents) => problems.push(format!(
             "after a clean run to empty the journal holds {} live tasks (first {:?}) and {} damage",

@@ -65,7 +65,7 @@ fn a_dead_letter_survives_a_sigkill_right_after_it_is_written() {
         Some(9)
     );
 
-    let contents = drainpool::journal::inspect_journal(dir.path()).unwrap();
+    let contents = drainpool::journal::inspect(dir.path()).unwrap();
     let ids: Vec<String> = contents.dead.iter().map(|t| t.id.to_string()).collect();
     assert_eq!(ids, [id]);
     let error = contents.dead[0].last_error.as_deref().unwrap_or_default();

@@ -658,7 +658,7 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
     });
 
     let found = common::poll_until(Duration::from_secs(2), || {
-        let live = drainpool::journal::inspect_journal(dir.path())
+        let live = drainpool::journal::inspect(dir.path())
             .unwrap()
             .live;
         live.iter().any(|t| t.id == hung)

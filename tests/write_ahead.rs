@@ -159,7 +159,7 @@ fn a_clean_shutdown_leaves_only_the_live_tasks_in_the_journal() {
     });
     assert_eq!(live, 10);
     // The run's history (1,010 task records and 1,000 acks) is gone: one segment of ten.
-    let stats = drainpool::journal::journal_stats(dir.path()).unwrap();
+    let stats = drainpool::journal::stats(dir.path()).unwrap();
     assert_eq!(
         (stats.segments, stats.live_tasks, stats.records),
         (1, 10, 10),
@@ -244,21 +244,18 @@ async fn start_small(
 }
 
 /// Waits (bounded) until the journal has at most `segments` segments; returns the stats.
-async fn journal_shrinks_to(
-    dir: &std::path::Path,
-    segments: usize,
-) -> drainpool::journal::JournalStats {
+async fn journal_shrinks_to(dir: &std::path::Path, segments: usize) -> drainpool::journal::Stats {
     journal_until(dir, |stats| stats.segments <= segments).await
 }
 
 /// Waits (bounded) until the journal's stats satisfy `done`; returns the last stats read.
 async fn journal_until(
     dir: &std::path::Path,
-    done: impl Fn(&drainpool::journal::JournalStats) -> bool,
-) -> drainpool::journal::JournalStats {
-    let mut stats = drainpool::journal::journal_stats(dir).unwrap();
+    done: impl Fn(&drainpool::journal::Stats) -> bool,
+) -> drainpool::journal::Stats {
+    let mut stats = drainpool::journal::stats(dir).unwrap();
     common::poll_until(common::PATIENCE, || {
-        stats = drainpool::journal::journal_stats(dir).unwrap();
+        stats = drainpool::journal::stats(dir).unwrap();
         done(&stats)
     })
     .await;
@@ -267,7 +264,7 @@ async fn journal_until(
 
 /// The live tasks of a journal, by payload, in order.
 fn live_payloads(dir: &std::path::Path) -> Vec<u64> {
-    let contents = drainpool::journal::inspect_journal(dir).unwrap();
+    let contents = drainpool::journal::inspect(dir).unwrap();
     let mut live: Vec<u64> = contents
         .live
         .iter()
@@ -332,7 +329,7 @@ fn segments_of_an_earlier_run_go_as_their_replayed_tasks_finish() {
         pool
     });
     crash(rt, pool);
-    let before = drainpool::journal::journal_stats(dir.path()).unwrap();
+    let before = drainpool::journal::stats(dir.path()).unwrap();
     assert!(before.segments >= 10, "{before:?}");
 
     let rt = runtime();
@@ -342,8 +339,7 @@ fn segments_of_an_earlier_run_go_as_their_replayed_tasks_finish() {
         completed(&pool, 600).await;
         // The earlier run's segments are gone while the pool runs, not only at its shutdown:
         // what is left is at most this run's segment, with the acks once they are written.
-        let gone =
-            |stats: &drainpool::journal::JournalStats| stats.segments <= 1 && stats.live_tasks == 0;
+        let gone = |stats: &drainpool::journal::Stats| stats.segments <= 1 && stats.live_tasks == 0;
         let stats = journal_until(dir.path(), gone).await;
         assert!(gone(&stats), "{stats:?}");
         pool
@@ -374,7 +370,7 @@ fn a_retry_state_reaches_the_journal_when_the_task_fails() {
     crash(rt, pool);
 
     // Task 10 finished, but its ack may not have been written before the crash.
-    let contents = drainpool::journal::inspect_journal(dir.path()).unwrap();
+    let contents = drainpool::journal::inspect(dir.path()).unwrap();
     let failed: Vec<_> = contents
         .live
         .iter()

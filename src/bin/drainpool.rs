@@ -208,7 +208,7 @@ impl Stdout {
 }
 
 fn inspect(dir: &Path, dead: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
-    let contents = drainpool::journal::inspect_journal(dir).map_err(Failure::from_error)?;
+    let contents = drainpool::journal::inspect(dir).map_err(Failure::from_error)?;
     let tasks = if dead { &contents.dead } else { &contents.live };
     for task in tasks {
         out.line(task_json(task))?;
@@ -241,7 +241,7 @@ fn task_json(task: &JournaledTask) -> Value {
 }
 
 fn verify(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
-    let verification = drainpool::journal::verify_journal(dir).map_err(Failure::from_error)?;
+    let verification = drainpool::journal::verify(dir).map_err(Failure::from_error)?;
     let mut findings: Vec<(&Damage, &str)> = verification
         .damage
         .iter()
@@ -299,8 +299,7 @@ fn requeue(dir: &Path, which: Which, out: &mut Stdout) -> Result<ExitCode, Failu
     } else {
         Requeue::Ids(which.ids)
     };
-    let requeued =
-        drainpool::journal::requeue_dead_letters(dir, which).map_err(Failure::from_error)?;
+    let requeued = drainpool::journal::requeue(dir, which).map_err(Failure::from_error)?;
     for id in &requeued.ids {
         out.line(id)?;
     }
@@ -320,7 +319,7 @@ fn requeue(dir: &Path, which: Which, out: &mut Stdout) -> Result<ExitCode, Failu
 }
 
 fn stats(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
-    let s = drainpool::journal::journal_stats(dir).map_err(Failure::from_error)?;
+    let s = drainpool::journal::stats(dir).map_err(Failure::from_error)?;
     if as_json {
         out.line(json!({
             "segments": s.segments,

@@ -12,8 +12,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use std::time::Duration;
+
 use super::Journal;
-use super::format::Kind;
 use super::fs::{FileOps, Ops, Os};
 use crate::error::JournalError;
 use crate::report::RecoveryReport;
@@ -32,6 +33,16 @@ pub(crate) enum Op {
     Truncate,
     SyncDir,
     Remove,
+    /// Recovery's: creating the journal directory or `damaged/`.
+    CreateDir,
+    /// Recovery's: storing the run counter (write and fsyncs in one).
+    WriteRun,
+    /// Recovery's: cutting a torn tail off.
+    TruncateTail,
+    /// Recovery's: copying a damaged segment to `damaged/`.
+    KeepCopy,
+    /// The write-speed probe.
+    Probe,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -290,25 +301,52 @@ impl FileOps for Faults {
         self.state().files.remove(path);
         Ok(())
     }
+
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        self.check(Op::CreateDir)?;
+        Os.create_dir(path)
+    }
+
+    fn write_run(&self, path: &Path, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        self.check(Op::WriteRun)?;
+        Os.write_run(path, file, buf)
+    }
+
+    fn truncate_tail(&self, path: &Path, len: u64) -> io::Result<()> {
+        self.check(Op::TruncateTail)?;
+        Os.truncate_tail(path, len)?;
+        // Synced at that length.
+        if let Some(tracked) = self.state().files.get_mut(path) {
+            tracked.synced_len = Some(len);
+        }
+        Ok(())
+    }
+
+    fn keep_copy(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check(Op::KeepCopy)?;
+        Os.keep_copy(from, to)
+    }
+
+    fn probe(&self, path: &Path, buf: &[u8]) -> io::Result<(Duration, Duration)> {
+        self.check(Op::Probe)?;
+        Os.probe(path, buf)
+    }
 }
 
 /// Opens `dir` as a starting pool would (with the real file operations: torn tails are
 /// truncated), and returns what recovery found and the live `u64` payloads in id order.
 pub(crate) fn recover(dir: &Path) -> (RecoveryReport, Vec<u64>) {
-    let mut live = BTreeMap::new();
-    let opened = Journal::open(dir, super::fs::os(), |_, record| match record.kind {
-        Kind::Task => {
-            let payload = serde_json::from_slice::<u64>(record.payload);
-            live.insert(record.id, payload.expect("a u64 payload"));
-        }
-        Kind::Ack | Kind::Dead => {
-            live.remove(&record.id);
-        }
+    let opened = Journal::open(dir, super::fs::os(), |record| {
+        // A u64 as the pool serializes it: its decimal digits.
+        std::str::from_utf8(record.payload)
+            .ok()
+            .and_then(|digits| digits.parse::<u64>().ok())
+            .expect("a u64 payload")
     });
-    let (journal, report) = opened.expect("the journal opens");
+    let (journal, report, live) = opened.expect("the journal opens");
     // Dropped, not closed: closing would retire the segments just read.
     drop(journal);
-    (report, live.into_values().collect())
+    (report, live.into_iter().map(|task| task.value).collect())
 }
 
 /// The live segment files of `dir`, in number order.

@@ -44,7 +44,7 @@
 //! |     16 |    8 | not before, milliseconds since the Unix epoch (0: at once)         |
 //! |     24 |    4 | error length `E`                                                   |
 //! |     28 |  `E`| last error, UTF-8                                                  |
-//! | 28+`E` | rest | payload, JSON                                                     |
+//! | 28+`E` | rest | payload: opaque bytes, as the pool encoded them                   |
 //!
 //! Every decode path here is total: short input, bad magic, a newer version, a length over the
 //! cap or past the end, a CRC mismatch and a malformed body are typed outcomes, never a panic
@@ -52,6 +52,7 @@
 
 use std::fmt;
 
+use super::record::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The magic bytes that open every segment.
@@ -70,12 +71,12 @@ pub(crate) const ALIGN: usize = 8;
 pub(crate) const MAX_RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Flag bit: the task's last run was interrupted at the drain deadline.
-pub(crate) const FLAG_INTERRUPTED: u8 = 0b0000_0001;
+const FLAG_INTERRUPTED: u8 = 0b0000_0001;
 const KNOWN_FLAGS: u8 = FLAG_INTERRUPTED;
 
 /// What a record says about its task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub(super) enum Kind {
     /// The task is live: queued, or interrupted and waiting to run again.
     Task = 1,
     /// The task is finished; earlier records of it are void.
@@ -159,26 +160,37 @@ impl fmt::Display for RecordError {
     }
 }
 
-/// The fixed fields of a task or dead-letter body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Meta {
-    pub(crate) attempts: u32,
-    pub(crate) interruptions: u32,
-    pub(crate) enqueued_ms: u64,
-    pub(crate) not_before_ms: u64,
-    pub(crate) flags: u8,
-}
-
 /// A record borrowed from the bytes it was decoded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RecordRef<'a> {
-    pub(crate) kind: Kind,
-    pub(crate) id: TaskId,
-    pub(crate) meta: Meta,
+pub(super) struct RecordRef<'a> {
+    pub(super) kind: Kind,
+    pub(super) id: TaskId,
+    /// The body's fixed fields and the interrupted flag (all default for an ack).
+    pub(super) state: TaskState,
     /// The last error text, for dead letters and failed attempts (not validated as UTF-8 here).
-    pub(crate) error: &'a [u8],
-    /// The serde_json payload (empty for acks).
-    pub(crate) payload: &'a [u8],
+    pub(super) error: &'a [u8],
+    /// The payload, opaque bytes (empty for acks).
+    pub(super) payload: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    /// The record as a task record (its error text decoded, invalid UTF-8 replaced).
+    pub(super) fn task(&self) -> TaskRecord<'a> {
+        TaskRecord {
+            id: self.id,
+            state: self.state,
+            last_error: String::from_utf8_lossy(self.error),
+            payload: self.payload,
+        }
+    }
+
+    /// The encoded length of this record.
+    pub(super) fn encoded_len(&self) -> usize {
+        match self.kind {
+            Kind::Ack => RECORD_HEADER_LEN,
+            Kind::Task | Kind::Dead => task_record_len(self.payload.len(), self.error.len()),
+        }
+    }
 }
 
 /// Rounds `len` up to a multiple of [`ALIGN`].
@@ -246,36 +258,33 @@ pub(crate) fn decode_header(buf: &[u8]) -> Result<Header, HeaderError> {
     })
 }
 
-/// Appends one record to `out`. `write_payload` appends the JSON payload (nothing for an ack).
-///
-/// Returns the encoded length. On an error from `write_payload`, `out` is left as it was.
-pub(crate) fn encode_record<E>(
+/// Appends one record of `kind` to `out`, checksummed under `epoch`: the task's state, its
+/// last error (cut to [`MAX_ERROR_LEN`]) and its payload bytes; an ack has an empty body and
+/// only takes the id. Returns the encoded length.
+pub(super) fn encode_record(
     out: &mut Vec<u8>,
     epoch: u64,
     kind: Kind,
-    id: TaskId,
-    meta: &Meta,
-    error: &str,
-    write_payload: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
-) -> Result<usize, E> {
+    record: &TaskRecord<'_>,
+) -> usize {
     let start = out.len();
+    let state = &record.state;
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
     out[start + 8] = kind as u8;
-    out[start + 9] = meta.flags & KNOWN_FLAGS;
-    out[start + 16..start + 24].copy_from_slice(&id.run().to_le_bytes());
-    out[start + 24..start + 32].copy_from_slice(&id.seq().to_le_bytes());
+    if kind != Kind::Ack && state.interrupted {
+        out[start + 9] = FLAG_INTERRUPTED;
+    }
+    out[start + 16..start + 24].copy_from_slice(&record.id.run().to_le_bytes());
+    out[start + 24..start + 32].copy_from_slice(&record.id.seq().to_le_bytes());
     if kind != Kind::Ack {
-        out.extend_from_slice(&meta.attempts.to_le_bytes());
-        out.extend_from_slice(&meta.interruptions.to_le_bytes());
-        out.extend_from_slice(&meta.enqueued_ms.to_le_bytes());
-        out.extend_from_slice(&meta.not_before_ms.to_le_bytes());
-        let error = truncate_utf8(error, MAX_ERROR_LEN);
+        out.extend_from_slice(&state.attempts.to_le_bytes());
+        out.extend_from_slice(&state.interruptions.to_le_bytes());
+        out.extend_from_slice(&state.enqueued_ms.to_le_bytes());
+        out.extend_from_slice(&state.not_before_ms.to_le_bytes());
+        let error = truncate_utf8(&record.last_error, MAX_ERROR_LEN);
         out.extend_from_slice(&(error.len() as u32).to_le_bytes());
         out.extend_from_slice(error.as_bytes());
-        if let Err(e) = write_payload(out) {
-            out.truncate(start);
-            return Err(e);
-        }
+        out.extend_from_slice(record.payload);
     }
     let body_len = out.len() - start - RECORD_HEADER_LEN;
     let end = start + padded(RECORD_HEADER_LEN + body_len);
@@ -286,14 +295,18 @@ pub(crate) fn encode_record<E>(
     out[start + 4..start + 8].copy_from_slice(&len_field.to_le_bytes());
     let crc = crc32c::crc32c_append(epoch_seed(epoch), &out[start + 4..end]);
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
-    Ok(end - start)
+    end - start
 }
 
 /// Appends an ack record for `id`.
-pub(crate) fn encode_ack(out: &mut Vec<u8>, epoch: u64, id: TaskId) {
-    let Ok(_) = encode_record(out, epoch, Kind::Ack, id, &Meta::default(), "", |_| {
-        Ok::<(), std::convert::Infallible>(())
-    });
+pub(super) fn encode_ack(out: &mut Vec<u8>, epoch: u64, id: TaskId) {
+    let ack = TaskRecord {
+        id,
+        state: TaskState::default(),
+        last_error: "".into(),
+        payload: &[],
+    };
+    encode_record(out, epoch, Kind::Ack, &ack);
 }
 
 /// The longest last-error text kept in a record; longer texts are cut at a character boundary.
@@ -318,7 +331,7 @@ pub(crate) const fn task_record_len(payload_len: usize, error_len: usize) -> usi
 /// Decodes the record at the start of `buf`, written under `epoch`.
 ///
 /// Returns the record and its encoded (padded) length.
-pub(crate) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, usize), RecordError> {
+pub(super) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, usize), RecordError> {
     if buf.len() < RECORD_HEADER_LEN {
         return Err(RecordError::Truncated);
     }
@@ -352,9 +365,9 @@ pub(crate) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, us
     let mut record = RecordRef {
         kind,
         id,
-        meta: Meta {
-            flags,
-            ..Meta::default()
+        state: TaskState {
+            interrupted: flags & FLAG_INTERRUPTED != 0,
+            ..TaskState::default()
         },
         error: &[],
         payload: &[],
@@ -368,10 +381,10 @@ pub(crate) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, us
     if body.len() < BODY_FIXED_LEN {
         return Err(RecordError::BadBody);
     }
-    record.meta.attempts = u32_at(body, 0);
-    record.meta.interruptions = u32_at(body, 4);
-    record.meta.enqueued_ms = u64_at(body, 8);
-    record.meta.not_before_ms = u64_at(body, 16);
+    record.state.attempts = u32_at(body, 0);
+    record.state.interruptions = u32_at(body, 4);
+    record.state.enqueued_ms = u64_at(body, 8);
+    record.state.not_before_ms = u64_at(body, 16);
     let error_len = u32_at(body, 24) as usize;
     let rest = &body[BODY_FIXED_LEN..];
     if error_len > rest.len() {

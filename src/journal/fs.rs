@@ -1,8 +1,9 @@
 //! The few file-system calls the journal needs, with their permissions.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Creates a file that must not exist yet, readable and writable by the owner only.
 pub(crate) fn create_new(path: &Path) -> io::Result<File> {
@@ -49,6 +50,11 @@ pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
 /// The journal's write-side file operations, in one place: the seam where tests inject
 /// failures (EIO, ENOSPC, short writes) and simulate a power cut. Every method defaults to
 /// the real operation; [`Os`] is the implementation the pool uses.
+///
+/// Segments are written with the first six; recovery's own writes (the journal directory, the
+/// run counter, a torn tail's truncation, the copy of a damaged segment) and the write-speed
+/// probe have a method each, so that a test can fail them without shifting the calls counted
+/// for the segments.
 pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
     /// Creates a segment file that must not exist yet.
     fn create(&self, path: &Path) -> io::Result<File> {
@@ -81,6 +87,59 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
     /// Removes a file.
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+
+    /// Creates a directory and its parents (owner-only), as [`create_dir`] does.
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        create_dir(path)
+    }
+
+    /// Overwrites the start of the lock file with the run counter's bytes and makes them
+    /// durable, file and directory entry.
+    fn write_run(&self, path: &Path, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(buf)?;
+        file.sync_data()?;
+        match path.parent() {
+            Some(dir) => sync_dir(dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Cuts a torn tail off the segment at `path`: truncates it to `len` bytes and fsyncs it.
+    fn truncate_tail(&self, path: &Path, len: u64) -> io::Result<()> {
+        let file = OpenOptions::new().write(true).open(path)?;
+        file.set_len(len)?;
+        file.sync_data()
+    }
+
+    /// Copies `from` into `to`, a file that must not exist yet (owner-only), and makes the
+    /// copy durable, file and directory entry.
+    fn keep_copy(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut copy = create_new(to)?;
+        let mut source = File::open(from)?;
+        io::copy(&mut source, &mut copy)?;
+        copy.sync_all()?;
+        match to.parent() {
+            Some(dir) => sync_dir(dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `buf` to a new file at `path` (removing any left by an earlier probe), fsyncs
+    /// it and removes it again. Returns how long the write and the fsync took.
+    fn probe(&self, path: &Path, buf: &[u8]) -> io::Result<(Duration, Duration)> {
+        let _ = fs::remove_file(path);
+        let result = (|| {
+            let mut file = create_new(path)?;
+            let started = Instant::now();
+            file.write_all(buf)?;
+            let synced = Instant::now();
+            file.sync_data()?;
+            Ok((synced - started, synced.elapsed()))
+        })();
+        let _ = fs::remove_file(path);
+        result
     }
 }
 

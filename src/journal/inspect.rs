@@ -1,25 +1,26 @@
 //! Reading a journal directory from outside a pool, and taking dead letters back.
 //!
-//! [`inspect_journal`], [`verify_journal`] and [`journal_stats`] only read: they take no lock,
-//! truncate nothing and copy nothing, so they are safe beside a running pool (whose segment
-//! being written at that moment may then show a torn tail). They read every segment with the
-//! same rules as recovery: segments in number order, records in file order, the last record of
-//! a task id wins.
+//! [`inspect`], [`verify`] and [`stats`] only read: they take no lock, truncate nothing and
+//! copy nothing, so they are safe beside a running pool (whose segment being written at that
+//! moment may then show a torn tail). They read every segment with recovery's own rules
+//! (`recover.rs`): segments in number order, records in file order, the last record of a task
+//! id wins, and the same damage found the same way.
 //!
-//! [`requeue_dead_letters`] writes, so it takes the directory lock as a starting pool does and
-//! refuses while a pool holds it.
+//! [`requeue`] writes, so it takes the directory lock as a starting pool does and refuses while
+//! a pool holds it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, Header, HeaderError, Kind, Meta, RecordRef};
-use super::writer::SegmentWriter;
-use super::{
-    DAMAGED_DIR, DEAD_PREFIX, LOCK_FILE, SEGMENT_SUFFIX, SegmentFile, fs, list_segments, lock_dir,
-    random_epoch, read_run, reader,
+use super::dir::{
+    DAMAGED_DIR, SegmentFile, journal_segments, lock_dir, random_epoch, segment_name, stored_run,
 };
+use super::format::{self, Header, Kind, RecordRef};
+use super::fs;
+use super::record::{TaskRecord, TaskState};
+use super::recover::{Fold, read_segment};
+use super::writer::SegmentWriter;
 use crate::error::JournalError;
 use crate::report::Damage;
 use crate::task::TaskId;
@@ -52,10 +53,10 @@ pub struct JournaledTask {
     pub offset: u64,
 }
 
-/// What a journal directory holds, from [`inspect_journal`].
+/// What a journal directory holds, from [`inspect`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct JournalContents {
+pub struct Contents {
     /// Live tasks, in the order the next start replays them (id order).
     pub live: Vec<JournaledTask>,
     /// Dead letters, in id order. A task found in both lists is a dead letter whose requeue (or
@@ -65,12 +66,11 @@ pub struct JournalContents {
     /// Segment files read, live and dead.
     pub segments: usize,
     /// Stretches of damage met while reading, torn tails included; their records are not in
-    /// the lists. [`verify_journal`] tells where they are.
+    /// the lists. [`verify`] tells where they are.
     pub damage: usize,
 }
 
-/// What checking every segment and record of a journal directory found, from
-/// [`verify_journal`].
+/// What checking every segment and record of a journal directory found, from [`verify`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Verification {
@@ -93,10 +93,10 @@ impl Verification {
     }
 }
 
-/// Counts and sizes of a journal directory, from [`journal_stats`].
+/// Counts and sizes of a journal directory, from [`stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct JournalStats {
+pub struct Stats {
     /// Live segment files.
     pub segments: usize,
     /// Their total size in bytes.
@@ -126,7 +126,7 @@ pub struct JournalStats {
     pub run: Option<u64>,
 }
 
-/// Which dead letters [`requeue_dead_letters`] takes back.
+/// Which dead letters [`requeue`] takes back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Requeue {
@@ -136,7 +136,7 @@ pub enum Requeue {
     Ids(Vec<TaskId>),
 }
 
-/// What [`requeue_dead_letters`] did.
+/// What [`requeue`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Requeued {
@@ -148,7 +148,7 @@ pub struct Requeued {
     pub dead_segment: Option<PathBuf>,
 }
 
-/// [`requeue_dead_letters`] failed.
+/// [`requeue`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RequeueError {
@@ -202,10 +202,10 @@ impl fmt::Display for IdList<'_> {
 /// A directory that cannot be read or is not a journal directory (it has neither a `LOCK` file
 /// nor a segment), a segment that cannot be read, or a segment of a newer format
 /// ([`JournalError::UnsupportedVersion`]). Damage is not an error: the records it covers are
-/// missing from the lists and counted in [`JournalContents::damage`].
-pub fn inspect_journal(dir: &Path) -> Result<JournalContents, JournalError> {
+/// missing from the lists and counted in [`Contents::damage`].
+pub fn inspect(dir: &Path) -> Result<Contents, JournalError> {
     let survey = survey(dir, true)?;
-    Ok(JournalContents {
+    Ok(Contents {
         segments: survey.segments.len(),
         damage: survey.damage_count(),
         live: survey.live.into_values().map(|t| t.task).collect(),
@@ -221,7 +221,7 @@ pub fn inspect_journal(dir: &Path) -> Result<JournalContents, JournalError> {
 /// A directory that cannot be read or is not a journal directory (it has neither a `LOCK` file
 /// nor a segment), a segment that cannot be read, or a segment of a newer format
 /// ([`JournalError::UnsupportedVersion`]), which this build cannot check.
-pub fn verify_journal(dir: &Path) -> Result<Verification, JournalError> {
+pub fn verify(dir: &Path) -> Result<Verification, JournalError> {
     let survey = survey(dir, false)?;
     let mut verification = Verification::default();
     for segment in survey.segments {
@@ -240,16 +240,16 @@ pub fn verify_journal(dir: &Path) -> Result<Verification, JournalError> {
 /// A directory that cannot be read or is not a journal directory (it has neither a `LOCK` file
 /// nor a segment), a segment that cannot be read, or a segment of a newer format
 /// ([`JournalError::UnsupportedVersion`]).
-pub fn journal_stats(dir: &Path) -> Result<JournalStats, JournalError> {
+pub fn stats(dir: &Path) -> Result<Stats, JournalError> {
     let survey = survey(dir, false)?;
-    let mut stats = JournalStats {
+    let mut stats = Stats {
         damage: survey.damage_count(),
         live_tasks: survey.live.len(),
         live_payload_bytes: survey.live.values().map(|t| t.payload_len).sum(),
         dead_letters: survey.dead.len(),
         dead_payload_bytes: survey.dead.values().map(|t| t.payload_len).sum(),
         run: stored_run(dir)?,
-        ..JournalStats::default()
+        ..Stats::default()
     };
     for segment in &survey.segments {
         stats.records += segment.records;
@@ -297,7 +297,7 @@ pub fn journal_stats(dir: &Path) -> Result<JournalStats, JournalError> {
 /// the directory is not a journal directory, or reading or writing failed before anything was
 /// taken back; [`RequeueError::Incomplete`] if the tasks are live again but their dead letters
 /// could not be marked as taken back.
-pub fn requeue_dead_letters(dir: &Path, which: Requeue) -> Result<Requeued, RequeueError> {
+pub fn requeue(dir: &Path, which: Requeue) -> Result<Requeued, RequeueError> {
     // Never make a journal directory (or a `LOCK` file) out of a mistyped path.
     journal_segments(dir)?;
     let Some((lock, _)) = lock_dir(dir)? else {
@@ -373,19 +373,16 @@ fn write_live(dir: &Path, number: u64, tasks: &[&SurveyedTask]) -> Result<PathBu
     let mut buf = Vec::new();
     for surveyed in tasks {
         let task = &surveyed.task;
-        let meta = Meta {
-            attempts: 0,
-            interruptions: 0,
-            enqueued_ms: task.enqueued_at_ms,
-            not_before_ms: 0,
-            flags: 0,
+        let record = TaskRecord {
+            id: task.id,
+            state: TaskState {
+                enqueued_ms: task.enqueued_at_ms,
+                ..TaskState::default()
+            },
+            last_error: task.last_error.as_deref().unwrap_or("").into(),
+            payload: &task.payload,
         };
-        let error = task.last_error.as_deref().unwrap_or("");
-        let Ok(_) =
-            format::encode_record(&mut buf, epoch, Kind::Task, task.id, &meta, error, |out| {
-                out.extend_from_slice(&task.payload);
-                Ok::<(), std::convert::Infallible>(())
-            });
+        format::encode_record(&mut buf, epoch, Kind::Task, &record);
     }
     let path = dir.join(segment_name(number, false));
     let result = SegmentWriter::create(
@@ -433,44 +430,6 @@ fn write_taken_back(dir: &Path, number: u64, ids: &[TaskId]) -> Result<PathBuf, 
     Ok(path)
 }
 
-fn segment_name(number: u64, dead: bool) -> String {
-    if dead {
-        format!("{DEAD_PREFIX}{number:020}{SEGMENT_SUFFIX}")
-    } else {
-        format!("{number:020}{SEGMENT_SUFFIX}")
-    }
-}
-
-/// The run counter in `LOCK`, read without taking the lock.
-fn stored_run(dir: &Path) -> Result<Option<u64>, JournalError> {
-    let path = dir.join(LOCK_FILE);
-    match File::open(&path) {
-        Ok(mut file) => read_run(&mut file, &path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(JournalError::io("open", &path, None, e)),
-    }
-}
-
-/// The segments of `dir`, in number order; an error if `dir` holds neither a segment nor a
-/// `LOCK` file, which every directory a pool has opened has: the path is most likely mistyped
-/// (the parent of the journal directory, say).
-fn journal_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
-    let segments = list_segments(dir)?;
-    let lock = dir.join(LOCK_FILE);
-    if segments.is_empty() && !lock.exists() {
-        return Err(JournalError::io(
-            "open",
-            &lock,
-            None,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "not a journal directory: it has no LOCK file and no segment",
-            ),
-        ));
-    }
-    Ok(segments)
-}
-
 /// A task's last state, with its payload length (kept even when the payload is not).
 struct SurveyedTask {
     task: JournaledTask,
@@ -507,61 +466,47 @@ impl Survey {
 /// Reads every segment of `dir` with the recovery rules; `payloads` says whether to keep the
 /// payload bytes.
 fn survey(dir: &Path, payloads: bool) -> Result<Survey, JournalError> {
-    let mut survey = Survey {
-        segments: Vec::new(),
-        live: BTreeMap::new(),
-        dead: BTreeMap::new(),
-        next_number: 1,
-    };
+    let mut segments = Vec::new();
+    let mut fold = Fold::with_capacity(0);
+    let mut next_number = 1;
     for file in journal_segments(dir)? {
-        survey.next_number = survey.next_number.max(file.number.saturating_add(1));
+        next_number = next_number.max(file.number.saturating_add(1));
         let bytes = match std::fs::read(&file.path) {
             Ok(bytes) => bytes,
             // Retired by a running pool since the listing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(JournalError::io("read", &file.path, None, e)),
         };
-        let scan = reader::scan(&bytes, |offset, record| {
-            let id = record.id;
-            let state = if file.dead {
-                &mut survey.dead
-            } else {
-                &mut survey.live
-            };
-            match (file.dead, record.kind) {
-                (false, Kind::Task) | (true, Kind::Dead) => {
-                    let task = surveyed(&file.path, offset, &record, payloads);
-                    state.insert(id, task);
-                }
-                (_, Kind::Ack) | (false, Kind::Dead) => {
-                    state.remove(&id);
-                }
-                (true, Kind::Task) => {}
-            }
+        let read = read_segment(&file, &bytes, |offset, record| {
+            let task = || surveyed(&file.path, offset, &record, payloads);
+            fold.apply(file.dead, &record, task, task);
+        })?;
+        segments.push(SegmentSurvey {
+            bytes: bytes.len() as u64,
+            records: read.records,
+            damage: read.damage,
+            torn_tail: read.torn_tail,
+            file,
         });
-        if let Err(HeaderError::UnsupportedVersion(found)) = scan.header {
-            return Err(JournalError::UnsupportedVersion {
-                path: file.path.clone(),
-                found,
-                supported: format::VERSION,
-            });
-        }
-        let segment = segment_survey(file, &bytes, &scan);
-        survey.segments.push(segment);
     }
-    Ok(survey)
+    Ok(Survey {
+        segments,
+        live: fold.live.into_sorted().into_iter().collect(),
+        dead: fold.dead.into_sorted().into_iter().collect(),
+        next_number,
+    })
 }
 
 fn surveyed(path: &Path, offset: u64, record: &RecordRef<'_>, payloads: bool) -> SurveyedTask {
-    let meta = record.meta;
+    let state = record.state;
     SurveyedTask {
         task: JournaledTask {
             id: record.id,
-            attempts: meta.attempts,
-            interruptions: meta.interruptions,
-            interrupted: meta.flags & format::FLAG_INTERRUPTED != 0,
-            enqueued_at_ms: meta.enqueued_ms,
-            not_before_ms: meta.not_before_ms,
+            attempts: state.attempts,
+            interruptions: state.interruptions,
+            interrupted: state.interrupted,
+            enqueued_at_ms: state.enqueued_ms,
+            not_before_ms: state.not_before_ms,
             last_error: (!record.error.is_empty())
                 .then(|| String::from_utf8_lossy(record.error).into_owned()),
             payload: if payloads {
@@ -573,47 +518,6 @@ fn surveyed(path: &Path, offset: u64, record: &RecordRef<'_>, payloads: bool) ->
             offset,
         },
         payload_len: record.payload.len() as u64,
-    }
-}
-
-/// What the scan of one segment found wrong, as [`Damage`] with the file's path.
-fn segment_survey(file: SegmentFile, bytes: &[u8], scan: &reader::Scan) -> SegmentSurvey {
-    let len = bytes.len() as u64;
-    let damage_at = |offset: u64, len: u64, reason: String| Damage {
-        path: file.path.clone(),
-        offset,
-        len,
-        reason,
-    };
-    let mut damage = Vec::new();
-    if let Err(error @ HeaderError::Damaged { .. }) = scan.header {
-        damage.push(damage_at(0, format::HEADER_LEN as u64, error.to_string()));
-        if scan.epoch.is_none() && len > format::HEADER_LEN as u64 {
-            // Without an epoch no record can be checked: everything after the header is lost.
-            damage.push(damage_at(
-                format::HEADER_LEN as u64,
-                len - format::HEADER_LEN as u64,
-                "no record validates under either epoch of the damaged header".to_owned(),
-            ));
-        }
-    }
-    for d in &scan.damage {
-        damage.push(damage_at(d.offset, d.skipped, d.error.to_string()));
-    }
-    let torn_tail = scan.torn_tail.map(|(offset, error)| {
-        let reason = if scan.header == Err(HeaderError::Short) {
-            HeaderError::Short.to_string()
-        } else {
-            error.to_string()
-        };
-        damage_at(offset, len.saturating_sub(offset), reason)
-    });
-    SegmentSurvey {
-        bytes: len,
-        records: scan.records,
-        damage,
-        torn_tail,
-        file,
     }
 }
 

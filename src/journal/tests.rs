@@ -1,18 +1,18 @@
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
-use super::format::Meta;
+use super::dir::{DAMAGED_DIR, LOCK_FILE, list_segments};
 use super::*;
+use crate::error::StartError;
+use crate::report::{Damage, RecoveryReport};
 
-/// A record as the recovery callback saw it.
+/// A live task as recovery handed it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
-    kind: Kind,
     id: TaskId,
-    meta: Meta,
+    state: TaskState,
     error: Vec<u8>,
     payload: Vec<u8>,
 }
@@ -21,19 +21,19 @@ struct Seen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Item {
     id: TaskId,
-    meta: Meta,
+    meta: TaskState,
     error: String,
     payload: String,
 }
 
 impl Item {
     fn new(id: TaskId, payload: &str) -> Self {
-        let meta = Meta {
+        let meta = TaskState {
             attempts: (id.seq() % 3) as u32,
             interruptions: (id.seq() % 2) as u32,
+            interrupted: id.seq() % 2 == 1,
             enqueued_ms: 1_700_000_000_000 + id.seq(),
             not_before_ms: 0,
-            flags: (id.seq() % 2) as u8,
         };
         let error = if id.seq().is_multiple_of(2) {
             format!("attempt of {id} failed")
@@ -56,26 +56,25 @@ impl Item {
     /// What recovery hands back for this task.
     fn seen(&self) -> Seen {
         Seen {
-            kind: Kind::Task,
             id: self.id,
-            meta: self.meta,
+            state: self.meta,
             error: self.error.clone().into_bytes(),
             payload: self.json(),
         }
     }
 
+    /// The task as a record, its payload serialized into `json`.
+    fn record<'a>(&'a self, json: &'a [u8]) -> TaskRecord<'a> {
+        TaskRecord {
+            id: self.id,
+            state: self.meta,
+            last_error: self.error.as_str().into(),
+            payload: json,
+        }
+    }
+
     fn record_len(&self) -> usize {
         format::task_record_len(self.json().len(), self.error.len())
-    }
-}
-
-fn ack(id: TaskId) -> Seen {
-    Seen {
-        kind: Kind::Ack,
-        id,
-        meta: Meta::default(),
-        error: Vec::new(),
-        payload: Vec::new(),
     }
 }
 
@@ -86,16 +85,16 @@ fn items(run: u64, count: u64) -> Vec<Item> {
 }
 
 fn try_open(dir: &Path) -> Result<(Journal, RecoveryReport, Vec<Seen>), StartError> {
-    let mut seen = Vec::new();
-    let (journal, report) = Journal::open(dir, fs::os(), |_, record| {
-        seen.push(Seen {
-            kind: record.kind,
-            id: record.id,
-            meta: record.meta,
-            error: record.error.to_vec(),
-            payload: record.payload.to_vec(),
-        });
-    })?;
+    let (journal, report, live) = Journal::open(dir, fs::os(), |record| record.payload.to_vec())?;
+    let seen = live
+        .into_iter()
+        .map(|task| Seen {
+            id: task.id,
+            state: task.state,
+            error: task.last_error.unwrap_or_default().as_bytes().to_vec(),
+            payload: task.value,
+        })
+        .collect();
     Ok((journal, report, seen))
 }
 
@@ -105,24 +104,19 @@ fn open(dir: &Path) -> (Journal, RecoveryReport, Vec<Seen>) {
 
 /// Spills `items` as task records through [`Journal::spill`].
 fn spill(journal: &mut Journal, items: &[Item]) -> SpillOutcome {
-    journal.spill(items, |item, epoch, out| {
-        format::encode_record(
-            out,
-            epoch,
-            Kind::Task,
-            item.id,
-            &item.meta,
-            &item.error,
-            |out| serde_json::to_writer(out, &item.payload),
-        )
-        .is_ok()
-    })
+    let json: Vec<Vec<u8>> = items.iter().map(Item::json).collect();
+    let records: Vec<TaskRecord<'_>> = items
+        .iter()
+        .zip(&json)
+        .map(|(item, json)| item.record(json))
+        .collect();
+    journal.spill(&records)
 }
 
 fn spill_all(journal: &mut Journal, items: &[Item]) {
     let outcome = spill(journal, items);
     assert!(outcome.durable && outcome.error.is_none(), "{outcome:?}");
-    assert_eq!((outcome.written, outcome.unencodable), (items.len(), 0));
+    assert_eq!(outcome.written, items.len());
 }
 
 /// The live segment files of `dir`, in number order.
@@ -153,19 +147,10 @@ fn closed_segment(count: u64) -> (tempfile::TempDir, Vec<Item>, PathBuf) {
     (tmp, written, path)
 }
 
+/// The live tasks recovery gave, by id; they must come in id order.
 fn live(seen: &[Seen]) -> BTreeMap<TaskId, Seen> {
-    let mut live = BTreeMap::new();
-    for record in seen {
-        match record.kind {
-            Kind::Task => {
-                live.insert(record.id, record.clone());
-            }
-            Kind::Ack | Kind::Dead => {
-                live.remove(&record.id);
-            }
-        }
-    }
-    live
+    assert!(seen.is_sorted_by(|a, b| a.id < b.id), "{seen:?}");
+    seen.iter().map(|task| (task.id, task.clone())).collect()
 }
 
 fn assert_clean(report: &RecoveryReport) {
@@ -231,49 +216,12 @@ fn spill_larger_than_one_chunk_comes_back_whole() {
 }
 
 #[test]
-fn unencodable_items_are_counted_and_leave_nothing_behind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut journal, _, _) = open(tmp.path());
-    let written = items(journal.run(), 8);
-    let outcome = journal.spill(&written, |item, epoch, out| {
-        let fail = item.id.seq() % 3 == 0;
-        format::encode_record(
-            out,
-            epoch,
-            Kind::Task,
-            item.id,
-            &item.meta,
-            &item.error,
-            |out| {
-                out.extend_from_slice(b"{\"half\":");
-                if fail {
-                    Err("does not serialize")
-                } else {
-                    Ok(())
-                }
-            },
-        )
-        .is_ok()
-    });
-    assert!(outcome.durable && outcome.error.is_none());
-    assert_eq!((outcome.written, outcome.unencodable), (6, 2));
-    journal.close().unwrap();
-
-    let (journal, report, seen) = open(tmp.path());
-    let ids: Vec<_> = seen.iter().map(|s| s.id.seq()).collect();
-    assert_eq!(ids, [1, 2, 4, 5, 7, 8]);
-    assert!(seen.iter().all(|s| s.payload == b"{\"half\":"));
-    assert_clean(&report);
-    drop(journal);
-}
-
-#[test]
 fn empty_spill_writes_no_segment() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut journal, _, _) = open(tmp.path());
     let outcome = spill(&mut journal, &[]);
     assert!(outcome.durable && outcome.error.is_none());
-    assert_eq!((outcome.written, outcome.unencodable), (0, 0));
+    assert_eq!(outcome.written, 0);
     journal.close().unwrap();
     assert!(live_segments(tmp.path()).is_empty());
 }
@@ -315,19 +263,12 @@ fn created_dirs_and_files_are_owner_only() {
     let (mut journal, _, _) = open(&dir);
     let written = items(journal.run(), 2);
     spill_all(&mut journal, &written);
-    let mut dead = Vec::new();
-    let Ok(_) = format::encode_record(
-        &mut dead,
-        journal.epoch(),
-        Kind::Dead,
-        TaskId::new(journal.run(), 9),
-        &Meta::default(),
-        "failed",
-        |out| {
-            out.extend_from_slice(b"null");
-            Ok::<(), Infallible>(())
-        },
-    );
+    let dead = TaskRecord {
+        id: TaskId::new(journal.run(), 9),
+        state: TaskState::default(),
+        last_error: "failed".into(),
+        payload: b"null",
+    };
     journal.write_dead(&dead).unwrap();
     journal.close().unwrap();
 
@@ -396,18 +337,16 @@ fn acks_remove_tasks_in_the_same_and_in_later_segments() {
     journal.close().unwrap();
 
     let (mut journal, report, seen) = open(tmp.path());
-    assert_eq!(seen, [a.seen(), b.seen(), c.seen(), ack(b.id)]);
+    assert_eq!(seen, [a.seen(), c.seen()]);
     assert_eq!(report.records, 4);
-    assert_eq!(live(&seen).into_keys().collect::<Vec<_>>(), [a.id, c.id]);
     // A replayed task finishes, then the process dies: the old segment is still there, and the
     // ack in the new one follows it.
     journal.append_ack(a.id).unwrap();
     drop(journal);
 
     let (mut journal, report, seen) = open(tmp.path());
-    assert_eq!(seen, [a.seen(), b.seen(), c.seen(), ack(b.id), ack(a.id)]);
-    assert_eq!(report.segments, 2);
-    assert_eq!(live(&seen).into_keys().collect::<Vec<_>>(), [c.id]);
+    assert_eq!(seen, [c.seen()]);
+    assert_eq!((report.segments, report.records), (2, 5));
     // This time the survivor is spilled again and the run ends cleanly: the old segments go.
     spill_all(&mut journal, std::slice::from_ref(&c));
     journal.close().unwrap();
@@ -457,10 +396,7 @@ fn kept_obsolete_segments_survive_close() {
     assert_eq!(live_segments(tmp.path()).len(), 2);
 
     let (journal, _, seen) = open(tmp.path());
-    assert_eq!(
-        live(&seen).into_values().collect::<Vec<_>>(),
-        [written[1].seen()]
-    );
+    assert_eq!(seen, [written[1].seen()]);
     drop(journal);
 }
 
@@ -483,20 +419,10 @@ fn retire_obsolete_removes_old_segments_mid_run() {
     journal.append_ack(written[1].id).unwrap();
     journal.close().unwrap();
 
-    let (journal, _, seen) = open(tmp.path());
-    assert_eq!(
-        seen,
-        [
-            ack(written[0].id),
-            written[1].seen(),
-            written[2].seen(),
-            ack(written[1].id)
-        ]
-    );
-    assert_eq!(
-        live(&seen).into_values().collect::<Vec<_>>(),
-        [written[2].seen()]
-    );
+    let (journal, report, seen) = open(tmp.path());
+    // The ack of written[0], written[1] and [2], the ack of written[1].
+    assert_eq!((report.segments, report.records), (1, 4));
+    assert_eq!(seen, [written[2].seen()]);
     drop(journal);
 }
 
@@ -504,20 +430,12 @@ fn retire_obsolete_removes_old_segments_mid_run() {
 fn dead_letters_are_counted_not_replayed_and_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut journal, _, _) = open(tmp.path());
-    let id = TaskId::new(journal.run(), 1);
-    let mut record = Vec::new();
-    let Ok(_) = format::encode_record(
-        &mut record,
-        journal.epoch(),
-        Kind::Dead,
-        id,
-        &Meta::default(),
-        "handler failed",
-        |out| {
-            out.extend_from_slice(b"{}");
-            Ok::<(), Infallible>(())
-        },
-    );
+    let record = TaskRecord {
+        id: TaskId::new(journal.run(), 1),
+        state: TaskState::default(),
+        last_error: "handler failed".into(),
+        payload: b"{}",
+    };
     journal.write_dead(&record).unwrap();
     journal.close().unwrap();
 
@@ -733,27 +651,6 @@ fn segment_cut_inside_its_header_is_truncated_to_nothing() {
     assert!(!path.exists());
 }
 
-#[test]
-fn segment_names_are_parsed_strictly() {
-    assert_eq!(
-        parse_segment_name("00000000000000000007.seg"),
-        Some((7, false))
-    );
-    assert_eq!(
-        parse_segment_name("dead-00000000000000000012.seg"),
-        Some((12, true))
-    );
-    for name in [
-        "7.seg",
-        "0000000000000000000x.seg",
-        "00000000000000000007.tmp",
-        "LOCK",
-        "damaged",
-    ] {
-        assert_eq!(parse_segment_name(name), None, "{name}");
-    }
-}
-
 /// One step of a pool's life, as the journal sees it.
 #[derive(Debug, Clone)]
 enum Op {
@@ -885,11 +782,7 @@ impl Model {
                 } else {
                     String::new()
                 };
-                item.meta.flags = if interrupted {
-                    format::FLAG_INTERRUPTED
-                } else {
-                    0
-                };
+                item.meta.interrupted = interrupted;
                 self.ids.push(id);
                 self.live.insert(id, (item, Where::Pending));
             }
@@ -919,7 +812,7 @@ impl Model {
                 let id = journaled[index % journaled.len()];
                 let (item, place) = self.live.get_mut(&id).unwrap();
                 item.meta.interruptions += 1;
-                item.meta.flags = format::FLAG_INTERRUPTED;
+                item.meta.interrupted = true;
                 *place = Where::Current;
                 let item = item.clone();
                 spill_all(self.journal(), &[item]);

@@ -1,11 +1,16 @@
 //! The faulty file operations themselves, and the journal under them: a failed fsync or write
 //! poisons it without another call, a short write is cut back to the last whole record, and a
-//! spill is retried once in a fresh segment.
+//! spill is retried once in a fresh segment. Recovery's own writes (the directory, the run
+//! counter, a torn tail's truncation, the copy of a damaged segment) and the probe fail as
+//! documented: the run counter and the directory stop the start, a truncation or a copy is
+//! logged and the start goes on, and the probe hands its error back.
 
 use std::fs::File;
 
 use super::*;
-use crate::journal::format::{self, HEADER_LEN, Meta};
+use crate::error::StartError;
+use crate::journal::format::{self, HEADER_LEN, Kind};
+use crate::journal::record::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
 fn read(path: &Path) -> Vec<u8> {
@@ -131,22 +136,23 @@ fn a_zeroed_power_cut_keeps_the_file_lengths_but_not_the_unsynced_bytes() {
 /// A task record with a `u64` payload.
 fn record(epoch: u64, seq: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    let id = TaskId::new(1, seq);
-    format::encode_record(
-        &mut out,
-        epoch,
-        Kind::Task,
-        id,
-        &Meta::default(),
-        "",
-        |out| serde_json::to_writer(out, &seq),
-    )
-    .unwrap();
+    let payload = seq.to_string();
+    format::encode_record(&mut out, epoch, Kind::Task, &task(seq, &payload));
     out
 }
 
+/// Task `seq` with its `payload` (its sequence number, as JSON).
+fn task(seq: u64, payload: &str) -> TaskRecord<'_> {
+    TaskRecord {
+        id: TaskId::new(1, seq),
+        state: TaskState::default(),
+        last_error: "".into(),
+        payload: payload.as_bytes(),
+    }
+}
+
 fn open(dir: &Path, faults: &Arc<Faults>) -> Journal {
-    Journal::open(dir, faults.ops(), |_, _| {}).unwrap().0
+    Journal::open(dir, faults.ops(), |_| ()).unwrap().0
 }
 
 const NO_SEAL: u64 = u64::MAX;
@@ -272,11 +278,12 @@ fn a_short_write_that_cannot_be_cut_back_is_a_torn_tail_at_recovery() {
 
 /// Spills tasks `seqs` (their payload is their sequence number).
 fn spill(journal: &mut Journal, seqs: std::ops::Range<u64>) -> crate::journal::SpillOutcome {
-    let items: Vec<u64> = seqs.collect();
-    journal.spill(&items, |&seq, epoch, out| {
-        out.extend_from_slice(&record(epoch, seq));
-        true
-    })
+    let payloads: Vec<(u64, String)> = seqs.map(|seq| (seq, seq.to_string())).collect();
+    let records: Vec<TaskRecord<'_>> = payloads
+        .iter()
+        .map(|(seq, payload)| task(*seq, payload))
+        .collect();
+    journal.spill(&records)
 }
 
 #[test]
@@ -341,4 +348,136 @@ fn a_spill_that_fails_twice_leaves_the_old_segments_in_place() {
         report.damage.is_empty() && report.torn_tails.is_empty(),
         "{report:?}"
     );
+}
+
+/// A journal directory holding one closed segment with tasks 1 to 4; returns the segment.
+fn closed_segment(dir: &Path) -> PathBuf {
+    let mut journal = open(dir, &Faults::new());
+    assert!(spill(&mut journal, 1..5).durable);
+    journal.close().unwrap();
+    let [segment] = &segments(dir)[..] else {
+        panic!("one segment expected")
+    };
+    segment.clone()
+}
+
+/// Opens `dir` on `faults`, returning what recovery found and the live `u64` payloads.
+fn open_on(dir: &Path, faults: &Arc<Faults>) -> Result<(RecoveryReport, Vec<u64>), StartError> {
+    let (journal, report, live) = Journal::open(dir, faults.ops(), |record| {
+        std::str::from_utf8(record.payload)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    })?;
+    drop(journal);
+    Ok((report, live.into_iter().map(|task| task.value).collect()))
+}
+
+#[test]
+fn a_failed_run_counter_write_fails_the_start_with_the_lock_file_and_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_segment(dir.path());
+    let faults = Faults::new();
+    faults.fail_next(Op::WriteRun, EIO);
+    let error = open_on(dir.path(), &faults).unwrap_err();
+    let StartError::Journal(ref journal_error) = error else {
+        panic!("expected a journal error, got {error:?}")
+    };
+    assert_eq!(errno(journal_error), Some(EIO), "{journal_error}");
+    let lock = dir.path().join("LOCK");
+    assert_eq!(journal_error.path(), Some(lock.as_path()));
+    assert!(
+        journal_error
+            .to_string()
+            .starts_with(&format!("write {}", lock.display())),
+        "{journal_error}"
+    );
+    assert_eq!(faults.calls(Op::WriteRun), 1);
+
+    // Nothing was changed, and the lock was released: the next start goes on as usual.
+    let (report, live) = open_on(dir.path(), &Faults::new()).unwrap();
+    assert_eq!(live, [1, 2, 3, 4]);
+    assert_eq!(report.segments, 1);
+}
+
+#[test]
+fn a_failed_directory_creation_fails_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let faults = Faults::new();
+    faults.fail_next(Op::CreateDir, EIO);
+    match open_on(&dir, &faults) {
+        Err(StartError::Journal(error)) => {
+            assert_eq!(errno(&error), Some(EIO), "{error}");
+            assert_eq!(error.path(), Some(dir.as_path()));
+        }
+        other => panic!("expected a journal error, got {other:?}"),
+    }
+    assert!(!dir.exists());
+}
+
+#[test]
+fn a_failed_torn_tail_truncation_is_logged_and_the_start_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment = closed_segment(dir.path());
+    let full = std::fs::metadata(&segment).unwrap().len();
+    let cut = full - 5;
+    File::options()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+
+    let faults = Faults::new();
+    faults.fail_next(Op::TruncateTail, EIO);
+    let (report, live) = open_on(dir.path(), &faults).unwrap();
+    assert_eq!(live, [1, 2, 3]);
+    assert_eq!(report.torn_tails.len(), 1, "{report:?}");
+    assert_eq!(faults.calls(Op::TruncateTail), 1);
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        cut,
+        "left as it was"
+    );
+
+    // The next start cuts it.
+    let (report, live) = open_on(dir.path(), &Faults::new()).unwrap();
+    assert_eq!(live, [1, 2, 3]);
+    let valid_end = report.torn_tails[0].offset;
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), valid_end);
+}
+
+#[test]
+fn a_failed_copy_of_a_damaged_segment_is_logged_and_the_start_goes_on() {
+    for op in [Op::CreateDir, Op::KeepCopy] {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = closed_segment(dir.path());
+        let mut bytes = read(&segment);
+        bytes[HEADER_LEN + 40] ^= 0x01; // inside the first record's body
+        std::fs::write(&segment, &bytes).unwrap();
+
+        let faults = Faults::new();
+        // The first directory creation is the journal directory's own.
+        let nth = if op == Op::CreateDir { 2 } else { 1 };
+        faults.fail_nth(op, nth, EIO);
+        let (report, live) = open_on(dir.path(), &faults).unwrap();
+        assert_eq!(live, [2, 3, 4], "{op:?}");
+        assert_eq!(report.damage.len(), 1, "{op:?}: {report:?}");
+        assert!(report.damaged_copies.is_empty(), "{op:?}: {report:?}");
+        assert_eq!(faults.calls(op), nth, "{op:?}");
+    }
+}
+
+#[test]
+fn a_failed_probe_is_an_error_with_the_probe_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let journal = open(dir.path(), &faults);
+    assert!(journal.probe().is_ok());
+    faults.fail_next(Op::Probe, ENOSPC);
+    let error = journal.probe().unwrap_err();
+    assert_eq!(errno(&error), Some(ENOSPC), "{error}");
+    assert!(error.path().is_some_and(|p| p.ends_with("probe.tmp")));
+    assert!(!dir.path().join("probe.tmp").exists());
 }

@@ -1,26 +1,27 @@
-use std::convert::Infallible;
-
 use super::*;
 
 const EPOCH: u64 = 0x0123_4567_89ab_cdef;
 
-fn meta() -> Meta {
-    Meta {
+fn meta() -> TaskState {
+    TaskState {
         attempts: 3,
         interruptions: 2,
+        interrupted: true,
         enqueued_ms: 1_700_000_000_123,
         not_before_ms: 1_700_000_060_000,
-        flags: FLAG_INTERRUPTED,
     }
 }
 
 /// Encodes one record into a fresh buffer.
-fn encode(kind: Kind, id: TaskId, meta: &Meta, error: &str, payload: &[u8]) -> Vec<u8> {
+fn encode(kind: Kind, id: TaskId, state: &TaskState, error: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    let Ok(len) = encode_record(&mut out, EPOCH, kind, id, meta, error, |out| {
-        out.extend_from_slice(payload);
-        Ok::<(), Infallible>(())
-    });
+    let record = TaskRecord {
+        id,
+        state: *state,
+        last_error: error.into(),
+        payload,
+    };
+    let len = encode_record(&mut out, EPOCH, kind, &record);
     assert_eq!(len, out.len());
     out
 }
@@ -220,7 +221,7 @@ fn task_record_round_trips() {
         RecordRef {
             kind: Kind::Task,
             id,
-            meta: meta(),
+            state: meta(),
             error: b"connection refused",
             payload,
         }
@@ -230,12 +231,12 @@ fn task_record_round_trips() {
 #[test]
 fn dead_record_round_trips() {
     let id = TaskId::new(u64::MAX, 0);
-    let meta = Meta {
+    let meta = TaskState {
         attempts: 5,
         interruptions: 0,
+        interrupted: false,
         enqueued_ms: 9,
         not_before_ms: 0,
-        flags: 0,
     };
     let bytes = encode(Kind::Dead, id, &meta, "handler panicked: oh no", b"[1,2,3]");
     let (record, len) = decode_record(&bytes, EPOCH).unwrap();
@@ -245,7 +246,7 @@ fn dead_record_round_trips() {
         RecordRef {
             kind: Kind::Dead,
             id,
-            meta,
+            state: meta,
             error: b"handler panicked: oh no",
             payload: b"[1,2,3]"
         }
@@ -255,7 +256,7 @@ fn dead_record_round_trips() {
 #[test]
 fn ack_record_round_trips_with_an_empty_body() {
     let id = TaskId::new(3, 99);
-    // An ack carries no body: the meta and payload given are not written.
+    // An ack carries only its id: the state, error and payload given are not written.
     let bytes = encode(Kind::Ack, id, &meta(), "ignored", b"ignored");
     assert_eq!(bytes.len(), RECORD_HEADER_LEN);
     assert_eq!(u32_at(&bytes, 4), 0);
@@ -263,77 +264,55 @@ fn ack_record_round_trips_with_an_empty_body() {
     assert_eq!(len, RECORD_HEADER_LEN);
     assert_eq!(record.kind, Kind::Ack);
     assert_eq!(record.id, id);
-    assert_eq!(
-        record.meta,
-        Meta {
-            flags: FLAG_INTERRUPTED,
-            ..Meta::default()
-        }
-    );
+    assert_eq!(bytes[9], 0, "no flags on an ack");
+    assert_eq!(record.state, TaskState::default());
     assert!(record.error.is_empty() && record.payload.is_empty());
 }
 
 #[test]
 fn empty_payload_and_error_round_trip() {
-    let bytes = encode(Kind::Task, TaskId::new(1, 1), &Meta::default(), "", b"");
+    let bytes = encode(
+        Kind::Task,
+        TaskId::new(1, 1),
+        &TaskState::default(),
+        "",
+        b"",
+    );
     assert_eq!(bytes.len(), task_record_len(0, 0));
     let (record, _) = decode_record(&bytes, EPOCH).unwrap();
-    assert_eq!(record.meta, Meta::default());
+    assert_eq!(record.state, TaskState::default());
     assert!(record.error.is_empty() && record.payload.is_empty());
 }
 
 #[test]
-fn unknown_flag_bits_are_not_written() {
-    let bytes = encode(
-        Kind::Task,
-        TaskId::new(1, 1),
-        &Meta {
-            flags: 0xFF,
+fn interrupted_is_flag_bit_zero() {
+    for interrupted in [false, true] {
+        let state = TaskState {
+            interrupted,
             ..meta()
-        },
-        "",
-        b"1",
-    );
-    let (record, _) = decode_record(&bytes, EPOCH).unwrap();
-    assert_eq!(record.meta.flags, FLAG_INTERRUPTED);
+        };
+        let bytes = encode(Kind::Task, TaskId::new(1, 1), &state, "", b"1");
+        assert_eq!(bytes[9], u8::from(interrupted));
+        let (record, _) = decode_record(&bytes, EPOCH).unwrap();
+        assert_eq!(record.state, state);
+    }
 }
 
 #[test]
-fn encode_appends_after_existing_bytes_and_undoes_a_failed_payload() {
+fn encode_appends_after_existing_bytes() {
     let first = task(b"\"first\"");
     let mut out = first.clone();
-    let Ok(len) = encode_record(
-        &mut out,
-        EPOCH,
-        Kind::Task,
-        TaskId::new(7, 43),
-        &meta(),
-        "",
-        |o| {
-            o.extend_from_slice(b"\"second\"");
-            Ok::<(), Infallible>(())
-        },
-    );
+    let second = TaskRecord {
+        id: TaskId::new(7, 43),
+        state: meta(),
+        last_error: "".into(),
+        payload: b"\"second\"",
+    };
+    let len = encode_record(&mut out, EPOCH, Kind::Task, &second);
     assert_eq!(out.len(), first.len() + len);
     assert_eq!(&out[..first.len()], &first[..]);
     let (record, _) = decode_record(&out[first.len()..], EPOCH).unwrap();
-    assert_eq!(record.payload, b"\"second\"");
-
-    let before = out.clone();
-    let result = encode_record(
-        &mut out,
-        EPOCH,
-        Kind::Task,
-        TaskId::new(7, 44),
-        &meta(),
-        "e",
-        |o| {
-            o.extend_from_slice(b"{\"half");
-            Err("serialize failed")
-        },
-    );
-    assert_eq!(result, Err("serialize failed"));
-    assert_eq!(out, before);
+    assert_eq!(record.task(), second);
 }
 
 #[test]
@@ -378,7 +357,7 @@ fn length_past_the_end_is_truncated() {
 fn record_checked_under_another_epoch_fails_its_checksum() {
     for bytes in [
         task(b"{}"),
-        encode(Kind::Ack, TaskId::new(1, 2), &Meta::default(), "", b""),
+        encode(Kind::Ack, TaskId::new(1, 2), &TaskState::default(), "", b""),
     ] {
         assert!(decode_record(&bytes, EPOCH).is_ok());
         assert_eq!(decode_record(&bytes, EPOCH + 1), Err(RecordError::Checksum));
@@ -454,7 +433,7 @@ fn non_zero_padding_is_rejected() {
 #[test]
 fn inconsistent_bodies_are_bad() {
     // An ack with a body.
-    let mut ack = encode(Kind::Ack, TaskId::new(1, 2), &Meta::default(), "", b"");
+    let mut ack = encode(Kind::Ack, TaskId::new(1, 2), &TaskState::default(), "", b"");
     ack.extend_from_slice(&[0; 8]);
     ack[4..8].copy_from_slice(&1u32.to_le_bytes());
     ack[RECORD_HEADER_LEN] = b'x';
@@ -462,7 +441,13 @@ fn inconsistent_bodies_are_bad() {
     assert_eq!(decode_record(&ack, EPOCH), Err(RecordError::BadBody));
 
     // A task with a body shorter than its fixed part.
-    let mut short = encode(Kind::Task, TaskId::new(1, 2), &Meta::default(), "", b"");
+    let mut short = encode(
+        Kind::Task,
+        TaskId::new(1, 2),
+        &TaskState::default(),
+        "",
+        b"",
+    );
     short[4..8].copy_from_slice(&((BODY_FIXED_LEN - 4) as u32).to_le_bytes());
     short.truncate(padded(RECORD_HEADER_LEN + BODY_FIXED_LEN - 4));
     short[RECORD_HEADER_LEN + BODY_FIXED_LEN - 4..].fill(0);

@@ -1,17 +1,18 @@
 use std::collections::BTreeMap;
-use std::convert::Infallible;
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use super::super::Journal;
+use super::super::dir::{LOCK_FILE, list_segments};
+use super::super::{Journal, reader};
 use super::*;
 
-fn meta(seq: u64) -> Meta {
-    Meta {
+fn meta(seq: u64) -> TaskState {
+    TaskState {
         attempts: 2,
         interruptions: 1,
+        interrupted: true,
         enqueued_ms: 1_700_000_000_000 + seq,
         not_before_ms: 1_800_000_000_000,
-        flags: format::FLAG_INTERRUPTED,
     }
 }
 
@@ -19,29 +20,34 @@ fn payload(seq: u64) -> String {
     format!("{{\"n\":{seq}}}")
 }
 
-fn record(epoch: u64, kind: Kind, id: TaskId, error: &str) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let Ok(_) = format::encode_record(&mut buf, epoch, kind, id, &meta(id.seq()), error, |out| {
-        out.extend_from_slice(payload(id.seq()).as_bytes());
-        Ok::<(), Infallible>(())
-    });
-    buf
-}
-
 /// Opens `dir` as a pool would, spills `live` as tasks, sets `dead` aside as dead letters (each
 /// with the error "failed <seq>"), acks `acked`, and closes. Returns the run.
 fn write_journal(dir: &Path, live: &[u64], dead: &[u64], acked: &[u64]) -> u64 {
-    let (mut journal, _) = Journal::open(dir, crate::journal::fs::os(), |_, _| {}).unwrap();
+    let (mut journal, _, _) = Journal::open(dir, crate::journal::fs::os(), |_| ()).unwrap();
     let run = journal.run();
-    let outcome = journal.spill(live, |&seq, epoch, out| {
-        out.extend(record(epoch, Kind::Task, TaskId::new(run, seq), ""));
-        true
-    });
+    let payloads: Vec<String> = live.iter().map(|&seq| payload(seq)).collect();
+    let records: Vec<TaskRecord<'_>> = live
+        .iter()
+        .zip(&payloads)
+        .map(|(&seq, payload)| TaskRecord {
+            id: TaskId::new(run, seq),
+            state: meta(seq),
+            last_error: "".into(),
+            payload: payload.as_bytes(),
+        })
+        .collect();
+    let outcome = journal.spill(&records);
     assert!(outcome.durable, "{outcome:?}");
     for &seq in dead {
-        let id = TaskId::new(run, seq);
-        let bytes = record(journal.epoch(), Kind::Dead, id, &format!("failed {seq}"));
-        journal.write_dead(&bytes).unwrap();
+        let payload = payload(seq);
+        let error = format!("failed {seq}");
+        let record = TaskRecord {
+            id: TaskId::new(run, seq),
+            state: meta(seq),
+            last_error: error.as_str().into(),
+            payload: payload.as_bytes(),
+        };
+        journal.write_dead(&record).unwrap();
     }
     for &seq in acked {
         journal.append_ack(TaskId::new(run, seq)).unwrap();
@@ -92,7 +98,7 @@ fn record_offsets(path: &Path) -> Vec<u64> {
 fn inspect_keeps_the_last_state_of_each_task() {
     let tmp = tempfile::tempdir().unwrap();
     let run = write_journal(tmp.path(), &[1, 2, 3], &[4, 5], &[2]);
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     let id = |seq| TaskId::new(run, seq);
     assert_eq!(ids(&contents.live), [id(1), id(3)]);
     assert_eq!(ids(&contents.dead), [id(4), id(5)]);
@@ -117,7 +123,7 @@ fn inspect_keeps_the_last_state_of_each_task() {
             .unwrap()
             .to_str()
             .unwrap()
-            .starts_with(DEAD_PREFIX)
+            .starts_with("dead-")
     );
 }
 
@@ -126,7 +132,7 @@ fn an_ack_in_a_dead_segment_takes_a_dead_letter_back() {
     let tmp = tempfile::tempdir().unwrap();
     let run = write_journal(tmp.path(), &[], &[1, 2], &[]);
     write_taken_back(tmp.path(), 100, &[TaskId::new(run, 1)]).unwrap();
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     assert_eq!(ids(&contents.dead), [TaskId::new(run, 2)]);
     assert!(contents.live.is_empty());
 }
@@ -145,11 +151,11 @@ fn reading_changes_nothing_and_works_while_a_pool_holds_the_lock() {
     // Lock the directory the way a running pool does.
     let lock = File::open(tmp.path().join(LOCK_FILE)).unwrap();
     lock.try_lock().unwrap();
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     assert_eq!(contents.live.len(), 2);
     assert_eq!(contents.damage, 1);
-    assert!(!verify_journal(tmp.path()).unwrap().is_clean());
-    let stats = journal_stats(tmp.path()).unwrap();
+    assert!(!verify(tmp.path()).unwrap().is_clean());
+    let stats = stats(tmp.path()).unwrap();
     assert_eq!(
         (stats.live_tasks, stats.dead_letters, stats.damage),
         (2, 1, 1)
@@ -162,7 +168,7 @@ fn reading_changes_nothing_and_works_while_a_pool_holds_the_lock() {
 fn verify_reports_each_kind_of_damage_at_its_offset() {
     let tmp = tempfile::tempdir().unwrap();
     write_journal(tmp.path(), &[1, 2, 3, 4], &[5], &[]);
-    assert!(verify_journal(tmp.path()).unwrap().is_clean());
+    assert!(verify(tmp.path()).unwrap().is_clean());
     let segments = list_segments(tmp.path()).unwrap();
     let (live, dead) = (&segments[0].path, &segments[1].path);
     let offsets = record_offsets(live);
@@ -178,7 +184,7 @@ fn verify_reports_each_kind_of_damage_at_its_offset() {
     dead_bytes[3] ^= 0x20;
     std::fs::write(dead, &dead_bytes).unwrap();
 
-    let verification = verify_journal(tmp.path()).unwrap();
+    let verification = verify(tmp.path()).unwrap();
     assert!(!verification.is_clean());
     assert_eq!(verification.segments, 2);
     // Records 1, 3 and the dead letter (read under its header's stored epoch).
@@ -220,7 +226,7 @@ fn verify_reports_a_header_under_which_nothing_validates() {
     bytes[16] ^= 0x01;
     bytes[24] ^= 0x02;
     std::fs::write(&live, &bytes).unwrap();
-    let verification = verify_journal(tmp.path()).unwrap();
+    let verification = verify(tmp.path()).unwrap();
     let found: Vec<_> = verification
         .damage
         .iter()
@@ -242,7 +248,7 @@ fn verify_reports_a_header_cut_short_and_refuses_a_newer_version() {
         })[..20],
     )
     .unwrap();
-    let verification = verify_journal(tmp.path()).unwrap();
+    let verification = verify(tmp.path()).unwrap();
     assert!(verification.damage.is_empty());
     assert_eq!(verification.torn_tails.len(), 1);
     assert_eq!(verification.torn_tails[0].offset, 0);
@@ -259,7 +265,7 @@ fn verify_reports_a_header_cut_short_and_refuses_a_newer_version() {
     let crc = crc32c::crc32c(&header[0..40]);
     header[40..44].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, header).unwrap();
-    match verify_journal(tmp.path()) {
+    match verify(tmp.path()) {
         Err(JournalError::UnsupportedVersion { found: 2, .. }) => {}
         other => panic!("expected UnsupportedVersion, got {other:?}"),
     }
@@ -269,7 +275,7 @@ fn verify_reports_a_header_cut_short_and_refuses_a_newer_version() {
 fn stats_count_and_measure() {
     let tmp = tempfile::tempdir().unwrap();
     let run = write_journal(tmp.path(), &[1, 2, 3], &[4], &[3]);
-    let stats = journal_stats(tmp.path()).unwrap();
+    let stats = stats(tmp.path()).unwrap();
     let segments = list_segments(tmp.path()).unwrap();
     let size = |dead: bool| -> u64 {
         segments
@@ -300,7 +306,7 @@ fn requeue_moves_dead_letters_into_new_segments_above_every_other() {
     assert_eq!(segment_files(tmp.path()), [(1, false), (2, true)]);
     let id = |seq| TaskId::new(run, seq);
 
-    let done = requeue_dead_letters(tmp.path(), Requeue::Ids(vec![id(4), id(2), id(4)])).unwrap();
+    let done = requeue(tmp.path(), Requeue::Ids(vec![id(4), id(2), id(4)])).unwrap();
     assert_eq!(done.ids, [id(2), id(4)]);
     assert_eq!(
         segment_files(tmp.path()),
@@ -319,7 +325,7 @@ fn requeue_moves_dead_letters_into_new_segments_above_every_other() {
         lock_before
     );
 
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     assert_eq!(ids(&contents.live), [id(1), id(2), id(4)]);
     assert_eq!(ids(&contents.dead), [id(3)]);
     let requeued = &contents.live[1];
@@ -329,15 +335,15 @@ fn requeue_moves_dead_letters_into_new_segments_above_every_other() {
     assert_eq!(requeued.enqueued_at_ms, meta(2).enqueued_ms);
     assert_eq!(requeued.last_error.as_deref(), Some("failed 2"));
     assert_eq!(requeued.payload, payload(2).as_bytes());
-    assert!(verify_journal(tmp.path()).unwrap().is_clean());
+    assert!(verify(tmp.path()).unwrap().is_clean());
 
-    let done = requeue_dead_letters(tmp.path(), Requeue::All).unwrap();
+    let done = requeue(tmp.path(), Requeue::All).unwrap();
     assert_eq!(done.ids, [id(3)]);
-    assert!(inspect_journal(tmp.path()).unwrap().dead.is_empty());
+    assert!(inspect(tmp.path()).unwrap().dead.is_empty());
     // Nothing left: nothing written.
     let before = snapshot(tmp.path());
     assert_eq!(
-        requeue_dead_letters(tmp.path(), Requeue::All).unwrap(),
+        requeue(tmp.path(), Requeue::All).unwrap(),
         Requeued::default()
     );
     assert_eq!(snapshot(tmp.path()), before);
@@ -353,7 +359,7 @@ fn requeue_of_an_id_that_is_not_a_dead_letter_writes_nothing() {
         TaskId::new(run, 1),
         TaskId::new(run + 5, 9),
     ];
-    match requeue_dead_letters(tmp.path(), Requeue::Ids(asked)) {
+    match requeue(tmp.path(), Requeue::Ids(asked)) {
         Err(error @ RequeueError::NotDead { .. }) => {
             let text = error.to_string();
             assert_eq!(
@@ -370,9 +376,9 @@ fn requeue_of_an_id_that_is_not_a_dead_letter_writes_nothing() {
 fn requeue_refuses_while_a_pool_holds_the_lock() {
     let tmp = tempfile::tempdir().unwrap();
     write_journal(tmp.path(), &[], &[1], &[]);
-    let (journal, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_, _| {}).unwrap();
+    let (journal, _, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_| ()).unwrap();
     let before = snapshot(tmp.path());
-    match requeue_dead_letters(tmp.path(), Requeue::All) {
+    match requeue(tmp.path(), Requeue::All) {
         Err(error @ RequeueError::Locked { .. }) => assert_eq!(
             error.to_string(),
             format!(
@@ -384,13 +390,7 @@ fn requeue_refuses_while_a_pool_holds_the_lock() {
     }
     assert_eq!(snapshot(tmp.path()), before);
     journal.close().unwrap();
-    assert_eq!(
-        requeue_dead_letters(tmp.path(), Requeue::All)
-            .unwrap()
-            .ids
-            .len(),
-        1
-    );
+    assert_eq!(requeue(tmp.path(), Requeue::All).unwrap().ids.len(), 1);
 }
 
 #[test]
@@ -398,7 +398,7 @@ fn requeue_refuses_a_directory_that_does_not_exist() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("missing");
     assert!(matches!(
-        requeue_dead_letters(&missing, Requeue::All),
+        requeue(&missing, Requeue::All),
         Err(RequeueError::Journal(JournalError::Io { .. }))
     ));
     assert!(!missing.exists());
@@ -421,13 +421,13 @@ fn a_requeue_cut_short_leaves_a_duplicate_and_a_second_requeue_completes_it() {
     let run = write_journal(tmp.path(), &[], &[1, 2], &[]);
     let id = |seq| TaskId::new(run, seq);
     requeue_cut_short(tmp.path(), &[1], run);
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     assert_eq!(ids(&contents.live), [id(1)]);
     assert_eq!(ids(&contents.dead), [id(1), id(2)]);
 
-    let done = requeue_dead_letters(tmp.path(), Requeue::All).unwrap();
+    let done = requeue(tmp.path(), Requeue::All).unwrap();
     assert_eq!(done.ids, [id(1), id(2)]);
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     assert_eq!(ids(&contents.live), [id(1), id(2)]);
     assert!(contents.dead.is_empty());
     // Task 1 was not written a second time.
@@ -458,7 +458,7 @@ async fn after_a_requeue_cut_short_the_next_start_runs_the_task() {
                     ran.lock()
                         .unwrap()
                         .push((task.id(), task.payload().clone()));
-                    Ok::<(), Infallible>(())
+                    Ok::<(), std::convert::Infallible>(())
                 }
             })
             .await
@@ -472,7 +472,7 @@ async fn after_a_requeue_cut_short_the_next_start_runs_the_task() {
         [(TaskId::new(run, 2), serde_json::json!({ "n": 2 }))]
     );
     // Done, and still listed as a dead letter until taken back: a duplicate, never a loss.
-    let contents = inspect_journal(tmp.path()).unwrap();
+    let contents = inspect(tmp.path()).unwrap();
     assert!(contents.live.is_empty());
     assert_eq!(
         ids(&contents.dead),
@@ -487,26 +487,74 @@ fn a_directory_with_no_lock_file_and_no_segment_is_refused() {
         assert_eq!(e.path(), Some(tmp.path().join(LOCK_FILE).as_path()));
         assert!(e.to_string().contains("not a journal directory"), "{e}");
     };
-    not_journal(inspect_journal(tmp.path()).unwrap_err());
-    not_journal(verify_journal(tmp.path()).unwrap_err());
-    not_journal(journal_stats(tmp.path()).unwrap_err());
-    match requeue_dead_letters(tmp.path(), Requeue::All) {
+    not_journal(inspect(tmp.path()).unwrap_err());
+    not_journal(verify(tmp.path()).unwrap_err());
+    not_journal(stats(tmp.path()).unwrap_err());
+    match requeue(tmp.path(), Requeue::All) {
         Err(RequeueError::Journal(e)) => not_journal(e),
         other => panic!("expected a journal error, got {other:?}"),
     }
     assert!(snapshot(tmp.path()).is_empty());
 
     // A journal directory with nothing left in it is one.
-    let (journal, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_, _| {}).unwrap();
+    let (journal, _, _) = Journal::open(tmp.path(), crate::journal::fs::os(), |_| ()).unwrap();
     journal.close().unwrap();
+    assert_eq!(inspect(tmp.path()).unwrap(), Contents::default());
+    assert!(verify(tmp.path()).unwrap().is_clean());
+    assert_eq!(stats(tmp.path()).unwrap().run, Some(1));
     assert_eq!(
-        inspect_journal(tmp.path()).unwrap(),
-        JournalContents::default()
-    );
-    assert!(verify_journal(tmp.path()).unwrap().is_clean());
-    assert_eq!(journal_stats(tmp.path()).unwrap().run, Some(1));
-    assert_eq!(
-        requeue_dead_letters(tmp.path(), Requeue::All).unwrap(),
+        requeue(tmp.path(), Requeue::All).unwrap(),
         Requeued::default()
     );
+}
+
+#[test]
+fn recovery_reports_the_damage_verify_shows() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_journal(tmp.path(), &[1, 2, 3], &[4, 5], &[]);
+    let segments = list_segments(tmp.path()).unwrap();
+    let (live, dead) = (&segments[0].path, &segments[1].path);
+    // Both copies of the live segment's epoch destroyed: none of its records can be checked.
+    let mut bytes = std::fs::read(live).unwrap();
+    for byte in &mut bytes[16..32] {
+        *byte ^= 0xA5;
+    }
+    std::fs::write(live, &bytes).unwrap();
+    // The dead-letter segment's first record damaged, a valid one after it.
+    let mut bytes = std::fs::read(dead).unwrap();
+    bytes[record_offsets(dead)[0] as usize + 40] ^= 0x01;
+    std::fs::write(dead, &bytes).unwrap();
+    // A segment cut inside its header.
+    let header = format::encode_header(Header {
+        epoch: 9,
+        segment: 99,
+    });
+    std::fs::write(tmp.path().join(segment_name(99, false)), &header[..20]).unwrap();
+
+    let verification = verify(tmp.path()).unwrap();
+    let reasons: Vec<&str> = verification
+        .damage
+        .iter()
+        .chain(&verification.torn_tails)
+        .map(|d| d.reason.as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "segment header checksum mismatch",
+            "no record validates under either epoch of the damaged header",
+            "record checksum mismatch",
+            "segment header is cut short",
+        ]
+    );
+
+    let (journal, report, recovered) =
+        Journal::open(tmp.path(), crate::journal::fs::os(), |_| ()).unwrap();
+    drop(journal);
+    assert!(recovered.is_empty());
+    assert_eq!(report.damage, verification.damage);
+    assert_eq!(report.torn_tails, verification.torn_tails);
+    assert_eq!(report.dead_letters, 1);
+    // The two damaged segments are copied aside; the one cut in its header is truncated.
+    assert_eq!(report.damaged_copies.len(), 2, "{report:?}");
 }

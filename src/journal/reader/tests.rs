@@ -1,7 +1,6 @@
-use std::convert::Infallible;
-
 use super::*;
-use crate::journal::format::{Kind, Meta, RECORD_HEADER_LEN};
+use crate::journal::format::{Kind, RECORD_HEADER_LEN};
+use crate::journal::record::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
 const EPOCH: u64 = 0x5eed_0fd4_a14b_0000;
@@ -48,7 +47,7 @@ struct Owned {
     offset: u64,
     kind: Kind,
     id: TaskId,
-    meta: Meta,
+    state: TaskState,
     error: Vec<u8>,
     payload: Vec<u8>,
 }
@@ -59,7 +58,7 @@ impl Owned {
             offset,
             kind: record.kind,
             id: record.id,
-            meta: record.meta,
+            state: record.state,
             error: record.error.to_vec(),
             payload: record.payload.to_vec(),
         }
@@ -111,31 +110,27 @@ fn push_record(
     epoch: u64,
     kind: Kind,
     id: TaskId,
-    meta: Meta,
+    state: TaskState,
     error: &str,
     payload: &[u8],
 ) -> Owned {
     let offset = bytes.len() as u64;
-    let Ok(_) = format::encode_record(bytes, epoch, kind, id, &meta, error, |out| {
-        out.extend_from_slice(payload);
-        Ok::<(), Infallible>(())
-    });
-    let (meta, error, payload) = match kind {
-        Kind::Ack => (
-            Meta {
-                flags: meta.flags,
-                ..Meta::default()
-            },
-            Vec::new(),
-            Vec::new(),
-        ),
-        Kind::Task | Kind::Dead => (meta, error.as_bytes().to_vec(), payload.to_vec()),
+    let record = TaskRecord {
+        id,
+        state,
+        last_error: error.into(),
+        payload,
+    };
+    format::encode_record(bytes, epoch, kind, &record);
+    let (state, error, payload) = match kind {
+        Kind::Ack => (TaskState::default(), Vec::new(), Vec::new()),
+        Kind::Task | Kind::Dead => (state, error.as_bytes().to_vec(), payload.to_vec()),
     };
     Owned {
         offset,
         kind,
         id,
-        meta,
+        state,
         error,
         payload,
     }
@@ -160,17 +155,17 @@ fn segment() -> Segment {
                 EPOCH,
                 Kind::Ack,
                 TaskId::new(3, n - 1),
-                Meta::default(),
+                TaskState::default(),
                 "",
                 b"",
             )
         } else {
-            let meta = Meta {
+            let meta = TaskState {
                 attempts: i as u32,
                 interruptions: (i % 3) as u32,
+                interrupted: i % 2 == 1,
                 enqueued_ms: 1_700_000_000_000 + n,
                 not_before_ms: if i % 4 == 0 { 0 } else { 1_700_000_100_000 + n },
-                flags: (i % 2) as u8,
             };
             let error = if i % 3 == 0 {
                 format!("attempt {i} failed")
@@ -515,7 +510,7 @@ fn records_of_an_earlier_writer_never_validate() {
             EPOCH ^ 1,
             Kind::Task,
             TaskId::new(2, seq),
-            Meta::default(),
+            TaskState::default(),
             "",
             b"1",
         );

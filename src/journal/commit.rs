@@ -1,0 +1,414 @@
+//! Group commit for the write-ahead mode: concurrent submits share one write and one fsync.
+//!
+//! Each submit hands its task record (or an ack) to the commit, which encodes it under this
+//! run's epoch, appends it to a shared buffer and gives it a sequence number. If no flush is
+//! under way, the caller starts one; the flusher takes the whole buffer, writes it (and fsyncs
+//! it, under `SyncPolicy::Always`), publishes the highest sequence number it covered, and
+//! repeats until the buffer is empty. The more submits arrive during one fsync, the more the
+//! next one carries.
+//!
+//! Compaction copies ([`Copies`]) are read back from sealed segments already encoded under
+//! this run's epoch, and pushed as they are.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use super::format::{self, Kind};
+use super::reader;
+use super::record::TaskRecord;
+use crate::error::JournalError;
+use crate::task::TaskId;
+
+/// A task record on its way to the journal through the group commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) id: TaskId,
+    /// The record's length in the journal.
+    pub(crate) len: u32,
+    /// A newer record of a task already in the index (a retry's new state, or a compaction
+    /// copy), rather than a new task.
+    pub(crate) moved: bool,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    buf: Vec<u8>,
+    /// The task records in `buf`, in order.
+    placements: Vec<Placement>,
+    /// The sequence number of the last record appended.
+    last_seq: u64,
+    /// Whether a flusher is running.
+    flushing: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// Every batch up to this sequence number has been handled.
+    done: u64,
+    /// Every batch up to this sequence number is written (and synced, as the policy says).
+    ok_through: u64,
+    /// The failure that stopped the journal, if any.
+    error: Option<Arc<JournalError>>,
+}
+
+/// The shared buffer and the progress of its flushes.
+#[derive(Debug)]
+pub(crate) struct Commit {
+    /// The epoch records are encoded under: this run's.
+    epoch: u64,
+    pending: Mutex<Pending>,
+    progress: watch::Sender<Progress>,
+}
+
+/// A batch taken by the flusher.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) bytes: Vec<u8>,
+    /// The task records in `bytes`, in order.
+    pub(crate) placements: Vec<Placement>,
+    /// Whether the batch holds a new task's record: only those wait for an fsync under the
+    /// `Always` policy (a lost ack or retry state means a repeat; a compaction copy is synced
+    /// before its original goes).
+    pub(crate) new_tasks: bool,
+    pub(crate) last_seq: u64,
+}
+
+impl Commit {
+    /// An empty buffer whose records are encoded under `epoch`.
+    pub(crate) fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            pending: Mutex::new(Pending::default()),
+            progress: watch::Sender::new(Progress::default()),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Encodes `record` as a live task (`moved`: a newer record of a task already journaled,
+    /// not a new task) and appends it. Returns its sequence number, and whether the caller
+    /// must start a flusher.
+    pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> (u64, bool) {
+        let mut bytes = Vec::with_capacity(format::task_record_len(
+            record.payload.len(),
+            record.last_error.len(),
+        ));
+        let len = format::encode_record(&mut bytes, self.epoch, Kind::Task, record);
+        let placement = Placement {
+            id: record.id,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            moved,
+        };
+        self.push(&bytes, Some(placement))
+    }
+
+    /// Appends an ack for `id`. Returns its sequence number, and whether the caller must start
+    /// a flusher.
+    pub(crate) fn push_ack(&self, id: TaskId) -> (u64, bool) {
+        let mut bytes = Vec::with_capacity(format::RECORD_HEADER_LEN);
+        format::encode_ack(&mut bytes, self.epoch, id);
+        self.push(&bytes, None)
+    }
+
+    /// Appends the copies of `chunk` (entries of `copies`) that `keep` accepts, in order, as
+    /// newer records of their tasks. Returns how many were pushed, the sequence number of the
+    /// last one, and whether the caller must start a flusher.
+    pub(crate) fn push_copies(
+        &self,
+        copies: &Copies,
+        chunk: &[Copy],
+        mut keep: impl FnMut(&Copy) -> bool,
+    ) -> Pushed {
+        let mut pushed = Pushed::default();
+        for copy in chunk {
+            let Some(bytes) = copies.buf.get(copy.range.clone()) else {
+                continue;
+            };
+            if !keep(copy) {
+                continue;
+            }
+            let placement = Placement {
+                id: copy.id,
+                len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+                moved: true,
+            };
+            let (seq, start) = self.push(bytes, Some(placement));
+            pushed.count += 1;
+            pushed.last_seq = Some(seq);
+            pushed.start |= start;
+        }
+        pushed
+    }
+
+    /// Appends encoded records: one task record with its placement, or an ack (`None`).
+    fn push(&self, bytes: &[u8], task: Option<Placement>) -> (u64, bool) {
+        let mut pending = self.pending();
+        pending.buf.extend_from_slice(bytes);
+        if let Some(placement) = task {
+            pending.placements.push(placement);
+        }
+        pending.last_seq += 1;
+        let start = !pending.flushing;
+        pending.flushing = true;
+        (pending.last_seq, start)
+    }
+
+    /// The next batch for the flusher, or `None` (and the flusher stops) when there is none.
+    pub(crate) fn take(&self) -> Option<Batch> {
+        let mut pending = self.pending();
+        if pending.buf.is_empty() {
+            pending.flushing = false;
+            return None;
+        }
+        let placements = std::mem::take(&mut pending.placements);
+        Some(Batch {
+            bytes: std::mem::take(&mut pending.buf),
+            new_tasks: placements.iter().any(|p| !p.moved),
+            placements,
+            last_seq: pending.last_seq,
+        })
+    }
+
+    /// Publishes how a batch went.
+    pub(crate) fn finish(&self, last_seq: u64, result: Result<(), Arc<JournalError>>) {
+        self.progress.send_modify(|progress| {
+            progress.done = progress.done.max(last_seq);
+            match result {
+                Ok(()) if progress.error.is_none() => progress.ok_through = last_seq,
+                Ok(()) => {}
+                Err(error) => {
+                    progress.error.get_or_insert(error);
+                }
+            }
+        });
+    }
+
+    /// The sequence number of the last record pushed.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.pending().last_seq
+    }
+
+    /// Waits until the batch holding `seq` has been handled.
+    ///
+    /// # Errors
+    ///
+    /// The journal failed before that batch was safe.
+    pub(crate) async fn wait(&self, seq: u64) -> Result<(), Arc<JournalError>> {
+        let mut rx = self.progress.subscribe();
+        let progress = match rx.wait_for(|p| p.done >= seq).await {
+            Ok(progress) => progress.clone(),
+            // The sender lives as long as `self`.
+            Err(_) => return Err(Arc::new(JournalError::Poisoned)),
+        };
+        if seq <= progress.ok_through {
+            Ok(())
+        } else {
+            Err(progress
+                .error
+                .unwrap_or_else(|| Arc::new(JournalError::Poisoned)))
+        }
+    }
+}
+
+/// What [`Commit::push_copies`] pushed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Pushed {
+    /// Copies pushed.
+    pub(crate) count: usize,
+    /// The sequence number of the last one.
+    pub(crate) last_seq: Option<u64>,
+    /// Whether the caller must start a flusher.
+    pub(crate) start: bool,
+}
+
+/// The live tasks of sealed segments, read back and encoded under this run's epoch, for a
+/// compaction: one buffer of records, and an entry per copy.
+#[derive(Debug, Default)]
+pub(crate) struct Copies {
+    buf: Vec<u8>,
+    list: Vec<Copy>,
+}
+
+/// One task copied by [`Copies::read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Copy {
+    pub(crate) id: TaskId,
+    /// The segment it was copied from.
+    pub(crate) segment: u64,
+    /// Its encoded record in the buffer.
+    range: Range<usize>,
+}
+
+impl Copies {
+    /// The copies, in the order read (segment order, id order within a segment).
+    pub(crate) fn list(&self) -> &[Copy] {
+        &self.list
+    }
+
+    /// Reads the task records of the sealed segment `number` at `path` that `keep` selects
+    /// (the last one per id) and adds each, encoded under `epoch`. Damaged records are
+    /// skipped: a task whose record does not read back is not copied, so its segment stays. A
+    /// segment already gone yields nothing.
+    pub(crate) fn read(
+        &mut self,
+        path: &Path,
+        number: u64,
+        epoch: u64,
+        mut keep: impl FnMut(TaskId) -> bool,
+    ) -> Result<(), JournalError> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(JournalError::io("read", path, None, e)),
+        };
+        let mut last = std::collections::HashMap::new();
+        reader::scan(&bytes, |_, record| {
+            if record.kind == Kind::Task && keep(record.id) {
+                last.insert(record.id, record);
+            }
+        });
+        let mut records: Vec<_> = last.into_values().collect();
+        records.sort_unstable_by_key(|record| record.id);
+        self.list.reserve(records.len());
+        for record in records {
+            let start = self.buf.len();
+            format::encode_record(&mut self.buf, epoch, Kind::Task, &record.task());
+            self.list.push(Copy {
+                id: record.id,
+                segment: number,
+                range: start..self.buf.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::TaskState;
+
+    const EPOCH: u64 = 0x5eed;
+
+    fn record(seq: u64, payload: &[u8]) -> TaskRecord<'_> {
+        TaskRecord {
+            id: TaskId::new(1, seq),
+            state: TaskState::default(),
+            last_error: "".into(),
+            payload,
+        }
+    }
+
+    /// The records in `bytes`, decoded under [`EPOCH`]: (kind, seq, payload).
+    fn decode(mut bytes: &[u8]) -> Vec<(Kind, u64, Vec<u8>)> {
+        let mut found = Vec::new();
+        while !bytes.is_empty() {
+            let (record, len) = format::decode_record(bytes, EPOCH).unwrap();
+            found.push((record.kind, record.id.seq(), record.payload.to_vec()));
+            bytes = &bytes[len..];
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
+        let commit = Commit::new(EPOCH);
+        assert_eq!(commit.push_task(&record(1, b"a"), false), (1, true));
+        assert_eq!(commit.push_task(&record(2, b"bb"), true), (2, false));
+        assert_eq!(commit.push_ack(TaskId::new(1, 1)), (3, false));
+        let batch = commit.take().unwrap();
+        assert_eq!(
+            decode(&batch.bytes),
+            [
+                (Kind::Task, 1, b"a".to_vec()),
+                (Kind::Task, 2, b"bb".to_vec()),
+                (Kind::Ack, 1, Vec::new())
+            ]
+        );
+        let lens: Vec<u32> = batch.placements.iter().map(|p| p.len).collect();
+        assert_eq!(
+            lens,
+            [format::task_record_len(1, 0), format::task_record_len(2, 0)].map(|l| l as u32)
+        );
+        assert_eq!(batch.last_seq, 3);
+        assert!(batch.new_tasks);
+        assert!(commit.take().is_none());
+        commit.finish(3, Ok(()));
+        for seq in 1..=3 {
+            commit.wait(seq).await.unwrap();
+        }
+        // The flusher stopped: the next push starts another.
+        assert_eq!(commit.push_task(&record(3, b"d"), true), (4, true));
+        assert!(
+            !commit.take().unwrap().new_tasks,
+            "a moved record alone needs no fsync"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_its_records_and_every_later_one_but_not_earlier_ones() {
+        let commit = Commit::new(EPOCH);
+        commit.push_task(&record(1, b"a"), false);
+        let first = commit.take().unwrap();
+        commit.finish(first.last_seq, Ok(()));
+        commit.push_task(&record(2, b"b"), false);
+        let second = commit.take().unwrap();
+        commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
+        commit.push_task(&record(3, b"c"), false);
+        let third = commit.take().unwrap();
+        commit.finish(third.last_seq, Ok(()));
+        assert!(commit.wait(1).await.is_ok());
+        assert!(commit.wait(2).await.is_err());
+        assert!(
+            commit.wait(3).await.is_err(),
+            "nothing after a failure is trusted"
+        );
+    }
+
+    #[test]
+    fn copies_are_the_last_record_per_id_reencoded_and_pushed_as_moved() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("old.seg");
+        let old_epoch = 77;
+        let mut bytes = format::encode_header(format::Header {
+            epoch: old_epoch,
+            segment: 4,
+        })
+        .to_vec();
+        for (seq, payload) in [(1, &b"old"[..]), (2, b"two"), (1, b"new"), (3, b"gone")] {
+            format::encode_record(&mut bytes, old_epoch, Kind::Task, &record(seq, payload));
+        }
+        std::fs::write(&path, &bytes).unwrap();
+
+        let mut copies = Copies::default();
+        copies.read(&path, 4, EPOCH, |id| id.seq() != 3).unwrap();
+        copies
+            .read(&tmp.path().join("deleted.seg"), 5, EPOCH, |_| true)
+            .unwrap();
+        let ids: Vec<(u64, u64)> = copies
+            .list()
+            .iter()
+            .map(|c| (c.id.seq(), c.segment))
+            .collect();
+        assert_eq!(ids, [(1, 4), (2, 4)]);
+
+        let commit = Commit::new(EPOCH);
+        let pushed = commit.push_copies(&copies, copies.list(), |copy| copy.id.seq() == 1);
+        assert_eq!(
+            pushed,
+            Pushed {
+                count: 1,
+                last_seq: Some(1),
+                start: true
+            }
+        );
+        let batch = commit.take().unwrap();
+        assert_eq!(decode(&batch.bytes), [(Kind::Task, 1, b"new".to_vec())]);
+        assert!(batch.placements[0].moved && !batch.new_tasks);
+    }
+}

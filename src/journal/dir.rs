@@ -1,0 +1,197 @@
+//! The journal directory: file names, listing, the lock and its run counter, writer epochs.
+//!
+//! Used by [`Journal::open`](super::Journal::open) and by the read-only look into a directory
+//! (`inspect.rs`) alike, so both read the same names the same way.
+
+use std::collections::hash_map::RandomState;
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::fs::{self, FileOps};
+use crate::error::JournalError;
+
+/// The lock file, which also holds the run counter.
+pub(super) const LOCK_FILE: &str = "LOCK";
+/// Where copies of damaged segments go.
+pub(super) const DAMAGED_DIR: &str = "damaged";
+/// The write-speed probe's file, removed again at once.
+pub(super) const PROBE_FILE: &str = "probe.tmp";
+const SEGMENT_SUFFIX: &str = ".seg";
+const DEAD_PREFIX: &str = "dead-";
+
+/// A segment file found in the directory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct SegmentFile {
+    pub(super) number: u64,
+    pub(super) dead: bool,
+    pub(super) path: PathBuf,
+}
+
+/// The file name of segment `number`: `NNNNNNNNNNNNNNNNNNNN.seg`, or with a `dead-` prefix for a
+/// dead-letter segment.
+pub(super) fn segment_name(number: u64, dead: bool) -> String {
+    let prefix = if dead { DEAD_PREFIX } else { "" };
+    format!("{prefix}{number:020}{SEGMENT_SUFFIX}")
+}
+
+/// The number of the segment named `name`, and whether it is a dead-letter segment; `None` for
+/// any other name.
+pub(super) fn parse_segment_name(name: &str) -> Option<(u64, bool)> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    let (digits, dead) = match stem.strip_prefix(DEAD_PREFIX) {
+        Some(digits) => (digits, true),
+        None => (stem, false),
+    };
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((digits.parse().ok()?, dead))
+}
+
+/// Lists the segment files of `dir`, in number order.
+pub(super) fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| JournalError::io("list", dir, None, e))?;
+    let mut segments = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| JournalError::io("list", dir, None, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((number, dead)) = parse_segment_name(name) {
+            segments.push(SegmentFile {
+                number,
+                dead,
+                path: entry.path(),
+            });
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// The segments of `dir`, in number order; an error if `dir` holds neither a segment nor a
+/// `LOCK` file, which every directory a pool has opened has: the path is most likely mistyped
+/// (the parent of the journal directory, say).
+pub(super) fn journal_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
+    let segments = list_segments(dir)?;
+    let lock = dir.join(LOCK_FILE);
+    if segments.is_empty() && !lock.exists() {
+        return Err(JournalError::io(
+            "open",
+            &lock,
+            None,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not a journal directory: it has no LOCK file and no segment",
+            ),
+        ));
+    }
+    Ok(segments)
+}
+
+/// Takes the directory's lock: its open `LOCK` file (closing it releases the lock) and the
+/// file's path, or `None` if another process holds it.
+pub(super) fn lock_dir(dir: &Path) -> Result<Option<(File, PathBuf)>, JournalError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = fs::open_or_create(&lock_path)
+        .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some((lock, lock_path))),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(JournalError::io("lock", &lock_path, None, e)),
+    }
+}
+
+/// The lock file's content: the last run number, and its CRC-32C.
+pub(super) fn read_run(lock: &mut File, path: &Path) -> Result<Option<u64>, JournalError> {
+    let mut buf = [0u8; 16];
+    let mut read = 0;
+    lock.seek(SeekFrom::Start(0))
+        .map_err(|e| JournalError::io("read", path, None, e))?;
+    while read < buf.len() {
+        match lock.read(&mut buf[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(JournalError::io("read", path, None, e)),
+        }
+    }
+    if read == 0 {
+        return Ok(None);
+    }
+    let mut run = [0u8; 8];
+    run.copy_from_slice(&buf[0..8]);
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&buf[8..12]);
+    if read < 16 || crc32c::crc32c(&run) != u32::from_le_bytes(crc) {
+        tracing::warn!(path = %path.display(), "run counter damaged; deriving it from the segments");
+        return Ok(None);
+    }
+    Ok(Some(u64::from_le_bytes(run)))
+}
+
+/// Stores `run` in the lock file at `path` and makes it durable, file and directory, through
+/// `ops`.
+pub(super) fn write_run(
+    ops: &dyn FileOps,
+    lock: &mut File,
+    path: &Path,
+    run: u64,
+) -> Result<(), JournalError> {
+    let mut buf = [0u8; 16];
+    buf[0..8].copy_from_slice(&run.to_le_bytes());
+    buf[8..12].copy_from_slice(&crc32c::crc32c(&run.to_le_bytes()).to_le_bytes());
+    ops.write_run(path, lock, &buf)
+        .map_err(|e| JournalError::io("write", path, Some(0), e))
+}
+
+/// The run counter in `LOCK`, read without taking the lock.
+pub(super) fn stored_run(dir: &Path) -> Result<Option<u64>, JournalError> {
+    let path = dir.join(LOCK_FILE);
+    match File::open(&path) {
+        Ok(mut file) => read_run(&mut file, &path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(JournalError::io("open", &path, None, e)),
+    }
+}
+
+/// A writer epoch: random per start, so bytes from an earlier writer never validate.
+pub(super) fn random_epoch(run: u64) -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(run);
+    hasher.write_u32(std::process::id());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    hasher.write_u128(now);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip_and_are_parsed_strictly() {
+        for (number, dead) in [(7, false), (12, true), (u64::MAX, true), (0, false)] {
+            assert_eq!(
+                parse_segment_name(&segment_name(number, dead)),
+                Some((number, dead))
+            );
+        }
+        assert_eq!(segment_name(7, false), "00000000000000000007.seg");
+        assert_eq!(segment_name(12, true), "dead-00000000000000000012.seg");
+        for name in [
+            "7.seg",
+            "0000000000000000000x.seg",
+            "00000000000000000007.tmp",
+            "LOCK",
+            "damaged",
+        ] {
+            assert_eq!(parse_segment_name(name), None, "{name}");
+        }
+    }
+}

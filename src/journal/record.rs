@@ -1,0 +1,47 @@
+//! The journal's typed records: what the pool hands in and gets back. Frames, kinds and flags
+//! stay in `format.rs`; the payload is opaque bytes here.
+
+use std::borrow::Cow;
+
+use crate::task::TaskId;
+
+/// A task's journaled state, without its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct TaskState {
+    /// Failed runs so far (a run interrupted at the drain deadline does not count).
+    pub(crate) attempts: u32,
+    /// Consecutive runs interrupted at the drain deadline.
+    pub(crate) interruptions: u32,
+    /// Whether the last run was interrupted at the drain deadline.
+    pub(crate) interrupted: bool,
+    /// When the task was first accepted, in milliseconds since the Unix epoch.
+    pub(crate) enqueued_ms: u64,
+    /// Not to run before this time, in milliseconds since the Unix epoch (0: at once).
+    pub(crate) not_before_ms: u64,
+}
+
+/// One task record, borrowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TaskRecord<'a> {
+    pub(crate) id: TaskId,
+    pub(crate) state: TaskState,
+    /// The last run's error; `""` for none. Invalid UTF-8 is replaced when read.
+    pub(crate) last_error: Cow<'a, str>,
+    /// The payload's bytes, as the pool encoded them.
+    pub(crate) payload: &'a [u8],
+}
+
+/// A live task found at start: its latest record, decoded by the caller's closure.
+#[derive(Debug)]
+pub(crate) struct Recovered<V> {
+    pub(crate) id: TaskId,
+    pub(crate) state: TaskState,
+    /// The last run's error, if it had one.
+    pub(crate) last_error: Option<Box<str>>,
+    /// What the caller's closure made of the record.
+    pub(crate) value: V,
+    /// The number of the segment holding the record.
+    pub(crate) segment: u64,
+    /// The record's encoded length.
+    pub(crate) len: u32,
+}

@@ -1,0 +1,358 @@
+//! The rules recovery and inspection share, and recovery itself.
+//!
+//! - [`read_segment`] reads one segment's bytes: each valid record to a callback, and what was
+//!   wrong as [`Damage`] entries (a damaged header, damage followed by valid records) and a torn
+//!   tail (nothing valid after it). A newer format version is an error.
+//! - [`Fold`] keeps the last state per task id over every segment, in number order, records in
+//!   file order. In a live segment a task record makes its task live, an ack or a dead letter
+//!   ends it; in a dead-letter segment a dead letter sets its task aside, an ack (written when
+//!   it is requeued) takes it back, and a task record means nothing.
+//! - [`Journal::open`] applies both to the whole directory, then repairs: a torn tail is
+//!   truncated, a damaged segment is copied to `damaged/`. Every write there goes through the
+//!   journal's [`FileOps`].
+//!
+//! The read-only look into a directory (`inspect.rs`) uses the first two, so what recovery
+//! reports and what `verify` shows agree.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::dir::{self, DAMAGED_DIR, SegmentFile};
+use super::format::{self, HeaderError, Kind, RecordError, RecordRef};
+use super::fs::{self, FileOps};
+use super::reader::{self, Scan};
+use super::record::{Recovered, TaskRecord};
+use super::{Journal, Sealed};
+use crate::error::{JournalError, StartError};
+use crate::report::{Damage, RecoveryReport};
+use crate::task::TaskId;
+
+/// What reading one segment found, besides its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SegmentRead {
+    /// Valid records.
+    pub(super) records: usize,
+    /// A damaged header (offset 0), and damage followed by further valid records.
+    pub(super) damage: Vec<Damage>,
+    /// Where the valid prefix ends when nothing valid follows it.
+    pub(super) torn_tail: Option<Damage>,
+    /// Whether recovery keeps a copy of the file: it is damaged, or its last record is whole
+    /// but fails its checks (a torn write, or damage: it is truncated like a torn tail).
+    pub(super) keep_copy: bool,
+}
+
+/// Reads the segment `file`, whose content is `bytes`, calling `on_record` with each valid
+/// record and its offset, in file order.
+///
+/// # Errors
+///
+/// [`JournalError::UnsupportedVersion`] for a segment of a newer format (no record is read).
+pub(super) fn read_segment<'a>(
+    file: &SegmentFile,
+    bytes: &'a [u8],
+    on_record: impl FnMut(u64, RecordRef<'a>),
+) -> Result<SegmentRead, JournalError> {
+    let scan = reader::scan(bytes, on_record);
+    if let Err(HeaderError::UnsupportedVersion(found)) = scan.header {
+        return Err(JournalError::UnsupportedVersion {
+            path: file.path.clone(),
+            found,
+            supported: format::VERSION,
+        });
+    }
+    let (damage, torn_tail) = damage_of(&file.path, bytes.len() as u64, &scan);
+    let whole_bad_tail = matches!(
+        scan.torn_tail,
+        Some((_, RecordError::Checksum | RecordError::BadBody))
+    );
+    Ok(SegmentRead {
+        records: scan.records,
+        damage,
+        torn_tail,
+        keep_copy: scan.is_damaged() || whole_bad_tail,
+    })
+}
+
+/// What the scan of the `len` bytes of the segment at `path` found wrong, as [`Damage`]: the
+/// damage entries, and the torn tail.
+fn damage_of(path: &Path, len: u64, scan: &Scan) -> (Vec<Damage>, Option<Damage>) {
+    let header_len = format::HEADER_LEN as u64;
+    let damage_at = |offset: u64, len: u64, reason: String| Damage {
+        path: path.to_path_buf(),
+        offset,
+        len,
+        reason,
+    };
+    let mut damage = Vec::new();
+    if let Err(error @ HeaderError::Damaged { .. }) = scan.header {
+        damage.push(damage_at(0, header_len, error.to_string()));
+        if scan.epoch.is_none() && len > header_len {
+            // Without an epoch no record can be checked: everything after the header is lost.
+            damage.push(damage_at(
+                header_len,
+                len - header_len,
+                "no record validates under either epoch of the damaged header".to_owned(),
+            ));
+        }
+    }
+    for d in &scan.damage {
+        damage.push(damage_at(d.offset, d.skipped, d.error.to_string()));
+    }
+    let torn_tail = scan.torn_tail.map(|(offset, error)| {
+        let reason = if scan.header == Err(HeaderError::Short) {
+            HeaderError::Short.to_string()
+        } else {
+            error.to_string()
+        };
+        damage_at(offset, len.saturating_sub(offset), reason)
+    });
+    (damage, torn_tail)
+}
+
+/// The last state of each task id, in the order ids were first seen, which is almost always
+/// id order: [`into_sorted`](Self::into_sorted) then sorts only if it is not.
+#[derive(Debug)]
+pub(super) struct LastState<T> {
+    /// One slot per id ever seen; `None` once its task ended.
+    slots: Vec<Option<(TaskId, T)>>,
+    index: HashMap<TaskId, usize>,
+}
+
+impl<T> LastState<T> {
+    /// Room for `capacity` ids, so that a large journal is not rehashed and moved again and
+    /// again.
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            slots: Vec::with_capacity(capacity),
+            index: HashMap::with_capacity(capacity),
+        }
+    }
+
+    fn set(&mut self, id: TaskId, value: T) {
+        match self.index.get(&id) {
+            Some(&at) => self.slots[at] = Some((id, value)),
+            None => {
+                self.index.insert(id, self.slots.len());
+                self.slots.push(Some((id, value)));
+            }
+        }
+    }
+
+    fn end(&mut self, id: TaskId) {
+        if let Some(&at) = self.index.get(&id) {
+            self.slots[at] = None;
+        }
+    }
+
+    /// The tasks with a state, in id order.
+    pub(super) fn into_sorted(self) -> Vec<(TaskId, T)> {
+        drop(self.index);
+        let mut tasks: Vec<_> = self.slots.into_iter().flatten().collect();
+        if !tasks.is_sorted_by_key(|(id, _)| *id) {
+            tasks.sort_by_key(|(id, _)| *id);
+        }
+        tasks
+    }
+}
+
+/// The last state per task id over a journal directory: live tasks and dead letters.
+#[derive(Debug)]
+pub(super) struct Fold<L, D> {
+    pub(super) live: LastState<L>,
+    pub(super) dead: LastState<D>,
+}
+
+impl<L, D> Fold<L, D> {
+    pub(super) fn with_capacity(live: usize) -> Self {
+        Self {
+            live: LastState::with_capacity(live),
+            dead: LastState::with_capacity(0),
+        }
+    }
+
+    /// Applies one record of a segment (`dead_segment`: a dead-letter one). `live` makes the
+    /// state of a task record in a live segment, `dead` that of a dead letter in a dead-letter
+    /// segment; each is called only for such a record.
+    pub(super) fn apply(
+        &mut self,
+        dead_segment: bool,
+        record: &RecordRef<'_>,
+        live: impl FnOnce() -> L,
+        dead: impl FnOnce() -> D,
+    ) {
+        match (dead_segment, record.kind) {
+            (false, Kind::Task) => self.live.set(record.id, live()),
+            (false, Kind::Ack | Kind::Dead) => self.live.end(record.id),
+            (true, Kind::Dead) => self.dead.set(record.id, dead()),
+            (true, Kind::Ack) => self.dead.end(record.id),
+            (true, Kind::Task) => {}
+        }
+    }
+}
+
+/// Recovery's tables are sized from the segments' bytes: about one task per this many.
+const BYTES_PER_TASK_ESTIMATE: u64 = 160;
+
+impl Journal {
+    /// Opens and locks `dir` (creating it if needed), recovers every segment, and returns the
+    /// live tasks, each in its latest state, in id order.
+    ///
+    /// `decode` is called with each task record of the live segments, in segment and file
+    /// order (so also for records a later ack ends); its value is kept with the task's latest
+    /// record. The run counter is raised and made durable before this returns.
+    pub(crate) fn open<V>(
+        dir: &Path,
+        ops: fs::Ops,
+        mut decode: impl FnMut(&TaskRecord<'_>) -> V,
+    ) -> Result<(Self, RecoveryReport, Vec<Recovered<V>>), StartError> {
+        ops.create_dir(dir)
+            .map_err(|e| JournalError::io("create", dir, None, e))?;
+        let Some((mut lock, lock_path)) = dir::lock_dir(dir)? else {
+            return Err(StartError::JournalLocked {
+                dir: dir.to_path_buf(),
+            });
+        };
+        let stored_run = dir::read_run(&mut lock, &lock_path)?;
+
+        let segments = dir::list_segments(dir)?;
+        let estimate = segments
+            .iter()
+            .filter(|s| !s.dead)
+            .filter_map(|s| std::fs::metadata(&s.path).ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+            / BYTES_PER_TASK_ESTIMATE;
+        let mut fold = Fold::with_capacity(usize::try_from(estimate).unwrap_or(0));
+        let mut report = RecoveryReport::default();
+        let mut max_run = stored_run.unwrap_or(0);
+        let mut obsolete = Vec::new();
+        let mut next_segment = 1;
+        for segment in &segments {
+            next_segment = next_segment.max(segment.number.saturating_add(1));
+            let bytes = std::fs::read(&segment.path)
+                .map_err(|e| JournalError::io("read", &segment.path, None, e))?;
+            let read = read_segment(segment, &bytes, |_, record| {
+                max_run = max_run.max(record.id.run());
+                let live = || {
+                    let task = record.task();
+                    Recovered {
+                        id: task.id,
+                        state: task.state,
+                        last_error: (!task.last_error.is_empty())
+                            .then(|| task.last_error.as_ref().into()),
+                        value: decode(&task),
+                        segment: segment.number,
+                        len: u32::try_from(record.encoded_len()).unwrap_or(u32::MAX),
+                    }
+                };
+                fold.apply(segment.dead, &record, live, || ());
+            })?;
+            report.segments += 1;
+            report.records += read.records;
+            repair(&*ops, dir, segment, read, &mut report);
+            if !segment.dead {
+                obsolete.push(Sealed {
+                    number: segment.number,
+                    path: segment.path.clone(),
+                    len: bytes.len() as u64,
+                });
+            }
+        }
+
+        let dead = fold.dead.into_sorted();
+        report.dead_letters = dead.len();
+        let live = fold.live.into_sorted();
+        let run = max_run.saturating_add(1);
+        dir::write_run(&*ops, &mut lock, &lock_path, run)?;
+        let journal = Self {
+            dir: dir.to_path_buf(),
+            ops,
+            lock,
+            epoch: dir::random_epoch(run),
+            run,
+            next_segment,
+            current: None,
+            dead: None,
+            obsolete,
+            keep_obsolete: false,
+            failed: false,
+            rotated: Vec::new(),
+            sealed: Vec::new(),
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            run,
+            segments = report.segments,
+            records = report.records,
+            damaged = report.damage.len(),
+            "journal opened"
+        );
+        Ok((journal, report, live.into_iter().map(|(_, t)| t).collect()))
+    }
+}
+
+/// Logs and reports what reading `segment` found wrong; keeps a copy of a damaged file and
+/// truncates a torn tail (a failure of either is logged, and recovery goes on).
+fn repair(
+    ops: &dyn FileOps,
+    dir: &Path,
+    segment: &SegmentFile,
+    read: SegmentRead,
+    report: &mut RecoveryReport,
+) {
+    let path = &segment.path;
+    for damage in &read.damage {
+        let what = if damage.offset == 0 {
+            "damaged segment header"
+        } else {
+            "damaged records skipped"
+        };
+        tracing::warn!(
+            path = %path.display(),
+            offset = damage.offset,
+            skipped = damage.len,
+            error = %damage.reason,
+            "{what}"
+        );
+    }
+    report.damage.extend(read.damage);
+    if read.keep_copy {
+        match keep_copy(ops, dir, path) {
+            Ok(copy) => report.damaged_copies.push(copy),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "could not keep a copy of a damaged segment");
+            }
+        }
+    }
+    if let Some(torn) = read.torn_tail {
+        tracing::warn!(path = %path.display(), offset = torn.offset, error = %torn.reason, "torn tail truncated");
+        if let Err(error) = ops.truncate_tail(path, torn.offset) {
+            tracing::warn!(path = %path.display(), %error, "could not truncate torn tail");
+        }
+        report.torn_tails.push(torn);
+    }
+}
+
+/// Copies a damaged segment into `damaged/`, never overwriting an earlier copy.
+fn keep_copy(ops: &dyn FileOps, dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    let damaged = dir.join(DAMAGED_DIR);
+    ops.create_dir(&damaged)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let mut n = 0u32;
+    loop {
+        let copy = damaged.join(format!("{name}.{stamp}.{n}"));
+        match ops.keep_copy(path, &copy) {
+            Ok(()) => return Ok(copy),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
