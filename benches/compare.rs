@@ -622,7 +622,7 @@ async fn blocked_pool(dir: &Path, capacity: usize) -> BoxResult<Pool<Email>> {
 }
 
 async fn until_in_flight(pool: &Pool<Email>, n: usize) {
-    while pool.stats().in_flight < n {
+    while pool.stats().in_flight < n as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -946,9 +946,7 @@ fn write_ahead_rate(dir: &Path, submitters: usize, period: Duration) -> BoxResul
         let pool = Pool::builder()
             .workers(2)
             .queue_capacity(submitters * 4 + 64)
-            .durability(Durability::WriteAhead {
-                sync: SyncPolicy::Always,
-            })
+            .durability(Durability::write_ahead(SyncPolicy::Always))
             .journal_dir(&journal)
             .start(|task: Task<Email>| async move {
                 black_box(task.payload());
@@ -1090,9 +1088,9 @@ fn child_shutdown(args: &[String]) -> BoxResult<()> {
         }
         until_in_flight(&pool, in_flight as usize).await;
         // In-flight handlers finish as soon as the drain begins: only the spill is measured.
-        let mut state = pool.state();
+        let mut state = pool.watch_state();
         tokio::spawn(async move {
-            let _ = state.wait_for(|s| *s != drainpool::State::Running).await;
+            let _ = state.wait_for(|s| s != drainpool::State::Running).await;
             gate.send_replace(true);
         });
         let run = pool.run_until_signal();

@@ -41,10 +41,9 @@ async fn main() -> Result<(), BoxError> {
         .await?;
 
     // The service's own loop: here, a producer that stops at the same token.
-    let state = pool.state();
     let mut n = 0u64;
     while !shutdown.is_cancelled() {
-        let ready = *state.borrow() == State::Running;
+        let ready = pool.state() == State::Running;
         if ready && pool.try_submit(n % 50).is_ok() {
             n += 1;
         }

@@ -10,43 +10,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::BoxError;
-use crate::error::StartError;
-use crate::journal::format;
+use crate::codec::{Codec, Encoding, Json};
+use crate::error::{BoxError, StartError};
 use crate::policy::{DeadlineAction, Durability, Interruption, Policy};
-use crate::pool::{self, Pool};
+use crate::pool::{self, Config, Deadline, Pool, Runner};
 use crate::task::Task;
 
-/// The default drain deadline: 25 s, to fit Kubernetes' default 30 s grace period.
-pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
-/// The default time between the deadline (when handlers' tokens fire) and the hard stop.
-pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(2);
-/// The default maximum size of one journal record: 1 MiB.
-pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
-/// The largest maximum record size a pool accepts: 64 MiB.
-pub const MAX_RECORD_BYTES_LIMIT: usize = format::MAX_RECORD_LIMIT;
-/// The default size at which a write-ahead segment is sealed: 64 MiB.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// The default queue capacity.
-pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
-
-/// The settings a pool starts with.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) workers: usize,
-    pub(crate) queue_capacity: usize,
-    pub(crate) drain_deadline: Duration,
-    pub(crate) cancel_grace: Duration,
-    pub(crate) journal_dir: Option<PathBuf>,
-    pub(crate) max_record_bytes: usize,
-    pub(crate) shutdown_token: Option<CancellationToken>,
-    pub(crate) grace_period: Option<Duration>,
-    pub(crate) grace_period_env: Option<String>,
-    pub(crate) pre_stop: Duration,
-    pub(crate) durability: Durability,
-    pub(crate) segment_bytes: u64,
-    /// How the journal writes its files: the real calls, or a test's faulty ones.
-    pub(crate) file_ops: crate::journal::fs::Ops,
+impl<T> Pool<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// A builder with the default settings, encoding payloads as JSON.
+    pub fn builder() -> Builder<T> {
+        Builder::with_codec(Json)
+    }
 }
 
 /// Configures and starts a [`Pool`]. Made by [`Pool::builder`].
@@ -54,6 +31,7 @@ pub(crate) struct Config {
 pub struct Builder<T> {
     config: Config,
     policy: Policy<T>,
+    codec: Encoding<T>,
 }
 
 impl<T> fmt::Debug for Builder<T> {
@@ -65,32 +43,23 @@ impl<T> fmt::Debug for Builder<T> {
     }
 }
 
-impl<T> Builder<T>
-where
-    T: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    pub(crate) fn new() -> Self {
-        let workers = std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(4);
+impl<T: Send + Sync + 'static> Builder<T> {
+    /// A builder with the default settings, encoding payloads with `codec` (see [`Codec`]);
+    /// [`Pool::builder`] is this with [`Json`].
+    pub fn with_codec(codec: impl Codec<T>) -> Self {
         Self {
-            config: Config {
-                workers,
-                queue_capacity: DEFAULT_QUEUE_CAPACITY,
-                drain_deadline: DEFAULT_DRAIN_DEADLINE,
-                cancel_grace: DEFAULT_CANCEL_GRACE,
-                journal_dir: None,
-                max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
-                shutdown_token: None,
-                grace_period: None,
-                grace_period_env: None,
-                pre_stop: Duration::ZERO,
-                durability: Durability::OnShutdown,
-                segment_bytes: DEFAULT_SEGMENT_BYTES,
-                file_ops: crate::journal::fs::os(),
-            },
+            config: Config::default(),
             policy: Policy::default(),
+            codec: Encoding::new(codec),
         }
+    }
+
+    /// How payloads are encoded in the journal.
+    ///
+    /// The default is [`Json`] (with [`Pool::builder`]).
+    pub fn codec(mut self, codec: impl Codec<T>) -> Self {
+        self.codec = Encoding::new(codec);
+        self
     }
 
     /// How many handlers run at once.
@@ -110,14 +79,21 @@ where
         self
     }
 
-    /// How long in-flight tasks may run after shutdown begins. When it passes, each handler's
-    /// cancellation token fires.
+    /// How long in-flight tasks may run after shutdown begins: a fixed drain deadline, or one
+    /// derived from the orchestrator's grace period (see [`Deadline`]). When it passes, each
+    /// handler's cancellation token fires. One choice: a later call replaces an earlier one,
+    /// as does [`drain_deadline`](Self::drain_deadline).
     ///
-    /// The default is 25 s, which leaves room for the cancel grace and the spill inside
-    /// Kubernetes' default 30 s termination grace period.
-    pub fn drain_deadline(mut self, deadline: Duration) -> Self {
-        self.config.drain_deadline = deadline;
+    /// The default is `Deadline::Fixed(25 s)`, which leaves room for the cancel grace and the
+    /// spill inside Kubernetes' default 30 s termination grace period.
+    pub fn deadline(mut self, deadline: Deadline) -> Self {
+        self.config.deadline = deadline;
         self
+    }
+
+    /// A fixed drain deadline: shorthand for `deadline(Deadline::Fixed(deadline))`.
+    pub fn drain_deadline(self, deadline: Duration) -> Self {
+        self.deadline(Deadline::Fixed(deadline))
     }
 
     /// How long a handler has, after its token fires, to checkpoint and return before it is
@@ -157,43 +133,10 @@ where
         self
     }
 
-    /// The orchestrator's termination grace period: the time from the stop request to
-    /// SIGKILL (Kubernetes' `terminationGracePeriodSeconds`, systemd's `TimeoutStopSec`,
-    /// `docker stop --time`). When set, it replaces [`drain_deadline`](Self::drain_deadline):
-    /// the pool derives the deadline at shutdown as the grace period, less the
-    /// [`pre_stop`](Self::pre_stop) delay, less the cancel grace, less a spill reserve sized
-    /// from the work in flight and the journal's write speed, measured at start. The
-    /// [`ShutdownReport::budget`](crate::ShutdownReport::budget) says how it was spent.
-    ///
-    /// The default is unset: the drain deadline is used as given.
-    pub fn grace_period(mut self, grace: Duration) -> Self {
-        self.config.grace_period = Some(grace);
-        self
-    }
-
-    /// Reads the grace period, in seconds (`30` or `29.5`), from an environment variable at
-    /// `start`, e.g. one the deployment sets from its `terminationGracePeriodSeconds`. An unset
-    /// variable leaves the setting as it was; a malformed one makes `start` fail.
-    ///
-    /// The default is not to read any variable.
-    pub fn grace_period_from_env(mut self, variable: impl Into<String>) -> Self {
-        self.config.grace_period_env = Some(variable.into());
-        self
-    }
-
-    /// The time the orchestrator spends before it sends SIGTERM, out of the same grace period
-    /// (a Kubernetes `preStop` sleep, for example). Used only with a grace period.
-    ///
-    /// The default is zero.
-    pub fn pre_stop(mut self, delay: Duration) -> Self {
-        self.config.pre_stop = delay;
-        self
-    }
-
     /// When tasks reach the disk: at shutdown, or before `submit` returns. See [`Durability`]
     /// for what each mode survives.
     ///
-    /// The default is [`Durability::OnShutdown`].
+    /// The default is [`Durability::on_shutdown`].
     pub fn durability(mut self, durability: Durability) -> Self {
         self.config.durability = durability;
         self
@@ -214,7 +157,7 @@ where
 
     /// The journal's file operations: a test's faulty ones instead of the real calls.
     #[cfg(test)]
-    pub(crate) fn file_ops(mut self, ops: crate::journal::fs::Ops) -> Self {
+    pub(crate) fn file_ops(mut self, ops: crate::journal::Ops) -> Self {
         self.config.file_ops = ops;
         self
     }
@@ -276,11 +219,15 @@ where
         self
     }
 
-    /// Opens and locks the journal, recovers it, queues the recovered tasks ahead of anything
-    /// new, and starts the workers.
+    /// Opens and locks the journal, recovers it, and queues the recovered tasks ahead of
+    /// anything new; returns the pool's first handle and the [`Runner`] that starts the
+    /// workers once it is given the handler. Tasks can be submitted at once; they run when
+    /// the runner runs.
     ///
-    /// The handler is called once per run of a task. Its future must be `Send + 'static`; an
-    /// `Err` or a panic is recorded as a failed attempt and the task kept as a dead letter.
+    /// Use this when the handler needs a handle of its own pool (to submit follow-up tasks, or
+    /// because it holds application state that holds the pool): hold a
+    /// [`WeakPool`](crate::WeakPool) there, so the pool can still shut down when the last
+    /// other handle goes.
     ///
     /// # Errors
     ///
@@ -293,87 +240,44 @@ where
     /// # Panics
     ///
     /// Panics if called outside a tokio runtime.
+    pub async fn build(self) -> Result<(Pool<T>, Runner<T>), StartError> {
+        if self.policy.max_attempts == 0 {
+            return Err(StartError::InvalidConfig {
+                setting: "max_attempts",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.policy.max_interruptions == 0 {
+            return Err(StartError::InvalidConfig {
+                setting: "max_interruptions",
+                reason: "must be at least 1".into(),
+            });
+        }
+        pool::build(self.config, self.policy, self.codec).await
+    }
+
+    /// [`build`](Self::build), then [`Runner::run`] with `handler`: the one-step start.
+    ///
+    /// The handler is called once per run of a task. Its future must be `Send + 'static`. An
+    /// `Err` or a panic is a failed attempt: the task is retried after its backoff, and kept as
+    /// a dead letter once out of attempts (or at once, for a
+    /// [`Permanent`](crate::Permanent) error).
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime.
     pub async fn start<F, Fut, E>(self, handler: F) -> Result<Pool<T>, StartError>
     where
         F: Fn(Task<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let mut config = self.config;
-        if let Some(variable) = &config.grace_period_env {
-            match std::env::var(variable) {
-                Ok(value) => match parse_seconds(&value) {
-                    Some(grace) => config.grace_period = Some(grace),
-                    None => {
-                        return Err(StartError::InvalidConfig(format!(
-                            "{variable}={value:?} is not a number of seconds"
-                        )));
-                    }
-                },
-                Err(std::env::VarError::NotPresent) => {}
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    return Err(StartError::InvalidConfig(format!(
-                        "{variable} is not unicode"
-                    )));
-                }
-            }
-        }
-        if let Some(grace) = config.grace_period
-            && config.pre_stop >= grace
-        {
-            return Err(StartError::InvalidConfig(format!(
-                "pre_stop ({:?}) leaves nothing of the grace period ({grace:?})",
-                config.pre_stop
-            )));
-        }
-        if self.policy.max_attempts == 0 || self.policy.max_interruptions == 0 {
-            return Err(StartError::InvalidConfig(
-                "max_attempts and max_interruptions must be at least 1".into(),
-            ));
-        }
-        if config.workers == 0 {
-            return Err(StartError::InvalidConfig(
-                "workers must be at least 1".into(),
-            ));
-        }
-        if config.queue_capacity == 0 {
-            return Err(StartError::InvalidConfig(
-                "queue_capacity must be at least 1".into(),
-            ));
-        }
-        let smallest = format::task_record_len(2, 0);
-        if !(smallest..=MAX_RECORD_BYTES_LIMIT).contains(&config.max_record_bytes) {
-            return Err(StartError::InvalidConfig(format!(
-                "max_record_bytes must be between {smallest} and {MAX_RECORD_BYTES_LIMIT}"
-            )));
-        }
-        if config.journal_dir.is_none() {
-            return Err(StartError::InvalidConfig("journal_dir is required".into()));
-        }
-        pool::start(config, self.policy, handler).await
-    }
-}
-
-/// Parses a number of seconds such as `30` or `29.5`.
-fn parse_seconds(value: &str) -> Option<Duration> {
-    let secs: f64 = value.trim().parse().ok()?;
-    Duration::try_from_secs_f64(secs).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grace_periods_parse_as_seconds() {
-        assert_eq!(parse_seconds("30"), Some(Duration::from_secs(30)));
-        assert_eq!(
-            parse_seconds(" 29.5\n"),
-            Some(Duration::from_millis(29_500))
-        );
-        assert_eq!(parse_seconds("0"), Some(Duration::ZERO));
-        for bad in ["", "-1", "NaN", "inf", "30s", "1e400"] {
-            assert_eq!(parse_seconds(bad), None, "{bad:?}");
-        }
+        let (pool, runner) = self.build().await?;
+        runner.run(handler);
+        Ok(pool)
     }
 }

@@ -4,6 +4,10 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// The error type a handler may return, and the one a [`Codec`](crate::Codec) reports:
+/// anything that converts into a boxed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A journal operation failed.
 ///
 /// I/O failures carry the file and, where it matters, the offset. A failed write or fsync
@@ -71,6 +75,7 @@ impl JournalError {
     }
 
     /// The file the error is about, if any.
+    #[must_use]
     pub fn path(&self) -> Option<&Path> {
         match self {
             Self::Io { path, .. } | Self::UnsupportedVersion { path, .. } => Some(path),
@@ -79,6 +84,7 @@ impl JournalError {
     }
 
     /// The byte offset the error is about, if any.
+    #[must_use]
     pub fn offset(&self) -> Option<u64> {
         match self {
             Self::Io { offset, .. } => *offset,
@@ -87,6 +93,7 @@ impl JournalError {
     }
 
     /// The underlying I/O error, if this is one.
+    #[must_use]
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
             Self::Io { source, .. } => Some(source),
@@ -108,9 +115,15 @@ pub enum StartError {
     /// Opening or recovering the journal failed.
     #[error("journal recovery failed")]
     Journal(#[from] JournalError),
-    /// A builder setting is out of range.
-    #[error("invalid configuration: {0}")]
-    InvalidConfig(String),
+    /// A builder setting is out of range, or missing.
+    #[error("invalid configuration: {setting}: {reason}")]
+    InvalidConfig {
+        /// The builder setting at fault, as its method is named (`"workers"`,
+        /// `"journal_dir"`, `"deadline"`, …).
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// A submission was refused. Every variant hands the task back.
@@ -139,17 +152,19 @@ pub enum SubmitError<T> {
         /// What failed.
         error: std::sync::Arc<JournalError>,
     },
-    /// The payload failed to serialize, so it could never be journaled.
+    /// The payload failed to encode (with the pool's [`Codec`](crate::Codec)), so it could
+    /// never be journaled.
     Unserializable {
         /// The task.
         task: T,
-        /// What serde_json said.
-        source: serde_json::Error,
+        /// What the codec said.
+        source: BoxError,
     },
 }
 
 impl<T> SubmitError<T> {
     /// Gives back the refused task.
+    #[must_use]
     pub fn into_inner(self) -> T {
         match self {
             Self::Full(task)
@@ -211,7 +226,7 @@ impl<T> fmt::Display for SubmitError<T> {
 impl<T> std::error::Error for SubmitError<T> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Unserializable { source, .. } => Some(source),
+            Self::Unserializable { source, .. } => Some(&**source),
             Self::Journal { error, .. } => Some(&**error),
             _ => None,
         }

@@ -14,12 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::journal::faults::{EIO, ENOSPC, Faults, Op, errno, recover, segments};
-use crate::journal::format::{HEADER_LEN, task_record_len};
+use crate::journal::{SEGMENT_HEADER_LEN as HEADER_LEN, task_record_len};
 use crate::{Durability, Pool, ShutdownReport, SubmitError, SyncPolicy, Task};
 
-const ALWAYS: Durability = Durability::WriteAhead {
-    sync: SyncPolicy::Always,
-};
+const ALWAYS: Durability = Durability::write_ahead(SyncPolicy::Always);
 
 /// The length of the record of every task here: a `u64` payload under 10,000, no error.
 const RECORD: u64 = task_record_len(4, 0) as u64;
@@ -208,9 +206,7 @@ fn eio_on_an_interval_fsync_poisons_the_journal_and_the_accepted_tasks_are_spill
     const EVERY: Duration = Duration::from_secs(1);
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
-    let durability = Durability::WriteAhead {
-        sync: SyncPolicy::Interval(EVERY),
-    };
+    let durability = Durability::write_ahead(SyncPolicy::Interval(EVERY));
     let report = runtime().block_on(async {
         let pool = start(dir.path(), durability, &faults, &Done::default(), none).await;
         submit_all(&pool, 0..5).await;
@@ -387,7 +383,7 @@ fn a_power_cut_with_sync_always_keeps_every_acknowledged_task() {
 fn crash_after_submitting(dir: &Path, sync: SyncPolicy, count: u64) -> Arc<Faults> {
     let faults = Faults::new();
     let rt = runtime();
-    let durability = Durability::WriteAhead { sync };
+    let durability = Durability::write_ahead(sync);
     let pool = rt.block_on(async {
         let pool = start(dir, durability, &faults, &Done::default(), none).await;
         submit_all(&pool, 0..count).await;
@@ -485,9 +481,7 @@ fn a_power_cut_with_sync_interval_loses_at_most_what_followed_the_last_fsync() {
         let dir = tempfile::tempdir().unwrap();
         let faults = Faults::new();
         let rt = runtime();
-        let durability = Durability::WriteAhead {
-            sync: SyncPolicy::Interval(EVERY),
-        };
+        let durability = Durability::write_ahead(SyncPolicy::Interval(EVERY));
         let pool = rt.block_on(async {
             let pool = start(dir.path(), durability, &faults, &Done::default(), none).await;
             submit_all(&pool, 0..5).await;
@@ -561,7 +555,7 @@ fn a_spill_that_fails_once_is_retried_in_a_fresh_segment() {
         let report = runtime().block_on(async {
             let pool = start(
                 dir.path(),
-                Durability::OnShutdown,
+                Durability::on_shutdown(),
                 &faults,
                 &Done::default(),
                 none,
@@ -605,7 +599,7 @@ fn a_spill_that_fails_twice_is_reported_and_the_old_segments_are_kept() {
         let faults = Faults::new();
         let pool = start(
             dir.path(),
-            Durability::OnShutdown,
+            Durability::on_shutdown(),
             &faults,
             &Done::default(),
             none,
@@ -623,7 +617,7 @@ fn a_spill_that_fails_twice_is_reported_and_the_old_segments_are_kept() {
     let report = runtime().block_on(async {
         let pool = start(
             dir.path(),
-            Durability::OnShutdown,
+            Durability::on_shutdown(),
             &faults,
             &Done::default(),
             none,

@@ -8,9 +8,17 @@
 //! when its handler returns `Ok` (or is set aside as a dead letter after its retries).
 //!
 //! By default tasks reach the disk at shutdown, which survives SIGTERM but not SIGKILL; with
-//! [`Durability::WriteAhead`] every task is journaled before `submit` returns, which survives
+//! [`Durability::write_ahead`] every task is journaled before `submit` returns, which survives
 //! SIGKILL too (and power loss, with [`SyncPolicy::Always`]). Signals are caught only when asked:
 //! [`Pool::run_until_signal`], or [`shutdown_signal`] for a service that owns its main loop.
+//!
+//! A task that fails is retried with backoff, then kept as a durable dead letter; one still
+//! running at the drain deadline is requeued, dropped or dead-lettered as
+//! [`DeadlineAction`] says. Payloads are JSON by default; any [`Codec`] can replace it.
+//!
+//! [`Builder::start`] starts a pool in one step. [`Builder::build`] starts it in two: the
+//! [`Pool`] handle first, then [`Runner::run`] with a handler that may hold a [`WeakPool`] of
+//! its own pool.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -49,35 +57,36 @@
 )]
 
 mod builder;
+mod codec;
 pub mod error;
 #[cfg(test)]
 mod fault_tests;
 pub mod journal;
-mod live;
 mod policy;
 mod pool;
 mod report;
 mod signal;
 mod task;
-mod worker;
 
-pub use builder::{
-    Builder, DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES,
-    DEFAULT_QUEUE_CAPACITY, DEFAULT_SEGMENT_BYTES, MAX_RECORD_BYTES_LIMIT,
-};
-pub use error::{JournalError, RunError, ShutdownError, StartError, SubmitError};
+pub use builder::Builder;
+pub use codec::{Codec, Json};
+pub use error::{BoxError, JournalError, RunError, ShutdownError, StartError, SubmitError};
 pub use policy::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS,
     DeadlineAction, Durability, Interruption, Permanent, SyncPolicy,
 };
-pub use pool::Pool;
-pub use report::{Budget, Damage, RecoveryReport, ShutdownReport, State, Stats};
+pub use pool::{
+    DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUEUE_CAPACITY,
+    DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, WeakPool,
+};
+pub use report::{
+    Budget, Counts, Damage, RecoveryReport, ShutdownReport, State, StateWatch, Stats,
+};
 pub use signal::{ShutdownSignal, Signal, shutdown_signal};
-pub use task::ParseTaskIdError;
-pub use task::{Task, TaskId};
-
-/// The error type a handler may return: anything that converts into a boxed error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use task::{ParseTaskIdError, Task, TaskId};
+/// The token a pool's shutdown is triggered with (tokio-util's, re-exported so that a user
+/// need not depend on the same tokio-util version).
+pub use tokio_util::sync::CancellationToken;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

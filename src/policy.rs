@@ -20,6 +20,9 @@ use crate::task::TaskId;
 /// }
 /// assert!(parse("x").unwrap_err().is::<Permanent>());
 /// ```
+///
+/// It is found anywhere in the error's [`source`](std::error::Error::source) chain, so context
+/// wrapped around it (`anyhow`'s `.context(..)`, say) keeps it permanent.
 #[derive(Debug)]
 pub struct Permanent(BoxError);
 
@@ -30,8 +33,22 @@ impl Permanent {
     }
 
     /// The wrapped error.
+    #[must_use]
     pub fn into_inner(self) -> BoxError {
         self.0
+    }
+
+    /// Whether `error`, or any error in its source chain, is a `Permanent`.
+    #[must_use]
+    pub fn is_in(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut next = Some(error);
+        while let Some(error) = next {
+            if error.is::<Self>() {
+                return true;
+            }
+            next = error.source();
+        }
+        false
     }
 }
 
@@ -47,27 +64,55 @@ impl std::error::Error for Permanent {
     }
 }
 
-/// When a task reaches the disk.
+/// When a task reaches the disk. Made by [`Durability::on_shutdown`] (the default) or
+/// [`Durability::write_ahead`].
 ///
 /// | mode | a task is on disk | survives |
 /// | --- | --- | --- |
-/// | `OnShutdown` | at shutdown (the spill) | SIGTERM, SIGINT, `shutdown()`, handler panics, a drain past its deadline |
-/// | `WriteAhead { sync: Always }` | before `submit` returns, fsynced | all of the above, SIGKILL, OOM kill, power loss |
-/// | `WriteAhead { sync: Interval(d) }` | before `submit` returns, fsynced within `d` | all of the above but power loss, which can take the last `d` |
-/// | `WriteAhead { sync: Never }` | before `submit` returns, in the kernel | all of the above but power loss, which can take what the OS had not written |
+/// | `on_shutdown()` | at shutdown (the spill) | SIGTERM, SIGINT, `shutdown()`, handler panics, a drain past its deadline |
+/// | `write_ahead(SyncPolicy::Always)` | before `submit` returns, fsynced | all of the above, SIGKILL, OOM kill, power loss |
+/// | `write_ahead(SyncPolicy::Interval(d))` | before `submit` returns, fsynced within `d` | all of the above but power loss, which can take the last `d` |
+/// | `write_ahead(SyncPolicy::Never)` | before `submit` returns, in the kernel | all of the above but power loss, which can take what the OS had not written |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Durability {
-    /// Tasks are journaled at shutdown: nothing is written while the service runs (but acks
-    /// for replayed tasks). The default.
+pub struct Durability(Mode);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Mode {
     #[default]
     OnShutdown,
+    WriteAhead(SyncPolicy),
+}
+
+impl Durability {
+    /// Tasks are journaled at shutdown: nothing is written while the service runs (but acks
+    /// for replayed tasks). The default.
+    #[must_use]
+    pub const fn on_shutdown() -> Self {
+        Self(Mode::OnShutdown)
+    }
+
     /// Every task is journaled before `submit` returns, so a SIGKILL or an OOM kill loses
     /// nothing accepted; completions append acks (not synced: a lost ack means a repeat).
-    WriteAhead {
-        /// When the journal is fsynced.
-        sync: SyncPolicy,
-    },
+    /// `sync` says when the journal is fsynced.
+    #[must_use]
+    pub const fn write_ahead(sync: SyncPolicy) -> Self {
+        Self(Mode::WriteAhead(sync))
+    }
+
+    /// The write-ahead sync policy, or `None` in the on-shutdown mode.
+    #[must_use]
+    pub const fn sync_policy(&self) -> Option<SyncPolicy> {
+        match self.0 {
+            Mode::OnShutdown => None,
+            Mode::WriteAhead(sync) => Some(sync),
+        }
+    }
+
+    /// Whether tasks are journaled before `submit` returns.
+    #[must_use]
+    pub const fn is_write_ahead(&self) -> bool {
+        matches!(self.0, Mode::WriteAhead(_))
+    }
 }
 
 /// When a write-ahead journal is fsynced.
@@ -109,26 +154,31 @@ pub struct Interruption<T> {
 
 impl<T> Interruption<T> {
     /// The task's id.
+    #[must_use]
     pub fn id(&self) -> TaskId {
         self.id
     }
 
     /// The attempt that was interrupted, counting from 1.
+    #[must_use]
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// How many runs in a row have now been interrupted, this one included.
+    #[must_use]
     pub fn interruptions(&self) -> u32 {
         self.interruptions
     }
 
     /// What is about to happen to the task.
+    #[must_use]
     pub fn action(&self) -> DeadlineAction {
         self.action
     }
 
     /// The payload.
+    #[must_use]
     pub fn payload(&self) -> &T {
         &self.payload
     }

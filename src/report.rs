@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::JournalError;
@@ -20,35 +21,104 @@ pub enum State {
     Stopped,
 }
 
-/// A snapshot of a pool's counters, from [`Pool::stats`](crate::Pool::stats).
+/// A watch on a pool's [`State`], from [`Pool::watch_state`](crate::Pool::watch_state).
+///
+/// Cheap to clone; each clone sees every change from the moment it was made.
+#[derive(Debug, Clone)]
+pub struct StateWatch(pub(crate) tokio::sync::watch::Receiver<State>);
+
+impl StateWatch {
+    /// The state now.
+    #[must_use]
+    pub fn get(&self) -> State {
+        *self.0.borrow()
+    }
+
+    /// Waits for the state to change from the one last seen (by this method, `wait_for`, or
+    /// since the watch was made) and returns the new one. `None` once the pool is gone and no
+    /// change can come.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn changed(&mut self) -> Option<State> {
+        self.0.changed().await.ok()?;
+        Some(*self.0.borrow_and_update())
+    }
+
+    /// Waits until the state satisfies `condition` (at once if it does now) and returns it.
+    /// `None` if the pool is gone before it does.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn wait_for(&mut self, mut condition: impl FnMut(State) -> bool) -> Option<State> {
+        self.0
+            .wait_for(|state| condition(*state))
+            .await
+            .ok()
+            .map(|s| *s)
+    }
+}
+
+/// The counters a pool keeps, shared by [`Stats`] (while it runs) and [`ShutdownReport`]
+/// (when it has stopped): one definition, one integer type.
+///
+/// `replayed + submitted = completed + failed + dropped + spilled + interrupted + unsaved`
+/// once the pool has stopped, plus the tasks still queued or in flight before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Counts {
+    /// Tasks reloaded from the journal at start.
+    pub replayed: u64,
+    /// Tasks accepted by `submit` or `try_submit` in this run.
+    pub submitted: u64,
+    /// Tasks whose handler returned `Ok`.
+    pub completed: u64,
+    /// Tasks set aside as dead letters in this run: out of attempts, a permanent error, or
+    /// interrupted at the deadline too often (or by the deadline policy). A task whose dead
+    /// letter could not be written is spilled as a live task instead.
+    pub failed: u64,
+    /// Failed attempts scheduled for a retry (a task can count several times).
+    pub retried: u64,
+    /// Tasks dropped at the drain deadline by the deadline policy.
+    pub dropped: u64,
+    /// Tasks journaled at shutdown without having been interrupted: queued ones (spilled at
+    /// once), and failed ones waiting for their retry (with the time they may run).
+    pub spilled: u64,
+    /// In-flight tasks stopped at the drain deadline and journaled as interrupted.
+    pub interrupted: u64,
+    /// Tasks the final spill could not journal because the journal failed. Zero unless the
+    /// report's `journal_error` is set. An upper bound on what is lost: the segments that held
+    /// them before are kept after a failure, so a replayed task, or any task in write-ahead
+    /// mode, may still come back from there at the next start.
+    pub unsaved: u64,
+    /// Write-ahead: live tasks copied out of old segments by compaction, so those segments
+    /// could be deleted.
+    pub compacted: u64,
+}
+
+/// A snapshot of a running pool, from [`Pool::stats`](crate::Pool::stats).
+///
+/// It dereferences to its [`Counts`], so `stats.completed` reads a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
     /// Tasks waiting for a worker (replayed ones, and failed ones waiting for their retry,
     /// included).
-    pub queued: usize,
+    pub queued: u64,
     /// Tasks whose handler is running.
-    pub in_flight: usize,
-    /// Tasks accepted by `submit` or `try_submit` in this run.
-    pub submitted: u64,
-    /// Tasks reloaded from the journal at start.
-    pub replayed: u64,
-    /// Tasks whose handler returned `Ok`.
-    pub completed: u64,
-    /// Tasks set aside as dead letters in this run: out of attempts, a permanent error, or
-    /// interrupted at the deadline too often (or by the deadline policy).
-    pub failed: u64,
-    /// Failed attempts scheduled for a retry.
-    pub retried: u64,
-    /// Tasks dropped at the drain deadline by the deadline policy.
-    pub dropped: u64,
-    /// Queued tasks journaled at shutdown.
-    pub spilled: u64,
-    /// In-flight tasks stopped at the drain deadline and journaled.
-    pub interrupted: u64,
-    /// Write-ahead: live tasks copied out of old segments by compaction, so those segments
-    /// could be deleted.
-    pub compacted: u64,
+    pub in_flight: u64,
+    /// The counters.
+    pub counts: Counts,
+}
+
+impl std::ops::Deref for Stats {
+    type Target = Counts;
+
+    fn deref(&self) -> &Counts {
+        &self.counts
+    }
 }
 
 /// One stretch of damage found in a segment at start.
@@ -70,16 +140,16 @@ pub struct Damage {
 #[non_exhaustive]
 pub struct RecoveryReport {
     /// Segment files read.
-    pub segments: usize,
+    pub segments: u64,
     /// Valid records read.
-    pub records: usize,
+    pub records: u64,
     /// Live tasks queued for replay, ahead of any new submission.
-    pub replayed: usize,
+    pub replayed: u64,
     /// Dead letters present in the directory.
-    pub dead_letters: usize,
-    /// Records whose payload no longer deserializes into the task type; each was moved to the
-    /// dead letters with its decode error.
-    pub undecodable: usize,
+    pub dead_letters: u64,
+    /// Records whose payload no longer decodes into the task type; each was moved to the dead
+    /// letters with its decode error.
+    pub undecodable: u64,
     /// Tails cut off by a crash mid-write, truncated (expected after a kill).
     pub torn_tails: Vec<Damage>,
     /// Damage in the middle of a segment: each costs the records it covers, nothing more.
@@ -119,35 +189,14 @@ pub struct Budget {
 /// What a shutdown did, returned by [`Pool::shutdown`](crate::Pool::shutdown) and
 /// [`Pool::wait`](crate::Pool::wait).
 ///
-/// The counts add up: `replayed + submitted = completed + failed + dropped + spilled +
-/// interrupted + unsaved`.
+/// It dereferences to its [`Counts`], so `report.completed` reads a counter. The counts add
+/// up: `replayed + submitted = completed + failed + dropped + spilled + interrupted +
+/// unsaved`.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ShutdownReport {
-    /// Tasks reloaded from the journal at start.
-    pub replayed: u64,
-    /// Tasks accepted in this run.
-    pub submitted: u64,
-    /// Tasks finished with `Ok`.
-    pub completed: u64,
-    /// Tasks set aside as dead letters in this run: out of attempts, a permanent error, or
-    /// interrupted at the deadline too often (or by the deadline policy). A task whose dead
-    /// letter could not be written is spilled as a live task instead.
-    pub failed: u64,
-    /// Failed attempts scheduled for a retry (a task can count several times).
-    pub retried: u64,
-    /// Tasks dropped at the drain deadline by the deadline policy.
-    pub dropped: u64,
-    /// Tasks journaled at shutdown without having been interrupted: queued ones (spilled at
-    /// once), and failed ones waiting for their retry (with the time they may run).
-    pub spilled: u64,
-    /// In-flight tasks stopped at the drain deadline and journaled as interrupted.
-    pub interrupted: u64,
-    /// Tasks the final spill could not journal because the journal failed. Zero unless
-    /// `journal_error` is set. An upper bound on what is lost: the segments that held them
-    /// before are kept after a failure, so a replayed task, or any task in write-ahead mode,
-    /// may still come back from there at the next start.
-    pub unsaved: u64,
+    /// The counters, final.
+    pub counts: Counts,
     /// Ids of the tasks journaled as interrupted.
     pub interrupted_ids: Vec<TaskId>,
     /// From the shutdown trigger to the report.
@@ -168,8 +217,17 @@ pub struct ShutdownReport {
     pub journal_error: Option<Arc<JournalError>>,
 }
 
+impl std::ops::Deref for ShutdownReport {
+    type Target = Counts;
+
+    fn deref(&self) -> &Counts {
+        &self.counts
+    }
+}
+
 impl ShutdownReport {
     /// Whether every task this run held is finished or durably journaled.
+    #[must_use]
     pub fn is_clean(&self) -> bool {
         self.unsaved == 0 && self.journal_error.is_none()
     }
@@ -186,11 +244,48 @@ impl ShutdownReport {
     /// Ok(report.exit_code())
     /// # }
     /// ```
+    #[must_use]
     pub fn exit_code(&self) -> std::process::ExitCode {
         if self.is_clean() {
             std::process::ExitCode::SUCCESS
         } else {
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The live counters behind [`Counts`]: one atomic each.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) replayed: AtomicU64,
+    pub(crate) submitted: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) spilled: AtomicU64,
+    pub(crate) interrupted: AtomicU64,
+    pub(crate) unsaved: AtomicU64,
+    pub(crate) compacted: AtomicU64,
+    /// Handlers running now (not a [`Counts`] field: [`Stats::in_flight`]).
+    pub(crate) in_flight: AtomicU64,
+}
+
+impl Counters {
+    /// The counters as they stand.
+    pub(crate) fn snapshot(&self) -> Counts {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Counts {
+            replayed: get(&self.replayed),
+            submitted: get(&self.submitted),
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            retried: get(&self.retried),
+            dropped: get(&self.dropped),
+            spilled: get(&self.spilled),
+            interrupted: get(&self.interrupted),
+            unsaved: get(&self.unsaved),
+            compacted: get(&self.compacted),
         }
     }
 }

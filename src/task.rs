@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::CancellationToken;
 
 /// The identity of a task, unique within the life of its journal directory.
 ///
@@ -27,16 +27,19 @@ impl TaskId {
     }
 
     /// The pool run that accepted the task.
+    #[must_use]
     pub const fn run(self) -> u64 {
         self.run
     }
 
     /// The task's sequence number within its run.
+    #[must_use]
     pub const fn seq(self) -> u64 {
         self.seq
     }
 
     /// The id as one number: the run in the high 64 bits, the sequence in the low 64.
+    #[must_use]
     pub const fn as_u128(self) -> u128 {
         ((self.run as u128) << 64) | self.seq as u128
     }
@@ -95,28 +98,33 @@ pub struct Task<T> {
 
 impl<T> Task<T> {
     /// The task's id, stable across spill and reload.
+    #[must_use]
     pub fn id(&self) -> TaskId {
         self.id
     }
 
     /// Which attempt this is, counting from 1. A run interrupted at the drain deadline does not
     /// count as an attempt.
+    #[must_use]
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// Whether the task's previous run was interrupted at a drain deadline (so the handler may
     /// find its own side effects from that run half done).
+    #[must_use]
     pub fn was_interrupted(&self) -> bool {
         self.interrupted
     }
 
     /// When the task was first accepted.
+    #[must_use]
     pub fn enqueued_at(&self) -> SystemTime {
         self.enqueued_at
     }
 
     /// The payload.
+    #[must_use]
     pub fn payload(&self) -> &T {
         &self.payload
     }
@@ -126,6 +134,7 @@ impl<T> Task<T> {
     /// After it fires the handler has the pool's cancel grace to checkpoint and return; then it
     /// is dropped and the task is journaled as interrupted. A handler that returns an error
     /// after the token fired is treated as interrupted too, not as failed.
+    #[must_use]
     pub fn cancellation_token(&self) -> &CancellationToken {
         &self.cancel
     }
@@ -136,11 +145,12 @@ impl<T> Task<T> {
     /// # Cancel safety
     ///
     /// This method is cancel safe.
-    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
         self.cancel.cancelled()
     }
 
     /// Whether the drain deadline has come.
+    #[must_use]
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }

@@ -1,5 +1,5 @@
 //! SIGKILL at seeded random moments loses no acknowledged task under
-//! `Durability::WriteAhead { sync: SyncPolicy::Always }`.
+//! `Durability::write_ahead(SyncPolicy::Always)`.
 //!
 //! Every generation starts this test binary again as a worker process (the ignored test
 //! `crash_worker`, which does nothing unless the environment names a worker directory). The
@@ -199,9 +199,7 @@ async fn worker(dir: PathBuf, config: WorkerConfig) -> i32 {
         .workers(config.workers)
         .queue_capacity(config.queue)
         .drain_deadline(Duration::from_secs(5))
-        .durability(Durability::WriteAhead {
-            sync: SyncPolicy::Always,
-        })
+        .durability(Durability::write_ahead(SyncPolicy::Always))
         .journal_dir(dir.join("journal"))
         .start(handler)
         .await;

@@ -105,13 +105,7 @@ async fn hanging_pool(dir: PathBuf, durability: Durability) -> Pool<(u64, String
 async fn write_ahead_on_a_full_disk_refuses_new_tasks_and_keeps_every_accepted_one() {
     let Some(disk) = mounted("256k") else { return };
     let dir = disk.path().join("journal");
-    let pool = hanging_pool(
-        dir.clone(),
-        Durability::WriteAhead {
-            sync: SyncPolicy::Always,
-        },
-    )
-    .await;
+    let pool = hanging_pool(dir.clone(), Durability::write_ahead(SyncPolicy::Always)).await;
 
     let mut accepted = Vec::new();
     let mut refused = None;
@@ -146,10 +140,10 @@ async fn write_ahead_on_a_full_disk_refuses_new_tasks_and_keeps_every_accepted_o
 
     // With room again, the next start replays every accepted task: none was lost.
     disk.resize("16m");
-    let pool = hanging_pool(dir, Durability::OnShutdown).await;
+    let pool = hanging_pool(dir, Durability::on_shutdown()).await;
     assert_eq!(
         pool.recovery().replayed,
-        accepted.len(),
+        accepted.len() as u64,
         "{:?}",
         pool.recovery()
     );
@@ -162,7 +156,7 @@ async fn write_ahead_on_a_full_disk_refuses_new_tasks_and_keeps_every_accepted_o
 async fn a_spill_that_finds_the_disk_full_is_reported_loudly() {
     let Some(disk) = mounted("256k") else { return };
     let dir = disk.path().join("journal");
-    let pool = hanging_pool(dir.clone(), Durability::OnShutdown).await;
+    let pool = hanging_pool(dir.clone(), Durability::on_shutdown()).await;
     for n in 0..500 {
         pool.submit(payload(n)).await.unwrap();
     }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Action, Job, Ledger, counts_add_up, settle, start};
-use drainpool::{State, SubmitError};
+use drainpool::{Deadline, State, SubmitError};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(start_paused = true)]
@@ -169,7 +169,7 @@ async fn a_task_ignoring_its_token_is_aborted_at_deadline_plus_grace_and_journal
     // Reloaded with the same id, told it was interrupted, its attempt not counted.
     let ledger = Ledger::default();
     let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
-    pool.shutdown_token(); // a handle on the trigger is cheap and changes nothing
+    let _token = pool.shutdown_token(); // a handle on the trigger is cheap and changes nothing
     assert_eq!(pool.recovery().replayed, 1);
     settle().await;
     let report = pool.shutdown().await.unwrap();
@@ -315,22 +315,21 @@ async fn state_moves_from_running_to_draining_to_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
     let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
-    let mut state = pool.state();
-    assert_eq!(*state.borrow_and_update(), State::Running);
+    let mut state = pool.watch_state();
+    assert_eq!(state.get(), State::Running);
+    assert_eq!(pool.state(), State::Running);
     pool.submit(Job::work(1, 5_000)).await.unwrap();
     settle().await;
     let waiter = tokio::spawn({
         let pool = pool.clone();
         async move { pool.shutdown().await }
     });
-    state.changed().await.unwrap();
-    assert_eq!(*state.borrow_and_update(), State::Draining);
+    assert_eq!(state.changed().await, Some(State::Draining));
     assert!(matches!(
         pool.try_submit(Job::work(2, 1)),
         Err(SubmitError::ShuttingDown(_))
     ));
-    state.changed().await.unwrap();
-    assert_eq!(*state.borrow_and_update(), State::Stopped);
+    assert_eq!(state.changed().await, Some(State::Stopped));
     let report = waiter.await.unwrap().unwrap();
     assert_eq!(report.completed, 1);
     // Every clone waits for the same report.
@@ -393,7 +392,7 @@ async fn dropping_the_last_handle_spills_the_queue() {
     let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
         .await
         .unwrap();
-    let mut state = pool.state();
+    let mut state = pool.watch_state();
     for n in 0..5 {
         pool.submit(Job::with(n, 3_600_000, Action::IgnoreToken))
             .await
@@ -401,7 +400,7 @@ async fn dropping_the_last_handle_spills_the_queue() {
     }
     settle().await;
     drop(pool);
-    state.wait_for(|s| *s == State::Stopped).await.unwrap();
+    state.wait_for(|s| s == State::Stopped).await.unwrap();
     let pool = start(dir.path(), 1, &Ledger::default(), |b| b)
         .await
         .unwrap();
@@ -469,8 +468,10 @@ async fn the_deadline_is_derived_from_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::default();
     let pool = start(dir.path(), 2, &ledger, |b| {
-        b.grace_period(Duration::from_secs(30))
-            .pre_stop(Duration::from_secs(5))
+        b.deadline(Deadline::GracePeriod {
+            grace: Duration::from_secs(30),
+            pre_stop: Duration::from_secs(5),
+        })
     })
     .await
     .unwrap();
@@ -519,12 +520,20 @@ async fn the_deadline_is_derived_from_the_grace_period() {
 async fn a_pre_stop_longer_than_the_grace_period_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let result = start(dir.path(), 1, &Ledger::default(), |b| {
-        b.grace_period(Duration::from_secs(5))
-            .pre_stop(Duration::from_secs(5))
+        b.deadline(Deadline::GracePeriod {
+            grace: Duration::from_secs(5),
+            pre_stop: Duration::from_secs(5),
+        })
     })
     .await;
     assert!(
-        matches!(result, Err(drainpool::StartError::InvalidConfig(_))),
+        matches!(
+            result,
+            Err(drainpool::StartError::InvalidConfig {
+                setting: "deadline",
+                ..
+            })
+        ),
         "{result:?}"
     );
 }
@@ -580,7 +589,7 @@ fn a_crash_during_the_replay_run_loses_nothing() {
     let ledger = Ledger::default();
     runtime().block_on(async {
         let pool = start(dir.path(), 2, &ledger, |b| b).await.unwrap();
-        let replayed = pool.recovery().replayed;
+        let replayed = pool.recovery().replayed as usize;
         assert!(
             (20..=21).contains(&(replayed + completed_before_crash.len())),
             "replayed {replayed}, completed before the crash {completed_before_crash:?}"
@@ -658,9 +667,7 @@ async fn tasks_dropped_at_the_hard_stop_are_journaled_while_a_blocked_handler_st
     });
 
     let found = common::poll_until(Duration::from_secs(2), || {
-        let live = drainpool::journal::inspect(dir.path())
-            .unwrap()
-            .live;
+        let live = drainpool::journal::inspect(dir.path()).unwrap().live;
         live.iter().any(|t| t.id == hung)
     })
     .await;

@@ -20,7 +20,7 @@ async fn start(dir: &std::path::Path, sync: SyncPolicy, done: &Done, hang_from: 
         .workers(2)
         .drain_deadline(Duration::from_millis(50))
         .cancel_grace(Duration::from_millis(10))
-        .durability(Durability::WriteAhead { sync })
+        .durability(Durability::write_ahead(sync))
         .journal_dir(dir)
         .start(move |task: Task<u64>| {
             let done = Arc::clone(&done);
@@ -219,9 +219,7 @@ async fn start_small(
     let done = Arc::clone(done);
     Pool::builder()
         .workers(2)
-        .durability(Durability::WriteAhead {
-            sync: SyncPolicy::Never,
-        })
+        .durability(Durability::write_ahead(SyncPolicy::Never))
         .segment_bytes(4096)
         .backoff(Duration::from_secs(3600), Duration::from_secs(3600))
         .journal_dir(dir)
@@ -311,7 +309,7 @@ fn a_task_that_never_finishes_does_not_pin_the_segments_after_it() {
     rt.block_on(async {
         let pool = start_small(dir.path(), &done, u64::MAX, 0).await;
         assert_eq!(pool.recovery().damage, []);
-        assert_eq!(pool.recovery().replayed, live.len());
+        assert_eq!(pool.recovery().replayed, live.len() as u64);
         completed(&pool, live.len() as u64).await;
         pool.shutdown().await.unwrap();
     });

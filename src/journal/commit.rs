@@ -107,6 +107,11 @@ impl Commit {
         self.push(&bytes, Some(placement))
     }
 
+    /// The epoch records are encoded under.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Appends an ack for `id`. Returns its sequence number, and whether the caller must start
     /// a flusher.
     pub(crate) fn push_ack(&self, id: TaskId) -> (u64, bool) {

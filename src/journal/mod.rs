@@ -19,17 +19,29 @@
 // Inside the crate, the pool speaks to the journal in typed records; the payload is opaque bytes
 // here, and only `format.rs` knows frames, kinds and flags.
 pub(crate) use self::commit::{Commit, Copies, Placement};
+pub(crate) use self::fs::{Ops, os};
 pub use self::inspect::{
     Contents, JournaledTask, Requeue, RequeueError, Requeued, Stats, Verification, inspect,
     requeue, stats, verify,
 };
 pub(crate) use self::record::{Recovered, TaskRecord, TaskState};
 
+/// The largest record the format frames: 64 MiB.
+pub(crate) const MAX_RECORD_BYTES: usize = format::MAX_RECORD_LIMIT;
+/// The length of a segment's header.
+#[cfg(test)]
+pub(crate) const SEGMENT_HEADER_LEN: usize = format::HEADER_LEN;
+
+/// The encoded length of a task record whose payload and last error take these many bytes.
+pub(crate) const fn task_record_len(payload_len: usize, error_len: usize) -> usize {
+    format::task_record_len(payload_len, error_len)
+}
+
 mod commit;
 mod dir;
 #[cfg(test)]
 pub(crate) mod faults;
-pub(crate) mod format;
+mod format;
 pub(crate) mod fs;
 mod inspect;
 mod reader;

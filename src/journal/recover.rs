@@ -249,7 +249,7 @@ impl Journal {
                 fold.apply(segment.dead, &record, live, || ());
             })?;
             report.segments += 1;
-            report.records += read.records;
+            report.records += read.records as u64;
             repair(&*ops, dir, segment, read, &mut report);
             if !segment.dead {
                 obsolete.push(Sealed {
@@ -261,7 +261,7 @@ impl Journal {
         }
 
         let dead = fold.dead.into_sorted();
-        report.dead_letters = dead.len();
+        report.dead_letters = dead.len() as u64;
         let live = fold.live.into_sorted();
         let run = max_run.saturating_add(1);
         dir::write_run(&*ops, &mut lock, &lock_path, run)?;

@@ -210,9 +210,9 @@ pub fn touch(path: &Path) {
 
 /// Creates `marker` once the pool leaves `Running`.
 pub fn touch_when_draining<T: Send + Sync + 'static>(pool: &Pool<T>, marker: PathBuf) {
-    let mut state = pool.state();
+    let mut state = pool.watch_state();
     tokio::spawn(async move {
-        if state.wait_for(|s| *s != State::Running).await.is_ok() {
+        if state.wait_for(|s| s != State::Running).await.is_some() {
             touch(&marker);
         }
     });

@@ -1,0 +1,173 @@
+//! Intake: `submit` and `try_submit`. The size check, a fresh id, and in write-ahead mode the
+//! task's record, durable before the task is queued.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::job::Job;
+use super::queue::NoRoom;
+use super::{Shared, now_ms};
+use crate::codec::Refused;
+use crate::error::SubmitError;
+use crate::journal::{self, TaskRecord, TaskState};
+use crate::task::TaskId;
+
+/// Ids and the sizes of what was accepted.
+#[derive(Debug)]
+pub(crate) struct Intake {
+    /// This start's run number: the high half of every new id.
+    run: u64,
+    next_seq: AtomicU64,
+    /// Encoded payload bytes of the tasks accepted, for the spill estimate.
+    submitted_bytes: AtomicU64,
+}
+
+impl Intake {
+    pub(crate) fn new(run: u64) -> Self {
+        Self {
+            run,
+            next_seq: AtomicU64::new(1),
+            submitted_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// The average encoded payload of the tasks accepted so far (0 before the first).
+    pub(crate) fn average_payload(&self, accepted: u64) -> u64 {
+        self.submitted_bytes.load(Ordering::Relaxed) / accepted.max(1)
+    }
+
+    /// A new task's id, and its state as accepted now.
+    fn fresh(&self) -> (TaskId, TaskState) {
+        let id = TaskId::new(self.run, self.next_seq.fetch_add(1, Ordering::Relaxed));
+        let state = TaskState {
+            enqueued_ms: now_ms(),
+            ..TaskState::default()
+        };
+        (id, state)
+    }
+}
+
+impl<T: Send + Sync + 'static> Shared<T> {
+    pub(crate) async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+        if self.queue.is_closed() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
+        let (payload, size) = self.checked(payload)?;
+        let permit = match self.queue.reserve().await {
+            Ok(permit) => permit,
+            Err(NoRoom::Closed | NoRoom::Full) => return Err(SubmitError::ShuttingDown(payload)),
+        };
+        if self.queue.is_closed() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
+        if self.write_ahead.is_some() {
+            return self.write_ahead(permit, payload, size).await;
+        }
+        let (id, state) = self.intake.fresh();
+        Ok(self.accept(permit, id, state, payload, size, false))
+    }
+
+    pub(crate) fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+        if self.queue.is_closed() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
+        let (payload, size) = self.checked(payload)?;
+        if self.write_ahead.is_some() {
+            // Journaling waits for the disk; only `submit` can do that.
+            return Err(SubmitError::WouldBlock(payload));
+        }
+        match self.queue.try_reserve() {
+            Ok(permit) => {
+                let (id, state) = self.intake.fresh();
+                Ok(self.accept(permit, id, state, payload, size, false))
+            }
+            Err(NoRoom::Full) => Err(SubmitError::Full(payload)),
+            Err(NoRoom::Closed) => Err(SubmitError::ShuttingDown(payload)),
+        }
+    }
+
+    /// Write-ahead: journals the task (and waits for the fsync the policy asks for) before
+    /// queueing it.
+    async fn write_ahead(
+        &self,
+        permit: mpsc::Permit<'_, Job<T>>,
+        payload: T,
+        size: usize,
+    ) -> Result<TaskId, SubmitError<T>> {
+        let (id, state) = self.intake.fresh();
+        let Some(write_ahead) = &self.write_ahead else {
+            return Ok(self.accept(permit, id, state, payload, size, false));
+        };
+        let mut bytes = Vec::with_capacity(size);
+        if let Err(source) = self.codec.encode(&payload, &mut bytes) {
+            return Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            });
+        }
+        let record = TaskRecord {
+            id,
+            state,
+            last_error: Cow::Borrowed(""),
+            payload: &bytes,
+        };
+        let seq = write_ahead.push_task(&record, false);
+        drop(bytes);
+        if let Err(error) = write_ahead.wait(seq).await {
+            return Err(SubmitError::Journal {
+                task: payload,
+                error,
+            });
+        }
+        Ok(self.accept(permit, id, state, payload, size, true))
+    }
+
+    /// The payload back with its encoded size, or the refusal.
+    fn checked(&self, payload: T) -> Result<(T, usize), SubmitError<T>> {
+        let limit = self.config.max_record_bytes;
+        let room = limit.saturating_sub(journal::task_record_len(0, 0));
+        match self.codec.len_within(&payload, room) {
+            Ok(size) => Ok((payload, size)),
+            Err(Refused::TooLarge) => Err(SubmitError::RecordTooLarge {
+                task: payload,
+                limit,
+            }),
+            Err(Refused::Failed(source)) => Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            }),
+        }
+    }
+
+    /// Queues an accepted task (`journaled`: its record is in the journal) and counts it.
+    fn accept(
+        &self,
+        permit: mpsc::Permit<'_, Job<T>>,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+        journaled: bool,
+    ) -> TaskId {
+        permit.send(Job {
+            id,
+            state,
+            last_error: None,
+            payload: Arc::new(payload),
+            journaled,
+            replayed: false,
+        });
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        self.intake
+            .submitted_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        id
+    }
+}

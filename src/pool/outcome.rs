@@ -1,0 +1,200 @@
+//! What happens after a run: the pool's side of the worker's [`Host`] interface.
+//!
+//! `Ok` completes the task (and acks it if the journal holds it). `Err` or a panic is a failed
+//! attempt: retried after its backoff, or, out of attempts or permanent, kept as a durable dead
+//! letter. A run stopped at the drain deadline is an interruption: its attempt is not counted,
+//! the `on_interrupt` hook runs, then the deadline policy requeues it (held for the final
+//! spill), drops it, or dead-letters it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_util::sync::CancellationToken;
+
+use super::job::{Held, Job};
+use super::store::Encoded;
+use super::worker::{CatchUnwind, Host, Outcome, panic_message};
+use super::{Shared, now_ms};
+use crate::journal::TaskRecord;
+use crate::policy::{DeadlineAction, Interruption};
+use crate::report::Counters;
+
+impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
+    async fn next_job(&self) -> Option<Job<T>> {
+        self.queue.next_job().await
+    }
+
+    fn deadline(&self) -> &Arc<CancellationToken> {
+        self.shutdown.deadline()
+    }
+
+    fn hard_stop(&self) -> &CancellationToken {
+        self.shutdown.hard_stop()
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    async fn settle(&self, mut job: Job<T>, outcome: Outcome) {
+        match outcome {
+            Outcome::Completed => {
+                self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                if job.journaled {
+                    self.finish_journaled(&job).await;
+                }
+            }
+            Outcome::Aborted => self.interrupted(job, None).await,
+            // A handler that gives up once its token fired was interrupted, not failed.
+            Outcome::Failed(error, _) if self.shutdown.deadline().is_cancelled() => {
+                self.interrupted(job, Some(error)).await;
+            }
+            Outcome::Failed(error, permanent) => {
+                job.failed();
+                if permanent || job.state.attempts >= self.policy.max_attempts {
+                    self.dead_letter(job, error).await;
+                } else {
+                    self.retry(job, error);
+                }
+            }
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Shared<T> {
+    /// Schedules a failed task's next attempt after its backoff, journaling its new state in
+    /// write-ahead mode.
+    fn retry(&self, mut job: Job<T>, error: String) {
+        let delay = self.policy.backoff(job.state.attempts, &self.jitter);
+        tracing::info!(
+            task = %job.id,
+            attempt = job.state.attempts,
+            retry_in_ms = delay.as_millis() as u64,
+            %error,
+            "task failed; will retry"
+        );
+        job.state.not_before_ms = now_ms().saturating_add(delay.as_millis() as u64);
+        job.last_error = Some(error.into());
+        if let Some(write_ahead) = &self.write_ahead
+            && job.journaled
+        {
+            let mut payload = Vec::new();
+            // Submit checked it encodes; if it no longer does, the journal keeps the earlier
+            // state.
+            if self.codec.encode(&job.payload, &mut payload).is_ok() {
+                let record = TaskRecord {
+                    id: job.id,
+                    state: job.state,
+                    last_error: Cow::Borrowed(job.last_error.as_deref().unwrap_or("")),
+                    payload: &payload,
+                };
+                write_ahead.journal_retry(&record, || self.queue.is_closed());
+            }
+        }
+        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+        self.queue.retry_later(job, delay);
+    }
+
+    /// Records that a journaled task is finished (completed, dead-lettered or dropped); retires
+    /// the old segments after the last replayed one.
+    async fn finish_journaled(&self, job: &Job<T>) {
+        match &self.write_ahead {
+            Some(write_ahead) => write_ahead.finish(job.id),
+            None => self.store.ack(job.id).await,
+        }
+        // Write-ahead retires earlier runs' segments like its own, by what they still hold.
+        if job.replayed
+            && self.replay_outstanding.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.write_ahead.is_none()
+        {
+            self.store.retire_replayed().await;
+        }
+    }
+
+    /// Writes a dead letter, durably. On failure the task is held for the final spill instead.
+    async fn dead_letter(&self, mut job: Job<T>, error: String) {
+        let mut task = Encoded::default();
+        let written = match task.push(&job, Some(&error), &self.codec) {
+            Ok(()) => self
+                .store
+                .dead_letter(task)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match written {
+            Ok(()) => {
+                tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter");
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                if job.journaled {
+                    self.finish_journaled(&job).await;
+                }
+            }
+            Err(why) => {
+                tracing::error!(task = %job.id, %why, "could not write dead letter; task kept for the spill");
+                job.last_error = Some(error.into());
+                self.shutdown.hold(Held::Retained, job);
+            }
+        }
+    }
+
+    /// Carries out the deadline action for a task stopped at the drain deadline, after the
+    /// hook.
+    async fn interrupted(&self, job: Job<T>, error: Option<String>) {
+        let mut job = job.interrupted();
+        if let Some(error) = error {
+            job.last_error = Some(error.into());
+        }
+        let policy = &self.policy;
+        let poisoned = job.state.interruptions >= policy.max_interruptions;
+        let action = if poisoned {
+            DeadlineAction::DeadLetter
+        } else {
+            policy.deadline_action(&job.payload)
+        };
+        if let Some(hook) = &policy.on_interrupt {
+            let interruption = Interruption {
+                id: job.id,
+                attempt: job.state.attempts.saturating_add(1),
+                interruptions: job.state.interruptions,
+                action,
+                payload: Arc::clone(&job.payload),
+            };
+            let hook = CatchUnwind::new(hook(interruption));
+            match tokio::time::timeout(self.config.cancel_grace, hook).await {
+                Ok(Ok(())) => {}
+                Ok(Err(panic)) => {
+                    tracing::error!(task = %job.id, error = %panic_message(&*panic), "interrupt hook panicked")
+                }
+                Err(_) => {
+                    tracing::error!(task = %job.id, "interrupt hook outlived the cancel grace; dropped")
+                }
+            }
+        }
+        match action {
+            DeadlineAction::Requeue => {
+                tracing::warn!(task = %job.id, interruptions = job.state.interruptions, "task interrupted at the drain deadline; journaled");
+                self.shutdown.hold(Held::Interrupted, job);
+            }
+            DeadlineAction::Drop => {
+                tracing::warn!(task = %job.id, "task interrupted at the drain deadline; dropped by policy");
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                if job.journaled {
+                    self.finish_journaled(&job).await;
+                }
+            }
+            DeadlineAction::DeadLetter => {
+                let reason = if poisoned {
+                    format!(
+                        "interrupted at the drain deadline in {} consecutive runs",
+                        job.state.interruptions
+                    )
+                } else {
+                    "interrupted at the drain deadline".to_string()
+                };
+                self.dead_letter(job, reason).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Start: open and recover the journal, build the pool's parts, start the shutdown supervisor
+//! and the background tasks; then, when the handler is given, the workers.
+//!
+//! The two phases let a pool's handle exist before its handler does, so the handler (or the
+//! application state it holds) can keep a handle of its own pool.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::config::{Config, Settled};
+use super::handle::Pool;
+use super::intake::Intake;
+use super::job::Job;
+use super::live::LiveIndex;
+use super::queue::Queue;
+use super::shutdown::{Shutdown, supervise};
+use super::store::Store;
+use super::upkeep::{self, WriteAhead};
+use super::{Shared, now_ms, worker};
+use crate::codec::Encoding;
+use crate::error::{BoxError, StartError};
+use crate::journal::{Journal, Recovered, TaskRecord};
+use crate::policy::{Jitter, Policy};
+use crate::report::{Counters, RecoveryReport};
+use crate::task::Task;
+
+/// The second half of a pool's start: takes the handler and starts the workers. Made by
+/// [`Builder::build`](crate::Builder::build) together with the pool's first handle.
+///
+/// Until [`run`](Self::run) is called, tasks are accepted and queued but none runs; a shutdown
+/// meanwhile journals them all. Dropping a `Runner` without running it leaves the pool without
+/// workers: it still accepts tasks, and journals them at shutdown.
+#[must_use = "no task runs until `run` is called with the handler"]
+pub struct Runner<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> fmt::Debug for Runner<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("journal_dir", &self.shared.store.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> Runner<T> {
+    /// Starts the workers with `handler`, which is called once per run of a task. Its future
+    /// must be `Send + 'static`. An `Err` or a panic is a failed attempt: the task is retried
+    /// after its backoff, and kept as a dead letter once out of attempts (or at once, for a
+    /// [`Permanent`](crate::Permanent) error).
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime.
+    pub fn run<F, Fut, E>(self, handler: F)
+    where
+        F: Fn(Task<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let shared = &self.shared;
+        let handler = Arc::new(handler);
+        for _ in 0..shared.config.workers {
+            shared
+                .workers
+                .spawn(worker::run(Arc::clone(shared), Arc::clone(&handler)));
+        }
+        shared.workers.close();
+        tracing::info!(workers = shared.config.workers, "workers started");
+    }
+}
+
+impl<T> Drop for Runner<T> {
+    fn drop(&mut self) {
+        // Run or not, no worker joins later: the shutdown need not wait for one.
+        self.shared.workers.close();
+    }
+}
+
+/// A recovered task's payload: decoded, or why not (with its bytes, for the dead letter).
+type Decoded<T> = Result<Arc<T>, (String, Vec<u8>)>;
+
+/// The first phase: checks the settings, opens and recovers the journal, and starts the
+/// supervisor and the background tasks.
+pub(crate) async fn build<T: Send + Sync + 'static>(
+    config: Config,
+    policy: Policy<T>,
+    codec: Encoding<T>,
+) -> Result<(Pool<T>, Runner<T>), StartError> {
+    let (dir, settled) = config.check()?;
+    let open_dir = dir.clone();
+    let ops = config.file_ops.clone();
+    let want_probe = matches!(settled, Settled::GracePeriod { .. });
+    let decoder = codec.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        let (mut journal, mut report, recovered) =
+            Journal::open(&open_dir, ops, |record: &TaskRecord<'_>| -> Decoded<T> {
+                decoder.decode(record.payload).map(Arc::new).map_err(|e| {
+                    (
+                        format!("payload no longer decodes: {e}"),
+                        record.payload.to_vec(),
+                    )
+                })
+            })?;
+        let live = dead_letter_undecodable(&mut journal, &mut report, recovered);
+        let probe = want_probe.then(|| journal.probe());
+        Ok::<_, StartError>((journal, report, live, probe))
+    })
+    .await
+    .map_err(|e| StartError::InvalidConfig {
+        setting: "journal_dir",
+        reason: format!("journal recovery panicked: {e}"),
+    })??;
+    let (journal, mut recovery, recovered, probe) = opened;
+    let probe = probe.map(|probe| match probe {
+        Ok((rate, fsync)) => {
+            tracing::info!(bytes_per_sec = rate, fsync_us = fsync.as_micros() as u64, "journal write speed measured");
+            (rate, fsync)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not measure the journal's write speed; assuming 10 MB/s and 50 ms per fsync");
+            (10_000_000, Duration::from_millis(50))
+        }
+    });
+
+    let sync = config.durability.sync_policy();
+    let mut journal = journal;
+    let mut live = LiveIndex::default();
+    if sync.is_some() {
+        journal.adopt_obsolete();
+    }
+    let mut backlog = VecDeque::with_capacity(recovered.len());
+    let mut waiting = Vec::new();
+    let (now, wall) = (Instant::now(), now_ms());
+    for task in recovered {
+        if sync.is_some() {
+            live.recovered(task.id, task.segment, task.len);
+        }
+        let job = Job {
+            id: task.id,
+            state: task.state,
+            last_error: task.last_error,
+            payload: task.value,
+            journaled: true,
+            replayed: true,
+        };
+        // A task spilled while waiting for its retry keeps its time.
+        if job.state.not_before_ms > wall {
+            let delay = Duration::from_millis(job.state.not_before_ms - wall);
+            waiting.push((now + delay, job));
+        } else {
+            backlog.push_back(job);
+        }
+    }
+    recovery.replayed = (backlog.len() + waiting.len()) as u64;
+    let replayed = recovery.replayed;
+
+    // A child token: the pool's own shutdown (or its drop) never cancels the user's token.
+    let trigger = config
+        .shutdown_token
+        .as_ref()
+        .map_or_else(CancellationToken::new, CancellationToken::child_token);
+    let write_ahead =
+        sync.map(|sync| WriteAhead::new(journal.epoch(), live, sync, config.segment_bytes));
+    let run = journal.run();
+    let counters = Counters::default();
+    counters.replayed.store(replayed, Ordering::Relaxed);
+    let shared = Arc::new(Shared {
+        codec,
+        policy,
+        jitter: Jitter::from_entropy(),
+        intake: Intake::new(run),
+        queue: Queue::new(config.queue_capacity, backlog, waiting),
+        store: Store::new(dir, journal, probe),
+        write_ahead,
+        shutdown: Shutdown::new(trigger.clone(), settled),
+        counters,
+        replay_outstanding: AtomicU64::new(replayed),
+        workers: TaskTracker::new(),
+        background: TaskTracker::new(),
+        config,
+        recovery,
+    });
+    if shared.write_ahead.is_none() && replayed == 0 && shared.recovery.segments > 0 {
+        // Nothing to replay: the old segments (acks only, or all damaged) can go now.
+        let mut journal = shared.store.lock().await;
+        if let Some(journal) = journal.as_mut()
+            && let Err(error) = journal.retire_obsolete()
+        {
+            shared.store.record_error(error);
+        }
+    }
+
+    let shutdown = &shared.shutdown;
+    let flusher = shared.write_ahead.as_ref().map(|_| {
+        shared.background.spawn(upkeep::flusher(
+            Arc::clone(&shared),
+            shutdown.flusher_stop(),
+        ))
+    });
+    let upkeep = shared
+        .background
+        .spawn(upkeep::upkeep(Arc::clone(&shared), shutdown.upkeep_stop()));
+    shutdown.own(flusher, upkeep);
+    shared.background.close();
+    tokio::spawn(supervise(Arc::clone(&shared)));
+    tracing::info!(
+        dir = %shared.store.dir().display(),
+        run,
+        replayed,
+        "pool started"
+    );
+    let pool = Pool::new(Arc::clone(&shared), trigger);
+    Ok((pool, Runner { shared }))
+}
+
+/// Turns the recovered tasks whose payload no longer decodes into dead letters, durably,
+/// before anything runs; returns the others.
+fn dead_letter_undecodable<T>(
+    journal: &mut Journal,
+    report: &mut RecoveryReport,
+    recovered: Vec<Recovered<Decoded<T>>>,
+) -> Vec<Recovered<Arc<T>>> {
+    let mut live = Vec::with_capacity(recovered.len());
+    for task in recovered {
+        match task.value {
+            Ok(payload) => live.push(Recovered {
+                id: task.id,
+                state: task.state,
+                last_error: task.last_error,
+                value: payload,
+                segment: task.segment,
+                len: task.len,
+            }),
+            Err((error, payload)) => {
+                report.undecodable += 1;
+                tracing::warn!(task = %task.id, %error, "payload no longer decodes; kept as a dead letter");
+                let record = TaskRecord {
+                    id: task.id,
+                    state: task.state,
+                    last_error: error.into(),
+                    payload: &payload,
+                };
+                match journal
+                    .write_dead(&record)
+                    .and_then(|()| journal.append_ack(task.id))
+                {
+                    Ok(()) => report.dead_letters += 1,
+                    Err(error) => {
+                        tracing::error!(%error, task = %task.id, "could not write dead letter; the old segment is kept");
+                        journal.keep_obsolete();
+                    }
+                }
+            }
+        }
+    }
+    live
+}

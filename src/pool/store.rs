@@ -1,0 +1,242 @@
+//! The journal as the pool sees it: typed records in, typed results out, each call on a
+//! blocking thread with the journal locked. The first journal failure is kept for the report.
+//!
+//! Nothing here knows the record format: tasks are handed over as [`TaskRecord`]s whose
+//! payloads the pool's codec encoded.
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::job::Job;
+use super::lock;
+use crate::codec::Encoding;
+use crate::error::{BoxError, JournalError};
+use crate::journal::{Journal, TaskRecord, TaskState};
+use crate::task::TaskId;
+
+/// The locked journal (`None` once closed) and what the pool learned of it.
+pub(crate) struct Store {
+    dir: PathBuf,
+    journal: Arc<tokio::sync::Mutex<Option<Journal>>>,
+    first_error: Mutex<Option<Arc<JournalError>>>,
+    /// Time spent writing and syncing spills.
+    spill_times: Mutex<(Duration, Duration)>,
+    /// The journal's write speed and fsync latency, measured at start when the deadline is
+    /// derived from a grace period.
+    probe: Option<(u64, Duration)>,
+}
+
+/// Tasks to journal, their payloads encoded into one buffer.
+#[derive(Default)]
+pub(crate) struct Encoded {
+    bytes: Vec<u8>,
+    tasks: Vec<Head>,
+}
+
+/// One task of [`Encoded`]: all but its payload, and where that is in the buffer.
+struct Head {
+    id: TaskId,
+    state: TaskState,
+    last_error: Option<Box<str>>,
+    payload: Range<usize>,
+}
+
+impl Encoded {
+    /// Adds `job`, its last error replaced by `error` if given.
+    pub(crate) fn push<T: 'static>(
+        &mut self,
+        job: &Job<T>,
+        error: Option<&str>,
+        codec: &Encoding<T>,
+    ) -> Result<(), BoxError> {
+        let start = self.bytes.len();
+        codec.encode(&job.payload, &mut self.bytes)?;
+        let error = error.map(Box::from).or_else(|| job.last_error.clone());
+        self.tasks.push(Head {
+            id: job.id,
+            state: job.state,
+            last_error: error,
+            payload: start..self.bytes.len(),
+        });
+        Ok(())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn records(&self) -> Vec<TaskRecord<'_>> {
+        self.tasks
+            .iter()
+            .map(|head| TaskRecord {
+                id: head.id,
+                state: head.state,
+                last_error: Cow::Borrowed(head.last_error.as_deref().unwrap_or("")),
+                payload: &self.bytes[head.payload.clone()],
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    pub(crate) fn new(dir: PathBuf, journal: Journal, probe: Option<(u64, Duration)>) -> Self {
+        Self {
+            dir,
+            journal: Arc::new(tokio::sync::Mutex::new(Some(journal))),
+            first_error: Mutex::new(None),
+            spill_times: Mutex::new((Duration::ZERO, Duration::ZERO)),
+            probe,
+        }
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn probe(&self) -> Option<(u64, Duration)> {
+        self.probe
+    }
+
+    /// Remembers the first journal failure for the report.
+    pub(crate) fn record_error(&self, error: JournalError) -> Arc<JournalError> {
+        let error = Arc::new(error);
+        self.record_arc(Arc::clone(&error));
+        error
+    }
+
+    pub(crate) fn record_arc(&self, error: Arc<JournalError>) {
+        tracing::error!(%error, "journal failure");
+        lock(&self.first_error).get_or_insert(error);
+    }
+
+    /// The first journal failure, if any.
+    pub(crate) fn first_error(&self) -> Option<Arc<JournalError>> {
+        lock(&self.first_error).clone()
+    }
+
+    /// The time spent writing and syncing spills so far.
+    pub(crate) fn spill_times(&self) -> (Duration, Duration) {
+        *lock(&self.spill_times)
+    }
+
+    /// Runs `f` on a blocking thread with the journal locked (`None` once it is closed). A
+    /// panic in `f` becomes an I/O error naming `op`.
+    pub(crate) async fn with_journal<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Option<Journal>) -> Result<R, JournalError> + Send + 'static,
+    ) -> Result<R, JournalError> {
+        let mut guard = Arc::clone(&self.journal).lock_owned().await;
+        match tokio::task::spawn_blocking(move || f(&mut guard)).await {
+            Ok(result) => result,
+            Err(panic) => Err(JournalError::io(
+                op,
+                &self.dir,
+                None,
+                std::io::Error::other(panic.to_string()),
+            )),
+        }
+    }
+
+    /// The journal, locked, for quick calls that do no I/O.
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Option<Journal>> {
+        self.journal.lock().await
+    }
+
+    /// Records that a journaled task is finished (on-shutdown mode: write-ahead acks go
+    /// through the group commit). Not synced: a lost ack only means a repeat.
+    pub(crate) async fn ack(&self, id: TaskId) {
+        let mut journal = self.journal.lock().await;
+        if let Some(journal) = journal.as_mut()
+            && let Err(error) = journal.append_ack(id)
+        {
+            // A lost ack only means a repeat; the task itself is finished.
+            tracing::warn!(%error, task = %id, "could not append ack");
+        }
+    }
+
+    /// Deletes the segments of earlier runs once nothing live depends on them.
+    pub(crate) async fn retire_replayed(&self) {
+        let result = self
+            .with_journal("retire", |journal| {
+                journal.as_mut().map_or(Ok(()), Journal::retire_obsolete)
+            })
+            .await;
+        match result {
+            Ok(()) => tracing::info!("replay finished; old segments retired"),
+            Err(error) => {
+                self.record_error(error);
+            }
+        }
+    }
+
+    /// Writes one dead letter, durably.
+    pub(crate) async fn dead_letter(&self, task: Encoded) -> Result<(), Arc<JournalError>> {
+        let result = self
+            .with_journal("dead letter", move |journal| {
+                let journal = journal.as_mut().ok_or(JournalError::Poisoned)?;
+                task.records()
+                    .iter()
+                    .try_for_each(|record| journal.write_dead(record))
+            })
+            .await;
+        result.map_err(|error| self.record_error(error))
+    }
+
+    /// Journals `tasks` as live tasks and fsyncs. Returns how many are durable.
+    pub(crate) async fn spill(&self, tasks: Encoded) -> usize {
+        if tasks.len() == 0 {
+            return 0;
+        }
+        let result = self
+            .with_journal("spill", move |journal| {
+                let journal = journal.as_mut().ok_or(JournalError::Poisoned)?;
+                Ok(journal.spill(&tasks.records()))
+            })
+            .await;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.record_error(error);
+                return 0;
+            }
+        };
+        {
+            let mut total = lock(&self.spill_times);
+            total.0 += outcome.write_time;
+            total.1 += outcome.sync_time;
+        }
+        let written = if outcome.durable { outcome.written } else { 0 };
+        match outcome.error {
+            None => tracing::warn!(tasks = written, "spilled tasks to the journal"),
+            Some(error) if outcome.durable => {
+                tracing::warn!(
+                    tasks = written,
+                    "spilled tasks to a fresh segment after a failure"
+                );
+                self.record_error(error);
+            }
+            Some(error) => {
+                self.record_error(error);
+            }
+        }
+        written
+    }
+
+    /// Syncs, deletes what the spill replaced, and releases the lock. Returns how long it took.
+    pub(crate) async fn close(&self) -> Duration {
+        let started = std::time::Instant::now();
+        let result = self
+            .with_journal("close", |journal| {
+                journal.take().map_or(Ok(()), Journal::close)
+            })
+            .await;
+        if let Err(error) = result {
+            self.record_error(error);
+        }
+        started.elapsed()
+    }
+}

@@ -1,0 +1,401 @@
+//! The pool's two long-lived background tasks, and the write-ahead parts they look after.
+//!
+//! - **The flusher** (write-ahead only) writes the group-commit buffer to the journal, batch
+//!   after batch, whenever a submit, an ack, a retry state or a compaction copy wakes it, and
+//!   enters each written batch's tasks in the live index. It runs until the shutdown sequence
+//!   stops it, after the last worker is gone and before the final spill.
+//! - **The upkeep task** moves retries to the queue as they come due, and in write-ahead mode
+//!   fsyncs the journal at the `Interval` policy's pace, deletes sealed segments with nothing
+//!   live left (woken when one empties or is sealed), and compacts sparse old segments (one
+//!   compaction at a time, run inside the same task). The shutdown sequence stops it as soon
+//!   as intake closes.
+//!
+//! Deletion and compaction rules are in ARCHITECTURE.md: sealed segments go oldest first while
+//! they hold nothing live; the sealed segments after that empty prefix (the newest left out)
+//! are compacted when at most half their bytes are live, by writing their live tasks again
+//! through the group commit, each checked and pushed under the live index's lock.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::live::LiveIndex;
+use super::lock;
+use crate::error::JournalError;
+use crate::journal::{Commit, Copies, Journal, Sealed, TaskRecord};
+use crate::policy::SyncPolicy;
+use crate::task::TaskId;
+
+/// Compaction copies are handed to the group commit this many at a time, so acks never wait
+/// long for the index lock.
+const COMPACT_CHUNK: usize = 256;
+
+/// The write-ahead parts of a pool.
+pub(crate) struct WriteAhead {
+    commit: Commit,
+    /// Where each unfinished task's latest record is, so that sealed segments go once nothing
+    /// live is left in them, and sparse ones are compacted.
+    live: Mutex<LiveIndex>,
+    sync: SyncPolicy,
+    segment_bytes: u64,
+    /// Wakes the flusher: something was pushed.
+    pushed: Notify,
+    /// Wakes the upkeep task: a segment emptied or was sealed.
+    segments_changed: Notify,
+    /// The newest segment compacted so far; a compaction needs a newer one.
+    compacted_through: AtomicU64,
+}
+
+impl WriteAhead {
+    pub(crate) fn new(epoch: u64, live: LiveIndex, sync: SyncPolicy, segment_bytes: u64) -> Self {
+        Self {
+            commit: Commit::new(epoch),
+            live: Mutex::new(live),
+            sync,
+            segment_bytes,
+            pushed: Notify::new(),
+            segments_changed: Notify::new(),
+            compacted_through: AtomicU64::new(0),
+        }
+    }
+
+    /// Hands a task record to the group commit; returns its sequence number.
+    pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> u64 {
+        let (seq, _) = self.commit.push_task(record, moved);
+        self.pushed.notify_one();
+        seq
+    }
+
+    /// Waits until the batch holding `seq` is written (and synced, as the policy says).
+    pub(crate) async fn wait(&self, seq: u64) -> Result<(), Arc<JournalError>> {
+        self.commit.wait(seq).await
+    }
+
+    /// A journaled task is finished: it leaves the index and its ack enters the buffer under
+    /// one lock, so that a compaction copy of the task is either not made or ordered before
+    /// the ack. The ack rides with the next batch, unsynced.
+    pub(crate) fn finish(&self, id: TaskId) {
+        let emptied = {
+            let mut live = lock(&self.live);
+            let emptied = live.finish(id);
+            self.commit.push_ack(id);
+            emptied
+        };
+        self.pushed.notify_one();
+        if emptied {
+            self.segments_changed.notify_one();
+        }
+    }
+
+    /// Journals a failed task's new state (attempts, retry time, error) as it waits for the
+    /// retry. Not synced: if it is lost, the task runs with its earlier state, an extra attempt
+    /// at most. Nothing is pushed once `closed` says intake closed (checked under the index
+    /// lock, which the shutdown takes to see what was pushed): the final spill journals the
+    /// task in its latest state then.
+    pub(crate) fn journal_retry(&self, record: &TaskRecord<'_>, closed: impl Fn() -> bool) {
+        {
+            let mut live = lock(&self.live);
+            if closed() || !live.begin_move(record.id) {
+                return;
+            }
+            self.commit.push_task(record, true);
+        }
+        self.pushed.notify_one();
+    }
+
+    /// Waits until everything pushed so far is written. `closed` must already hold (see
+    /// `journal_retry`), so nothing but new submits can follow.
+    pub(crate) async fn flush_pushed(&self) {
+        let pushed = {
+            let _live = lock(&self.live);
+            self.commit.last_seq()
+        };
+        // A failure is the journal's, recorded by the flusher.
+        let _ = self.commit.wait(pushed).await;
+    }
+}
+
+/// The flusher: see the module docs. Stops once `stop` fires and the buffer is empty.
+pub(crate) async fn flusher<T: Send + Sync + 'static>(
+    shared: Arc<Shared<T>>,
+    stop: CancellationToken,
+) {
+    let Some(write_ahead) = &shared.write_ahead else {
+        return;
+    };
+    loop {
+        let stopping = tokio::select! {
+            biased;
+            () = write_ahead.pushed.notified() => false,
+            () = stop.cancelled() => true,
+        };
+        while let Some(batch) = write_ahead.commit.take() {
+            let (tasks, new_tasks) = (batch.placements.len(), batch.new_tasks);
+            let sync = write_ahead.sync == SyncPolicy::Always && new_tasks;
+            let segment_bytes = write_ahead.segment_bytes;
+            let bytes = batch.bytes;
+            let written = shared
+                .store
+                .with_journal("append", move |journal| match journal.as_mut() {
+                    Some(journal) => journal
+                        .append_batch(&bytes, tasks, sync, segment_bytes)
+                        .map(Some),
+                    // Closed by the shutdown, whose spill holds every live task in its latest
+                    // state: acks, retry states and compaction copies need not be written. A
+                    // new task's record that comes this late fails its submit.
+                    None if !new_tasks => Ok(None),
+                    None => Err(JournalError::Poisoned),
+                })
+                .await;
+            let result = match written {
+                Ok(Some((segment, sealed))) => {
+                    lock(&write_ahead.live).placed(segment, &batch.placements);
+                    if sealed {
+                        write_ahead.segments_changed.notify_one();
+                    }
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                // A journal poisoned earlier (by a failed `Interval` fsync, say): the submits
+                // get the failure that poisoned it.
+                Err(JournalError::Poisoned) if shared.store.first_error().is_some() => Err(shared
+                    .store
+                    .first_error()
+                    .unwrap_or_else(|| Arc::new(JournalError::Poisoned))),
+                Err(error) => Err(shared.store.record_error(error)),
+            };
+            write_ahead.commit.finish(batch.last_seq, result);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+type Compaction = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The upkeep task: see the module docs. Stops when `stop` fires.
+pub(crate) async fn upkeep<T: Send + Sync + 'static>(
+    shared: Arc<Shared<T>>,
+    stop: CancellationToken,
+) {
+    let write_ahead = shared.write_ahead.as_ref();
+    let sync_every = match write_ahead.map(|w| w.sync) {
+        Some(SyncPolicy::Interval(every)) => Some(every),
+        _ => None,
+    };
+    let mut next_sync = sync_every.map(|every| Instant::now() + every);
+    let mut compaction: Option<Compaction> = None;
+    if write_ahead.is_some() {
+        // Earlier runs' segments without live tasks go at once, the others as they empty.
+        delete_empty_segments(&shared, &mut compaction).await;
+    }
+    loop {
+        let next_retry = shared.queue.release_due();
+        let event = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = shared.queue.retry_added() => Event::Retry,
+            () = sleep_until(next_retry) => Event::Retry,
+            () = sleep_until(next_sync) => Event::Sync,
+            () = segments_changed(write_ahead) => Event::Segments,
+            () = run(&mut compaction) => Event::Compacted,
+        };
+        match event {
+            // Released at the top of the loop.
+            Event::Retry => {}
+            Event::Sync => {
+                next_sync = sync_every.map(|every| Instant::now() + every);
+                let synced = shared
+                    .store
+                    .with_journal("fsync", |journal| {
+                        journal.as_mut().map_or(Ok(()), Journal::sync_current)
+                    })
+                    .await;
+                if let Err(error) = synced {
+                    shared.store.record_error(error);
+                }
+            }
+            Event::Segments => delete_empty_segments(&shared, &mut compaction).await,
+            Event::Compacted => {
+                compaction = None;
+                delete_empty_segments(&shared, &mut compaction).await;
+            }
+        }
+    }
+}
+
+/// What woke the upkeep task.
+enum Event {
+    Retry,
+    Sync,
+    Segments,
+    Compacted,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn segments_changed(write_ahead: Option<&WriteAhead>) {
+    match write_ahead {
+        Some(write_ahead) => write_ahead.segments_changed.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run(compaction: &mut Option<Compaction>) {
+    match compaction {
+        Some(compaction) => compaction.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Deletes the sealed segments with nothing live left, oldest first (a newer segment may hold
+/// the acks of an older one's tasks, so it never goes first). Then, if the sealed segments
+/// before the newest hold no more live data than dead, starts a compaction of them, unless one
+/// runs or no segment was sealed since the last one.
+async fn delete_empty_segments<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    compaction: &mut Option<Compaction>,
+) {
+    let pass = Arc::clone(shared);
+    let deleted = shared
+        .store
+        .with_journal("remove", move |journal| {
+            let (Some(journal), Some(write_ahead)) = (journal.as_mut(), &pass.write_ahead) else {
+                return Ok(None);
+            };
+            let (through, sparse) = {
+                let live = lock(&write_ahead.live);
+                let healthy = journal.may_delete();
+                let sealed = journal.sealed();
+                let empty = sealed
+                    .iter()
+                    .take_while(|s| live.usage(s.number).tasks == 0)
+                    .count();
+                let through = empty.checked_sub(1).map(|i| sealed[i].number);
+                // The newest sealed segment is left alone: its tasks are the most likely to
+                // finish on their own soon.
+                let older = sealed[empty..]
+                    .split_last()
+                    .map_or(&[][..], |(_, older)| older);
+                let size: u64 = older.iter().map(|s| s.len).sum();
+                let used: u64 = older.iter().map(|s| live.usage(s.number).bytes).sum();
+                let newest = older.last().map_or(0, |s| s.number);
+                let sparse = (healthy
+                    && !older.is_empty()
+                    && used.saturating_mul(2) <= size
+                    && newest > write_ahead.compacted_through.load(Ordering::Acquire))
+                .then(|| older.to_vec());
+                (through, sparse)
+            };
+            if let Some(through) = through {
+                journal.delete_sealed_through(through)?;
+            }
+            Ok(sparse)
+        })
+        .await;
+    match deleted {
+        Ok(Some(sparse)) if compaction.is_none() && !shared.queue.is_closed() => {
+            *compaction = Some(Box::pin(compact(Arc::clone(shared), sparse)));
+        }
+        Ok(_) => {}
+        Err(error) => {
+            shared.store.record_error(error);
+        }
+    }
+}
+
+/// Write-ahead compaction: writes the live tasks of `segments` again at the end of the
+/// journal, so that they hold nothing live and the next deletion pass removes them (after an
+/// fsync of the copies). A crash at any point leaves the old records, the copies, or both:
+/// recovery keeps one task per id.
+async fn compact<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, segments: Vec<Sealed>) {
+    let Some(write_ahead) = &shared.write_ahead else {
+        return;
+    };
+    let newest = segments.last().map_or(0, |s| s.number);
+    write_ahead
+        .compacted_through
+        .fetch_max(newest, Ordering::AcqRel);
+    match copy_live(&shared, write_ahead, segments).await {
+        Ok(0) => {}
+        Ok(count) => {
+            shared
+                .counters
+                .compacted
+                .fetch_add(count as u64, Ordering::Relaxed);
+            tracing::info!(tasks = count, through = newest, "compacted old segments");
+        }
+        Err(error) => tracing::warn!(%error, "compaction stopped; the old segments stay"),
+    }
+}
+
+/// Reads the live tasks of `segments` and hands copies to the group commit; waits until they
+/// are written. Returns how many were copied.
+async fn copy_live<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    write_ahead: &WriteAhead,
+    segments: Vec<Sealed>,
+) -> Result<usize, Arc<JournalError>> {
+    let reader = Arc::clone(shared);
+    let epoch = write_ahead.commit.epoch();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut copies = Copies::default();
+        let Some(write_ahead) = &reader.write_ahead else {
+            return Ok(copies);
+        };
+        for segment in &segments {
+            copies.read(&segment.path, segment.number, epoch, |id| {
+                lock(&write_ahead.live).settled_in(id, segment.number)
+            })?;
+        }
+        Ok::<_, JournalError>(copies)
+    })
+    .await;
+    let copies = match read {
+        Ok(Ok(copies)) => copies,
+        Ok(Err(error)) => return Err(Arc::new(error)),
+        Err(error) => {
+            let error = std::io::Error::other(error.to_string());
+            return Err(Arc::new(JournalError::io(
+                "compact",
+                shared.store.dir(),
+                None,
+                error,
+            )));
+        }
+    };
+    // Each copy is checked and pushed under the index lock: a task finished before is not
+    // copied, and one finished after has its ack behind the copy.
+    let (mut count, mut last_seq) = (0, None);
+    for chunk in copies.list().chunks(COMPACT_CHUNK) {
+        let pushed = {
+            let mut live = lock(&write_ahead.live);
+            if shared.queue.is_closed() {
+                // The shutdown spill writes every live task anew.
+                break;
+            }
+            write_ahead.commit.push_copies(&copies, chunk, |copy| {
+                live.settled_in(copy.id, copy.segment) && live.begin_move(copy.id)
+            })
+        };
+        count += pushed.count;
+        last_seq = pushed.last_seq.or(last_seq);
+        write_ahead.pushed.notify_one();
+    }
+    if let Some(seq) = last_seq {
+        write_ahead.commit.wait(seq).await?;
+    }
+    Ok(count)
+}

@@ -1,0 +1,148 @@
+//! A worker: takes jobs, runs the handler, and hands each outcome to its host.
+//!
+//! The worker knows nothing of the pool's state: it sees the narrow [`Host`] interface (the
+//! next job, the two tokens, the counters, where outcomes go), which the pool implements in
+//! `outcome.rs`.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::job::Job;
+use crate::error::BoxError;
+use crate::policy::Permanent;
+use crate::report::Counters;
+use crate::task::Task;
+
+/// How one run of a handler ended.
+pub(crate) enum Outcome {
+    Completed,
+    /// The error text, and whether it is permanent.
+    Failed(String, bool),
+    /// Dropped at the hard stop.
+    Aborted,
+}
+
+/// What a worker needs from the pool.
+pub(crate) trait Host<T>: Send + Sync + 'static {
+    /// The next job, or `None` when the worker should stop.
+    fn next_job(&self) -> impl Future<Output = Option<Job<T>>> + Send;
+    /// The handlers' token: fires at the drain deadline. Shared with each task by `Arc`.
+    fn deadline(&self) -> &Arc<CancellationToken>;
+    /// Fires at the hard stop: a handler still running is dropped.
+    fn hard_stop(&self) -> &CancellationToken;
+    fn counters(&self) -> &Counters;
+    /// Records how a run ended.
+    fn settle(&self, job: Job<T>, outcome: Outcome) -> impl Future<Output = ()> + Send;
+}
+
+/// The worker loop: runs until intake closes (queued tasks are then spilled, not started).
+pub(crate) async fn run<T, H, F, Fut, E>(host: Arc<H>, handler: Arc<F>)
+where
+    T: Send + Sync + 'static,
+    H: Host<T>,
+    F: Fn(Task<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    while let Some(job) = host.next_job().await {
+        let outcome = run_one(&*host, &*handler, &job).await;
+        host.settle(job, outcome).await;
+    }
+}
+
+async fn run_one<T, H, F, Fut, E>(host: &H, handler: &F, job: &Job<T>) -> Outcome
+where
+    H: Host<T>,
+    F: Fn(Task<T>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<BoxError> + 'static,
+{
+    let counters = host.counters();
+    counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    let task = Task {
+        id: job.id,
+        attempt: job.state.attempts.saturating_add(1),
+        interrupted: job.state.interrupted,
+        enqueued_at: UNIX_EPOCH + Duration::from_millis(job.state.enqueued_ms),
+        payload: Arc::clone(&job.payload),
+        cancel: Arc::clone(host.deadline()),
+    };
+    let span = tracing::info_span!("task", id = %job.id, attempt = task.attempt);
+    let outcome = match catch_unwind(AssertUnwindSafe(|| handler(task))) {
+        Err(panic) => Outcome::Failed(panic_message(&*panic), false),
+        Ok(future) => {
+            let future = CatchUnwind { inner: future }.instrument(span);
+            tokio::select! {
+                biased;
+                result = future => match result {
+                    Ok(Ok(())) => Outcome::Completed,
+                    Ok(Err(error)) => {
+                        let error: BoxError = error.into();
+                        Outcome::Failed(error_chain(&*error), Permanent::is_in(&*error))
+                    }
+                    Err(panic) => Outcome::Failed(panic_message(&*panic), false),
+                },
+                () = host.hard_stop().cancelled() => Outcome::Aborted,
+            }
+        }
+    };
+    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    outcome
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-string payload");
+    format!("handler panicked: {detail}")
+}
+
+pin_project_lite::pin_project! {
+    /// Resolves to `Err` with the panic payload if polling the inner future panics.
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchUnwind<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
