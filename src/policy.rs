@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::BoxError;
+use crate::error::BoxError;
 use crate::task::TaskId;
 
 /// Wraps a handler's error to say retrying cannot help: the task goes to the dead letters at

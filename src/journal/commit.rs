@@ -1,11 +1,11 @@
 //! Group commit for the write-ahead mode: concurrent submits share one write and one fsync.
 //!
 //! Each submit hands its task record (or an ack) to the commit, which encodes it under this
-//! run's epoch, appends it to a shared buffer and gives it a sequence number. If no flush is
-//! under way, the caller starts one; the flusher takes the whole buffer, writes it (and fsyncs
-//! it, under `SyncPolicy::Always`), publishes the highest sequence number it covered, and
-//! repeats until the buffer is empty. The more submits arrive during one fsync, the more the
-//! next one carries.
+//! run's epoch, appends it to a shared buffer, gives it a sequence number and wakes the
+//! flusher ([`pushed`](Commit::pushed)). The flusher, one long-lived task, takes the whole
+//! buffer, writes it (and fsyncs it, under `SyncPolicy::Always`), publishes the highest
+//! sequence number it covered, and repeats until the buffer is empty. The more submits arrive
+//! during one fsync, the more the next one carries.
 //!
 //! Compaction copies ([`Copies`]) are read back from sealed segments already encoded under
 //! this run's epoch, and pushed as they are.
@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::format::{self, Kind};
 use super::reader;
@@ -40,8 +40,6 @@ struct Pending {
     placements: Vec<Placement>,
     /// The sequence number of the last record appended.
     last_seq: u64,
-    /// Whether a flusher is running.
-    flushing: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -60,6 +58,8 @@ pub(crate) struct Commit {
     /// The epoch records are encoded under: this run's.
     epoch: u64,
     pending: Mutex<Pending>,
+    /// Wakes the flusher.
+    pushed: Notify,
     progress: watch::Sender<Progress>,
 }
 
@@ -82,6 +82,7 @@ impl Commit {
         Self {
             epoch,
             pending: Mutex::new(Pending::default()),
+            pushed: Notify::new(),
             progress: watch::Sender::new(Progress::default()),
         }
     }
@@ -91,9 +92,8 @@ impl Commit {
     }
 
     /// Encodes `record` as a live task (`moved`: a newer record of a task already journaled,
-    /// not a new task) and appends it. Returns its sequence number, and whether the caller
-    /// must start a flusher.
-    pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> (u64, bool) {
+    /// not a new task) and appends it. Returns its sequence number.
+    pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> u64 {
         let mut bytes = Vec::with_capacity(format::task_record_len(
             record.payload.len(),
             record.last_error.len(),
@@ -112,17 +112,16 @@ impl Commit {
         self.epoch
     }
 
-    /// Appends an ack for `id`. Returns its sequence number, and whether the caller must start
-    /// a flusher.
-    pub(crate) fn push_ack(&self, id: TaskId) -> (u64, bool) {
+    /// Appends an ack for `id`. Returns its sequence number.
+    pub(crate) fn push_ack(&self, id: TaskId) -> u64 {
         let mut bytes = Vec::with_capacity(format::RECORD_HEADER_LEN);
         format::encode_ack(&mut bytes, self.epoch, id);
         self.push(&bytes, None)
     }
 
     /// Appends the copies of `chunk` (entries of `copies`) that `keep` accepts, in order, as
-    /// newer records of their tasks. Returns how many were pushed, the sequence number of the
-    /// last one, and whether the caller must start a flusher.
+    /// newer records of their tasks. Returns how many were pushed and the sequence number of
+    /// the last one.
     pub(crate) fn push_copies(
         &self,
         copies: &Copies,
@@ -142,32 +141,38 @@ impl Commit {
                 len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
                 moved: true,
             };
-            let (seq, start) = self.push(bytes, Some(placement));
+            let seq = self.push(bytes, Some(placement));
             pushed.count += 1;
             pushed.last_seq = Some(seq);
-            pushed.start |= start;
         }
         pushed
     }
 
     /// Appends encoded records: one task record with its placement, or an ack (`None`).
-    fn push(&self, bytes: &[u8], task: Option<Placement>) -> (u64, bool) {
-        let mut pending = self.pending();
-        pending.buf.extend_from_slice(bytes);
-        if let Some(placement) = task {
-            pending.placements.push(placement);
-        }
-        pending.last_seq += 1;
-        let start = !pending.flushing;
-        pending.flushing = true;
-        (pending.last_seq, start)
+    fn push(&self, bytes: &[u8], task: Option<Placement>) -> u64 {
+        let seq = {
+            let mut pending = self.pending();
+            pending.buf.extend_from_slice(bytes);
+            if let Some(placement) = task {
+                pending.placements.push(placement);
+            }
+            pending.last_seq += 1;
+            pending.last_seq
+        };
+        self.pushed.notify_one();
+        seq
     }
 
-    /// The next batch for the flusher, or `None` (and the flusher stops) when there is none.
+    /// Resolves once something was pushed since the flusher last waited here (at once if it
+    /// was pushed before: the wake-up is kept).
+    pub(crate) async fn pushed(&self) {
+        self.pushed.notified().await;
+    }
+
+    /// The next batch for the flusher, or `None` when the buffer is empty.
     pub(crate) fn take(&self) -> Option<Batch> {
         let mut pending = self.pending();
         if pending.buf.is_empty() {
-            pending.flushing = false;
             return None;
         }
         let placements = std::mem::take(&mut pending.placements);
@@ -227,8 +232,6 @@ pub(crate) struct Pushed {
     pub(crate) count: usize,
     /// The sequence number of the last one.
     pub(crate) last_seq: Option<u64>,
-    /// Whether the caller must start a flusher.
-    pub(crate) start: bool,
 }
 
 /// The live tasks of sealed segments, read back and encoded under this run's epoch, for a
@@ -323,9 +326,13 @@ mod tests {
     #[tokio::test]
     async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
         let commit = Commit::new(EPOCH);
-        assert_eq!(commit.push_task(&record(1, b"a"), false), (1, true));
-        assert_eq!(commit.push_task(&record(2, b"bb"), true), (2, false));
-        assert_eq!(commit.push_ack(TaskId::new(1, 1)), (3, false));
+        assert_eq!(commit.push_task(&record(1, b"a"), false), 1);
+        assert_eq!(commit.push_task(&record(2, b"bb"), true), 2);
+        assert_eq!(commit.push_ack(TaskId::new(1, 1)), 3);
+        // The pushes left one wake-up for the flusher, kept until it waits.
+        tokio::time::timeout(std::time::Duration::from_secs(10), commit.pushed())
+            .await
+            .expect("a push wakes the flusher");
         let batch = commit.take().unwrap();
         assert_eq!(
             decode(&batch.bytes),
@@ -347,8 +354,11 @@ mod tests {
         for seq in 1..=3 {
             commit.wait(seq).await.unwrap();
         }
-        // The flusher stopped: the next push starts another.
-        assert_eq!(commit.push_task(&record(3, b"d"), true), (4, true));
+        // The next push wakes the flusher again.
+        assert_eq!(commit.push_task(&record(3, b"d"), true), 4);
+        tokio::time::timeout(std::time::Duration::from_secs(10), commit.pushed())
+            .await
+            .expect("a push wakes the flusher");
         assert!(
             !commit.take().unwrap().new_tasks,
             "a moved record alone needs no fsync"
@@ -409,7 +419,6 @@ mod tests {
             Pushed {
                 count: 1,
                 last_seq: Some(1),
-                start: true
             }
         );
         let batch = commit.take().unwrap();

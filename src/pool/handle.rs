@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::Shared;
+use super::shared::Shared;
 use crate::error::{RunError, ShutdownError, SubmitError};
 use crate::report::{RecoveryReport, ShutdownReport, State, StateWatch, Stats};
 use crate::task::TaskId;
@@ -58,7 +58,7 @@ impl<T> fmt::Debug for Pool<T> {
         f.debug_struct("Pool")
             .field("journal_dir", &self.shared.store.dir())
             .field("state", &self.shared.shutdown.state())
-            .field("run", &self.shared.intake.run())
+            .field("run", &self.shared.ids.run())
             .finish_non_exhaustive()
     }
 }

@@ -3,56 +3,17 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
 use super::job::Job;
 use super::queue::NoRoom;
-use super::{Shared, now_ms};
+use super::shared::Shared;
 use crate::codec::Refused;
 use crate::error::SubmitError;
 use crate::journal::{self, TaskRecord, TaskState};
 use crate::task::TaskId;
-
-/// Ids and the sizes of what was accepted.
-#[derive(Debug)]
-pub(crate) struct Intake {
-    /// This start's run number: the high half of every new id.
-    run: u64,
-    next_seq: AtomicU64,
-    /// Encoded payload bytes of the tasks accepted, for the spill estimate.
-    submitted_bytes: AtomicU64,
-}
-
-impl Intake {
-    pub(crate) fn new(run: u64) -> Self {
-        Self {
-            run,
-            next_seq: AtomicU64::new(1),
-            submitted_bytes: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn run(&self) -> u64 {
-        self.run
-    }
-
-    /// The average encoded payload of the tasks accepted so far (0 before the first).
-    pub(crate) fn average_payload(&self, accepted: u64) -> u64 {
-        self.submitted_bytes.load(Ordering::Relaxed) / accepted.max(1)
-    }
-
-    /// A new task's id, and its state as accepted now.
-    fn fresh(&self) -> (TaskId, TaskState) {
-        let id = TaskId::new(self.run, self.next_seq.fetch_add(1, Ordering::Relaxed));
-        let state = TaskState {
-            enqueued_ms: now_ms(),
-            ..TaskState::default()
-        };
-        (id, state)
-    }
-}
 
 impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
@@ -70,7 +31,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if self.write_ahead.is_some() {
             return self.write_ahead(permit, payload, size).await;
         }
-        let (id, state) = self.intake.fresh();
+        let (id, state) = self.ids.fresh();
         Ok(self.accept(permit, id, state, payload, size, false))
     }
 
@@ -85,7 +46,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         match self.queue.try_reserve() {
             Ok(permit) => {
-                let (id, state) = self.intake.fresh();
+                let (id, state) = self.ids.fresh();
                 Ok(self.accept(permit, id, state, payload, size, false))
             }
             Err(NoRoom::Full) => Err(SubmitError::Full(payload)),
@@ -101,7 +62,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         payload: T,
         size: usize,
     ) -> Result<TaskId, SubmitError<T>> {
-        let (id, state) = self.intake.fresh();
+        let (id, state) = self.ids.fresh();
         let Some(write_ahead) = &self.write_ahead else {
             return Ok(self.accept(permit, id, state, payload, size, false));
         };
@@ -165,9 +126,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             replayed: false,
         });
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        self.intake
-            .submitted_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
+        self.ids.accepted(size);
         id
     }
 }

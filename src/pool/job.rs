@@ -1,9 +1,18 @@
 //! A task as the pool holds it between intake and its outcome.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::journal::TaskState;
 use crate::task::TaskId;
+
+/// The wall clock, in milliseconds since the Unix epoch (what the journal stores).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// A task waiting for, or held by, a worker.
 pub(crate) struct Job<T> {
@@ -40,4 +49,49 @@ pub(crate) enum Held {
     Interrupted,
     /// Failed, and its dead letter could not be written: it stays a live task.
     Retained,
+}
+
+/// Ids and the sizes of what was accepted.
+#[derive(Debug)]
+pub(crate) struct Ids {
+    /// This start's run number: the high half of every new id.
+    run: u64,
+    next_seq: AtomicU64,
+    /// Encoded payload bytes of the tasks accepted, for the spill estimate.
+    submitted_bytes: AtomicU64,
+}
+
+impl Ids {
+    pub(crate) fn new(run: u64) -> Self {
+        Self {
+            run,
+            next_seq: AtomicU64::new(1),
+            submitted_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// Counts an accepted task's encoded payload.
+    pub(crate) fn accepted(&self, size: usize) {
+        self.submitted_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+    }
+
+    /// The average encoded payload of the tasks accepted so far (0 before the first).
+    pub(crate) fn average_payload(&self, accepted: u64) -> u64 {
+        self.submitted_bytes.load(Ordering::Relaxed) / accepted.max(1)
+    }
+
+    /// A new task's id, and its state as accepted now.
+    pub(crate) fn fresh(&self) -> (TaskId, TaskState) {
+        let id = TaskId::new(self.run, self.next_seq.fetch_add(1, Ordering::Relaxed));
+        let state = TaskState {
+            enqueued_ms: now_ms(),
+            ..TaskState::default()
+        };
+        (id, state)
+    }
 }

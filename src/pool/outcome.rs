@@ -12,10 +12,11 @@ use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
+use super::job::now_ms;
 use super::job::{Held, Job};
+use super::shared::Shared;
 use super::store::Encoded;
 use super::worker::{CatchUnwind, Host, Outcome, panic_message};
-use super::{Shared, now_ms};
 use crate::journal::TaskRecord;
 use crate::policy::{DeadlineAction, Interruption};
 use crate::report::Counters;

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::job::Job;
-use super::lock;
+use super::lock::lock;
 
 pub(crate) struct Queue<T> {
     tx: mpsc::Sender<Job<T>>,

@@ -16,15 +16,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::{Config, Settled};
+use super::drain::supervise;
 use super::handle::Pool;
-use super::intake::Intake;
-use super::job::Job;
+use super::job::{Ids, Job, now_ms};
 use super::live::LiveIndex;
 use super::queue::Queue;
-use super::shutdown::{Shutdown, supervise};
+use super::shared::Shared;
+use super::shutdown::Shutdown;
 use super::store::Store;
-use super::upkeep::{self, WriteAhead};
-use super::{Shared, now_ms, worker};
+use super::upkeep;
+use super::worker;
+use super::write_ahead::WriteAhead;
 use crate::codec::Encoding;
 use crate::error::{BoxError, StartError};
 use crate::journal::{Journal, Recovered, TaskRecord};
@@ -177,7 +179,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         codec,
         policy,
         jitter: Jitter::from_entropy(),
-        intake: Intake::new(run),
+        ids: Ids::new(run),
         queue: Queue::new(config.queue_capacity, backlog, waiting),
         store: Store::new(dir, journal, probe),
         write_ahead,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::job::Job;
-use super::lock;
+use super::lock::lock;
 use crate::codec::Encoding;
 use crate::error::{BoxError, JournalError};
 use crate::journal::{Journal, TaskRecord, TaskState};

@@ -17,109 +17,22 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
-use super::live::LiveIndex;
-use super::lock;
+use super::lock::lock;
+use super::shared::Shared;
+use super::write_ahead::WriteAhead;
 use crate::error::JournalError;
-use crate::journal::{Commit, Copies, Journal, Sealed, TaskRecord};
+use crate::journal::{Copies, Journal, Sealed};
 use crate::policy::SyncPolicy;
-use crate::task::TaskId;
 
 /// Compaction copies are handed to the group commit this many at a time, so acks never wait
 /// long for the index lock.
 const COMPACT_CHUNK: usize = 256;
-
-/// The write-ahead parts of a pool.
-pub(crate) struct WriteAhead {
-    commit: Commit,
-    /// Where each unfinished task's latest record is, so that sealed segments go once nothing
-    /// live is left in them, and sparse ones are compacted.
-    live: Mutex<LiveIndex>,
-    sync: SyncPolicy,
-    segment_bytes: u64,
-    /// Wakes the flusher: something was pushed.
-    pushed: Notify,
-    /// Wakes the upkeep task: a segment emptied or was sealed.
-    segments_changed: Notify,
-    /// The newest segment compacted so far; a compaction needs a newer one.
-    compacted_through: AtomicU64,
-}
-
-impl WriteAhead {
-    pub(crate) fn new(epoch: u64, live: LiveIndex, sync: SyncPolicy, segment_bytes: u64) -> Self {
-        Self {
-            commit: Commit::new(epoch),
-            live: Mutex::new(live),
-            sync,
-            segment_bytes,
-            pushed: Notify::new(),
-            segments_changed: Notify::new(),
-            compacted_through: AtomicU64::new(0),
-        }
-    }
-
-    /// Hands a task record to the group commit; returns its sequence number.
-    pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> u64 {
-        let (seq, _) = self.commit.push_task(record, moved);
-        self.pushed.notify_one();
-        seq
-    }
-
-    /// Waits until the batch holding `seq` is written (and synced, as the policy says).
-    pub(crate) async fn wait(&self, seq: u64) -> Result<(), Arc<JournalError>> {
-        self.commit.wait(seq).await
-    }
-
-    /// A journaled task is finished: it leaves the index and its ack enters the buffer under
-    /// one lock, so that a compaction copy of the task is either not made or ordered before
-    /// the ack. The ack rides with the next batch, unsynced.
-    pub(crate) fn finish(&self, id: TaskId) {
-        let emptied = {
-            let mut live = lock(&self.live);
-            let emptied = live.finish(id);
-            self.commit.push_ack(id);
-            emptied
-        };
-        self.pushed.notify_one();
-        if emptied {
-            self.segments_changed.notify_one();
-        }
-    }
-
-    /// Journals a failed task's new state (attempts, retry time, error) as it waits for the
-    /// retry. Not synced: if it is lost, the task runs with its earlier state, an extra attempt
-    /// at most. Nothing is pushed once `closed` says intake closed (checked under the index
-    /// lock, which the shutdown takes to see what was pushed): the final spill journals the
-    /// task in its latest state then.
-    pub(crate) fn journal_retry(&self, record: &TaskRecord<'_>, closed: impl Fn() -> bool) {
-        {
-            let mut live = lock(&self.live);
-            if closed() || !live.begin_move(record.id) {
-                return;
-            }
-            self.commit.push_task(record, true);
-        }
-        self.pushed.notify_one();
-    }
-
-    /// Waits until everything pushed so far is written. `closed` must already hold (see
-    /// `journal_retry`), so nothing but new submits can follow.
-    pub(crate) async fn flush_pushed(&self) {
-        let pushed = {
-            let _live = lock(&self.live);
-            self.commit.last_seq()
-        };
-        // A failure is the journal's, recorded by the flusher.
-        let _ = self.commit.wait(pushed).await;
-    }
-}
 
 /// The flusher: see the module docs. Stops once `stop` fires and the buffer is empty.
 pub(crate) async fn flusher<T: Send + Sync + 'static>(
@@ -132,7 +45,7 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
     loop {
         let stopping = tokio::select! {
             biased;
-            () = write_ahead.pushed.notified() => false,
+            () = write_ahead.commit.pushed() => false,
             () = stop.cancelled() => true,
         };
         while let Some(batch) = write_ahead.commit.take() {
@@ -392,7 +305,6 @@ async fn copy_live<T: Send + Sync + 'static>(
         };
         count += pushed.count;
         last_seq = pushed.last_seq.or(last_seq);
-        write_ahead.pushed.notify_one();
     }
     if let Some(seq) = last_seq {
         write_ahead.commit.wait(seq).await?;

@@ -277,7 +277,10 @@ fn a_short_write_that_cannot_be_cut_back_is_a_torn_tail_at_recovery() {
 }
 
 /// Spills tasks `seqs` (their payload is their sequence number).
-fn spill(journal: &mut Journal, seqs: std::ops::Range<u64>) -> crate::journal::SpillOutcome {
+fn spill(
+    journal: &mut Journal,
+    seqs: std::ops::Range<u64>,
+) -> crate::journal::handle::SpillOutcome {
     let payloads: Vec<(u64, String)> = seqs.map(|seq| (seq, seq.to_string())).collect();
     let records: Vec<TaskRecord<'_>> = payloads
         .iter()

@@ -3,9 +3,10 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
-use super::dir::{DAMAGED_DIR, LOCK_FILE, list_segments};
 use super::*;
 use crate::error::StartError;
+use crate::journal::dir::{DAMAGED_DIR, LOCK_FILE, list_segments};
+use crate::journal::{TaskState, fs};
 use crate::report::{Damage, RecoveryReport};
 
 /// A live task as recovery handed it back.

@@ -1,0 +1,398 @@
+//! `Journal`, the open journal of one pool run: the lock it holds, its current segment,
+//! sealing, spills, dead letters, acks, and deleting or retiring old segments.
+//! [`Journal::open`] (recovery) is in `recover.rs`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::dir;
+use super::format::{self, Header, Kind};
+use super::fs;
+use super::record::TaskRecord;
+use super::writer::SegmentWriter;
+use crate::error::JournalError;
+use crate::task::TaskId;
+
+/// Spills are written in chunks of about this many bytes.
+const SPILL_CHUNK: usize = 1 << 20;
+
+/// A full segment: one this run sealed, or one of an earlier run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sealed {
+    pub(crate) number: u64,
+    pub(crate) path: PathBuf,
+    /// Its size in bytes.
+    pub(crate) len: u64,
+}
+
+/// The open journal of one pool run.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    pub(super) dir: PathBuf,
+    /// The file operations segments are written with.
+    pub(super) ops: fs::Ops,
+    /// Holds the directory lock; closing the file releases it.
+    pub(super) lock: File,
+    pub(super) epoch: u64,
+    pub(super) run: u64,
+    pub(super) next_segment: u64,
+    /// This run's live segment: acks for replayed tasks, then the spill.
+    pub(super) current: Option<SegmentWriter>,
+    /// This run's dead-letter segment.
+    pub(super) dead: Option<SegmentWriter>,
+    /// Segments of earlier runs, deleted once nothing live depends on them.
+    pub(super) obsolete: Vec<Sealed>,
+    /// Set when a spill could not be made durable: nothing old may be deleted then.
+    pub(super) keep_obsolete: bool,
+    /// Set when a write-ahead batch failed: no more write-ahead appends (the spill at
+    /// shutdown still tries a fresh segment).
+    pub(super) failed: bool,
+    /// This run's write-ahead segments, set aside at shutdown: deleted only at close, after the
+    /// spill of every live task is durable.
+    pub(super) rotated: Vec<PathBuf>,
+    /// Full write-ahead segments, oldest first, until all their tasks are acked: this run's,
+    /// after those of earlier runs once [`adopt_obsolete`](Self::adopt_obsolete) is called.
+    pub(super) sealed: Vec<Sealed>,
+}
+
+/// How a spill went.
+#[derive(Debug, Default)]
+pub(crate) struct SpillOutcome {
+    /// Time spent encoding and writing.
+    pub(crate) write_time: Duration,
+    /// Time spent in fsync.
+    pub(crate) sync_time: Duration,
+    /// Tasks made durable.
+    pub(crate) written: usize,
+    /// The first failure, if the spill had to be retried or failed.
+    pub(crate) error: Option<JournalError>,
+    /// Whether the tasks are durable (in the first file or the retry).
+    pub(crate) durable: bool,
+}
+
+impl Journal {
+    /// The run number of this start, the high half of every new task id.
+    pub(crate) fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// The epoch records of this run are checksummed with.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn new_segment(&mut self, dead: bool) -> Result<SegmentWriter, JournalError> {
+        let number = self.next_segment;
+        self.next_segment += 1;
+        SegmentWriter::create(
+            self.ops.clone(),
+            self.dir.join(dir::segment_name(number, dead)),
+            Header {
+                epoch: self.epoch,
+                segment: number,
+            },
+        )
+    }
+
+    fn current(&mut self) -> Result<&mut SegmentWriter, JournalError> {
+        if self.current.is_none() {
+            self.current = Some(self.new_segment(false)?);
+        }
+        self.current.as_mut().ok_or(JournalError::Poisoned)
+    }
+
+    /// Records that a task from an earlier run is finished. Not synced: a lost ack only means
+    /// the task runs again, which the at-least-once contract allows.
+    pub(crate) fn append_ack(&mut self, id: TaskId) -> Result<(), JournalError> {
+        let mut buf = Vec::with_capacity(format::RECORD_HEADER_LEN);
+        format::encode_ack(&mut buf, self.epoch, id);
+        let result = self.current().and_then(|segment| segment.append(&buf, 0));
+        if result.is_err() {
+            // Never write to a segment after a failed write.
+            self.current = None;
+        }
+        result
+    }
+
+    /// Appends a write-ahead batch of encoded records (`tasks` of them task records), fsyncing
+    /// it when `sync` is set. A failure poisons the segment and every later batch: a failed
+    /// write or fsync is never retried as if the data were safe.
+    ///
+    /// A segment that would grow past `segment_bytes` is sealed (fsynced) first and a new one
+    /// started. Returns the number of the segment the batch went to, and whether one was
+    /// sealed.
+    pub(crate) fn append_batch(
+        &mut self,
+        bytes: &[u8],
+        tasks: usize,
+        sync: bool,
+        segment_bytes: u64,
+    ) -> Result<(u64, bool), JournalError> {
+        if self.failed {
+            return Err(JournalError::Poisoned);
+        }
+        let result = self
+            .seal_if_full(bytes.len() as u64, segment_bytes)
+            .and_then(|sealed| {
+                let segment = self.current()?;
+                let before = segment.len();
+                segment.append(bytes, tasks)?;
+                if sync && let Err(error) = segment.sync() {
+                    // The batch's submits fail and hand their tasks back, so the tasks must not
+                    // come back at the next start either.
+                    segment.cut_back(before);
+                    return Err(error);
+                }
+                Ok((segment.number(), sealed))
+            });
+        if result.is_err() {
+            self.failed = true;
+            self.keep_obsolete = true;
+            self.current = None;
+        }
+        result
+    }
+
+    fn seal_if_full(&mut self, adding: u64, segment_bytes: u64) -> Result<bool, JournalError> {
+        let full = self.current.as_ref().is_some_and(|s| {
+            s.len() > format::HEADER_LEN as u64 && s.len() + adding > segment_bytes
+        });
+        if full && let Some(mut segment) = self.current.take() {
+            segment.sync()?;
+            self.sealed.push(Sealed {
+                number: segment.number(),
+                path: segment.path().to_path_buf(),
+                len: segment.len(),
+            });
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Write-ahead: the segments of earlier runs join the sealed ones, to be deleted as their
+    /// tasks finish or are compacted, like this run's own.
+    pub(crate) fn adopt_obsolete(&mut self) {
+        let mut adopted = std::mem::take(&mut self.obsolete);
+        adopted.append(&mut self.sealed);
+        self.sealed = adopted;
+    }
+
+    /// Whether segments may still be deleted: not after a failure.
+    pub(crate) fn may_delete(&self) -> bool {
+        !self.failed && !self.keep_obsolete
+    }
+
+    /// Deletes the sealed segments numbered up to `through`, oldest first: nothing live is
+    /// left in them (the caller counts), and no older segment is left whose tasks they ack.
+    ///
+    /// This run's segment is fsynced first, so whatever replaced them (acks, compaction copies,
+    /// new retry states) is durable before they go. Nothing is deleted once the journal has
+    /// failed.
+    pub(crate) fn delete_sealed_through(&mut self, through: u64) -> Result<(), JournalError> {
+        let done = self.sealed.partition_point(|s| s.number <= through);
+        if done == 0 || !self.may_delete() {
+            return Ok(());
+        }
+        self.sync_current()?;
+        // Forget them only once removed: on a failure they stay listed (and go with the spill's
+        // rotation at shutdown).
+        let paths: Vec<PathBuf> = self.sealed[..done].iter().map(|s| s.path.clone()).collect();
+        remove_segments(&*self.ops, &self.dir, &paths)?;
+        self.sealed.drain(..done);
+        Ok(())
+    }
+
+    /// Fsyncs this run's segment, if it has one (the write-ahead `Interval` policy).
+    pub(crate) fn sync_current(&mut self) -> Result<(), JournalError> {
+        let Some(segment) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let result = segment.sync();
+        if result.is_err() {
+            self.failed = true;
+            self.keep_obsolete = true;
+            self.current = None;
+        }
+        result
+    }
+
+    /// Starts a fresh segment for what follows: the current one joins the segments that the
+    /// shutdown deletes once its spill is durable. Used at shutdown in write-ahead mode, so the
+    /// next start reads the live tasks, not the whole run's history.
+    pub(crate) fn rotate_for_spill(&mut self) {
+        self.rotated.extend(self.sealed.drain(..).map(|s| s.path));
+        if let Some(segment) = self.current.take() {
+            self.rotated.push(segment.path().to_path_buf());
+        }
+    }
+
+    /// Appends `record` as a dead letter (its `last_error` is the reason) and makes it
+    /// durable.
+    pub(crate) fn write_dead(&mut self, record: &TaskRecord<'_>) -> Result<(), JournalError> {
+        if self.dead.is_none() {
+            self.dead = Some(self.new_segment(true)?);
+        }
+        let mut buf = Vec::new();
+        format::encode_record(&mut buf, self.epoch, Kind::Dead, record);
+        let segment = self.dead.as_mut().ok_or(JournalError::Poisoned)?;
+        let result = segment.append(&buf, 1).and_then(|()| segment.sync());
+        if result.is_err() {
+            self.dead = None;
+        }
+        result
+    }
+
+    /// Writes every record as a live task and fsyncs.
+    ///
+    /// A failed write or fsync poisons the segment in use; the whole spill is then tried once
+    /// more into a fresh segment. Old segments are never deleted after a spill failed.
+    pub(crate) fn spill(&mut self, records: &[TaskRecord<'_>]) -> SpillOutcome {
+        let mut outcome = SpillOutcome::default();
+        if records.is_empty() {
+            outcome.durable = true;
+            return outcome;
+        }
+        for try_number in 0..2 {
+            match self.spill_once(records, &mut outcome) {
+                Ok(written) => {
+                    outcome.written = written;
+                    outcome.durable = true;
+                    return outcome;
+                }
+                Err(error) => {
+                    tracing::error!(%error, try_number, "journal spill failed");
+                    self.current = None;
+                    self.keep_obsolete = true;
+                    outcome.error.get_or_insert(error);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn spill_once(
+        &mut self,
+        records: &[TaskRecord<'_>],
+        times: &mut SpillOutcome,
+    ) -> Result<usize, JournalError> {
+        let started = Instant::now();
+        let epoch = self.epoch;
+        let segment = self.current()?;
+        let mut buf = Vec::with_capacity(SPILL_CHUNK + 4096);
+        let (mut written, mut in_buf) = (0, 0);
+        for record in records {
+            format::encode_record(&mut buf, epoch, Kind::Task, record);
+            in_buf += 1;
+            if buf.len() >= SPILL_CHUNK {
+                segment.append(&buf, in_buf)?;
+                written += in_buf;
+                in_buf = 0;
+                buf.clear();
+            }
+        }
+        segment.append(&buf, in_buf)?;
+        written += in_buf;
+        let synced = Instant::now();
+        times.write_time += synced - started;
+        let result = segment.sync();
+        times.sync_time += synced.elapsed();
+        result?;
+        Ok(written)
+    }
+
+    /// The sealed segments, oldest first.
+    pub(crate) fn sealed(&self) -> &[Sealed] {
+        &self.sealed
+    }
+
+    /// Keeps the segments of earlier runs for good: something live in them could not be
+    /// written elsewhere.
+    pub(crate) fn keep_obsolete(&mut self) {
+        self.keep_obsolete = true;
+    }
+
+    /// Deletes the segments of earlier runs once nothing live depends on them (every replayed
+    /// task acked, dead-lettered or spilled again), and this run's segment if it holds no task.
+    pub(crate) fn retire_obsolete(&mut self) -> Result<(), JournalError> {
+        if self.keep_obsolete {
+            return Ok(());
+        }
+        if self.current.as_ref().is_some_and(|s| s.tasks() == 0)
+            && let Some(segment) = self.current.take()
+        {
+            self.obsolete.push(Sealed {
+                number: segment.number(),
+                path: segment.path().to_path_buf(),
+                len: segment.len(),
+            });
+        }
+        if self.obsolete.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<PathBuf> = std::mem::take(&mut self.obsolete)
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
+        remove_segments(&*self.ops, &self.dir, &paths)?;
+        tracing::debug!(dir = %self.dir.display(), "retired old segments");
+        Ok(())
+    }
+
+    /// Measures how fast this directory takes data: writes and fsyncs a 1 MiB probe file (then
+    /// removes it). Returns bytes per second, fsync included, and the time of the fsync alone.
+    pub(crate) fn probe(&self) -> Result<(u64, Duration), JournalError> {
+        const PROBE_BYTES: usize = 1 << 20;
+        let path = self.dir.join(dir::PROBE_FILE);
+        let (write, fsync) = self
+            .ops
+            .probe(&path, &vec![0u8; PROBE_BYTES])
+            .map_err(|e| JournalError::io("probe", &path, None, e))?;
+        let total = (write + fsync).max(Duration::from_micros(1));
+        let rate = (PROBE_BYTES as f64 / total.as_secs_f64()) as u64;
+        Ok((rate, fsync))
+    }
+
+    /// Syncs this run's segment, deletes what the spill replaced, and releases the lock.
+    pub(crate) fn close(mut self) -> Result<(), JournalError> {
+        if let Some(segment) = self.current.as_mut()
+            && let Err(error) = segment.sync()
+        {
+            self.keep_obsolete = true;
+            self.current = None;
+            return Err(error);
+        }
+        self.retire_obsolete()?;
+        if !self.keep_obsolete {
+            remove_segments(&*self.ops, &self.dir, &std::mem::take(&mut self.rotated))?;
+        }
+        self.lock
+            .unlock()
+            .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
+        Ok(())
+    }
+}
+
+/// Removes segment files (one already gone is fine), then fsyncs the directory so the removals
+/// are durable. Does nothing for an empty list.
+fn remove_segments(
+    ops: &dyn fs::FileOps,
+    dir: &Path,
+    paths: &[PathBuf],
+) -> Result<(), JournalError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    for path in paths {
+        match ops.remove(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(JournalError::io("remove", path, None, e)),
+        }
+    }
+    ops.sync_dir(dir)
+        .map_err(|e| JournalError::io("fsync", dir, None, e))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,41 @@
+//! `Shared<T>`: the parts a pool is made of, held together. Each part owns one concern and
+//! knows nothing of the others; the modules that need several parts at once (intake,
+//! outcomes, upkeep, the drain, start, the handles) work on this struct from above it.
+
+use std::sync::atomic::AtomicU64;
+
+use tokio_util::task::TaskTracker;
+
+use super::config::Config;
+use super::job::Ids;
+use super::queue::Queue;
+use super::shutdown::Shutdown;
+use super::store::Store;
+use super::write_ahead::WriteAhead;
+use crate::codec::Encoding;
+use crate::policy::{Jitter, Policy};
+use crate::report::{Counters, RecoveryReport};
+
+/// What the handles, the workers and the background tasks share. Each part owns one concern;
+/// this struct only holds them together.
+pub(crate) struct Shared<T> {
+    pub(crate) config: Config,
+    pub(crate) codec: Encoding<T>,
+    pub(crate) policy: Policy<T>,
+    pub(crate) jitter: Jitter,
+    pub(crate) ids: Ids,
+    pub(crate) queue: Queue<T>,
+    pub(crate) store: Store,
+    /// The write-ahead parts: `None` in the on-shutdown mode.
+    pub(crate) write_ahead: Option<WriteAhead>,
+    pub(crate) shutdown: Shutdown<T>,
+    pub(crate) counters: Counters,
+    pub(crate) recovery: RecoveryReport,
+    /// Replayed tasks not finished yet (on-shutdown mode: the earlier runs' segments go when
+    /// this reaches zero).
+    pub(crate) replay_outstanding: AtomicU64,
+    /// The workers: the shutdown waits for them.
+    pub(crate) workers: TaskTracker,
+    /// The flusher and the upkeep task: the shutdown stops them explicitly.
+    pub(crate) background: TaskTracker,
+}
