@@ -242,7 +242,7 @@ async fn start_small(
 }
 
 /// Waits (bounded) until the journal has at most `segments` segments; returns the stats.
-async fn journal_shrinks_to(dir: &std::path::Path, segments: usize) -> drainpool::journal::Stats {
+async fn journal_shrinks_to(dir: &std::path::Path, segments: u64) -> drainpool::journal::Stats {
     journal_until(dir, |stats| stats.segments <= segments).await
 }
 

@@ -64,10 +64,10 @@ pub struct Contents {
     /// letter until taken back.
     pub dead: Vec<JournaledTask>,
     /// Segment files read, live and dead.
-    pub segments: usize,
+    pub segments: u64,
     /// Stretches of damage met while reading, torn tails included; their records are not in
     /// the lists. [`verify`] tells where they are.
-    pub damage: usize,
+    pub damage: u64,
 }
 
 /// What checking every segment and record of a journal directory found, from [`verify`].
@@ -75,9 +75,9 @@ pub struct Contents {
 #[non_exhaustive]
 pub struct Verification {
     /// Segment files checked, live and dead.
-    pub segments: usize,
+    pub segments: u64,
     /// Valid records found.
-    pub records: usize,
+    pub records: u64,
     /// Damaged segment headers (offset 0) and damage in the middle of a segment, each followed
     /// by valid records; recovery skips what they cover and keeps a copy of the file.
     pub damage: Vec<Damage>,
@@ -98,27 +98,27 @@ impl Verification {
 #[non_exhaustive]
 pub struct Stats {
     /// Live segment files.
-    pub segments: usize,
+    pub segments: u64,
     /// Their total size in bytes.
     pub segment_bytes: u64,
     /// Dead-letter segment files.
-    pub dead_segments: usize,
+    pub dead_segments: u64,
     /// Their total size in bytes.
     pub dead_segment_bytes: u64,
     /// Valid records in all segments (tasks, acks and dead letters, superseded ones included).
-    pub records: usize,
+    pub records: u64,
     /// Live tasks: what the next start replays.
-    pub live_tasks: usize,
+    pub live_tasks: u64,
     /// Total size of their payloads in bytes.
     pub live_payload_bytes: u64,
     /// Dead letters.
-    pub dead_letters: usize,
+    pub dead_letters: u64,
     /// Total size of their payloads in bytes.
     pub dead_payload_bytes: u64,
     /// Stretches of damage, torn tails included.
-    pub damage: usize,
+    pub damage: u64,
     /// Copies of damaged segments kept under `damaged/`.
-    pub damaged_copies: usize,
+    pub damaged_copies: u64,
     /// Their total size in bytes.
     pub damaged_copy_bytes: u64,
     /// The run counter stored in `LOCK`: the run number of the last start. `None` if the file
@@ -206,8 +206,8 @@ impl fmt::Display for IdList<'_> {
 pub fn inspect(dir: &Path) -> Result<Contents, JournalError> {
     let survey = survey(dir, true)?;
     Ok(Contents {
-        segments: survey.segments.len(),
-        damage: survey.damage_count(),
+        segments: survey.segments.len() as u64,
+        damage: survey.damage_count() as u64,
         live: survey.live.into_values().map(|t| t.task).collect(),
         dead: survey.dead.into_values().map(|t| t.task).collect(),
     })
@@ -226,7 +226,7 @@ pub fn verify(dir: &Path) -> Result<Verification, JournalError> {
     let mut verification = Verification::default();
     for segment in survey.segments {
         verification.segments += 1;
-        verification.records += segment.records;
+        verification.records += segment.records as u64;
         verification.damage.extend(segment.damage);
         verification.torn_tails.extend(segment.torn_tail);
     }
@@ -243,16 +243,16 @@ pub fn verify(dir: &Path) -> Result<Verification, JournalError> {
 pub fn stats(dir: &Path) -> Result<Stats, JournalError> {
     let survey = survey(dir, false)?;
     let mut stats = Stats {
-        damage: survey.damage_count(),
-        live_tasks: survey.live.len(),
+        damage: survey.damage_count() as u64,
+        live_tasks: survey.live.len() as u64,
         live_payload_bytes: survey.live.values().map(|t| t.payload_len).sum(),
-        dead_letters: survey.dead.len(),
+        dead_letters: survey.dead.len() as u64,
         dead_payload_bytes: survey.dead.values().map(|t| t.payload_len).sum(),
         run: stored_run(dir)?,
         ..Stats::default()
     };
     for segment in &survey.segments {
-        stats.records += segment.records;
+        stats.records += segment.records as u64;
         if segment.file.dead {
             stats.dead_segments += 1;
             stats.dead_segment_bytes += segment.bytes;
