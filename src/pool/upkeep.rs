@@ -1,4 +1,4 @@
-//! The pool's two long-lived background tasks, and the write-ahead parts they look after.
+//! The pool's two long-lived background tasks.
 //!
 //! - **The flusher** (write-ahead only) writes the group-commit buffer to the journal, batch
 //!   after batch, whenever a submit, an ack, a retry state or a compaction copy wakes it, and
@@ -75,13 +75,12 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
                     Ok(())
                 }
                 Ok(None) => Ok(()),
-                // A journal poisoned earlier (by a failed `Interval` fsync, say): the submits
-                // get the failure that poisoned it.
-                Err(JournalError::Poisoned) if shared.store.first_error().is_some() => Err(shared
-                    .store
-                    .first_error()
-                    .unwrap_or_else(|| Arc::new(JournalError::Poisoned))),
-                Err(error) => Err(shared.store.record_error(error)),
+                Err(error) => Err(match (&error, shared.store.first_error()) {
+                    // A journal poisoned earlier (by a failed `Interval` fsync, say): the
+                    // submits get the failure that poisoned it.
+                    (JournalError::Poisoned, Some(first)) => first,
+                    _ => shared.store.record_error(error),
+                }),
             };
             write_ahead.commit.finish(batch.last_seq, result);
         }
