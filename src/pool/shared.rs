@@ -36,6 +36,7 @@ pub(crate) struct Shared<T> {
     pub(crate) replay_outstanding: AtomicU64,
     /// The workers: the shutdown waits for them.
     pub(crate) workers: TaskTracker,
-    /// The flusher and the upkeep task: the shutdown stops them explicitly.
+    /// The supervisor (which runs the shutdown), the flusher and the upkeep task; the
+    /// shutdown stops the last two explicitly.
     pub(crate) background: TaskTracker,
 }

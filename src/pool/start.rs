@@ -212,8 +212,8 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         .background
         .spawn(upkeep::upkeep(Arc::clone(&shared), shutdown.upkeep_stop()));
     shutdown.own(flusher, upkeep);
+    shared.background.spawn(supervise(Arc::clone(&shared)));
     shared.background.close();
-    tokio::spawn(supervise(Arc::clone(&shared)));
     tracing::info!(
         dir = %shared.store.dir().display(),
         run,
