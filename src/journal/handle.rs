@@ -56,6 +56,28 @@ pub(crate) struct Journal {
     pub(super) sealed: Vec<Sealed>,
 }
 
+/// The tasks a spill writes, made into records one at a time.
+pub(crate) trait SpillSource: Send {
+    /// How many tasks there are.
+    fn len(&self) -> usize;
+
+    /// Task `i` as a record, its payload encoded into `payload` (empty on entry), or `None` if
+    /// the payload fails to encode.
+    fn record<'a>(&'a self, i: usize, payload: &'a mut Vec<u8>) -> Option<TaskRecord<'a>>;
+}
+
+/// Records made beforehand, in tests.
+#[cfg(test)]
+impl SpillSource for Vec<TaskRecord<'_>> {
+    fn len(&self) -> usize {
+        <[TaskRecord<'_>]>::len(self)
+    }
+
+    fn record<'a>(&'a self, i: usize, _: &'a mut Vec<u8>) -> Option<TaskRecord<'a>> {
+        self.get(i).cloned()
+    }
+}
+
 /// How a spill went.
 #[derive(Debug, Default)]
 pub(crate) struct SpillOutcome {
@@ -65,6 +87,8 @@ pub(crate) struct SpillOutcome {
     pub(crate) sync_time: Duration,
     /// Tasks made durable.
     pub(crate) written: usize,
+    /// Tasks whose payload failed to encode (left out).
+    pub(crate) unencodable: usize,
     /// The first failure, if the spill had to be retried or failed.
     pub(crate) error: Option<JournalError>,
     /// Whether the tasks are durable (in the first file or the retry).
@@ -243,20 +267,24 @@ impl Journal {
         result
     }
 
-    /// Writes every record as a live task and fsyncs.
+    /// Writes every task of `tasks` as a live task record and fsyncs. Each record is made as
+    /// it is written (its payload encoded into one reused buffer), so a spill never holds more
+    /// than a chunk of encoded records. A task whose payload fails to encode is left out and
+    /// counted.
     ///
     /// A failed write or fsync poisons the segment in use; the whole spill is then tried once
     /// more into a fresh segment. Old segments are never deleted after a spill failed.
-    pub(crate) fn spill(&mut self, records: &[TaskRecord<'_>]) -> SpillOutcome {
+    pub(crate) fn spill(&mut self, tasks: &dyn SpillSource) -> SpillOutcome {
         let mut outcome = SpillOutcome::default();
-        if records.is_empty() {
+        if tasks.len() == 0 {
             outcome.durable = true;
             return outcome;
         }
         for try_number in 0..2 {
-            match self.spill_once(records, &mut outcome) {
-                Ok(written) => {
+            match self.spill_once(tasks, &mut outcome) {
+                Ok((written, unencodable)) => {
                     outcome.written = written;
+                    outcome.unencodable = unencodable;
                     outcome.durable = true;
                     return outcome;
                 }
@@ -273,17 +301,24 @@ impl Journal {
 
     fn spill_once(
         &mut self,
-        records: &[TaskRecord<'_>],
+        tasks: &dyn SpillSource,
         times: &mut SpillOutcome,
-    ) -> Result<usize, JournalError> {
+    ) -> Result<(usize, usize), JournalError> {
         let started = Instant::now();
         let epoch = self.epoch;
         let segment = self.current()?;
         let mut buf = Vec::with_capacity(SPILL_CHUNK + 4096);
-        let (mut written, mut in_buf) = (0, 0);
-        for record in records {
-            format::encode_record(&mut buf, epoch, Kind::Task, record);
-            in_buf += 1;
+        let mut payload = Vec::new();
+        let (mut written, mut unencodable, mut in_buf) = (0, 0, 0);
+        for i in 0..tasks.len() {
+            payload.clear();
+            match tasks.record(i, &mut payload) {
+                Some(record) => {
+                    format::encode_record(&mut buf, epoch, Kind::Task, &record);
+                    in_buf += 1;
+                }
+                None => unencodable += 1,
+            }
             if buf.len() >= SPILL_CHUNK {
                 segment.append(&buf, in_buf)?;
                 written += in_buf;
@@ -298,7 +333,7 @@ impl Journal {
         let result = segment.sync();
         times.sync_time += synced.elapsed();
         result?;
-        Ok(written)
+        Ok((written, unencodable))
     }
 
     /// The sealed segments, oldest first.

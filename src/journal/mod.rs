@@ -20,7 +20,7 @@
 // here, and only `format.rs` knows frames, kinds and flags.
 pub(crate) use self::commit::{Commit, Copies, Placement};
 pub(crate) use self::fs::{Ops, os};
-pub(crate) use self::handle::{Journal, Sealed};
+pub(crate) use self::handle::{Journal, Sealed, SpillSource};
 pub use self::inspect::{
     Contents, JournaledTask, Requeue, RequeueError, Requeued, Stats, Verification, inspect,
     requeue, stats, verify,

@@ -17,7 +17,7 @@ use super::config::Settled;
 use super::job::{Held, Job};
 use super::lock::lock;
 use super::shared::Shared;
-use super::store::Encoded;
+use super::store::Spill;
 use crate::journal;
 use crate::report::{Budget, ShutdownReport, State};
 use crate::task::TaskId;
@@ -227,17 +227,7 @@ async fn spill_held<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, with_wait
 
 /// Journals `jobs` as live tasks. Returns (written, not written).
 async fn spill<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, jobs: Vec<Job<T>>) -> (u64, u64) {
-    if jobs.is_empty() {
-        return (0, 0);
-    }
     let count = jobs.len() as u64;
-    let mut tasks = Encoded::default();
-    for job in &jobs {
-        if let Err(error) = tasks.push(job, None, &shared.codec) {
-            tracing::error!(task = %job.id, %error, "payload failed to encode at spill; task lost");
-        }
-    }
-    drop(jobs);
-    let written = shared.store.spill(tasks).await as u64;
+    let written = shared.store.spill(Spill::new(jobs, &shared.codec)).await as u64;
     (written, count - written)
 }

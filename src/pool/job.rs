@@ -1,10 +1,11 @@
 //! A task as the pool holds it between intake and its outcome.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::journal::TaskState;
+use crate::journal::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The wall clock, in milliseconds since the Unix epoch (what the journal stores).
@@ -27,6 +28,21 @@ pub(crate) struct Job<T> {
 }
 
 impl<T> Job<T> {
+    /// The task as a journal record, with its payload encoded in `payload`, and `error` as
+    /// its last error instead of its own if given.
+    pub(crate) fn record<'a>(
+        &'a self,
+        payload: &'a [u8],
+        error: Option<&'a str>,
+    ) -> TaskRecord<'a> {
+        TaskRecord {
+            id: self.id,
+            state: self.state,
+            last_error: Cow::Borrowed(error.or(self.last_error.as_deref()).unwrap_or("")),
+            payload,
+        }
+    }
+
     /// Marks the job interrupted at the deadline: its attempt is not counted.
     pub(crate) fn interrupted(mut self) -> Self {
         self.state.interrupted = true;

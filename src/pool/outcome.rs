@@ -6,7 +6,6 @@
 //! the `on_interrupt` hook runs, then the deadline policy requeues it (held for the final
 //! spill), drops it, or dead-letters it.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,9 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::job::now_ms;
 use super::job::{Held, Job};
 use super::shared::Shared;
-use super::store::Encoded;
 use super::worker::{CatchUnwind, Host, Outcome, panic_message};
-use crate::journal::TaskRecord;
 use crate::policy::{DeadlineAction, Interruption};
 use crate::report::Counters;
 
@@ -84,13 +81,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             // Submit checked it encodes; if it no longer does, the journal keeps the earlier
             // state.
             if self.codec.encode(&job.payload, &mut payload).is_ok() {
-                let record = TaskRecord {
-                    id: job.id,
-                    state: job.state,
-                    last_error: Cow::Borrowed(job.last_error.as_deref().unwrap_or("")),
-                    payload: &payload,
-                };
-                write_ahead.journal_retry(&record, || self.queue.is_closed());
+                write_ahead.journal_retry(&job.record(&payload, None), || self.queue.is_closed());
             }
         }
         self.counters.retried.fetch_add(1, Ordering::Relaxed);
@@ -115,11 +106,11 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
     /// Writes a dead letter, durably. On failure the task is held for the final spill instead.
     async fn dead_letter(&self, mut job: Job<T>, error: String) {
-        let mut task = Encoded::default();
-        let written = match task.push(&job, Some(&error), &self.codec) {
+        let mut payload = Vec::new();
+        let written = match self.codec.encode(&job.payload, &mut payload) {
             Ok(()) => self
                 .store
-                .dead_letter(task)
+                .dead_letter(job.id, job.state, error.clone(), payload)
                 .await
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),

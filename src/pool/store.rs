@@ -2,10 +2,9 @@
 //! blocking thread with the journal locked. The first journal failure is kept for the report.
 //!
 //! Nothing here knows the record format: tasks are handed over as [`TaskRecord`]s whose
-//! payloads the pool's codec encoded.
+//! payloads the pool's codec encodes (for a spill, one at a time, as the journal writes them).
 
 use std::borrow::Cow;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,8 +12,8 @@ use std::time::Duration;
 use super::job::Job;
 use super::lock::lock;
 use crate::codec::Encoding;
-use crate::error::{BoxError, JournalError};
-use crate::journal::{Journal, TaskRecord, TaskState};
+use crate::error::JournalError;
+use crate::journal::{Journal, SpillSource, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The locked journal (`None` once closed) and what the pool learned of it.
@@ -29,55 +28,37 @@ pub(crate) struct Store {
     probe: Option<(u64, Duration)>,
 }
 
-/// Tasks to journal, their payloads encoded into one buffer.
-#[derive(Default)]
-pub(crate) struct Encoded {
-    bytes: Vec<u8>,
-    tasks: Vec<Head>,
+/// Jobs to spill, made into records one at a time as the journal writes them.
+pub(crate) struct Spill<T> {
+    jobs: Vec<Job<T>>,
+    codec: Encoding<T>,
 }
 
-/// One task of [`Encoded`]: all but its payload, and where that is in the buffer.
-struct Head {
-    id: TaskId,
-    state: TaskState,
-    last_error: Option<Box<str>>,
-    payload: Range<usize>,
-}
-
-impl Encoded {
-    /// Adds `job`, its last error replaced by `error` if given.
-    pub(crate) fn push<T: 'static>(
-        &mut self,
-        job: &Job<T>,
-        error: Option<&str>,
-        codec: &Encoding<T>,
-    ) -> Result<(), BoxError> {
-        let start = self.bytes.len();
-        codec.encode(&job.payload, &mut self.bytes)?;
-        let error = error.map(Box::from).or_else(|| job.last_error.clone());
-        self.tasks.push(Head {
-            id: job.id,
-            state: job.state,
-            last_error: error,
-            payload: start..self.bytes.len(),
-        });
-        Ok(())
+impl<T> Spill<T> {
+    pub(crate) fn new(jobs: Vec<Job<T>>, codec: &Encoding<T>) -> Self {
+        Self {
+            jobs,
+            codec: codec.clone(),
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.tasks.len()
+        self.jobs.len()
+    }
+}
+
+impl<T: Send + Sync + 'static> SpillSource for Spill<T> {
+    fn len(&self) -> usize {
+        self.jobs.len()
     }
 
-    fn records(&self) -> Vec<TaskRecord<'_>> {
-        self.tasks
-            .iter()
-            .map(|head| TaskRecord {
-                id: head.id,
-                state: head.state,
-                last_error: Cow::Borrowed(head.last_error.as_deref().unwrap_or("")),
-                payload: &self.bytes[head.payload.clone()],
-            })
-            .collect()
+    fn record<'a>(&'a self, i: usize, payload: &'a mut Vec<u8>) -> Option<TaskRecord<'a>> {
+        let job = self.jobs.get(i)?;
+        if let Err(error) = self.codec.encode(&job.payload, payload) {
+            tracing::error!(task = %job.id, %error, "payload failed to encode at spill; task lost");
+            return None;
+        }
+        Some(job.record(payload, None))
     }
 }
 
@@ -173,28 +154,38 @@ impl Store {
         }
     }
 
-    /// Writes one dead letter, durably.
-    pub(crate) async fn dead_letter(&self, task: Encoded) -> Result<(), Arc<JournalError>> {
+    /// Writes one dead letter, durably: the task's state and encoded payload, with `reason`
+    /// as its last error.
+    pub(crate) async fn dead_letter(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        reason: String,
+        payload: Vec<u8>,
+    ) -> Result<(), Arc<JournalError>> {
         let result = self
             .with_journal("dead letter", move |journal| {
                 let journal = journal.as_mut().ok_or(JournalError::Poisoned)?;
-                task.records()
-                    .iter()
-                    .try_for_each(|record| journal.write_dead(record))
+                journal.write_dead(&TaskRecord {
+                    id,
+                    state,
+                    last_error: Cow::Owned(reason),
+                    payload: &payload,
+                })
             })
             .await;
         result.map_err(|error| self.record_error(error))
     }
 
-    /// Journals `tasks` as live tasks and fsyncs. Returns how many are durable.
-    pub(crate) async fn spill(&self, tasks: Encoded) -> usize {
-        if tasks.len() == 0 {
+    /// Journals the tasks of `spill` as live tasks and fsyncs. Returns how many are durable.
+    pub(crate) async fn spill<T: Send + Sync + 'static>(&self, spill: Spill<T>) -> usize {
+        if spill.len() == 0 {
             return 0;
         }
         let result = self
             .with_journal("spill", move |journal| {
                 let journal = journal.as_mut().ok_or(JournalError::Poisoned)?;
-                Ok(journal.spill(&tasks.records()))
+                Ok(journal.spill(&spill))
             })
             .await;
         let outcome = match result {
