@@ -111,7 +111,8 @@ fn damage_of(path: &Path, len: u64, scan: &Scan) -> (Vec<Damage>, Option<Damage>
 }
 
 /// The last state of each task id, in the order ids were first seen, which is almost always
-/// id order: [`into_sorted`](Self::into_sorted) then sorts only if it is not.
+/// id order: [`into_sorted`](Self::into_sorted) and
+/// [`into_values_sorted`](Self::into_values_sorted) then sort only if it is not.
 #[derive(Debug)]
 pub(super) struct LastState<T> {
     /// One slot per id ever seen; `None` once its task ended.
@@ -143,6 +144,23 @@ impl<T> LastState<T> {
         if let Some(&at) = self.index.get(&id) {
             self.slots[at] = None;
         }
+    }
+
+    /// How many tasks have a state.
+    pub(super) fn len(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// The states, in id order, in one pass over the slots when they are in id order already
+    /// (a large recovery moves each state once, not twice).
+    pub(super) fn into_values_sorted(self) -> Vec<T> {
+        drop(self.index);
+        if self.slots.iter().flatten().map(|(id, _)| id).is_sorted() {
+            return self.slots.into_iter().flatten().map(|(_, t)| t).collect();
+        }
+        let mut tasks: Vec<_> = self.slots.into_iter().flatten().collect();
+        tasks.sort_by_key(|(id, _)| *id);
+        tasks.into_iter().map(|(_, t)| t).collect()
     }
 
     /// The tasks with a state, in id order.
@@ -260,9 +278,8 @@ impl Journal {
             }
         }
 
-        let dead = fold.dead.into_sorted();
-        report.dead_letters = dead.len() as u64;
-        let live = fold.live.into_sorted();
+        report.dead_letters = fold.dead.len() as u64;
+        let live = fold.live.into_values_sorted();
         let run = max_run.saturating_add(1);
         dir::write_run(&*ops, &mut lock, &lock_path, run)?;
         let journal = Self {
@@ -288,7 +305,7 @@ impl Journal {
             damaged = report.damage.len(),
             "journal opened"
         );
-        Ok((journal, report, live.into_iter().map(|(_, t)| t).collect()))
+        Ok((journal, report, live))
     }
 }
 

@@ -102,6 +102,8 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let ops = config.file_ops.clone();
     let want_probe = matches!(settled, Settled::GracePeriod { .. });
     let decoder = codec.clone();
+    let write_ahead = config.durability.is_write_ahead();
+    let (now, wall) = (Instant::now(), now_ms());
     let opened = tokio::task::spawn_blocking(move || {
         let (mut journal, mut report, recovered) =
             Journal::open(&open_dir, ops, |record: &TaskRecord<'_>| -> Decoded<T> {
@@ -112,16 +114,19 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
                     )
                 })
             })?;
-        let live = dead_letter_undecodable(&mut journal, &mut report, recovered);
+        if write_ahead {
+            journal.adopt_obsolete();
+        }
+        let replay = replay(&mut journal, &mut report, recovered, write_ahead, now, wall);
         let probe = want_probe.then(|| journal.probe());
-        Ok::<_, StartError>((journal, report, live, probe))
+        Ok::<_, StartError>((journal, report, replay, probe))
     })
     .await
     .map_err(|e| StartError::InvalidConfig {
         setting: "journal_dir",
         reason: format!("journal recovery panicked: {e}"),
     })??;
-    let (journal, mut recovery, recovered, probe) = opened;
+    let (journal, mut recovery, replay, probe) = opened;
     let probe = probe.map(|probe| match probe {
         Ok((rate, fsync)) => {
             tracing::info!(bytes_per_sec = rate, fsync_us = fsync.as_micros() as u64, "journal write speed measured");
@@ -132,38 +137,14 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
             (10_000_000, Duration::from_millis(50))
         }
     });
-
-    let sync = config.durability.sync_policy();
-    let mut journal = journal;
-    let mut live = LiveIndex::default();
-    if sync.is_some() {
-        journal.adopt_obsolete();
-    }
-    let mut backlog = VecDeque::with_capacity(recovered.len());
-    let mut waiting = Vec::new();
-    let (now, wall) = (Instant::now(), now_ms());
-    for task in recovered {
-        if sync.is_some() {
-            live.recovered(task.id, task.segment, task.len);
-        }
-        let job = Job {
-            id: task.id,
-            state: task.state,
-            last_error: task.last_error,
-            payload: task.value,
-            journaled: true,
-            replayed: true,
-        };
-        // A task spilled while waiting for its retry keeps its time.
-        if job.state.not_before_ms > wall {
-            let delay = Duration::from_millis(job.state.not_before_ms - wall);
-            waiting.push((now + delay, job));
-        } else {
-            backlog.push_back(job);
-        }
-    }
+    let Replay {
+        backlog,
+        waiting,
+        live,
+    } = replay;
     recovery.replayed = (backlog.len() + waiting.len()) as u64;
     let replayed = recovery.replayed;
+    let sync = config.durability.sync_policy();
 
     // A child token: the pool's own shutdown (or its drop) never cancels the user's token.
     let trigger = config
@@ -224,24 +205,34 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     Ok((pool, Runner { shared }))
 }
 
-/// Turns the recovered tasks whose payload no longer decodes into dead letters, durably,
-/// before anything runs; returns the others.
-fn dead_letter_undecodable<T>(
+/// The recovered tasks, ready to run: the backlog (in id order), the retries waiting for
+/// their time, and (write-ahead) where each one's record is.
+struct Replay<T> {
+    backlog: VecDeque<Job<T>>,
+    waiting: Vec<(Instant, Job<T>)>,
+    live: LiveIndex,
+}
+
+/// Makes the recovered tasks into jobs, in one pass: those whose payload no longer decodes
+/// become dead letters, durably, before anything runs (their old segments are kept if that
+/// fails); a task spilled while waiting for its retry keeps its time (`now` and `wall` are the
+/// same moment on the two clocks).
+fn replay<T>(
     journal: &mut Journal,
     report: &mut RecoveryReport,
     recovered: Vec<Recovered<Decoded<T>>>,
-) -> Vec<Recovered<Arc<T>>> {
-    let mut live = Vec::with_capacity(recovered.len());
+    write_ahead: bool,
+    now: Instant,
+    wall: u64,
+) -> Replay<T> {
+    let mut replay = Replay {
+        backlog: VecDeque::with_capacity(recovered.len()),
+        waiting: Vec::new(),
+        live: LiveIndex::default(),
+    };
     for task in recovered {
-        match task.value {
-            Ok(payload) => live.push(Recovered {
-                id: task.id,
-                state: task.state,
-                last_error: task.last_error,
-                value: payload,
-                segment: task.segment,
-                len: task.len,
-            }),
+        let payload = match task.value {
+            Ok(payload) => payload,
             Err((error, payload)) => {
                 report.undecodable += 1;
                 tracing::warn!(task = %task.id, %error, "payload no longer decodes; kept as a dead letter");
@@ -261,8 +252,26 @@ fn dead_letter_undecodable<T>(
                         journal.keep_obsolete();
                     }
                 }
+                continue;
             }
+        };
+        if write_ahead {
+            replay.live.recovered(task.id, task.segment, task.len);
+        }
+        let job = Job {
+            id: task.id,
+            state: task.state,
+            last_error: task.last_error,
+            payload,
+            journaled: true,
+            replayed: true,
+        };
+        if job.state.not_before_ms > wall {
+            let delay = Duration::from_millis(job.state.not_before_ms - wall);
+            replay.waiting.push((now + delay, job));
+        } else {
+            replay.backlog.push_back(job);
         }
     }
-    live
+    replay
 }
