@@ -149,7 +149,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// (compaction), so one task that never finishes pins nothing: the journal stays within
     /// about twice the live tasks' records plus three segments.
     ///
-    /// The default is 64 MiB.
+    /// The default is 64 MiB; at least 112 bytes (a segment's header and one record), or
+    /// `start` fails with [`StartError::InvalidConfig`].
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
         self.config.segment_bytes = bytes;
         self

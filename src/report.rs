@@ -197,8 +197,12 @@ pub struct Budget {
 pub struct ShutdownReport {
     /// The counters, final.
     pub counts: Counts,
-    /// Ids of the tasks journaled as interrupted.
+    /// Ids of the tasks journaled as interrupted (saved: a task the spill could not save is in
+    /// `unsaved_ids` instead).
     pub interrupted_ids: Vec<TaskId>,
+    /// Ids of the tasks the final spill could not save (a full disk, a failed journal), in id
+    /// order; as many as `unsaved`.
+    pub unsaved_ids: Vec<TaskId>,
     /// From the shutdown trigger to the report.
     pub elapsed: Duration,
     /// The drain deadline this shutdown used (given, or derived from the grace period).

@@ -174,3 +174,91 @@ async fn a_spill_that_finds_the_disk_full_is_reported_loudly() {
     );
     assert_eq!(report.exit_code(), std::process::ExitCode::FAILURE);
 }
+
+/// On-shutdown mode, no room for the whole queue: the spill saves what fits, in id order, and
+/// lists exactly the ids it could not save; every saved task comes back at the next start.
+#[tokio::test]
+async fn a_spill_on_a_full_disk_saves_what_fits_and_names_the_rest() {
+    let Some(disk) = mounted("256k") else { return };
+    let dir = disk.path().join("journal");
+    let pool = hanging_pool(dir.clone(), Durability::on_shutdown()).await;
+    let mut ids = Vec::new();
+    for n in 0..500 {
+        ids.push((pool.submit(payload(n)).await.unwrap(), n));
+    }
+    // Task 0 in flight (its handler hangs), the other 499 queued.
+    common::eventually(common::PATIENCE, "the first task in flight", || {
+        pool.stats().in_flight == 1
+    })
+    .await;
+    let in_flight = ids[0].0;
+    let report = pool.shutdown().await.unwrap();
+    assert!(
+        report.journal_error.as_deref().is_some_and(is_enospc),
+        "{report:?}"
+    );
+    // About 200 of the 500 1 KiB tasks fit in 256 KiB: far more than none.
+    assert!(report.spilled > 100, "{report:?}");
+    assert!(report.unsaved > 0, "{report:?}");
+    assert_eq!(
+        report.unsaved_ids.len() as u64,
+        report.unsaved,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.spilled + report.interrupted + report.unsaved,
+        500,
+        "{report:?}"
+    );
+    assert!(!report.is_clean());
+    assert!(
+        report
+            .interrupted_ids
+            .iter()
+            .all(|id| !report.unsaved_ids.contains(id)),
+        "an interrupted id is listed only if it was saved: {report:?}"
+    );
+    assert_eq!(
+        u8::from(report.interrupted_ids.contains(&in_flight))
+            + u8::from(report.unsaved_ids.contains(&in_flight)),
+        1,
+        "the task in flight is either saved as interrupted or listed unsaved: {report:?}"
+    );
+
+    // What the journal holds is exactly what the report did not call unsaved.
+    let journaled: Vec<drainpool::TaskId> = drainpool::journal::inspect(&dir)
+        .unwrap()
+        .live
+        .iter()
+        .map(|task| task.id)
+        .collect();
+    let expected: Vec<drainpool::TaskId> = ids
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !report.unsaved_ids.contains(id))
+        .collect();
+    let mut journaled_sorted = journaled.clone();
+    journaled_sorted.sort_unstable();
+    assert_eq!(journaled_sorted, expected);
+    // The queue was saved in id order: the unsaved queued tasks are the newest ones.
+    let first_unsaved = report
+        .unsaved_ids
+        .iter()
+        .find(|id| **id != in_flight)
+        .copied();
+    assert!(first_unsaved.is_some(), "{report:?}");
+    assert!(
+        journaled
+            .iter()
+            .filter(|id| **id != in_flight)
+            .all(|id| first_unsaved.is_some_and(|first| *id < first)),
+        "saved queued tasks all precede the first unsaved one: {report:?}"
+    );
+
+    // With room again, every saved task comes back.
+    disk.resize("16m");
+    let pool = hanging_pool(dir, Durability::on_shutdown()).await;
+    assert_eq!(pool.recovery().replayed, journaled.len() as u64);
+    pool.shutdown_now();
+    pool.wait().await.unwrap();
+}

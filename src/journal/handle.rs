@@ -87,12 +87,11 @@ pub(crate) struct SpillOutcome {
     pub(crate) sync_time: Duration,
     /// Tasks made durable.
     pub(crate) written: usize,
-    /// Tasks whose payload failed to encode (left out).
-    pub(crate) unencodable: usize,
+    /// The indices (into the source, in order) of the tasks not saved: their payload failed to
+    /// encode, or they did not fit.
+    pub(crate) unsaved: Vec<usize>,
     /// The first failure, if the spill had to be retried or failed.
     pub(crate) error: Option<JournalError>,
-    /// Whether the tasks are durable (in the first file or the retry).
-    pub(crate) durable: bool,
 }
 
 impl Journal {
@@ -267,73 +266,94 @@ impl Journal {
         result
     }
 
-    /// Writes every task of `tasks` as a live task record and fsyncs. Each record is made as
-    /// it is written (its payload encoded into one reused buffer), so a spill never holds more
-    /// than a chunk of encoded records. A task whose payload fails to encode is left out and
-    /// counted.
+    /// Writes the tasks of `tasks` as live task records, in order, and fsyncs: as many as fit.
+    /// Each record is made as it is written (its payload encoded into one reused buffer), so a
+    /// spill never holds more than a chunk of encoded records.
     ///
-    /// A failed write or fsync poisons the segment in use; the whole spill is then tried once
-    /// more into a fresh segment. Old segments are never deleted after a spill failed.
+    /// When a write fails (a full disk, say), the records of the failed chunk are written one
+    /// by one until one fails too, and what was written is fsynced: that prefix is saved. The
+    /// rest is tried once more in a fresh segment. A failed fsync saves nothing of its segment.
+    /// What could not be saved, or whose payload failed to encode, is listed in
+    /// [`SpillOutcome::unsaved`]. Old segments are never deleted after a spill failed.
     pub(crate) fn spill(&mut self, tasks: &dyn SpillSource) -> SpillOutcome {
         let mut outcome = SpillOutcome::default();
-        if tasks.len() == 0 {
-            outcome.durable = true;
-            return outcome;
-        }
+        let count = tasks.len();
+        // Every task before `next` is saved or listed as unsaved.
+        let mut next = 0;
         for try_number in 0..2 {
-            match self.spill_once(tasks, &mut outcome) {
-                Ok((written, unencodable)) => {
-                    outcome.written = written;
-                    outcome.unencodable = unencodable;
-                    outcome.durable = true;
-                    return outcome;
-                }
-                Err(error) => {
-                    tracing::error!(%error, try_number, "journal spill failed");
-                    self.current = None;
-                    self.keep_obsolete = true;
-                    outcome.error.get_or_insert(error);
-                }
+            if next == count {
+                break;
             }
+            let mut unencodable = Vec::new();
+            let (saved_to, error) = self.spill_from(tasks, next, &mut unencodable, &mut outcome);
+            outcome
+                .unsaved
+                .extend(unencodable.into_iter().filter(|&i| i < saved_to));
+            next = saved_to;
+            let Some(error) = error else { break };
+            tracing::error!(%error, try_number, saved = next, of = count, "journal spill failed");
+            self.current = None;
+            self.keep_obsolete = true;
+            outcome.error.get_or_insert(error);
         }
+        outcome.unsaved.extend(next..count);
+        outcome.written = count - outcome.unsaved.len();
         outcome
     }
 
-    fn spill_once(
+    /// Writes tasks `start..` into the current segment (a new one if there is none) and
+    /// fsyncs. Returns the end of the saved range (`start` if nothing was saved) and the first
+    /// error, if any; `unencodable` gets the indices left out for their payload.
+    fn spill_from(
         &mut self,
         tasks: &dyn SpillSource,
+        start: usize,
+        unencodable: &mut Vec<usize>,
         times: &mut SpillOutcome,
-    ) -> Result<(usize, usize), JournalError> {
+    ) -> (usize, Option<JournalError>) {
         let started = Instant::now();
         let epoch = self.epoch;
-        let segment = self.current()?;
+        let segment = match self.current() {
+            Ok(segment) => segment,
+            Err(error) => return (start, Some(error)),
+        };
         let mut buf = Vec::with_capacity(SPILL_CHUNK + 4096);
+        // The records in `buf`: each one's task index and end offset.
+        let mut in_buf: Vec<(usize, usize)> = Vec::new();
         let mut payload = Vec::new();
-        let (mut written, mut unencodable, mut in_buf) = (0, 0, 0);
-        for i in 0..tasks.len() {
+        let mut written_to = start;
+        let mut failed = None;
+        for i in start..tasks.len() {
             payload.clear();
             match tasks.record(i, &mut payload) {
                 Some(record) => {
                     format::encode_record(&mut buf, epoch, Kind::Task, &record);
-                    in_buf += 1;
+                    in_buf.push((i, buf.len()));
                 }
-                None => unencodable += 1,
+                None => unencodable.push(i),
             }
-            if buf.len() >= SPILL_CHUNK {
-                segment.append(&buf, in_buf)?;
-                written += in_buf;
-                in_buf = 0;
+            if buf.len() >= SPILL_CHUNK || i + 1 == tasks.len() {
+                let (fit_to, error) = append_what_fits(segment, &buf, &in_buf);
                 buf.clear();
+                in_buf.clear();
+                if let Some(error) = error {
+                    written_to = fit_to;
+                    failed = Some(error);
+                    break;
+                }
+                // Every task through `i` is written, or left out for its payload.
+                written_to = i + 1;
             }
         }
-        segment.append(&buf, in_buf)?;
-        written += in_buf;
         let synced = Instant::now();
         times.write_time += synced - started;
         let result = segment.sync();
         times.sync_time += synced.elapsed();
-        result?;
-        Ok((written, unencodable))
+        match result {
+            Ok(()) => (written_to, failed),
+            // Nothing written to this segment can be trusted.
+            Err(error) => (start, Some(failed.unwrap_or(error))),
+        }
     }
 
     /// The sealed segments, oldest first.
@@ -406,6 +426,40 @@ impl Journal {
             .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
         Ok(())
     }
+}
+
+/// Appends a chunk of records (`in_buf`: each one's task index and end offset in `buf`).
+/// Returns the index after the last task written, and the error if the chunk failed. On a full
+/// disk (or quota), the chunk's records are then appended one by one until one fails, so that
+/// what still fits is written; after any other failure the segment takes nothing more.
+fn append_what_fits(
+    segment: &mut SegmentWriter,
+    buf: &[u8],
+    in_buf: &[(usize, usize)],
+) -> (usize, Option<JournalError>) {
+    let (Some(&(first, _)), Some(&(last, _))) = (in_buf.first(), in_buf.last()) else {
+        return (0, None);
+    };
+    let Err(error) = segment.append(buf, in_buf.len()) else {
+        return (last + 1, None);
+    };
+    let full = error.io_error().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    });
+    if !full {
+        return (first, Some(error));
+    }
+    let mut from = 0;
+    for &(i, end) in in_buf {
+        if segment.append(&buf[from..end], 1).is_err() {
+            return (i, Some(error));
+        }
+        from = end;
+    }
+    (last + 1, Some(error))
 }
 
 /// Removes segment files (one already gone is fine), then fsyncs the directory so the removals

@@ -30,7 +30,6 @@ pub(crate) use self::record::{Recovered, TaskRecord, TaskState};
 /// The largest record the format frames: 64 MiB.
 pub(crate) const MAX_RECORD_BYTES: usize = format::MAX_RECORD_LIMIT;
 /// The length of a segment's header.
-#[cfg(test)]
 pub(crate) const SEGMENT_HEADER_LEN: usize = format::HEADER_LEN;
 
 /// The encoded length of a task record whose payload and last error take these many bytes.

@@ -20,6 +20,8 @@ pub(crate) struct SegmentWriter {
     dir_synced: bool,
     /// Task or dead-letter records written (acks not counted).
     tasks: usize,
+    /// Set when a failed write could not be cut back cleanly: nothing more may be appended.
+    broken: bool,
 }
 
 impl SegmentWriter {
@@ -39,6 +41,7 @@ impl SegmentWriter {
             len: bytes.len() as u64,
             dir_synced: false,
             tasks: 0,
+            broken: false,
         })
     }
 
@@ -64,11 +67,19 @@ impl SegmentWriter {
     /// Appends whole encoded records holding `tasks` task records.
     ///
     /// On a failed or short write the file is cut back to the last whole record, so what is on
-    /// disk stays a valid prefix; the caller must treat the writer as poisoned.
+    /// disk stays a valid prefix. Callers that cannot tell a full disk from a failing one treat
+    /// the writer as poisoned then. After a failed write that was cut back cleanly (the file truncated to its last whole
+    /// record, and the write position moved back there), more may be appended, the way a spill
+    /// on a full disk writes what still fits; if the cut failed, every later append fails.
     pub(crate) fn append(&mut self, bytes: &[u8], tasks: usize) -> Result<(), JournalError> {
+        if self.broken {
+            return Err(JournalError::Poisoned);
+        }
         if let Err(e) = self.ops.write(&self.path, &mut self.file, bytes) {
             // Best effort: a torn tail is also handled on recovery.
-            let _ = self.ops.truncate(&self.path, &self.file, self.len);
+            let cut = self.ops.truncate(&self.path, &self.file, self.len).is_ok()
+                && std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(self.len)).is_ok();
+            self.broken = !cut;
             return Err(JournalError::io("write", &self.path, Some(self.len), e));
         }
         self.len += bytes.len() as u64;

@@ -166,6 +166,14 @@ impl Config {
                 format!("must be between {smallest} and {MAX_RECORD_BYTES_LIMIT}"),
             );
         }
+        // A segment must hold its header and at least one record.
+        let least = (journal::SEGMENT_HEADER_LEN + journal::task_record_len(2, 0)) as u64;
+        if self.segment_bytes < least {
+            return invalid(
+                "segment_bytes",
+                format!("must be at least {least} (a segment's header and one record)"),
+            );
+        }
         let Some(dir) = self.journal_dir.clone() else {
             return invalid("journal_dir", "is required".into());
         };
@@ -199,7 +207,15 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         let dir = Some(PathBuf::from("/nonexistent"));
-        let cases: [(&str, Config); 4] = [
+        let cases: [(&str, Config); 5] = [
+            (
+                "segment_bytes",
+                Config {
+                    segment_bytes: 0,
+                    journal_dir: dir.clone(),
+                    ..Config::default()
+                },
+            ),
             (
                 "workers",
                 Config {

@@ -70,7 +70,10 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     let ((spilled, unsaved), drain_time) = tokio::join!(spill_queued, wait_in_flight);
     let counters = &shared.counters;
     counters.spilled.fetch_add(spilled, Ordering::Relaxed);
-    counters.unsaved.fetch_add(unsaved, Ordering::Relaxed);
+    counters
+        .unsaved
+        .fetch_add(unsaved.len() as u64, Ordering::Relaxed);
+    lock(&shutdown.unsaved_ids).extend(unsaved);
 
     // Every worker is gone: nothing pushes to the commit buffer any more.
     shutdown.flusher.stop().await;
@@ -82,6 +85,11 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     let report = ShutdownReport {
         counts: counters.snapshot(),
         interrupted_ids: lock(&shutdown.interrupted_ids).clone(),
+        unsaved_ids: {
+            let mut ids = lock(&shutdown.unsaved_ids).clone();
+            ids.sort_unstable();
+            ids
+        },
         elapsed: started.elapsed(),
         drain_deadline,
         drain_time,
@@ -211,9 +219,10 @@ async fn spill_held<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, with_wait
         .chain(waiting)
         .collect();
     let (written, unsaved) = spill(shared, jobs).await;
-    // A spill is durable whole or not at all; only a payload that fails to encode (which
-    // submit already rules out) is left out of a durable one, so the split is by count.
-    let interrupted = written.min(ids.len() as u64);
+    // Only what was saved counts as interrupted (and is listed so); the rest is unsaved.
+    let saved_interrupted: Vec<TaskId> =
+        ids.into_iter().filter(|id| !unsaved.contains(id)).collect();
+    let interrupted = saved_interrupted.len() as u64;
     let counters = &shared.counters;
     counters
         .interrupted
@@ -221,13 +230,20 @@ async fn spill_held<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, with_wait
     counters
         .spilled
         .fetch_add(written - interrupted, Ordering::Relaxed);
-    counters.unsaved.fetch_add(unsaved, Ordering::Relaxed);
-    lock(&shutdown.interrupted_ids).extend(ids);
+    counters
+        .unsaved
+        .fetch_add(unsaved.len() as u64, Ordering::Relaxed);
+    lock(&shutdown.interrupted_ids).extend(saved_interrupted);
+    lock(&shutdown.unsaved_ids).extend(unsaved);
 }
 
-/// Journals `jobs` as live tasks. Returns (written, not written).
-async fn spill<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, jobs: Vec<Job<T>>) -> (u64, u64) {
+/// Journals `jobs` as live tasks, as many as fit. Returns how many were saved, and the ids
+/// of the others.
+async fn spill<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    jobs: Vec<Job<T>>,
+) -> (u64, Vec<TaskId>) {
     let count = jobs.len() as u64;
-    let written = shared.store.spill(Spill::new(jobs, &shared.codec)).await as u64;
-    (written, count - written)
+    let unsaved = shared.store.spill(Spill::new(jobs, &shared.codec)).await;
+    (count - unsaved.len() as u64, unsaved)
 }

@@ -55,6 +55,8 @@ pub(crate) struct Shutdown<T> {
     pub(crate) held: Mutex<Vec<(Held, Job<T>)>>,
     /// Ids of the tasks journaled as interrupted, for the report.
     pub(crate) interrupted_ids: Mutex<Vec<TaskId>>,
+    /// Ids of the tasks the final spill could not save, for the report.
+    pub(crate) unsaved_ids: Mutex<Vec<TaskId>>,
     pub(crate) flusher: Owned,
     pub(crate) upkeep: Owned,
     pub(crate) state: watch::Sender<State>,
@@ -71,6 +73,7 @@ impl<T> Shutdown<T> {
             settled,
             held: Mutex::new(Vec::new()),
             interrupted_ids: Mutex::new(Vec::new()),
+            unsaved_ids: Mutex::new(Vec::new()),
             flusher: Owned::new(),
             upkeep: Owned::new(),
             state: watch::Sender::new(State::Running),

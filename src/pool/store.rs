@@ -177,22 +177,28 @@ impl Store {
         result.map_err(|error| self.record_error(error))
     }
 
-    /// Journals the tasks of `spill` as live tasks and fsyncs. Returns how many are durable.
-    pub(crate) async fn spill<T: Send + Sync + 'static>(&self, spill: Spill<T>) -> usize {
+    /// Journals the tasks of `spill` as live tasks and fsyncs, as many as fit. Returns the ids
+    /// of those that could not be saved, in id order (none: all are durable).
+    pub(crate) async fn spill<T: Send + Sync + 'static>(&self, spill: Spill<T>) -> Vec<TaskId> {
         if spill.len() == 0 {
-            return 0;
+            return Vec::new();
         }
+        let all: Vec<TaskId> = spill.jobs.iter().map(|job| job.id).collect();
         let result = self
             .with_journal("spill", move |journal| {
                 let journal = journal.as_mut().ok_or(JournalError::Poisoned)?;
-                Ok(journal.spill(&spill))
+                let outcome = journal.spill(&spill);
+                let unsaved: Vec<TaskId> =
+                    outcome.unsaved.iter().map(|&i| spill.jobs[i].id).collect();
+                Ok((outcome, unsaved))
             })
             .await;
-        let outcome = match result {
-            Ok(outcome) => outcome,
+        let (outcome, unsaved) = match result {
+            Ok(done) => done,
             Err(error) => {
+                tracing::error!(tasks = all.len(), %error, "spill failed; no task saved");
                 self.record_error(error);
-                return 0;
+                return all;
             }
         };
         {
@@ -200,21 +206,26 @@ impl Store {
             total.0 += outcome.write_time;
             total.1 += outcome.sync_time;
         }
-        let written = if outcome.durable { outcome.written } else { 0 };
-        match outcome.error {
-            None => tracing::warn!(tasks = written, "spilled tasks to the journal"),
-            Some(error) if outcome.durable => {
-                tracing::warn!(
-                    tasks = written,
-                    "spilled tasks to a fresh segment after a failure"
-                );
-                self.record_error(error);
-            }
-            Some(error) => {
-                self.record_error(error);
-            }
+        if !unsaved.is_empty() {
+            let shown: Vec<String> = unsaved.iter().take(20).map(ToString::to_string).collect();
+            tracing::error!(
+                saved = outcome.written,
+                unsaved = unsaved.len(),
+                ids = %shown.join(" "),
+                "spill could not save every task; the first unsaved ids are listed"
+            );
+        } else if outcome.error.is_some() {
+            tracing::warn!(
+                tasks = outcome.written,
+                "spilled tasks to a fresh segment after a failure"
+            );
+        } else {
+            tracing::warn!(tasks = outcome.written, "spilled tasks to the journal");
         }
-        written
+        if let Some(error) = outcome.error {
+            self.record_error(error);
+        }
+        unsaved
     }
 
     /// Syncs, deletes what the spill replaced, and releases the lock. Returns how long it took.

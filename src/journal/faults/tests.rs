@@ -305,7 +305,7 @@ fn a_spill_that_fails_once_is_written_whole_to_a_fresh_segment() {
         let mut journal = open(dir.path(), &faults);
         faults.fail_nth(op, nth, EIO);
         let outcome = spill(&mut journal, 1..6);
-        assert!(outcome.durable, "{op:?} {nth}");
+        assert!(outcome.unsaved.is_empty(), "{op:?} {nth}");
         assert_eq!(outcome.written, 5, "{op:?} {nth}");
         let error = outcome.error.expect("the first failure is reported");
         assert_eq!(errno(&error), Some(EIO), "{op:?} {nth}: {error}");
@@ -326,7 +326,7 @@ fn a_spill_that_fails_twice_leaves_the_old_segments_in_place() {
     let dir = tempfile::tempdir().unwrap();
     // An earlier run spilled tasks 1 to 5.
     let mut journal = open(dir.path(), &Faults::new());
-    assert!(spill(&mut journal, 1..6).durable);
+    assert!(spill(&mut journal, 1..6).unsaved.is_empty());
     journal.close().unwrap();
     let old = segments(dir.path());
     assert_eq!(old.len(), 1);
@@ -336,7 +336,7 @@ fn a_spill_that_fails_twice_leaves_the_old_segments_in_place() {
     let mut journal = open(dir.path(), &faults);
     faults.fail_from(Op::Sync, 1, EIO);
     let outcome = spill(&mut journal, 1..8);
-    assert!(!outcome.durable);
+    assert_eq!(outcome.unsaved, [0, 1, 2, 3, 4, 5, 6]);
     assert_eq!(outcome.written, 0);
     assert_eq!(outcome.error.as_ref().and_then(errno), Some(EIO));
     assert_eq!(faults.calls(Op::Create), 2, "one retry, in a fresh segment");
@@ -356,7 +356,7 @@ fn a_spill_that_fails_twice_leaves_the_old_segments_in_place() {
 /// A journal directory holding one closed segment with tasks 1 to 4; returns the segment.
 fn closed_segment(dir: &Path) -> PathBuf {
     let mut journal = open(dir, &Faults::new());
-    assert!(spill(&mut journal, 1..5).durable);
+    assert!(spill(&mut journal, 1..5).unsaved.is_empty());
     journal.close().unwrap();
     let [segment] = &segments(dir)[..] else {
         panic!("one segment expected")

@@ -116,7 +116,10 @@ fn spill(journal: &mut Journal, items: &[Item]) -> SpillOutcome {
 
 fn spill_all(journal: &mut Journal, items: &[Item]) {
     let outcome = spill(journal, items);
-    assert!(outcome.durable && outcome.error.is_none(), "{outcome:?}");
+    assert!(
+        outcome.unsaved.is_empty() && outcome.error.is_none(),
+        "{outcome:?}"
+    );
     assert_eq!(outcome.written, items.len());
 }
 
@@ -221,7 +224,7 @@ fn empty_spill_writes_no_segment() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut journal, _, _) = open(tmp.path());
     let outcome = spill(&mut journal, &[]);
-    assert!(outcome.durable && outcome.error.is_none());
+    assert!(outcome.unsaved.is_empty() && outcome.error.is_none());
     assert_eq!(outcome.written, 0);
     journal.close().unwrap();
     assert!(live_segments(tmp.path()).is_empty());
