@@ -156,6 +156,22 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Whether, in the on-shutdown mode, the pool keeps disk space set aside in the journal
+    /// directory (a `reserve` file, allocated but never written) that covers every task it
+    /// holds in memory, so that the spill at shutdown finds room for all of them even when the
+    /// disk has filled up meanwhile. The reserve grows in steps as the pool accepts tasks;
+    /// when it cannot grow, `submit` refuses with [`SubmitError::JournalFull`](crate::SubmitError::JournalFull),
+    /// handing the task back, and [`Stats::journal_ready`](crate::Stats::journal_ready) is
+    /// false. Its first step (1 MiB) is taken at start: a directory that cannot take it fails
+    /// `start`. Off, a spill on a full disk saves what fits and lists the rest in the report.
+    /// Not used in write-ahead mode, where every task is on disk already.
+    ///
+    /// The default is on.
+    pub fn spill_reserve(mut self, on: bool) -> Self {
+        self.config.spill_reserve = on;
+        self
+    }
+
     /// The journal's file operations: a test's faulty ones instead of the real calls.
     #[cfg(test)]
     pub(crate) fn file_ops(mut self, ops: crate::journal::Ops) -> Self {

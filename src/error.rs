@@ -152,6 +152,16 @@ pub enum SubmitError<T> {
         /// What failed.
         error: std::sync::Arc<JournalError>,
     },
+    /// The journal's disk has no room for this task should it need to be spilled: the spill
+    /// reserve could not grow to cover it (on-shutdown mode). Like `Full`, a refusal to retry
+    /// later or to answer with 503; the tasks already accepted are covered. See
+    /// [`Builder::spill_reserve`](crate::Builder::spill_reserve).
+    JournalFull {
+        /// The task.
+        task: T,
+        /// Why the reserve could not grow (ENOSPC, a quota).
+        error: std::sync::Arc<JournalError>,
+    },
     /// The payload failed to encode (with the pool's [`Codec`](crate::Codec)), so it could
     /// never be journaled.
     Unserializable {
@@ -172,6 +182,7 @@ impl<T> SubmitError<T> {
             | Self::WouldBlock(task)
             | Self::RecordTooLarge { task, .. }
             | Self::Journal { task, .. }
+            | Self::JournalFull { task, .. }
             | Self::Unserializable { task, .. } => task,
         }
     }
@@ -183,6 +194,7 @@ impl<T> SubmitError<T> {
             Self::WouldBlock(_) => "WouldBlock",
             Self::RecordTooLarge { .. } => "RecordTooLarge",
             Self::Journal { .. } => "Journal",
+            Self::JournalFull { .. } => "JournalFull",
             Self::Unserializable { .. } => "Unserializable",
         }
     }
@@ -197,6 +209,10 @@ impl<T> fmt::Debug for SubmitError<T> {
                 .finish_non_exhaustive(),
             Self::Journal { error, .. } => f
                 .debug_struct("Journal")
+                .field("error", error)
+                .finish_non_exhaustive(),
+            Self::JournalFull { error, .. } => f
+                .debug_struct("JournalFull")
                 .field("error", error)
                 .finish_non_exhaustive(),
             Self::Unserializable { source, .. } => f
@@ -218,6 +234,9 @@ impl<T> fmt::Display for SubmitError<T> {
                 write!(f, "task record is larger than the {limit}-byte limit")
             }
             Self::Journal { .. } => f.write_str("the write-ahead journal failed"),
+            Self::JournalFull { .. } => {
+                f.write_str("the journal has no room to spill the task at shutdown")
+            }
             Self::Unserializable { .. } => f.write_str("task payload does not serialize"),
         }
     }
@@ -227,7 +246,7 @@ impl<T> std::error::Error for SubmitError<T> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Unserializable { source, .. } => Some(&**source),
-            Self::Journal { error, .. } => Some(&**error),
+            Self::Journal { error, .. } | Self::JournalFull { error, .. } => Some(&**error),
             _ => None,
         }
     }

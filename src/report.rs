@@ -109,6 +109,12 @@ pub struct Stats {
     pub queued: u64,
     /// Tasks whose handler is running.
     pub in_flight: u64,
+    /// Whether the journal can take what the pool holds: false once it has failed, or while
+    /// its spill reserve cannot grow to cover the tasks in memory (a full disk). A readiness
+    /// probe should fail then.
+    pub journal_ready: bool,
+    /// Bytes of disk set aside for the spill (on-shutdown mode, with the spill reserve on).
+    pub spill_reserve: u64,
     /// The counters.
     pub counts: Counts,
 }

@@ -3,8 +3,11 @@
 //!
 //! Write-ahead: once the disk is full, `submit` fails with `SubmitError::Journal` and hands the
 //! task back; the journal takes no more writes; every task accepted before is still in the
-//! journal and comes back once there is room. On-shutdown: a spill that finds the disk full is
-//! reported loudly (an error in the report, `unsaved` counted, a failing exit code).
+//! journal and comes back once there is room. On-shutdown, with the spill reserve (the
+//! default): `submit` refuses with `SubmitError::JournalFull` once the reserve cannot grow, and
+//! the spill saves every task accepted; a start that cannot take the reserve's first step fails.
+//! Without the reserve, a spill that finds the disk full saves what fits, and is reported loudly
+//! (an error in the report, the unsaved ids, a failing exit code).
 
 #![cfg(target_os = "linux")]
 
@@ -86,6 +89,20 @@ fn payload(n: u64) -> (u64, String) {
 }
 
 async fn hanging_pool(dir: PathBuf, durability: Durability) -> Pool<(u64, String)> {
+    hanging_builder(dir, durability)
+        .spill_reserve(false)
+        .start(hang)
+        .await
+        .unwrap()
+}
+
+/// A handler that holds its task until the deadline, then gives up.
+async fn hang(task: Task<(u64, String)>) -> Result<(), &'static str> {
+    task.cancelled().await;
+    Err("stopped at the deadline")
+}
+
+fn hanging_builder(dir: PathBuf, durability: Durability) -> drainpool::Builder<(u64, String)> {
     Pool::builder()
         .workers(1)
         .queue_capacity(10_000)
@@ -93,12 +110,6 @@ async fn hanging_pool(dir: PathBuf, durability: Durability) -> Pool<(u64, String
         .cancel_grace(Duration::from_millis(10))
         .durability(durability)
         .journal_dir(dir)
-        .start(|task: Task<(u64, String)>| async move {
-            task.cancelled().await;
-            Err::<(), _>("stopped at the deadline")
-        })
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -261,4 +272,69 @@ async fn a_spill_on_a_full_disk_saves_what_fits_and_names_the_rest() {
     assert_eq!(pool.recovery().replayed, journaled.len() as u64);
     pool.shutdown_now();
     pool.wait().await.unwrap();
+}
+
+/// On-shutdown mode with the spill reserve: once the reserve cannot grow, `submit` refuses and
+/// hands the task back, the pool says the journal is not ready, and the spill at shutdown saves
+/// every task accepted: a full disk costs none.
+#[tokio::test]
+async fn with_the_spill_reserve_a_full_disk_costs_no_accepted_task() {
+    let Some(disk) = mounted("4m") else { return };
+    let dir = disk.path().join("journal");
+    let pool = hanging_builder(dir.clone(), Durability::on_shutdown())
+        .start(hang)
+        .await
+        .unwrap();
+    assert!(pool.stats().journal_ready);
+    assert!(pool.stats().spill_reserve >= 1 << 20);
+    let mut accepted = 0u64;
+    let mut refused = None;
+    for n in 0..20_000 {
+        match pool.submit(payload(n)).await {
+            Ok(_) => accepted += 1,
+            Err(SubmitError::JournalFull { task, error }) => {
+                assert_eq!(task, payload(n), "the refused task is handed back whole");
+                assert!(is_enospc(&error), "{error:?}");
+                refused = Some(n);
+                break;
+            }
+            Err(other) => panic!("unexpected refusal: {other}"),
+        }
+    }
+    assert!(refused.is_some(), "the disk filled up");
+    assert!(accepted > 1_000, "only {accepted} accepted");
+    let stats = pool.stats();
+    assert!(!stats.journal_ready, "{stats:?}");
+    // The reserve covers every accepted task's record (each over 1 KiB).
+    assert!(stats.spill_reserve >= accepted * 1024, "{stats:?}");
+
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.unsaved, 0, "{report:?}");
+    assert!(report.unsaved_ids.is_empty());
+    assert_eq!(report.spilled + report.interrupted, accepted, "{report:?}");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(
+        !dir.join("reserve").exists(),
+        "the reserve went before the spill"
+    );
+    let journaled = drainpool::journal::inspect(&dir).unwrap().live.len() as u64;
+    assert_eq!(journaled, accepted);
+}
+
+/// A journal directory that cannot take the spill reserve's first step fails the start, with
+/// the file system's error, instead of failing at shutdown.
+#[tokio::test]
+async fn a_start_without_room_for_the_spill_reserve_fails() {
+    let Some(disk) = mounted("256k") else { return };
+    let dir = disk.path().join("journal");
+    let started = hanging_builder(dir.clone(), Durability::on_shutdown())
+        .start(hang)
+        .await;
+    match started {
+        Err(drainpool::StartError::Journal(error)) => assert!(is_enospc(&error), "{error:?}"),
+        other => panic!("expected the start to fail, got {other:?}"),
+    }
+    // Turned off, the same directory starts.
+    let pool = hanging_pool(dir, Durability::on_shutdown()).await;
+    pool.shutdown().await.unwrap();
 }

@@ -43,6 +43,8 @@ pub(crate) enum Op {
     KeepCopy,
     /// The write-speed probe.
     Probe,
+    /// The spill reserve: creating, growing or removing its file.
+    Allocate,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -325,6 +327,21 @@ impl FileOps for Faults {
     fn keep_copy(&self, from: &Path, to: &Path) -> io::Result<()> {
         self.check(Op::KeepCopy)?;
         Os.keep_copy(from, to)
+    }
+
+    fn create_reserve(&self, path: &Path) -> io::Result<File> {
+        self.check(Op::Allocate)?;
+        Os.create_reserve(path)
+    }
+
+    fn remove_reserve(&self, path: &Path) -> io::Result<()> {
+        self.check(Op::Allocate)?;
+        Os.remove_reserve(path)
+    }
+
+    fn allocate(&self, path: &Path, file: &mut File, len: u64) -> io::Result<()> {
+        self.check(Op::Allocate)?;
+        Os.allocate(path, file, len)
     }
 
     fn probe(&self, path: &Path, buf: &[u8]) -> io::Result<(Duration, Duration)> {

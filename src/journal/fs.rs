@@ -126,6 +126,24 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
         }
     }
 
+    /// Creates the spill reserve's file, which must not exist yet (owner-only).
+    fn create_reserve(&self, path: &Path) -> io::Result<File> {
+        create_new(path)
+    }
+
+    /// Removes the spill reserve's file, freeing its space.
+    fn remove_reserve(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    /// Makes `file` (the spill reserve) hold `len` bytes of allocated disk space: `fallocate`
+    /// on Linux, which takes the blocks without writing them; elsewhere, zeros written from its
+    /// current end. Fails with the file system's error (ENOSPC) when there is no room.
+    fn allocate(&self, path: &Path, file: &mut File, len: u64) -> io::Result<()> {
+        let _ = path;
+        allocate(file, len)
+    }
+
     /// Writes `buf` to a new file at `path` (removing any left by an earlier probe), fsyncs
     /// it and removes it again. Returns how long the write and the fsync took.
     fn probe(&self, path: &Path, buf: &[u8]) -> io::Result<(Duration, Duration)> {
@@ -141,6 +159,40 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
         let _ = fs::remove_file(path);
         result
     }
+}
+
+/// Allocates disk space for `file` up to `len` bytes (see [`FileOps::allocate`]).
+#[cfg(target_os = "linux")]
+fn allocate(file: &mut File, len: u64) -> io::Result<()> {
+    let current = file.metadata()?.len();
+    if len <= current {
+        return Ok(());
+    }
+    rustix::fs::fallocate(
+        &*file,
+        rustix::fs::FallocateFlags::empty(),
+        current,
+        len - current,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Allocates disk space for `file` up to `len` bytes (see [`FileOps::allocate`]).
+#[cfg(not(target_os = "linux"))]
+fn allocate(file: &mut File, len: u64) -> io::Result<()> {
+    let current = file.metadata()?.len();
+    if len <= current {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(current))?;
+    let zeros = vec![0u8; 1 << 16];
+    let mut left = len - current;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// The real file operations.

@@ -26,6 +26,7 @@ pub use self::inspect::{
     requeue, stats, verify,
 };
 pub(crate) use self::record::{Recovered, TaskRecord, TaskState};
+pub(crate) use self::reserve::Reserve;
 
 /// The largest record the format frames: 64 MiB.
 pub(crate) const MAX_RECORD_BYTES: usize = format::MAX_RECORD_LIMIT;
@@ -48,4 +49,5 @@ mod inspect;
 mod reader;
 mod record;
 mod recover;
+mod reserve;
 mod writer;

@@ -126,6 +126,8 @@ pub(crate) struct Config {
     pub(crate) shutdown_token: Option<CancellationToken>,
     pub(crate) durability: Durability,
     pub(crate) segment_bytes: u64,
+    /// Whether the on-shutdown mode keeps a spill reserve.
+    pub(crate) spill_reserve: bool,
     /// How the journal writes its files: the real calls, or a test's faulty ones.
     pub(crate) file_ops: journal::Ops,
 }
@@ -142,6 +144,7 @@ impl Default for Config {
             shutdown_token: None,
             durability: Durability::on_shutdown(),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            spill_reserve: true,
             file_ops: journal::os(),
         }
     }

@@ -52,6 +52,10 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     shutdown.upkeep.stop().await;
 
     let queued = shared.queue.take_queued().await;
+    // Its space is for the spills that follow.
+    if let Some(reserve) = &shared.reserve {
+        reserve.release();
+    }
     if let Some(write_ahead) = &shared.write_ahead {
         // Write-ahead: the live tasks are journaled already, but among the whole run's
         // history. Spill them (and the interrupted ones) to a fresh segment, so that the next

@@ -246,6 +246,9 @@ impl<T> Pool<T> {
                 .counters
                 .in_flight
                 .load(std::sync::atomic::Ordering::Relaxed),
+            journal_ready: shared.store.first_error().is_none()
+                && shared.reserve.as_ref().is_none_or(|r| !r.is_short()),
+            spill_reserve: shared.reserve.as_ref().map_or(0, |r| r.reserved()),
             counts: shared.counters.snapshot(),
         }
     }

@@ -31,6 +31,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if self.write_ahead.is_some() {
             return self.write_ahead(permit, payload, size).await;
         }
+        let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
         Ok(self.accept(permit, id, state, payload, size, false))
     }
@@ -46,6 +47,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         match self.queue.try_reserve() {
             Ok(permit) => {
+                let payload = self.reserve_room(payload, size)?;
                 let (id, state) = self.ids.fresh();
                 Ok(self.accept(permit, id, state, payload, size, false))
             }
@@ -90,6 +92,20 @@ impl<T: Send + Sync + 'static> Shared<T> {
         Ok(self.accept(permit, id, state, payload, size, true))
     }
 
+    /// Makes room in the spill reserve for a task of `size` encoded bytes, or refuses it.
+    fn reserve_room(&self, payload: T, size: usize) -> Result<T, SubmitError<T>> {
+        match &self.reserve {
+            Some(reserve) => match reserve.admit(reserved_bytes(size)) {
+                Ok(()) => Ok(payload),
+                Err(error) => Err(SubmitError::JournalFull {
+                    task: payload,
+                    error,
+                }),
+            },
+            None => Ok(payload),
+        }
+    }
+
     /// The payload back with its encoded size, or the refusal.
     fn checked(&self, payload: T) -> Result<(T, usize), SubmitError<T>> {
         let limit = self.config.max_record_bytes;
@@ -124,9 +140,19 @@ impl<T: Send + Sync + 'static> Shared<T> {
             payload: Arc::new(payload),
             journaled,
             replayed: false,
+            reserved: if self.reserve.is_some() {
+                reserved_bytes(size) as u32
+            } else {
+                0
+            },
         });
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         self.ids.accepted(size);
         id
     }
+}
+
+/// The spill reserve a task of `size` encoded payload bytes needs: its record's size.
+fn reserved_bytes(size: usize) -> u64 {
+    journal::task_record_len(size, 0) as u64
 }

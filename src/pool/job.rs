@@ -25,6 +25,8 @@ pub(crate) struct Job<T> {
     pub(crate) journaled: bool,
     /// Whether it was replayed from an earlier run (whose segments wait for it).
     pub(crate) replayed: bool,
+    /// The bytes of spill reserve it holds (0 for a replayed task: see `reserve.rs`).
+    pub(crate) reserved: u32,
 }
 
 impl<T> Job<T> {

@@ -31,6 +31,7 @@ mod live;
 mod lock;
 mod outcome;
 mod queue;
+mod reserve;
 mod shared;
 mod shutdown;
 mod start;

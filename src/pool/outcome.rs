@@ -39,6 +39,7 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
         match outcome {
             Outcome::Completed => {
                 self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                self.unreserve(&job);
                 if job.journaled {
                     self.finish_journaled(&job).await;
                 }
@@ -73,6 +74,20 @@ impl<T: Send + Sync + 'static> Shared<T> {
             "task failed; will retry"
         );
         job.state.not_before_ms = now_ms().saturating_add(delay.as_millis() as u64);
+        if let Some(reserve) = &self.reserve
+            && job.reserved > 0
+        {
+            // Its record now carries the error (cut at 4 KiB in the journal).
+            let grown = error.len().min(4096) as u32;
+            let before = job
+                .last_error
+                .as_deref()
+                .map_or(0, |e| e.len().min(4096) as u32);
+            if grown > before {
+                reserve.add(u64::from(grown - before));
+                job.reserved += grown - before;
+            }
+        }
         job.last_error = Some(error.into());
         if let Some(write_ahead) = &self.write_ahead
             && job.journaled
@@ -86,6 +101,13 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         self.counters.retried.fetch_add(1, Ordering::Relaxed);
         self.queue.retry_later(job, delay);
+    }
+
+    /// A task left memory for good: the spill reserve it held is free.
+    fn unreserve(&self, job: &Job<T>) {
+        if let Some(reserve) = &self.reserve {
+            reserve.forget(u64::from(job.reserved));
+        }
     }
 
     /// Records that a journaled task is finished (completed, dead-lettered or dropped); retires
@@ -119,6 +141,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Ok(()) => {
                 tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter");
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.unreserve(&job);
                 if job.journaled {
                     self.finish_journaled(&job).await;
                 }
@@ -172,6 +195,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             DeadlineAction::Drop => {
                 tracing::warn!(task = %job.id, "task interrupted at the drain deadline; dropped by policy");
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.unreserve(&job);
                 if job.journaled {
                     self.finish_journaled(&job).await;
                 }

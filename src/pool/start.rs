@@ -21,6 +21,7 @@ use super::handle::Pool;
 use super::job::{Ids, Job, now_ms};
 use super::live::LiveIndex;
 use super::queue::Queue;
+use super::reserve::{self, SpillReserve};
 use super::shared::Shared;
 use super::shutdown::Shutdown;
 use super::store::Store;
@@ -29,7 +30,7 @@ use super::worker;
 use super::write_ahead::WriteAhead;
 use crate::codec::Encoding;
 use crate::error::{BoxError, StartError};
-use crate::journal::{Journal, Recovered, TaskRecord};
+use crate::journal::{Journal, Recovered, Reserve, TaskRecord};
 use crate::policy::{Jitter, Policy};
 use crate::report::{Counters, RecoveryReport};
 use crate::task::Task;
@@ -103,6 +104,8 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let want_probe = matches!(settled, Settled::GracePeriod { .. });
     let decoder = codec.clone();
     let write_ahead = config.durability.is_write_ahead();
+    let want_reserve = config.spill_reserve;
+    let reserve_ops = config.file_ops.clone();
     let (now, wall) = (Instant::now(), now_ms());
     let opened = tokio::task::spawn_blocking(move || {
         let (mut journal, mut report, recovered) =
@@ -117,16 +120,20 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         if write_ahead {
             journal.adopt_obsolete();
         }
+        // The spill reserve's first step: a journal that cannot take it fails the start.
+        let reserve = (want_reserve && !write_ahead)
+            .then(|| Reserve::create(&open_dir, reserve_ops, reserve::STEP))
+            .transpose()?;
         let replay = replay(&mut journal, &mut report, recovered, write_ahead, now, wall);
         let probe = want_probe.then(|| journal.probe());
-        Ok::<_, StartError>((journal, report, replay, probe))
+        Ok::<_, StartError>((journal, report, replay, probe, reserve))
     })
     .await
     .map_err(|e| StartError::InvalidConfig {
         setting: "journal_dir",
         reason: format!("journal recovery panicked: {e}"),
     })??;
-    let (journal, mut recovery, replay, probe) = opened;
+    let (journal, mut recovery, replay, probe, reserve) = opened;
     let probe = probe.map(|probe| match probe {
         Ok((rate, fsync)) => {
             tracing::info!(bytes_per_sec = rate, fsync_us = fsync.as_micros() as u64, "journal write speed measured");
@@ -164,6 +171,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         queue: Queue::new(config.queue_capacity, backlog, waiting),
         store: Store::new(dir, journal, probe),
         write_ahead,
+        reserve: reserve.map(SpillReserve::new),
         shutdown: Shutdown::new(trigger.clone(), settled),
         counters,
         replay_outstanding: AtomicU64::new(replayed),
@@ -265,6 +273,7 @@ fn replay<T>(
             payload,
             journaled: true,
             replayed: true,
+            reserved: 0,
         };
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);

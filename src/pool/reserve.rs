@@ -1,0 +1,121 @@
+//! The pool's side of the spill reserve (on-shutdown mode): the encoded bytes of the tasks it
+//! holds in memory, and the reserve file grown to cover them.
+//!
+//! Each task accepted in this run adds its record's size when it is accepted, and gives it back
+//! when it leaves memory for good (completed, dead-lettered, dropped). When the total would
+//! pass what the reserve holds, the reserve grows, in steps of a quarter more than needed
+//! (at least [`STEP`]), so a steady pool grows it rarely and a busy one in few steps. When it
+//! cannot grow (the disk is full), `submit` refuses the task, handing it back, and the pool
+//! reports the journal as not ready until a later growth succeeds. Tasks replayed from the
+//! journal need no reserve: the segments they came from stay until the spill that replaces them
+//! is durable. At shutdown the reserve file is removed just before the spill, which writes into
+//! the space it freed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::lock::lock;
+use crate::error::JournalError;
+use crate::journal::Reserve;
+
+/// The reserve's first size, and the least it grows by.
+pub(crate) const STEP: u64 = 1 << 20;
+
+pub(crate) struct SpillReserve {
+    /// `None` once released for the spill.
+    file: Mutex<Option<Reserve>>,
+    /// Bytes allocated to the file (a copy, read without the lock).
+    reserved: AtomicU64,
+    /// Encoded bytes of the tasks accepted in this run and still in memory.
+    held: AtomicU64,
+    /// Set while the reserve could not grow to cover `held`.
+    short: AtomicBool,
+}
+
+impl SpillReserve {
+    pub(crate) fn new(file: Reserve) -> Self {
+        Self {
+            reserved: AtomicU64::new(file.len()),
+            file: Mutex::new(Some(file)),
+            held: AtomicU64::new(0),
+            short: AtomicBool::new(false),
+        }
+    }
+
+    /// Covers `bytes` more, growing the reserve if needed. On failure nothing is added.
+    pub(crate) fn admit(&self, bytes: u64) -> Result<(), Arc<JournalError>> {
+        let held = self.held.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if held <= self.reserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.grow(held).inspect_err(|_| {
+            self.held.fetch_sub(bytes, Ordering::AcqRel);
+        })
+    }
+
+    /// Covers `bytes` more if the reserve can grow to it; the bytes count either way (a task
+    /// already accepted, whose record grew: a retry's error text).
+    pub(crate) fn add(&self, bytes: u64) {
+        let held = self.held.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if held > self.reserved.load(Ordering::Acquire) {
+            let _ = self.grow(held);
+        }
+    }
+
+    /// A task left memory for good: its bytes need no reserve any more.
+    pub(crate) fn forget(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Whether the reserve covers what the pool holds.
+    pub(crate) fn is_short(&self) -> bool {
+        self.short.load(Ordering::Acquire)
+    }
+
+    /// The bytes allocated.
+    pub(crate) fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+
+    fn grow(&self, held: u64) -> Result<(), Arc<JournalError>> {
+        let mut file = lock(&self.file);
+        let Some(reserve) = file.as_mut() else {
+            // Released for the spill: intake has closed.
+            return Ok(());
+        };
+        if held <= reserve.len() {
+            return Ok(());
+        }
+        let target = (held + held / 4)
+            .max(reserve.len() + STEP)
+            .next_multiple_of(STEP);
+        match reserve.grow_to(target) {
+            Ok(()) => {
+                self.reserved.store(reserve.len(), Ordering::Release);
+                if self.short.swap(false, Ordering::AcqRel) {
+                    tracing::info!(
+                        reserved = reserve.len(),
+                        "spill reserve grown again; journal ready"
+                    );
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if !self.short.swap(true, Ordering::AcqRel) {
+                    tracing::error!(%error, held, "spill reserve cannot grow: new tasks are refused");
+                }
+                Err(Arc::new(error))
+            }
+        }
+    }
+
+    /// Removes the reserve file, freeing its space for the spill. Idempotent.
+    pub(crate) fn release(&self) {
+        let file = lock(&self.file).take();
+        if let Some(reserve) = file
+            && let Err(error) = reserve.release()
+        {
+            tracing::error!(%error, "could not remove the spill reserve; the spill may find no room");
+        }
+    }
+}
