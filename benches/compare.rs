@@ -12,7 +12,7 @@
 //!
 //! Run without `--bench` (as `cargo test --benches` does) it makes a quick smoke run at a
 //! hundredth of the scale and writes `target/bench/compare-quick.json` instead. `--only ROWS`
-//! (comma-separated: `steady,spill,durable,shutdown,memory`) runs some rows only, for
+//! (comma-separated: `steady,spill,reserve,durable,shutdown,memory`) runs some rows only, for
 //! profiling, and writes `target/bench/compare-partial.json`, leaving the full run's file alone.
 
 mod common;
@@ -325,6 +325,9 @@ fn compare(args: &[String]) -> BoxResult<()> {
     if wants("spill") {
         timed("spill", &mut rows, &mut || spill_rows(&dir, scale))?;
     }
+    if wants("reserve") {
+        timed("reserve", &mut rows, &mut || reserve_rows(&dir, scale))?;
+    }
     if wants("durable") {
         timed("durable", &mut rows, &mut || durable_rows(&dir, scale))?;
     }
@@ -602,6 +605,70 @@ fn steady_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
     }
     let _ = fs::remove_dir_all(&journal);
     Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The spill reserve's cost: submits into a growing queue, with and without it.
+
+/// Submits `payloads` to a pool with no worker (its runner is never run), so the queue and the
+/// spill reserve grow with every task; returns submits per second. The shutdown then spills
+/// them (not timed).
+async fn submit_growing(dir: &Path, payloads: Vec<Email>, reserve: bool) -> BoxResult<f64> {
+    let n = payloads.len();
+    let (pool, runner) = Pool::builder()
+        .queue_capacity(n)
+        .spill_reserve(reserve)
+        .journal_dir(fresh_dir(dir)?)
+        .build()
+        .await?;
+    drop(runner);
+    let t = Instant::now();
+    for payload in payloads {
+        pool.submit(payload)
+            .await
+            .map_err(|e| format!("submit: {e}"))?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let report = pool.shutdown().await?;
+    if !report.is_clean() || report.spilled as usize != n {
+        return Err(format!("reserve run not clean: {report:?}").into());
+    }
+    Ok(n as f64 / secs)
+}
+
+fn reserve_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
+    let rt = runtime()?;
+    let journal = dir.join("reserve-journal");
+    let n = scale.spill_tasks;
+    // [with the reserve, without], submits per second per run, alternating which goes first.
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    for run in 0..scale.spill_runs {
+        for k in 0..2 {
+            let variant = (run + k) % 2;
+            let payloads: Vec<Email> = (0..n).map(email).collect();
+            let rate = rt.block_on(submit_growing(&journal, payloads, variant == 0))?;
+            rates[variant].push(rate);
+        }
+    }
+    let _ = fs::remove_dir_all(&journal);
+    let [on, off] = [0, 1].map(|v| median(&rates[v]));
+    let ratio = on / off;
+    Ok(vec![Row {
+        name: format!("submit into a growing queue ({n} tasks), spill reserve on"),
+        unit: "tasks/s",
+        drainpool: Some(on),
+        drainpool_text: rate_text(on),
+        baseline: Some(off),
+        baseline_text: format!("{} (reserve off)", rate_text(off)),
+        ratio: Some(ratio),
+        goal: "— (reported)".to_owned(),
+        met: None,
+        detail: json!({
+            "tasks_per_run": n,
+            "reserve_on_runs": rates[0],
+            "reserve_off_runs": rates[1],
+        }),
+    }])
 }
 
 // ---------------------------------------------------------------------------------------------
