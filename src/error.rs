@@ -4,6 +4,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::report::FileKind;
+
 /// The error type a handler may return, and the one a [`Codec`](crate::Codec) reports:
 /// anything that converts into a boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -16,7 +18,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[non_exhaustive]
 pub enum JournalError {
     /// Reading, writing, syncing, renaming or removing a journal file failed.
-    #[error("{op} {path}{at}: {source}", path = path.display(), at = OffsetSuffix(*offset))]
+    ///
+    /// The message names the operation, the file and the offset; the operating system's error
+    /// is the [`source`](std::error::Error::source) (print the chain to show it).
+    #[error("{op} {path}{at}", path = path.display(), at = OffsetSuffix(*offset))]
     Io {
         /// What was being done: "write", "fsync", "create", …
         op: &'static str,
@@ -42,6 +47,31 @@ pub enum JournalError {
         found: u16,
         /// The newest version this build reads.
         supported: u16,
+    },
+    /// A journal file or directory is not of the kind it must be: a symbolic link or a special
+    /// file where `LOCK` or `damaged/` should be, a file where the journal directory should be.
+    /// The journal follows no symbolic link inside its directory and opens no special file;
+    /// nothing was written.
+    #[error("{path} is a {found}, not a {expected}", path = path.display())]
+    WrongKind {
+        /// The entry.
+        path: PathBuf,
+        /// What it must be.
+        expected: FileKind,
+        /// What it is.
+        found: FileKind,
+    },
+    /// The journal directory may be changed by another user: it is writable by its group or by
+    /// everyone, or owned by a user other than the one running the pool. Such a user could put
+    /// a symbolic link where the journal writes. Nothing was written; make the directory
+    /// owner-only (`chmod 700`) and owned by the user running the pool, or let the pool create
+    /// it.
+    #[error("journal directory {path} {reason}; make it owner-only (chmod 700) and owned by the user running the pool", path = path.display())]
+    InsecureDirectory {
+        /// The journal directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// An earlier write or fsync failed, so this journal handle no longer accepts writes.
     #[error("journal is poisoned by an earlier failure")]
@@ -78,7 +108,10 @@ impl JournalError {
     #[must_use]
     pub fn path(&self) -> Option<&Path> {
         match self {
-            Self::Io { path, .. } | Self::UnsupportedVersion { path, .. } => Some(path),
+            Self::Io { path, .. }
+            | Self::UnsupportedVersion { path, .. }
+            | Self::WrongKind { path, .. }
+            | Self::InsecureDirectory { path, .. } => Some(path),
             Self::Poisoned => None,
         }
     }
@@ -112,9 +145,19 @@ pub enum StartError {
         /// The journal directory.
         dir: PathBuf,
     },
-    /// Opening or recovering the journal failed.
-    #[error("journal recovery failed")]
+    /// Opening the journal failed: creating or checking its directory, taking its lock,
+    /// reading or repairing its segments, or storing the run counter. The cause is the
+    /// [`source`](std::error::Error::source).
+    #[error("could not open the journal")]
     Journal(#[from] JournalError),
+    /// The journal directory's run counter is at its largest value, so this start has no new
+    /// run number and its task ids would repeat earlier ones. Start with a new directory (after
+    /// draining this one).
+    #[error("journal directory {dir} has used up every run number; task ids would repeat", dir = dir.display())]
+    RunsExhausted {
+        /// The journal directory.
+        dir: PathBuf,
+    },
     /// A builder setting is out of range, or missing.
     #[error("invalid configuration: {setting}: {reason}")]
     InvalidConfig {

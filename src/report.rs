@@ -141,6 +141,87 @@ pub struct Damage {
     pub reason: String,
 }
 
+/// What kind of file a directory entry is, as named in [`Skipped`] and
+/// [`JournalError::WrongKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// A symbolic link (never followed by the journal).
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A Unix domain socket.
+    Socket,
+    /// A block device.
+    BlockDevice,
+    /// A character device.
+    CharDevice,
+    /// Anything else the platform has.
+    Other,
+}
+
+impl FileKind {
+    /// The kind of `file_type` (as `symlink_metadata` or a directory listing gives it: a
+    /// symbolic link is a link, not what it points to).
+    pub(crate) fn of(file_type: std::fs::FileType) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if file_type.is_fifo() {
+                return Self::Fifo;
+            }
+            if file_type.is_socket() {
+                return Self::Socket;
+            }
+            if file_type.is_block_device() {
+                return Self::BlockDevice;
+            }
+            if file_type.is_char_device() {
+                return Self::CharDevice;
+            }
+        }
+        if file_type.is_symlink() {
+            Self::Symlink
+        } else if file_type.is_dir() {
+            Self::Directory
+        } else if file_type.is_file() {
+            Self::File
+        } else {
+            Self::Other
+        }
+    }
+}
+
+impl std::fmt::Display for FileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::File => "regular file",
+            Self::Directory => "directory",
+            Self::Symlink => "symbolic link",
+            Self::Fifo => "named pipe",
+            Self::Socket => "socket",
+            Self::BlockDevice => "block device",
+            Self::CharDevice => "character device",
+            Self::Other => "special file",
+        })
+    }
+}
+
+/// A directory entry named like a segment that is not a regular file (a symbolic link, a
+/// named pipe, a directory, …): never opened, left in place, and reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Skipped {
+    /// The entry.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: FileKind,
+}
+
 /// What recovery found when the pool started, from [`Pool::recovery`](crate::Pool::recovery).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -162,6 +243,8 @@ pub struct RecoveryReport {
     pub damage: Vec<Damage>,
     /// Copies of damaged segments kept for inspection, under the journal's `damaged/`.
     pub damaged_copies: Vec<PathBuf>,
+    /// Entries named like segments that are not regular files: not read, left in place.
+    pub skipped: Vec<Skipped>,
 }
 
 /// How a drain deadline was derived from the orchestrator's grace period.

@@ -283,6 +283,38 @@ async fn an_empty_journal_is_clean_and_its_parent_is_refused() {
     );
 }
 
+#[test]
+fn an_os_error_is_printed_once_after_the_message_it_caused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing");
+    let output = run(&[&"verify", &missing]);
+    assert_eq!(code(&output), 1);
+    let err = stderr(&output);
+    let os_error = std::io::Error::from_raw_os_error(2).to_string();
+    assert_eq!(err.matches(&os_error).count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("list {}: {os_error}", missing.display())),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn verify_names_a_symlink_named_like_a_segment_and_is_not_clean() {
+    let journal = journal(0, 1).await;
+    let link = journal.path().join("00000000000000000099.seg");
+    std::os::unix::fs::symlink(journal.path().join("nowhere"), &link).unwrap();
+    let output = run(&[&"verify", &journal.path()]);
+    assert_eq!(code(&output), 1, "{}{}", stdout(&output), stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        format!(
+            "{}: skipped: not a regular file but a symbolic link\n",
+            link.display()
+        )
+    );
+}
+
 #[tokio::test]
 async fn verify_is_clean_then_finds_a_flipped_byte_at_its_record() {
     let journal = journal(1, 4).await;

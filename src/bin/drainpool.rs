@@ -154,12 +154,10 @@ fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some errors already show their source in their own message.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
+        // Each error's message leaves its source out (the Rust API guidelines' rule, which
+        // drainpool's errors keep): the chain is printed here, each cause once.
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
         source = cause.source();
     }
     text
@@ -275,6 +273,21 @@ fn verify(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failu
             ))?;
         }
     }
+    for skipped in &verification.skipped {
+        if as_json {
+            out.line(json!({
+                "path": skipped.path.display().to_string(),
+                "kind": "skipped",
+                "reason": format!("not a regular file but a {}", skipped.kind),
+            }))?;
+        } else {
+            out.line(format_args!(
+                "{}: skipped: not a regular file but a {}",
+                skipped.path.display(),
+                skipped.kind
+            ))?;
+        }
+    }
     let summary = format!(
         "{} segment(s), {} valid record(s)",
         verification.segments, verification.records
@@ -284,10 +297,11 @@ fn verify(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failu
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(
-            "drainpool: {}: DAMAGED: {} damaged stretch(es), {} torn tail(s); {summary}",
+            "drainpool: {}: DAMAGED: {} damaged stretch(es), {} torn tail(s), {} skipped; {summary}",
             dir.display(),
             verification.damage.len(),
             verification.torn_tails.len(),
+            verification.skipped.len(),
         );
         Ok(ExitCode::from(1))
     }

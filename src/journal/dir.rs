@@ -2,6 +2,13 @@
 //!
 //! Used by recovery (`Journal::open`) and by the read-only look into a directory
 //! (`inspect.rs`) alike, so both read the same names the same way.
+//!
+//! Hostile entries: an entry named like a segment that is not a regular file (a symbolic link,
+//! a named pipe, …) is listed as [`Skipped`] and never opened; a `LOCK` or `damaged` that is
+//! not a regular file or a real directory stops the start ([`JournalError::WrongKind`]). Before
+//! anything is written, the directory must be writable by its owner alone, and that owner must
+//! be the user running ([`check_writable_by_us_only`]): nobody else can then plant an entry
+//! between these checks and the opens, which follow no link anyway.
 
 use std::collections::hash_map::RandomState;
 use std::fs::File;
@@ -12,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::fs::{self, FileOps};
 use crate::error::JournalError;
+use crate::report::{FileKind, Skipped};
 
 /// The lock file, which also holds the run counter.
 pub(super) const LOCK_FILE: &str = "LOCK";
@@ -51,33 +59,65 @@ pub(super) fn parse_segment_name(name: &str) -> Option<(u64, bool)> {
     Some((digits.parse().ok()?, dead))
 }
 
-/// Lists the segment files of `dir`, in number order.
-pub(super) fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
+/// The entries of a journal directory named like segments.
+#[derive(Debug, Default)]
+pub(super) struct Listing {
+    /// The regular files, in number order.
+    pub(super) segments: Vec<SegmentFile>,
+    /// The others (links, pipes, directories, …), in name order: never opened.
+    pub(super) skipped: Vec<Skipped>,
+    /// A number above every one named, regular or not: the next segment's.
+    pub(super) next_number: u64,
+}
+
+/// Lists the entries of `dir` named like segments. The kind of each is the entry's own (a
+/// symbolic link is a link), so nothing is followed or opened.
+pub(super) fn list(dir: &Path) -> Result<Listing, JournalError> {
     let entries = std::fs::read_dir(dir).map_err(|e| JournalError::io("list", dir, None, e))?;
-    let mut segments = Vec::new();
+    let mut listing = Listing {
+        next_number: 1,
+        ..Listing::default()
+    };
     for entry in entries {
         let entry = entry.map_err(|e| JournalError::io("list", dir, None, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some((number, dead)) = parse_segment_name(name) {
-            segments.push(SegmentFile {
-                number,
-                dead,
-                path: entry.path(),
-            });
+        let Some((number, dead)) = parse_segment_name(name) else {
+            continue;
+        };
+        listing.next_number = listing.next_number.max(number.saturating_add(1));
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| JournalError::io("stat", &path, None, e))?;
+        if kind.is_file() {
+            listing.segments.push(SegmentFile { number, dead, path });
+        } else {
+            let kind = FileKind::of(kind);
+            listing.skipped.push(Skipped { path, kind });
         }
     }
-    segments.sort();
-    Ok(segments)
+    listing.segments.sort();
+    listing.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(listing)
 }
 
-/// The segments of `dir`, in number order; an error if `dir` holds neither a segment nor a
+/// Lists the segment files of `dir`, in number order.
+#[cfg(test)]
+pub(super) fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
+    Ok(list(dir)?.segments)
+}
+
+/// The entries of `dir` named like segments; an error if `dir` holds neither a segment nor a
 /// `LOCK` file, which every directory a pool has opened has: the path is most likely mistyped
 /// (the parent of the journal directory, say).
-pub(super) fn journal_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalError> {
-    let segments = list_segments(dir)?;
+pub(super) fn journal_segments(dir: &Path) -> Result<Listing, JournalError> {
+    let segments = list(dir)?;
     let lock = dir.join(LOCK_FILE);
-    if segments.is_empty() && !lock.exists() {
+    if segments.segments.is_empty()
+        && segments.skipped.is_empty()
+        && std::fs::symlink_metadata(&lock).is_err()
+    {
         return Err(JournalError::io(
             "open",
             &lock,
@@ -91,10 +131,71 @@ pub(super) fn journal_segments(dir: &Path) -> Result<Vec<SegmentFile>, JournalEr
     Ok(segments)
 }
 
+/// An error if `path` exists and is not a `expected` itself (a symbolic link to one is not).
+pub(super) fn check_kind(path: &Path, expected: FileKind) -> Result<(), JournalError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if FileKind::of(meta.file_type()) == expected => Ok(()),
+        Ok(meta) => Err(JournalError::WrongKind {
+            path: path.to_path_buf(),
+            expected,
+            found: FileKind::of(meta.file_type()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(JournalError::io("stat", path, None, e)),
+    }
+}
+
+/// Checks, before anything is written in it, that the journal directory `dir` can be changed
+/// by the user running alone: a directory (or a link to one: the path is the operator's),
+/// owned by that user, writable by neither its group nor everyone.
+pub(super) fn check_writable_by_us_only(dir: &Path) -> Result<(), JournalError> {
+    let meta = std::fs::metadata(dir).map_err(|e| JournalError::io("stat", dir, None, e))?;
+    if !meta.is_dir() {
+        return Err(JournalError::WrongKind {
+            path: dir.to_path_buf(),
+            expected: FileKind::Directory,
+            found: FileKind::of(meta.file_type()),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let euid = rustix::process::geteuid().as_raw();
+        if let Some(reason) = insecurity(meta.mode(), meta.uid(), euid) {
+            return Err(JournalError::InsecureDirectory {
+                path: dir.to_path_buf(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What makes a directory of this `mode` and `owner` unsafe to write for the user `euid`, if
+/// anything.
+#[cfg_attr(not(unix), allow(dead_code))]
+pub(super) fn insecurity(mode: u32, owner: u32, euid: u32) -> Option<String> {
+    if owner != euid {
+        return Some(format!(
+            "is owned by uid {owner}, not by the user running the pool (uid {euid})"
+        ));
+    }
+    let writable = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (_, true) => "everyone",
+        (true, false) => "its group",
+        (false, false) => return None,
+    };
+    Some(format!(
+        "is writable by {writable} (mode {:o})",
+        mode & 0o7777
+    ))
+}
+
 /// Takes the directory's lock: its open `LOCK` file (closing it releases the lock) and the
 /// file's path, or `None` if another process holds it.
 pub(super) fn lock_dir(dir: &Path) -> Result<Option<(File, PathBuf)>, JournalError> {
     let lock_path = dir.join(LOCK_FILE);
+    check_kind(&lock_path, FileKind::File)?;
     let lock = fs::open_or_create(&lock_path)
         .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
     match lock.try_lock() {
@@ -150,7 +251,8 @@ pub(super) fn write_run(
 /// The run counter in `LOCK`, read without taking the lock.
 pub(super) fn stored_run(dir: &Path) -> Result<Option<u64>, JournalError> {
     let path = dir.join(LOCK_FILE);
-    match File::open(&path) {
+    check_kind(&path, FileKind::File)?;
+    match fs::open_regular(&path, false) {
         Ok(mut file) => read_run(&mut file, &path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(JournalError::io("open", &path, None, e)),

@@ -1,9 +1,44 @@
 //! The few file-system calls the journal needs, with their permissions.
+//!
+//! No open follows a symbolic link (`O_NOFOLLOW`) or waits on a named pipe or a device
+//! (`O_NONBLOCK`, then a check that what was opened is a regular file), so an entry planted in
+//! the journal directory can neither redirect a write nor hang a start. The journal directory
+//! itself is the operator's path and may be reached through a link; the checks of what is in
+//! it, and of who may write it, are in `dir.rs`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// Adds the flags every open of a journal file carries: follow no symbolic link, wait on no
+/// named pipe or device.
+fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use rustix::fs::OFlags;
+        let flags = (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits();
+        std::os::unix::fs::OpenOptionsExt::custom_flags(options, flags as i32);
+    }
+    options
+}
+
+/// `file`, if it is a regular file; an error naming what it is otherwise (an entry swapped
+/// for a special file between a directory listing and the open).
+fn regular(file: File) -> io::Result<File> {
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "not a regular file but a {}",
+                crate::report::FileKind::of(kind)
+            ),
+        ))
+    }
+}
 
 /// Creates a file that must not exist yet, readable and writable by the owner only.
 pub(crate) fn create_new(path: &Path) -> io::Result<File> {
@@ -11,16 +46,31 @@ pub(crate) fn create_new(path: &Path) -> io::Result<File> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    no_follow(&mut options).open(path)
 }
 
-/// Opens a file for reading and writing, creating it owner-only if needed.
+/// Opens a regular file for reading and writing, creating it owner-only if needed.
 pub(crate) fn open_or_create(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    regular(no_follow(&mut options).open(path)?)
+}
+
+/// Opens an existing regular file, to read it or (`write`) to write it.
+pub(crate) fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(!write).write(write);
+    regular(no_follow(&mut options).open(path)?)
+}
+
+/// Reads a whole regular file.
+pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let mut file = open_regular(path, false)?;
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut file, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// Creates a directory and its parents; a directory this creates is owner-only.
@@ -108,7 +158,7 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
 
     /// Cuts a torn tail off the segment at `path`: truncates it to `len` bytes and fsyncs it.
     fn truncate_tail(&self, path: &Path, len: u64) -> io::Result<()> {
-        let file = OpenOptions::new().write(true).open(path)?;
+        let file = open_regular(path, true)?;
         file.set_len(len)?;
         file.sync_data()
     }
@@ -117,7 +167,7 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
     /// copy durable, file and directory entry.
     fn keep_copy(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut copy = create_new(to)?;
-        let mut source = File::open(from)?;
+        let mut source = open_regular(from, false)?;
         io::copy(&mut source, &mut copy)?;
         copy.sync_all()?;
         match to.parent() {

@@ -291,7 +291,13 @@ impl Journal {
                 .extend(unencodable.into_iter().filter(|&i| i < saved_to));
             next = saved_to;
             let Some(error) = error else { break };
-            tracing::error!(%error, try_number, saved = next, of = count, "journal spill failed");
+            tracing::error!(
+                error = &error as &dyn std::error::Error,
+                try_number,
+                saved = next,
+                of = count,
+                "journal spill failed"
+            );
             self.current = None;
             self.keep_obsolete = true;
             outcome.error.get_or_insert(error);

@@ -14,7 +14,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::dir::{
-    DAMAGED_DIR, SegmentFile, journal_segments, lock_dir, random_epoch, segment_name, stored_run,
+    DAMAGED_DIR, SegmentFile, check_writable_by_us_only, journal_segments, lock_dir, random_epoch,
+    segment_name, stored_run,
 };
 use super::format::{self, Header, Kind, RecordRef};
 use super::fs;
@@ -22,7 +23,7 @@ use super::record::{TaskRecord, TaskState};
 use super::recover::{Fold, read_segment};
 use super::writer::SegmentWriter;
 use crate::error::JournalError;
-use crate::report::Damage;
+use crate::report::{Damage, Skipped};
 use crate::task::TaskId;
 
 /// A task as a journal directory holds it: live (waiting to run at the next start) or a dead
@@ -68,6 +69,9 @@ pub struct Contents {
     /// Stretches of damage met while reading, torn tails included; their records are not in
     /// the lists. [`verify`] tells where they are.
     pub damage: u64,
+    /// Entries named like segments that are not regular files, not read. [`verify`] names
+    /// them.
+    pub skipped: u64,
 }
 
 /// What checking every segment and record of a journal directory found, from [`verify`].
@@ -84,12 +88,15 @@ pub struct Verification {
     /// Ends of segments where nothing valid follows: a write cut short by a crash, or damage
     /// to the last records; recovery truncates them.
     pub torn_tails: Vec<Damage>,
+    /// Entries named like segments that are not regular files (a symbolic link, a named pipe,
+    /// …): not read, here or by recovery, which reports them the same way.
+    pub skipped: Vec<Skipped>,
 }
 
 impl Verification {
-    /// Whether no damage and no torn tail was found.
+    /// Whether no damage, no torn tail and no skipped entry was found.
     pub fn is_clean(&self) -> bool {
-        self.damage.is_empty() && self.torn_tails.is_empty()
+        self.damage.is_empty() && self.torn_tails.is_empty() && self.skipped.is_empty()
     }
 }
 
@@ -117,6 +124,8 @@ pub struct Stats {
     pub dead_payload_bytes: u64,
     /// Stretches of damage, torn tails included.
     pub damage: u64,
+    /// Entries named like segments that are not regular files, not read.
+    pub skipped: u64,
     /// Copies of damaged segments kept under `damaged/`.
     pub damaged_copies: u64,
     /// Their total size in bytes.
@@ -208,6 +217,7 @@ pub fn inspect(dir: &Path) -> Result<Contents, JournalError> {
     Ok(Contents {
         segments: survey.segments.len() as u64,
         damage: survey.damage_count() as u64,
+        skipped: survey.skipped.len() as u64,
         live: survey.live.into_values().map(|t| t.task).collect(),
         dead: survey.dead.into_values().map(|t| t.task).collect(),
     })
@@ -223,7 +233,10 @@ pub fn inspect(dir: &Path) -> Result<Contents, JournalError> {
 /// ([`JournalError::UnsupportedVersion`]), which this build cannot check.
 pub fn verify(dir: &Path) -> Result<Verification, JournalError> {
     let survey = survey(dir, false)?;
-    let mut verification = Verification::default();
+    let mut verification = Verification {
+        skipped: survey.skipped,
+        ..Verification::default()
+    };
     for segment in survey.segments {
         verification.segments += 1;
         verification.records += segment.records as u64;
@@ -244,6 +257,7 @@ pub fn stats(dir: &Path) -> Result<Stats, JournalError> {
     let survey = survey(dir, false)?;
     let mut stats = Stats {
         damage: survey.damage_count() as u64,
+        skipped: survey.skipped.len() as u64,
         live_tasks: survey.live.len() as u64,
         live_payload_bytes: survey.live.values().map(|t| t.payload_len).sum(),
         dead_letters: survey.dead.len() as u64,
@@ -300,6 +314,7 @@ pub fn stats(dir: &Path) -> Result<Stats, JournalError> {
 pub fn requeue(dir: &Path, which: Requeue) -> Result<Requeued, RequeueError> {
     // Never make a journal directory (or a `LOCK` file) out of a mistyped path.
     journal_segments(dir)?;
+    check_writable_by_us_only(dir)?;
     let Some((lock, _)) = lock_dir(dir)? else {
         return Err(RequeueError::Locked {
             dir: dir.to_path_buf(),
@@ -448,6 +463,7 @@ struct SegmentSurvey {
 /// Everything read from a directory.
 struct Survey {
     segments: Vec<SegmentSurvey>,
+    skipped: Vec<Skipped>,
     live: BTreeMap<TaskId, SurveyedTask>,
     dead: BTreeMap<TaskId, SurveyedTask>,
     /// A number above every segment's, live or dead.
@@ -468,10 +484,9 @@ impl Survey {
 fn survey(dir: &Path, payloads: bool) -> Result<Survey, JournalError> {
     let mut segments = Vec::new();
     let mut fold = Fold::with_capacity(0);
-    let mut next_number = 1;
-    for file in journal_segments(dir)? {
-        next_number = next_number.max(file.number.saturating_add(1));
-        let bytes = match std::fs::read(&file.path) {
+    let listing = journal_segments(dir)?;
+    for file in listing.segments {
+        let bytes = match fs::read_regular(&file.path) {
             Ok(bytes) => bytes,
             // Retired by a running pool since the listing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -491,9 +506,10 @@ fn survey(dir: &Path, payloads: bool) -> Result<Survey, JournalError> {
     }
     Ok(Survey {
         segments,
+        skipped: listing.skipped,
+        next_number: listing.next_number,
         live: fold.live.into_sorted().into_iter().collect(),
         dead: fold.dead.into_sorted().into_iter().collect(),
-        next_number,
     })
 }
 

@@ -29,7 +29,9 @@ pub(crate) struct Scan {
 }
 
 impl Scan {
-    /// Whether anything other than a torn tail was wrong with the segment.
+    /// Whether anything other than a torn tail was wrong with the segment's bytes (recovery's
+    /// `damage_of` also checks the header against the file name).
+    #[cfg(test)]
     pub(crate) fn is_damaged(&self) -> bool {
         !self.damage.is_empty() || matches!(self.header, Err(HeaderError::Damaged { .. }))
     }

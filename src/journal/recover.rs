@@ -25,7 +25,7 @@ use super::handle::{Journal, Sealed};
 use super::reader::{self, Scan};
 use super::record::{Recovered, TaskRecord};
 use crate::error::{JournalError, StartError};
-use crate::report::{Damage, RecoveryReport};
+use crate::report::{Damage, FileKind, RecoveryReport};
 use crate::task::TaskId;
 
 /// What reading one segment found, besides its records.
@@ -61,30 +61,46 @@ pub(super) fn read_segment<'a>(
             supported: format::VERSION,
         });
     }
-    let (damage, torn_tail) = damage_of(&file.path, bytes.len() as u64, &scan);
+    let (damage, torn_tail) = damage_of(file, bytes.len() as u64, &scan);
     let whole_bad_tail = matches!(
         scan.torn_tail,
         Some((_, RecordError::Checksum | RecordError::BadBody))
     );
     Ok(SegmentRead {
         records: scan.records,
+        keep_copy: !damage.is_empty() || whole_bad_tail,
         damage,
         torn_tail,
-        keep_copy: scan.is_damaged() || whole_bad_tail,
     })
 }
 
-/// What the scan of the `len` bytes of the segment at `path` found wrong, as [`Damage`]: the
+/// What the scan of the `len` bytes of the segment `file` found wrong, as [`Damage`]: the
 /// damage entries, and the torn tail.
-fn damage_of(path: &Path, len: u64, scan: &Scan) -> (Vec<Damage>, Option<Damage>) {
+///
+/// A valid header holding another segment's number is damage too: the file was copied or
+/// renamed, and read in the wrong place its records could revive tasks a later segment ended.
+/// Its records are still read (a task may come back twice, never be lost).
+fn damage_of(file: &SegmentFile, len: u64, scan: &Scan) -> (Vec<Damage>, Option<Damage>) {
     let header_len = format::HEADER_LEN as u64;
     let damage_at = |offset: u64, len: u64, reason: String| Damage {
-        path: path.to_path_buf(),
+        path: file.path.clone(),
         offset,
         len,
         reason,
     };
     let mut damage = Vec::new();
+    if let Ok(header) = scan.header
+        && header.segment != file.number
+    {
+        damage.push(damage_at(
+            0,
+            header_len,
+            format!(
+                "header holds segment number {}, but the file is named for segment {}",
+                header.segment, file.number
+            ),
+        ));
+    }
     if let Err(error @ HeaderError::Damaged { .. }) = scan.header {
         damage.push(damage_at(0, header_len, error.to_string()));
         if scan.epoch.is_none() && len > header_len {
@@ -224,8 +240,22 @@ impl Journal {
         ops: fs::Ops,
         mut decode: impl FnMut(&TaskRecord<'_>) -> V,
     ) -> Result<(Self, RecoveryReport, Vec<Recovered<V>>), StartError> {
+        // The journal path (the operator's, so it may be a link) must be a directory.
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(JournalError::WrongKind {
+                    path: dir.to_path_buf(),
+                    expected: FileKind::Directory,
+                    found: FileKind::of(meta.file_type()),
+                }
+                .into());
+            }
+            _ => {}
+        }
         ops.create_dir(dir)
             .map_err(|e| JournalError::io("create", dir, None, e))?;
+        dir::check_writable_by_us_only(dir)?;
+        dir::check_kind(&dir.join(DAMAGED_DIR), FileKind::Directory)?;
         let Some((mut lock, lock_path)) = dir::lock_dir(dir)? else {
             return Err(StartError::JournalLocked {
                 dir: dir.to_path_buf(),
@@ -233,11 +263,15 @@ impl Journal {
         };
         let stored_run = dir::read_run(&mut lock, &lock_path)?;
 
-        let segments = dir::list_segments(dir)?;
+        let dir::Listing {
+            segments,
+            skipped,
+            next_number: next_segment,
+        } = dir::list(dir)?;
         let estimate = segments
             .iter()
             .filter(|s| !s.dead)
-            .filter_map(|s| std::fs::metadata(&s.path).ok())
+            .filter_map(|s| std::fs::symlink_metadata(&s.path).ok())
             .map(|m| m.len())
             .sum::<u64>()
             / BYTES_PER_TASK_ESTIMATE;
@@ -245,10 +279,12 @@ impl Journal {
         let mut report = RecoveryReport::default();
         let mut max_run = stored_run.unwrap_or(0);
         let mut obsolete = Vec::new();
-        let mut next_segment = 1;
+        for skipped in skipped {
+            tracing::warn!(path = %skipped.path.display(), kind = %skipped.kind, "not a regular file; skipped");
+            report.skipped.push(skipped);
+        }
         for segment in &segments {
-            next_segment = next_segment.max(segment.number.saturating_add(1));
-            let bytes = std::fs::read(&segment.path)
+            let bytes = fs::read_regular(&segment.path)
                 .map_err(|e| JournalError::io("read", &segment.path, None, e))?;
             let read = read_segment(segment, &bytes, |_, record| {
                 max_run = max_run.max(record.id.run());
@@ -280,7 +316,12 @@ impl Journal {
 
         report.dead_letters = fold.dead.len() as u64;
         let live = fold.live.into_values_sorted();
-        let run = max_run.saturating_add(1);
+        // Ids must never repeat in a directory's life: a start without a new run number stops.
+        let Some(run) = max_run.checked_add(1) else {
+            return Err(StartError::RunsExhausted {
+                dir: dir.to_path_buf(),
+            });
+        };
         dir::write_run(&*ops, &mut lock, &lock_path, run)?;
         let journal = Self {
             dir: dir.to_path_buf(),
@@ -355,6 +396,8 @@ fn repair(
 fn keep_copy(ops: &dyn FileOps, dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
     let damaged = dir.join(DAMAGED_DIR);
     ops.create_dir(&damaged)?;
+    // Checked at open too; the directory is writable by this user alone, so it stays so.
+    dir::check_kind(&damaged, FileKind::Directory).map_err(std::io::Error::other)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -373,3 +416,6 @@ fn keep_copy(ops: &dyn FileOps, dir: &Path, path: &Path) -> std::io::Result<Path
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

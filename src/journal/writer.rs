@@ -25,14 +25,22 @@ pub(crate) struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    /// Creates `path` (it must not exist) and writes its header.
+    /// Creates `path` (it must not exist) and writes its header; if the header cannot be
+    /// written, the file is removed again (best effort).
     pub(crate) fn create(ops: Ops, path: PathBuf, header: Header) -> Result<Self, JournalError> {
         let mut file = ops
             .create(&path)
             .map_err(|e| JournalError::io("create", &path, None, e))?;
         let bytes = format::encode_header(header);
-        ops.write(&path, &mut file, &bytes)
-            .map_err(|e| JournalError::io("write", &path, Some(0), e))?;
+        if let Err(e) = ops.write(&path, &mut file, &bytes) {
+            // A file without a whole header holds nothing: left behind (a full disk), it would
+            // only be one more empty segment per attempt.
+            drop(file);
+            if let Err(error) = ops.remove(&path) {
+                tracing::warn!(path = %path.display(), %error, "could not remove a segment whose header failed");
+            }
+            return Err(JournalError::io("write", &path, Some(0), e));
+        }
         Ok(Self {
             ops,
             file,

@@ -102,7 +102,11 @@ impl SpillReserve {
             }
             Err(error) => {
                 if !self.short.swap(true, Ordering::AcqRel) {
-                    tracing::error!(%error, held, "spill reserve cannot grow: new tasks are refused");
+                    tracing::error!(
+                        error = &error as &dyn std::error::Error,
+                        held,
+                        "spill reserve cannot grow: new tasks are refused"
+                    );
                 }
                 Err(Arc::new(error))
             }
@@ -115,7 +119,10 @@ impl SpillReserve {
         if let Some(reserve) = file
             && let Err(error) = reserve.release()
         {
-            tracing::error!(%error, "could not remove the spill reserve; the spill may find no room");
+            tracing::error!(
+                error = &error as &dyn std::error::Error,
+                "could not remove the spill reserve; the spill may find no room"
+            );
         }
     }
 }

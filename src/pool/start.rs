@@ -136,11 +136,18 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let (journal, mut recovery, replay, probe, reserve) = opened;
     let probe = probe.map(|probe| match probe {
         Ok((rate, fsync)) => {
-            tracing::info!(bytes_per_sec = rate, fsync_us = fsync.as_micros() as u64, "journal write speed measured");
+            tracing::info!(
+                bytes_per_sec = rate,
+                fsync_us = fsync.as_micros() as u64,
+                "journal write speed measured"
+            );
             (rate, fsync)
         }
         Err(error) => {
-            tracing::warn!(%error, "could not measure the journal's write speed; assuming 10 MB/s and 50 ms per fsync");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "could not measure the journal's write speed; assuming 10 MB/s and 50 ms per fsync"
+            );
             (10_000_000, Duration::from_millis(50))
         }
     });
@@ -256,7 +263,7 @@ fn replay<T>(
                 {
                     Ok(()) => report.dead_letters += 1,
                     Err(error) => {
-                        tracing::error!(%error, task = %task.id, "could not write dead letter; the old segment is kept");
+                        tracing::error!(error = &error as &dyn std::error::Error, task = %task.id, "could not write dead letter; the old segment is kept");
                         journal.keep_obsolete();
                     }
                 }

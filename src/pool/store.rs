@@ -89,7 +89,7 @@ impl Store {
     }
 
     pub(crate) fn record_arc(&self, error: Arc<JournalError>) {
-        tracing::error!(%error, "journal failure");
+        tracing::error!(error = &*error as &dyn std::error::Error, "journal failure");
         lock(&self.first_error).get_or_insert(error);
     }
 
@@ -135,7 +135,7 @@ impl Store {
             && let Err(error) = journal.append_ack(id)
         {
             // A lost ack only means a repeat; the task itself is finished.
-            tracing::warn!(%error, task = %id, "could not append ack");
+            tracing::warn!(error = &error as &dyn std::error::Error, task = %id, "could not append ack");
         }
     }
 
@@ -196,7 +196,11 @@ impl Store {
         let (outcome, unsaved) = match result {
             Ok(done) => done,
             Err(error) => {
-                tracing::error!(tasks = all.len(), %error, "spill failed; no task saved");
+                tracing::error!(
+                    tasks = all.len(),
+                    error = &error as &dyn std::error::Error,
+                    "spill failed; no task saved"
+                );
                 self.record_error(error);
                 return all;
             }

@@ -249,7 +249,10 @@ async fn compact<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, segments: Vec
                 .fetch_add(count as u64, Ordering::Relaxed);
             tracing::info!(tasks = count, through = newest, "compacted old segments");
         }
-        Err(error) => tracing::warn!(%error, "compaction stopped; the old segments stay"),
+        Err(error) => tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "compaction stopped; the old segments stay"
+        ),
     }
 }
 

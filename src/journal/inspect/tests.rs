@@ -485,7 +485,12 @@ fn a_directory_with_no_lock_file_and_no_segment_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let not_journal = |e: JournalError| {
         assert_eq!(e.path(), Some(tmp.path().join(LOCK_FILE).as_path()));
-        assert!(e.to_string().contains("not a journal directory"), "{e}");
+        // The reason is the source, not repeated in the message.
+        let source = std::error::Error::source(&e).map(ToString::to_string);
+        assert!(
+            source.is_some_and(|s| s.contains("not a journal directory")),
+            "{e:?}"
+        );
     };
     not_journal(inspect(tmp.path()).unwrap_err());
     not_journal(verify(tmp.path()).unwrap_err());
