@@ -844,3 +844,49 @@ fn a_crash_at_any_step_of_a_compaction_keeps_every_unfinished_task() {
         "{copied_old_kept} {copied_old_gone}"
     );
 }
+
+/// On-shutdown mode: the spill reserve cannot grow once (ENOSPC). That submit is refused with
+/// the task handed back and the journal reported not ready; the next growth succeeds and all is
+/// well again; every accepted task is spilled.
+#[test]
+fn a_spill_reserve_that_cannot_grow_refuses_the_task_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    runtime().block_on(async {
+        let (pool, runner) = Pool::<String>::builder()
+            .queue_capacity(10_000)
+            .file_ops(faults.ops())
+            .journal_dir(dir.path())
+            .build()
+            .await
+            .unwrap();
+        drop(runner);
+        // The reserve's first step took calls 1 to 3 (remove a leftover, create, allocate).
+        assert_eq!(faults.calls(Op::Allocate), 3);
+        faults.fail_nth(Op::Allocate, 4, ENOSPC);
+        let big = "x".repeat(1000);
+        let mut accepted = 0;
+        let refused = loop {
+            match pool.submit(big.clone()).await {
+                Ok(_) => accepted += 1,
+                Err(SubmitError::JournalFull { task, error }) => {
+                    assert_eq!(task, big, "the task is handed back");
+                    assert_eq!(errno(&error), Some(ENOSPC));
+                    break accepted;
+                }
+                Err(other) => panic!("unexpected refusal: {other:?}"),
+            }
+            assert!(accepted < 5_000, "the reserve never had to grow");
+        };
+        assert!(refused > 500, "1 MiB covers about a thousand such tasks: {refused}");
+        assert!(!pool.stats().journal_ready);
+        // The next growth succeeds.
+        pool.submit(big.clone()).await.unwrap();
+        let stats = pool.stats();
+        assert!(stats.journal_ready, "{stats:?}");
+        assert!(stats.spill_reserve > 1 << 20, "{stats:?}");
+        let report = pool.shutdown().await.unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.spilled, refused + 1);
+    });
+}
