@@ -4,8 +4,6 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::report::FileKind;
-
 /// The error type a handler may return, and the one a [`Codec`](crate::Codec) reports:
 /// anything that converts into a boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -311,4 +309,74 @@ pub enum RunError {
     /// The shutdown sequence ended without a report.
     #[error(transparent)]
     Shutdown(#[from] ShutdownError),
+}
+
+/// What kind of file a directory entry is, as named in
+/// [`Skipped`](crate::Skipped) and [`JournalError::WrongKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// A symbolic link (never followed by the journal).
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A Unix domain socket.
+    Socket,
+    /// A block device.
+    BlockDevice,
+    /// A character device.
+    CharDevice,
+    /// Anything else the platform has.
+    Other,
+}
+
+impl FileKind {
+    /// The kind of `file_type` (as `symlink_metadata` or a directory listing gives it: a
+    /// symbolic link is a link, not what it points to).
+    pub(crate) fn of(file_type: std::fs::FileType) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if file_type.is_fifo() {
+                return Self::Fifo;
+            }
+            if file_type.is_socket() {
+                return Self::Socket;
+            }
+            if file_type.is_block_device() {
+                return Self::BlockDevice;
+            }
+            if file_type.is_char_device() {
+                return Self::CharDevice;
+            }
+        }
+        if file_type.is_symlink() {
+            Self::Symlink
+        } else if file_type.is_dir() {
+            Self::Directory
+        } else if file_type.is_file() {
+            Self::File
+        } else {
+            Self::Other
+        }
+    }
+}
+
+impl std::fmt::Display for FileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::File => "regular file",
+            Self::Directory => "directory",
+            Self::Symlink => "symbolic link",
+            Self::Fifo => "named pipe",
+            Self::Socket => "socket",
+            Self::BlockDevice => "block device",
+            Self::CharDevice => "character device",
+            Self::Other => "special file",
+        })
+    }
 }

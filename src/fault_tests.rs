@@ -878,7 +878,10 @@ fn a_spill_reserve_that_cannot_grow_refuses_the_task_and_recovers() {
             }
             assert!(accepted < 5_000, "the reserve never had to grow");
         };
-        assert!(refused > 500, "1 MiB covers about a thousand such tasks: {refused}");
+        assert!(
+            refused > 500,
+            "1 MiB covers about a thousand such tasks: {refused}"
+        );
         assert!(!pool.stats().journal_ready);
         // The next growth succeeds.
         pool.submit(big.clone()).await.unwrap();

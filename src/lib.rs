@@ -70,7 +70,9 @@ mod task;
 
 pub use builder::Builder;
 pub use codec::{Codec, Json};
-pub use error::{BoxError, JournalError, RunError, ShutdownError, StartError, SubmitError};
+pub use error::{
+    BoxError, FileKind, JournalError, RunError, ShutdownError, StartError, SubmitError,
+};
 pub use policy::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS,
     DeadlineAction, Durability, Interruption, Permanent, SyncPolicy,
@@ -80,8 +82,7 @@ pub use pool::{
     DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, WeakPool,
 };
 pub use report::{
-    Budget, Counts, Damage, FileKind, RecoveryReport, ShutdownReport, Skipped, State, StateWatch,
-    Stats,
+    Budget, Counts, Damage, RecoveryReport, ShutdownReport, Skipped, State, StateWatch, Stats,
 };
 pub use signal::{ShutdownSignal, Signal, shutdown_signal};
 pub use task::{ParseTaskIdError, Task, TaskId};

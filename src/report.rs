@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::error::JournalError;
+use crate::error::{FileKind, JournalError};
 use crate::task::TaskId;
 
 /// Where a pool is in its life. Watch it with [`Pool::state`](crate::Pool::state); fail a
@@ -139,76 +139,6 @@ pub struct Damage {
     pub len: u64,
     /// What was wrong there.
     pub reason: String,
-}
-
-/// What kind of file a directory entry is, as named in [`Skipped`] and
-/// [`JournalError::WrongKind`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum FileKind {
-    /// A regular file.
-    File,
-    /// A directory.
-    Directory,
-    /// A symbolic link (never followed by the journal).
-    Symlink,
-    /// A named pipe.
-    Fifo,
-    /// A Unix domain socket.
-    Socket,
-    /// A block device.
-    BlockDevice,
-    /// A character device.
-    CharDevice,
-    /// Anything else the platform has.
-    Other,
-}
-
-impl FileKind {
-    /// The kind of `file_type` (as `symlink_metadata` or a directory listing gives it: a
-    /// symbolic link is a link, not what it points to).
-    pub(crate) fn of(file_type: std::fs::FileType) -> Self {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if file_type.is_fifo() {
-                return Self::Fifo;
-            }
-            if file_type.is_socket() {
-                return Self::Socket;
-            }
-            if file_type.is_block_device() {
-                return Self::BlockDevice;
-            }
-            if file_type.is_char_device() {
-                return Self::CharDevice;
-            }
-        }
-        if file_type.is_symlink() {
-            Self::Symlink
-        } else if file_type.is_dir() {
-            Self::Directory
-        } else if file_type.is_file() {
-            Self::File
-        } else {
-            Self::Other
-        }
-    }
-}
-
-impl std::fmt::Display for FileKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::File => "regular file",
-            Self::Directory => "directory",
-            Self::Symlink => "symbolic link",
-            Self::Fifo => "named pipe",
-            Self::Socket => "socket",
-            Self::BlockDevice => "block device",
-            Self::CharDevice => "character device",
-            Self::Other => "special file",
-        })
-    }
 }
 
 /// A directory entry named like a segment that is not a regular file (a symbolic link, a

@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::fs::{self, FileOps};
+use crate::error::FileKind;
 use crate::error::JournalError;
-use crate::report::{FileKind, Skipped};
+use crate::report::Skipped;
 
 /// The lock file, which also holds the run counter.
 pub(super) const LOCK_FILE: &str = "LOCK";

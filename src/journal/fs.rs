@@ -34,7 +34,7 @@ fn regular(file: File) -> io::Result<File> {
             io::ErrorKind::InvalidInput,
             format!(
                 "not a regular file but a {}",
-                crate::report::FileKind::of(kind)
+                crate::error::FileKind::of(kind)
             ),
         ))
     }

@@ -24,8 +24,9 @@ use super::fs::{self, FileOps};
 use super::handle::{Journal, Sealed};
 use super::reader::{self, Scan};
 use super::record::{Recovered, TaskRecord};
+use crate::error::FileKind;
 use crate::error::{JournalError, StartError};
-use crate::report::{Damage, FileKind, RecoveryReport};
+use crate::report::{Damage, RecoveryReport};
 use crate::task::TaskId;
 
 /// What reading one segment found, besides its records.

@@ -8,10 +8,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::*;
+use crate::error::FileKind;
 use crate::journal::faults::{ENOSPC, Faults, Op};
 use crate::journal::handle::SpillOutcome;
 use crate::journal::inspect;
-use crate::report::FileKind;
 
 type Opened = (Journal, RecoveryReport, Vec<Recovered<Vec<u8>>>);
 
