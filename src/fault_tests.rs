@@ -190,8 +190,15 @@ fn a_task_refused_after_a_failed_fsync_does_not_come_back() {
     runtime().block_on(async {
         let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
         submit_all(&pool, 0..6).await;
+        assert!(pool.health().is_ready());
         faults.fail_next(Op::Sync, EIO);
         assert_eq!(refused(&pool, 6).await, Some(EIO));
+        match pool.health() {
+            crate::Health::JournalUnavailable(error) => assert_eq!(errno(&error), Some(EIO)),
+            other => panic!("a failed journal is not ready: {other:?}"),
+        }
+        pool.shutdown_token().cancel();
+        assert!(matches!(pool.health(), crate::Health::ShuttingDown));
         pool.shutdown().await.unwrap();
     });
     let (_, live) = recover(dir.path());
@@ -883,11 +890,16 @@ fn a_spill_reserve_that_cannot_grow_refuses_the_task_and_recovers() {
             "1 MiB covers about a thousand such tasks: {refused}"
         );
         assert!(!pool.stats().journal_ready);
+        match pool.health() {
+            crate::Health::JournalUnavailable(error) => assert_eq!(errno(&error), Some(ENOSPC)),
+            other => panic!("expected the journal unavailable, got {other:?}"),
+        }
         // The next growth succeeds.
         pool.submit(big.clone()).await.unwrap();
         let stats = pool.stats();
         assert!(stats.journal_ready, "{stats:?}");
         assert!(stats.spill_reserve > 1 << 20, "{stats:?}");
+        assert!(pool.health().is_ready());
         let report = pool.shutdown().await.unwrap();
         assert!(report.is_clean(), "{report:?}");
         assert_eq!(report.spilled, refused + 1);

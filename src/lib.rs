@@ -82,7 +82,8 @@ pub use pool::{
     DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, WeakPool,
 };
 pub use report::{
-    Budget, Counts, Damage, RecoveryReport, ShutdownReport, Skipped, State, StateWatch, Stats,
+    Budget, Counts, Damage, Health, RecoveryReport, ShutdownReport, Skipped, State, StateWatch,
+    Stats,
 };
 pub use signal::{ShutdownSignal, Signal, shutdown_signal};
 pub use task::{ParseTaskIdError, Task, TaskId};

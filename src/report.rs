@@ -61,6 +61,47 @@ impl StateWatch {
     }
 }
 
+/// Whether a pool can take work: what a readiness probe asks, from
+/// [`Pool::health`](crate::Pool::health).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Health {
+    /// Running, and the journal can take what the pool holds.
+    Ready,
+    /// Shutting down, from the first trigger on: send no more work here.
+    ShuttingDown,
+    /// The journal cannot take what the pool holds: it has failed (a write or fsync error),
+    /// or the spill reserve cannot grow to cover the tasks in memory (a full disk). New tasks
+    /// are refused; the error says why.
+    JournalUnavailable(Arc<JournalError>),
+}
+
+impl Health {
+    /// Whether the pool is ready for more work.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready)
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ready => f.write_str("ready"),
+            Self::ShuttingDown => f.write_str("shutting down"),
+            Self::JournalUnavailable(error) => {
+                write!(f, "journal unavailable: {error}")?;
+                let mut source = std::error::Error::source(&**error);
+                while let Some(cause) = source {
+                    write!(f, ": {cause}")?;
+                    source = cause.source();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The counters a pool keeps, shared by [`Stats`] (while it runs) and [`ShutdownReport`]
 /// (when it has stopped): one definition, one integer type.
 ///

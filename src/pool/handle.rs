@@ -9,7 +9,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::shared::Shared;
 use crate::error::{RunError, ShutdownError, SubmitError};
-use crate::report::{RecoveryReport, ShutdownReport, State, StateWatch, Stats};
+use crate::report::{Health, RecoveryReport, ShutdownReport, State, StateWatch, Stats};
 use crate::task::TaskId;
 
 /// A pool of workers whose unfinished tasks survive shutdown in a journal.
@@ -234,6 +234,31 @@ impl<T> Pool<T> {
     #[must_use]
     pub fn watch_state(&self) -> StateWatch {
         self.shared.shutdown.watch_state()
+    }
+
+    /// Whether the pool can take work, for a readiness probe: not from the first shutdown
+    /// trigger on, nor while the journal cannot take what the pool holds (a failed journal, a
+    /// spill reserve that cannot grow), with the reason.
+    ///
+    /// ```no_run
+    /// # fn probe(pool: &drainpool::Pool<String>) -> (u16, String) {
+    /// let health = pool.health();
+    /// (if health.is_ready() { 200 } else { 503 }, health.to_string())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn health(&self) -> Health {
+        let shared = &*self.shared;
+        if shared.shutdown.trigger().is_cancelled() || shared.queue.is_closed() {
+            return Health::ShuttingDown;
+        }
+        if let Some(error) = shared.store.first_error() {
+            return Health::JournalUnavailable(error);
+        }
+        match shared.reserve.as_ref().and_then(|r| r.shortage()) {
+            Some(error) => Health::JournalUnavailable(error),
+            None => Health::Ready,
+        }
     }
 
     /// A snapshot of the pool's counters.

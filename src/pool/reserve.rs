@@ -30,6 +30,8 @@ pub(crate) struct SpillReserve {
     held: AtomicU64,
     /// Set while the reserve could not grow to cover `held`.
     short: AtomicBool,
+    /// Why it last could not grow.
+    last_error: Mutex<Option<Arc<JournalError>>>,
 }
 
 impl SpillReserve {
@@ -39,6 +41,7 @@ impl SpillReserve {
             file: Mutex::new(Some(file)),
             held: AtomicU64::new(0),
             short: AtomicBool::new(false),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -72,6 +75,14 @@ impl SpillReserve {
         self.short.load(Ordering::Acquire)
     }
 
+    /// Why the reserve does not cover what the pool holds, if it does not.
+    pub(crate) fn shortage(&self) -> Option<Arc<JournalError>> {
+        if !self.is_short() {
+            return None;
+        }
+        lock(&self.last_error).clone()
+    }
+
     /// The bytes allocated.
     pub(crate) fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Acquire)
@@ -101,14 +112,16 @@ impl SpillReserve {
                 Ok(())
             }
             Err(error) => {
+                let error = Arc::new(error);
+                *lock(&self.last_error) = Some(Arc::clone(&error));
                 if !self.short.swap(true, Ordering::AcqRel) {
                     tracing::error!(
-                        error = &error as &dyn std::error::Error,
+                        error = &*error as &dyn std::error::Error,
                         held,
                         "spill reserve cannot grow: new tasks are refused"
                     );
                 }
-                Err(Arc::new(error))
+                Err(error)
             }
         }
     }
