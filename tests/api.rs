@@ -283,3 +283,63 @@ async fn a_grace_period_from_the_environment_is_one_explicit_choice() {
         other => panic!("expected InvalidConfig, got {other:?}"),
     }
 }
+
+/// A follow-up submitted by the pool's own handler during the drain is accepted and journaled
+/// (it goes straight to the spill), not refused; a stranger's submit is still refused.
+#[tokio::test(start_paused = true)]
+async fn a_follow_up_submitted_during_the_drain_is_spilled_not_refused() {
+    for durability in [
+        drainpool::Durability::on_shutdown(),
+        drainpool::Durability::write_ahead(drainpool::SyncPolicy::Always),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, runner) = Pool::<u64>::builder()
+            .workers(1)
+            .durability(durability)
+            .drain_deadline(Duration::from_secs(5))
+            .journal_dir(dir.path())
+            .build()
+            .await
+            .unwrap();
+        let own = pool.downgrade();
+        let follow_up = Arc::new(Mutex::new(None));
+        runner.run({
+            let follow_up = Arc::clone(&follow_up);
+            move |task: Task<u64>| {
+                let (own, follow_up) = (own.clone(), Arc::clone(&follow_up));
+                async move {
+                    if *task.payload() == 1 {
+                        // Finish the work once the drain has begun, then hand on the rest.
+                        let pool = own.upgrade().ok_or("the pool is gone")?;
+                        let mut state = pool.watch_state();
+                        state.wait_for(|s| s != State::Running).await;
+                        let id = pool.submit(2).await.map_err(|e| e.to_string())?;
+                        *follow_up.lock().unwrap() = Some(id);
+                    }
+                    Ok::<(), BoxError>(())
+                }
+            }
+        });
+        pool.submit(1).await.unwrap();
+        eventually(PATIENCE, "task 1 in flight", || pool.stats().in_flight == 1).await;
+        let report = pool.shutdown().await.unwrap();
+        let follow_up = follow_up
+            .lock()
+            .unwrap()
+            .expect("the follow-up was accepted");
+        assert_eq!((report.completed, report.spilled), (1, 1), "{report:?}");
+        assert_eq!(report.submitted, 2, "{report:?}");
+        assert!(report.is_clean(), "{report:?}");
+        counts_add_up(&report);
+        assert!(matches!(
+            pool.submit(3).await,
+            Err(drainpool::SubmitError::ShuttingDown(3))
+        ));
+        let live = drainpool::journal::inspect(dir.path()).unwrap().live;
+        assert_eq!(
+            live.iter().map(|t| t.id).collect::<Vec<_>>(),
+            [follow_up],
+            "{durability:?}"
+        );
+    }
+}

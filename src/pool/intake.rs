@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
-use super::job::Job;
+use super::job::{Held, Job};
 use super::queue::NoRoom;
 use super::shared::Shared;
+use super::worker::{Host, running_for};
 use crate::codec::Refused;
 use crate::error::SubmitError;
 use crate::journal::{self, TaskRecord, TaskState};
@@ -18,15 +19,16 @@ use crate::task::TaskId;
 impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
         if self.queue.is_closed() {
-            return Err(SubmitError::ShuttingDown(payload));
+            return self.too_late(payload).await;
         }
         let (payload, size) = self.checked(payload)?;
         let permit = match self.queue.reserve().await {
             Ok(permit) => permit,
-            Err(NoRoom::Closed | NoRoom::Full) => return Err(SubmitError::ShuttingDown(payload)),
+            Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload).await,
         };
         if self.queue.is_closed() {
-            return Err(SubmitError::ShuttingDown(payload));
+            drop(permit);
+            return self.too_late(payload).await;
         }
         if self.write_ahead.is_some() {
             return self.write_ahead(permit, payload, size).await;
@@ -37,6 +39,11 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     pub(crate) fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+        if self.queue.is_closed() && self.write_ahead.is_none() && self.in_own_handler() {
+            // A follow-up in the on-shutdown mode needs no wait: it goes to the spill.
+            let (payload, size) = self.checked(payload)?;
+            return Ok(self.hold_follow_up(payload, size, false));
+        }
         if self.queue.is_closed() {
             return Err(SubmitError::ShuttingDown(payload));
         }
@@ -90,6 +97,78 @@ impl<T: Send + Sync + 'static> Shared<T> {
             });
         }
         Ok(self.accept(permit, id, state, payload, size, true))
+    }
+
+    /// Whether this runs inside one of this pool's handlers.
+    fn in_own_handler(&self) -> bool {
+        running_for() == Some(self.key())
+    }
+
+    /// A submit after intake closed: refused, unless it is a follow-up from one of this pool's
+    /// own handlers, which is kept for the final spill (journaled first in write-ahead mode,
+    /// so the promise of that mode holds for it too).
+    async fn too_late(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+        if !self.in_own_handler() {
+            return Err(SubmitError::ShuttingDown(payload));
+        }
+        let (payload, size) = self.checked(payload)?;
+        let Some(write_ahead) = &self.write_ahead else {
+            return Ok(self.hold_follow_up(payload, size, false));
+        };
+        let (id, state) = self.ids.fresh();
+        let mut bytes = Vec::with_capacity(size);
+        if let Err(source) = self.codec.encode(&payload, &mut bytes) {
+            return Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            });
+        }
+        let record = TaskRecord {
+            id,
+            state,
+            last_error: Cow::Borrowed(""),
+            payload: &bytes,
+        };
+        let seq = write_ahead.push_task(&record, false);
+        if let Err(error) = write_ahead.wait(seq).await {
+            return Err(SubmitError::Journal {
+                task: payload,
+                error,
+            });
+        }
+        Ok(self.hold(id, state, payload, size, true))
+    }
+
+    fn hold_follow_up(&self, payload: T, size: usize, journaled: bool) -> TaskId {
+        let (id, state) = self.ids.fresh();
+        self.hold(id, state, payload, size, journaled)
+    }
+
+    /// Keeps an accepted follow-up for the final spill, and counts it.
+    fn hold(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+        journaled: bool,
+    ) -> TaskId {
+        tracing::debug!(task = %id, "follow-up submitted during the drain; kept for the spill");
+        self.shutdown.hold(
+            Held::FollowUp,
+            Job {
+                id,
+                state,
+                last_error: None,
+                payload: Arc::new(payload),
+                journaled,
+                replayed: false,
+                reserved: 0,
+            },
+        );
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        self.ids.accepted(size);
+        id
     }
 
     /// Makes room in the spill reserve for a task of `size` encoded bytes, or refuses it.

@@ -67,6 +67,8 @@ pub(crate) enum Held {
     Interrupted,
     /// Failed, and its dead letter could not be written: it stays a live task.
     Retained,
+    /// A follow-up its own pool's handler submitted after intake closed: it goes to the spill.
+    FollowUp,
 }
 
 /// Ids and the sizes of what was accepted.

@@ -19,6 +19,10 @@ use crate::policy::{DeadlineAction, Interruption};
 use crate::report::Counters;
 
 impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
     async fn next_job(&self) -> Option<Job<T>> {
         self.queue.next_job().await
     }

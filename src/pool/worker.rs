@@ -31,8 +31,20 @@ pub(crate) enum Outcome {
     Aborted,
 }
 
+tokio::task_local! {
+    /// While a handler runs: the [`Host::key`] of the pool running it.
+    static RUNNING_FOR: usize;
+}
+
+/// The key of the pool whose handler is running on this task, if one is.
+pub(crate) fn running_for() -> Option<usize> {
+    RUNNING_FOR.try_with(|key| *key).ok()
+}
+
 /// What a worker needs from the pool.
 pub(crate) trait Host<T>: Send + Sync + 'static {
+    /// A number that tells this pool from any other in the process (while it lives).
+    fn key(&self) -> usize;
     /// The next job, or `None` when the worker should stop.
     fn next_job(&self) -> impl Future<Output = Option<Job<T>>> + Send;
     /// The handlers' token: fires at the drain deadline. Shared with each task by `Arc`.
@@ -80,7 +92,8 @@ where
     let outcome = match catch_unwind(AssertUnwindSafe(|| handler(task))) {
         Err(panic) => Outcome::Failed(panic_message(&*panic), false),
         Ok(future) => {
-            let future = CatchUnwind { inner: future }.instrument(span);
+            let future =
+                RUNNING_FOR.scope(host.key(), CatchUnwind { inner: future }.instrument(span));
             tokio::select! {
                 biased;
                 result = future => match result {
