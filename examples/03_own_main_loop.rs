@@ -23,7 +23,7 @@ async fn main() -> Result<(), BoxError> {
         let shutdown = shutdown.clone();
         async move {
             tokio::select! {
-                received = signal => println!("{received}: stopping"),
+                received = signal.received() => println!("{received}: stopping"),
                 () = tokio::time::sleep(Duration::from_secs(10)) => println!("ten seconds: stopping"),
             }
             shutdown.cancel();

@@ -172,6 +172,20 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Whether to catch SIGTERM and SIGINT from the very start: the handlers are installed
+    /// (see [`catch_signals`](crate::catch_signals)) before the journal is opened and replayed,
+    /// and the pool listens once it is built, as [`Pool::run_until_signal`] would make it. A
+    /// signal during the replay is then not lost (as PID 1 in a container the kernel would
+    /// otherwise ignore it): the pool drains as soon as it is built, journaling every replayed
+    /// task again, and [`Pool::wait`] returns its report. The second signal skips the drain's
+    /// wait, the third exits with 128 + its number.
+    ///
+    /// The default is off: nothing is installed until asked.
+    pub fn catch_signals(mut self, on: bool) -> Self {
+        self.config.catch_signals = on;
+        self
+    }
+
     /// The journal's file operations: a test's faulty ones instead of the real calls.
     #[cfg(test)]
     pub(crate) fn file_ops(mut self, ops: crate::journal::Ops) -> Self {
@@ -270,7 +284,15 @@ impl<T: Send + Sync + 'static> Builder<T> {
                 reason: "must be at least 1".into(),
             });
         }
-        pool::build(self.config, self.policy, self.codec).await
+        let catch = self.config.catch_signals;
+        if catch {
+            crate::signal::catch_signals().map_err(StartError::Signals)?;
+        }
+        let (pool, runner) = pool::build(self.config, self.policy, self.codec).await?;
+        if catch {
+            pool.listen_for_signals().map_err(StartError::Signals)?;
+        }
+        Ok((pool, runner))
     }
 
     /// [`build`](Self::build), then [`Runner::run`] with `handler`: the one-step start.

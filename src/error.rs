@@ -156,6 +156,10 @@ pub enum StartError {
         /// The journal directory.
         dir: PathBuf,
     },
+    /// The signal handlers asked for with
+    /// [`Builder::catch_signals`](crate::Builder::catch_signals) could not be registered.
+    #[error("could not register signal handlers")]
+    Signals(#[source] io::Error),
     /// A builder setting is out of range, or missing.
     #[error("invalid configuration: {setting}: {reason}")]
     InvalidConfig {

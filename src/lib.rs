@@ -85,7 +85,7 @@ pub use report::{
     Budget, Counts, Damage, Health, RecoveryReport, ShutdownReport, Skipped, State, StateWatch,
     Stats,
 };
-pub use signal::{ShutdownSignal, Signal, shutdown_signal};
+pub use signal::{ShutdownSignal, Signal, catch_signals, shutdown_signal};
 pub use task::{ParseTaskIdError, Task, TaskId};
 /// The token a pool's shutdown is triggered with (tokio-util's, re-exported so that a user
 /// need not depend on the same tokio-util version).

@@ -39,14 +39,15 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::child::{
-    LedgerFile, Rng, SelfExec, describe, env_u64, field, install_signal_handlers, last_words, read,
-    run_worker, send, shut_down_when_empty, splitmix, task_hash, touch, touch_when_draining,
+    LedgerFile, Rng, SelfExec, child_of, describe, env_u64, field, innermost_pid,
+    install_signal_handlers, last_words, pid_namespaces, read, run_worker, send,
+    shut_down_when_empty, splitmix, task_hash, touch, touch_when_draining,
 };
 use common::say;
 use drainpool::{Pool, SubmitError, Task, TaskId};
@@ -431,81 +432,6 @@ impl Case {
             0
         }
     }
-}
-
-/// The `unshare` options that make a PID namespace here (without privileges, inside a user
-/// namespace), or why none does.
-fn pid_namespaces() -> Result<&'static [&'static str], String> {
-    const WAYS: [&[&str]; 2] = [
-        &["--pid", "--fork", "--kill-child"],
-        &[
-            "--user",
-            "--map-root-user",
-            "--pid",
-            "--fork",
-            "--kill-child",
-        ],
-    ];
-    static SUPPORT: OnceLock<Result<&'static [&'static str], String>> = OnceLock::new();
-    SUPPORT
-        .get_or_init(|| {
-            let mut refusals = Vec::new();
-            for way in WAYS {
-                let output = Command::new("unshare")
-                    .args(way)
-                    .arg("true")
-                    .stdin(Stdio::null())
-                    .output()
-                    .map_err(|e| format!("cannot run unshare (util-linux): {e}"))?;
-                if output.status.success() {
-                    return Ok(way);
-                }
-                refusals.push(format!(
-                    "`unshare {}` refused ({}): {}",
-                    way.join(" "),
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ));
-            }
-            Err(refusals.join("; "))
-        })
-        .clone()
-}
-
-/// The child of `parent`, from `/proc` (its `children` file where the kernel has one).
-fn child_of(parent: u32) -> Option<u32> {
-    let children = format!("/proc/{parent}/task/{parent}/children");
-    if let Ok(text) = std::fs::read_to_string(children) {
-        return text.split_whitespace().next()?.parse().ok();
-    }
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-/// The process's pid in its innermost PID namespace, from `NSpid` in `/proc/<pid>/status`.
-fn innermost_pid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
 }
 
 /// What one generation did.

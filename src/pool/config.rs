@@ -128,6 +128,8 @@ pub(crate) struct Config {
     pub(crate) segment_bytes: u64,
     /// Whether the on-shutdown mode keeps a spill reserve.
     pub(crate) spill_reserve: bool,
+    /// Whether `build` catches SIGTERM and SIGINT before recovery, and the pool listens.
+    pub(crate) catch_signals: bool,
     /// How the journal writes its files: the real calls, or a test's faulty ones.
     pub(crate) file_ops: journal::Ops,
 }
@@ -145,6 +147,7 @@ impl Default for Config {
             durability: Durability::on_shutdown(),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             spill_reserve: true,
+            catch_signals: false,
             file_ops: journal::os(),
         }
     }

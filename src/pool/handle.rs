@@ -195,25 +195,30 @@ impl<T> Pool<T> {
     /// Dropping the future leaves the handlers installed: a later signal still shuts the pool
     /// down.
     pub async fn run_until_signal(&self) -> Result<ShutdownReport, RunError> {
+        self.listen_for_signals().map_err(RunError::Signals)?;
+        Ok(self.wait().await?)
+    }
+
+    /// Joins the process's signal owner (once per pool): the first signal starts the
+    /// shutdown, the second skips the wait, the third exits.
+    pub(crate) fn listen_for_signals(&self) -> std::io::Result<()> {
+        if !self.shared.shutdown.start_listening() {
+            return Ok(());
+        }
         let trigger = self.shared.shutdown.trigger().clone();
         let hurry = self.shared.shutdown.hurry_token();
-        crate::signal::listen(3, move |count, signal| {
-            tracing::debug!(%signal, count, "signal received");
-            match count {
-                1 => {
-                    tracing::info!(%signal, "draining: a second signal skips the wait, a third exits");
-                    trigger.cancel();
-                }
-                2 => {
-                    tracing::warn!(%signal, "second signal: skipping the drain wait; a third exits at once");
-                    hurry.cancel();
-                    trigger.cancel();
-                }
-                _ => {}
+        crate::signal::listen(3, move |count, signal| match count {
+            1 => {
+                tracing::info!(%signal, "draining: a second signal skips the wait, a third exits");
+                trigger.cancel();
             }
+            2 => {
+                tracing::warn!(%signal, "second signal: skipping the drain wait; a third exits at once");
+                hurry.cancel();
+                trigger.cancel();
+            }
+            _ => {}
         })
-        .map_err(RunError::Signals)?;
-        Ok(self.wait().await?)
     }
 
     /// Skips the rest of the wait for in-flight tasks: fire their tokens and journal every

@@ -60,6 +60,8 @@ pub(crate) struct Shutdown<T> {
     pub(crate) flusher: Owned,
     pub(crate) upkeep: Owned,
     pub(crate) state: watch::Sender<State>,
+    /// Set once the pool listens to the process's signals.
+    listening: std::sync::atomic::AtomicBool,
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
 }
 
@@ -77,6 +79,7 @@ impl<T> Shutdown<T> {
             flusher: Owned::new(),
             upkeep: Owned::new(),
             state: watch::Sender::new(State::Running),
+            listening: std::sync::atomic::AtomicBool::new(false),
             report: watch::Sender::new(None),
         }
     }
@@ -114,6 +117,13 @@ impl<T> Shutdown<T> {
         self.hurry.cancel();
         self.trigger.cancel();
         first
+    }
+
+    /// Whether this call is the first to make the pool listen to signals.
+    pub(crate) fn start_listening(&self) -> bool {
+        !self
+            .listening
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// The token that skips the wait (for the signal thread, which must not keep the pool).
