@@ -172,7 +172,8 @@ async fn wait_in_flight<T: Send + Sync + 'static>(
     tokio::select! {
         () = &mut all_done => return started.elapsed(),
         () = tokio::time::sleep_until(started + deadline) => {
-            tracing::error!(
+            // Each task stopped is logged at WARN with its id as its outcome is settled.
+            tracing::warn!(
                 in_flight = shared.counters.in_flight.load(Ordering::Relaxed),
                 "drain deadline passed; cancelling in-flight tasks"
             );

@@ -224,7 +224,8 @@ impl Store {
                 "spilled tasks to a fresh segment after a failure"
             );
         } else {
-            tracing::warn!(tasks = outcome.written, "spilled tasks to the journal");
+            // A routine shutdown: what the pool is for, not a warning.
+            tracing::info!(tasks = outcome.written, "spilled tasks to the journal");
         }
         if let Some(error) = outcome.error {
             self.record_error(error);

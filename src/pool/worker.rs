@@ -80,6 +80,8 @@ where
 {
     let counters = host.counters();
     counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    // Timed only when someone will read it.
+    let started = tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now);
     let task = Task {
         id: job.id,
         attempt: job.state.attempts.saturating_add(1),
@@ -109,6 +111,19 @@ where
         }
     };
     counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    if let Some(started) = started {
+        let how = match &outcome {
+            Outcome::Completed => "completed",
+            Outcome::Failed(..) => "failed",
+            Outcome::Aborted => "dropped at the hard stop",
+        };
+        tracing::debug!(
+            task = %job.id,
+            run_us = started.elapsed().as_micros() as u64,
+            outcome = how,
+            "task run ended"
+        );
+    }
     outcome
 }
 
