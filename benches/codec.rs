@@ -1,5 +1,5 @@
-//! `cargo bench --bench codec`: the journal's record encoder and decoder, in bytes per second,
-//! to catch regressions.
+//! `cargo bench -p drainpool-benches --bench codec`: the journal's record encoder and decoder,
+//! in bytes per second, to catch regressions.
 //!
 //! The encoder and decoder are crate-private, so this measures them through the public API, at
 //! a small scale where they dominate:
@@ -37,7 +37,8 @@ impl Scratch {
             if shm.is_dir() && std::fs::metadata(shm).is_ok_and(|m| !m.permissions().readonly()) {
                 shm.to_path_buf()
             } else {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench")
+                // The workspace's `target/`: this package lives in `benches/`.
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
             };
         let dir = base.join(format!("drainpool-codec-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

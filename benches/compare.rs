@@ -1,4 +1,5 @@
-//! `cargo bench --bench compare`: drainpool against baselines measured in the same process.
+//! `cargo bench -p drainpool-benches --bench compare`: drainpool against baselines measured in
+//! the same process.
 //!
 //! Each row puts a figure of drainpool, measured through its public API only, beside a
 //! baseline doing the same job by hand, on the same machine and file system (everything lives
@@ -10,10 +11,11 @@
 //! The shutdown-latency and memory rows run in child processes: this binary re-executes itself
 //! with `--child-shutdown` or `--child-memory`.
 //!
-//! Run without `--bench` (as `cargo test --benches` does) it makes a quick smoke run at a
-//! hundredth of the scale and writes `target/bench/compare-quick.json` instead. `--only ROWS`
-//! (comma-separated: `steady,spill,reserve,durable,shutdown,memory`) runs some rows only, for
-//! profiling, and writes `target/bench/compare-partial.json`, leaving the full run's file alone.
+//! Run without `--bench` (as `cargo test -p drainpool-benches --benches` does) it makes a quick
+//! smoke run at a hundredth of the scale and writes `target/bench/compare-quick.json` instead.
+//! `--only ROWS` (comma-separated: `steady,spill,reserve,durable,shutdown,memory`) runs some
+//! rows only, for profiling, and writes `target/bench/compare-partial.json`, leaving the full
+//! run's file alone.
 
 mod common;
 
@@ -228,7 +230,8 @@ fn secs_text(secs: f64) -> String {
 }
 
 /// Where the benches keep their files: `target/bench/`, found from this executable's path
-/// (`target/<profile>/deps/compare-…`), so it follows `CARGO_TARGET_DIR`.
+/// (`target/<profile>/deps/compare-…`), so it follows `CARGO_TARGET_DIR`; failing that, the
+/// workspace's `target/` (this package lives in `benches/`, one level below the root).
 fn bench_dir() -> BoxResult<PathBuf> {
     let exe = std::env::current_exe()?;
     let target = exe
@@ -236,7 +239,7 @@ fn bench_dir() -> BoxResult<PathBuf> {
         .find(|p| p.file_name().is_some_and(|n| n == "deps"))
         .and_then(|deps| deps.parent()?.parent())
         .map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
             Path::to_path_buf,
         );
     let dir = target.join("bench");
@@ -358,7 +361,7 @@ fn compare(args: &[String]) -> BoxResult<()> {
     println!("bench run took {wall:.1} s");
 
     let report = json!({
-        "command": "cargo bench --bench compare",
+        "command": "cargo bench -p drainpool-benches --bench compare",
         "date": today(),
         "quick": scale.quick,
         "only": only,

@@ -11,7 +11,8 @@
 //! Every handler appends the order it shipped to a ledger file; every producer appends each
 //! order `submit` accepted to another. The last line is computed from those two files, not
 //! from the pool's counters: `submitted=N completed=N spilled=S replayed=R lost=0
-//! duplicates=D`.
+//! duplicates=D`. While a generation runs, a line of progress every two seconds says how many
+//! orders it has shipped so far.
 //!
 //! The journal lives where `DRAINPOOL_DEMO_DIR` says (kept afterwards, to try the tools on),
 //! or in a temporary directory that is removed at the end.
@@ -93,6 +94,8 @@ mod demo {
     const GENERATIONS: [(u64, u64); 3] = [(1, 3_000), (100_001, 1_000), (0, 0)];
     /// Completions to wait for, in each generation that gets a SIGTERM, before sending it.
     const COMPLETIONS_BEFORE_SIGTERM: usize = 400;
+    /// How often a running generation says how far it has got.
+    const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
     /// The parent: runs the generations, sends the signals, reads the ledger.
     pub(crate) fn orchestrate() -> ExitCode {
@@ -128,6 +131,7 @@ mod demo {
                 .spawn()
                 .expect("the worker process");
             let started = Instant::now();
+            let mut progress = Progress::new(generation, base.join("shipped.log"), shipped_before);
             let stdout = child.stdout.take().expect("the worker's stdout");
             let lines = std::thread::spawn(move || {
                 BufReader::new(stdout)
@@ -142,13 +146,14 @@ mod demo {
                 while count_lines(&base.join("shipped.log")) < target
                     && started.elapsed() < Duration::from_secs(60)
                 {
+                    progress.tick();
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a child pid");
                 rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
                 signalled = Some(Instant::now());
             }
-            let status = wait_or_kill(&mut child, Duration::from_secs(120));
+            let status = wait_or_kill(&mut child, Duration::from_secs(120), || progress.tick());
             let lines = lines.join().unwrap_or_default();
             let report = parse_report(&lines);
             spilled += report.get("spilled").copied().unwrap_or(0)
@@ -307,12 +312,50 @@ mod demo {
             .collect()
     }
 
-    fn wait_or_kill(child: &mut Child, limit: Duration) -> String {
+    /// A line of progress every [`PROGRESS_EVERY`] while a generation runs: the orders it has
+    /// shipped so far, counted in the ledger.
+    struct Progress {
+        generation: usize,
+        shipped_log: PathBuf,
+        shipped_before: usize,
+        started: Instant,
+        last: Instant,
+    }
+
+    impl Progress {
+        fn new(generation: usize, shipped_log: PathBuf, shipped_before: usize) -> Self {
+            let now = Instant::now();
+            Self {
+                generation,
+                shipped_log,
+                shipped_before,
+                started: now,
+                last: now,
+            }
+        }
+
+        fn tick(&mut self) {
+            if self.last.elapsed() < PROGRESS_EVERY {
+                return;
+            }
+            self.last = Instant::now();
+            let shipped = count_lines(&self.shipped_log).saturating_sub(self.shipped_before);
+            println!(
+                "generation {}: running for {:.0} s, {shipped} orders shipped so far",
+                self.generation,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// Waits for the worker to exit, calling `on_wait` between polls; kills it after `limit`.
+    fn wait_or_kill(child: &mut Child, limit: Duration, mut on_wait: impl FnMut()) -> String {
         let started = Instant::now();
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return format!("worker {status}"),
                 Ok(None) if started.elapsed() < limit => {
+                    on_wait();
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 _ => {
