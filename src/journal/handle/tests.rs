@@ -1,8 +1,5 @@
 use std::collections::BTreeMap;
 
-use proptest::prelude::*;
-use proptest::test_runner::RngSeed;
-
 use super::*;
 use crate::error::StartError;
 use crate::journal::dir::{DAMAGED_DIR, LOCK_FILE, list_segments};
@@ -696,16 +693,52 @@ enum Where {
     Old,
 }
 
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        4 => ("[a-z0-9 \"\\\\é]{0,24}", any::<bool>(), any::<bool>())
-            .prop_map(|(payload, error, interrupted)| Op::Submit { payload, error, interrupted }),
-        3 => any::<usize>().prop_map(Op::Ack),
-        2 => Just(Op::Spill),
-        1 => any::<usize>().prop_map(Op::Respill),
-        1 => Just(Op::Retire),
-        1 => prop_oneof![Just(End::Clean), Just(End::Keep), Just(End::Crash)].prop_map(Op::Restart),
-    ]
+/// A small deterministic generator (xorshift64*) for the model test's operations.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn coin(&mut self) -> bool {
+        self.next() & 1 == 1
+    }
+
+    /// A payload of up to 24 characters, quotes, backslashes and a non-ASCII one included.
+    fn payload(&mut self) -> String {
+        const CHARS: [char; 11] = ['a', 'q', 'z', '0', '7', '9', ' ', '"', '\\', 'é', 'x'];
+        (0..self.below(25))
+            .map(|_| CHARS[self.below(CHARS.len() as u64) as usize])
+            .collect()
+    }
+
+    /// One operation, weighted as a run's are: submits most, restarts least.
+    fn op(&mut self) -> Op {
+        match self.below(12) {
+            0..=3 => Op::Submit {
+                payload: self.payload(),
+                error: self.coin(),
+                interrupted: self.coin(),
+            },
+            4..=6 => Op::Ack(self.next() as usize),
+            7 | 8 => Op::Spill,
+            9 => Op::Respill(self.next() as usize),
+            10 => Op::Retire,
+            _ => Op::Restart(match self.below(3) {
+                0 => End::Clean,
+                1 => End::Keep,
+                _ => End::Crash,
+            }),
+        }
+    }
 }
 
 /// The model of a pool driving the journal: what it holds live, and where each task is.
@@ -848,24 +881,32 @@ impl Model {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 64,
-        failure_persistence: None,
-        rng_seed: RngSeed::Fixed(0x006a_6f75_726e_616c),
-        ..ProptestConfig::default()
-    })]
-
-    /// Whatever a run writes, across clean stops, kept segments and crashes, recovery gives
-    /// back exactly the live tasks, each in its last journaled state.
-    #[test]
-    fn recovery_gives_exactly_the_live_tasks(ops in proptest::collection::vec(op(), 1..48)) {
+/// Whatever a run writes, across clean stops, kept segments and crashes, recovery gives back
+/// exactly the live tasks, each in its last journaled state: 64 seeded sequences of 1 to 47
+/// operations (a failure names its seed and prints the operations).
+#[test]
+fn recovery_gives_exactly_the_live_tasks() {
+    for case in 0..64u64 {
+        let seed = 0x006a_6f75_726e_616c ^ case.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut generator = Gen(seed | 1);
+        let len = 1 + generator.below(47) as usize;
+        let ops: Vec<Op> = (0..len).map(|_| generator.op()).collect();
         let tmp = tempfile::tempdir().unwrap();
-        let mut model = Model::start(tmp.path());
-        for op in ops {
-            model.apply(op);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut model = Model::start(tmp.path());
+            for op in ops.clone() {
+                model.apply(op);
+            }
+            model.apply(Op::Restart(End::Clean));
+            model.journal.take().unwrap().close().unwrap();
+        }));
+        if let Err(panic) = result {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            panic!("case {case} (seed {seed:#x}), operations {ops:?}: {message}");
         }
-        model.apply(Op::Restart(End::Clean));
-        model.journal.take().unwrap().close().unwrap();
     }
 }
