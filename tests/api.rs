@@ -343,3 +343,34 @@ async fn a_follow_up_submitted_during_the_drain_is_spilled_not_refused() {
         );
     }
 }
+
+/// A bounded submit: `Full` with the task handed back once no room comes within the wait, in
+/// write-ahead mode too (where `try_submit` always says `WouldBlock`).
+#[tokio::test(start_paused = true)]
+async fn submit_within_refuses_with_full_when_no_room_comes_in_time() {
+    for durability in [
+        drainpool::Durability::on_shutdown(),
+        drainpool::Durability::write_ahead(drainpool::SyncPolicy::Always),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, runner) = Pool::<u64>::builder()
+            .queue_capacity(2)
+            .durability(durability)
+            .journal_dir(dir.path())
+            .build()
+            .await
+            .unwrap();
+        drop(runner);
+        for n in 0..2 {
+            pool.submit_within(n, Duration::ZERO).await.unwrap();
+        }
+        for wait in [Duration::ZERO, Duration::from_millis(50)] {
+            match pool.submit_within(9, wait).await {
+                Err(drainpool::SubmitError::Full(task)) => assert_eq!(task, 9),
+                other => panic!("{durability:?}, {wait:?}: expected Full, got {other:?}"),
+            }
+        }
+        let report = pool.shutdown().await.unwrap();
+        assert_eq!(report.spilled, 2, "{durability:?}: {report:?}");
+    }
+}

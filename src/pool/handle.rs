@@ -101,7 +101,29 @@ impl<T: Send + Sync + 'static> Pool<T> {
     ///
     /// Cancel safe: if the future is dropped before it completes, the task was not queued.
     pub async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
-        self.shared.submit(payload).await
+        self.shared.submit(payload, None).await
+    }
+
+    /// Queues a task, waiting at most `wait` for room in the queue; then, in write-ahead mode,
+    /// for its record to be durable (that wait is the disk's, not bounded here). Returns its id.
+    /// The bounded submit for a service that answers 429 when it is full: `try_submit` with a
+    /// little patience, and the one that works in write-ahead mode (where `try_submit` cannot
+    /// wait for the journal).
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit), plus [`SubmitError::Full`] when no room came within
+    /// `wait` (`Duration::ZERO`: none now).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the task was not queued.
+    pub async fn submit_within(
+        &self,
+        payload: T,
+        wait: std::time::Duration,
+    ) -> Result<TaskId, SubmitError<T>> {
+        self.shared.submit(payload, Some(wait)).await
     }
 
     /// Queues a task if there is room now. Returns its id.

@@ -17,13 +17,28 @@ use crate::journal::{self, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 impl<T: Send + Sync + 'static> Shared<T> {
-    pub(crate) async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+    /// `room`: how long to wait for room in the queue (`None`: as long as it takes), after
+    /// which the task is refused with `Full`.
+    pub(crate) async fn submit(
+        &self,
+        payload: T,
+        room: Option<std::time::Duration>,
+    ) -> Result<TaskId, SubmitError<T>> {
         if self.queue.is_closed() {
             return self.too_late(payload).await;
         }
         let (payload, size) = self.checked(payload)?;
-        let permit = match self.queue.reserve().await {
+        let reserved = match room {
+            None => self.queue.reserve().await,
+            Some(wait) => tokio::time::timeout(wait, self.queue.reserve())
+                .await
+                .unwrap_or(Err(NoRoom::Full)),
+        };
+        let permit = match reserved {
             Ok(permit) => permit,
+            Err(NoRoom::Full) if !self.queue.is_closed() => {
+                return Err(SubmitError::Full(payload));
+            }
             Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload).await,
         };
         if self.queue.is_closed() {
