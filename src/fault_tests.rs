@@ -75,6 +75,17 @@ fn none(_: u64) -> bool {
     false
 }
 
+/// Lets the pool run (on the test's paused clock) until `n` handlers run.
+async fn in_flight(pool: &Pool<u64>, n: u64) {
+    for _ in 0..10_000 {
+        if pool.stats().in_flight == n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{n} tasks never ran at once: {:?}", pool.stats());
+}
+
 /// Submits every task of `tasks`; each must be accepted.
 async fn submit_all(pool: &Pool<u64>, tasks: std::ops::Range<u64>) {
     for n in tasks {
@@ -573,6 +584,7 @@ fn a_spill_that_fails_once_is_retried_in_a_fresh_segment() {
             )
             .await;
             submit_all(&pool, 0..10).await;
+            in_flight(&pool, 1).await;
             // Nothing is written before the shutdown in this mode.
             assert_eq!(faults.calls(op), 0);
             faults.fail_nth(op, nth, code);

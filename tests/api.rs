@@ -134,6 +134,10 @@ async fn a_runner_never_run_leaves_every_task_to_the_journal() {
         .await
         .unwrap();
     assert_eq!(pool.recovery().replayed, 5);
+    eventually(PATIENCE, "the replayed tasks to run", || {
+        ran.lock().unwrap().len() == 5
+    })
+    .await;
     let report = pool.shutdown().await.unwrap();
     assert_eq!(report.completed, 5, "{report:?}");
     assert_eq!(*ran.lock().unwrap(), [0, 1, 2, 3, 4]);
@@ -196,6 +200,10 @@ async fn a_raw_bytes_codec_survives_spill_and_reload() {
         })
         .await
         .unwrap();
+    eventually(PATIENCE, "the replayed tasks to run", || {
+        ran.lock().unwrap().len() == 3
+    })
+    .await;
     assert_eq!(pool.shutdown().await.unwrap().completed, 3);
     assert_eq!(*ran.lock().unwrap(), payloads);
 }
@@ -373,4 +381,70 @@ async fn submit_within_refuses_with_full_when_no_room_comes_in_time() {
         let report = pool.shutdown().await.unwrap();
         assert_eq!(report.spilled, 2, "{durability:?}: {report:?}");
     }
+}
+
+/// Handlers that submit follow-ups to their own full pool do not wait for room (which they
+/// would wait for forever, every worker doing the same): the follow-ups go ahead of the queue.
+#[tokio::test]
+async fn follow_ups_into_a_full_pool_do_not_stop_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, runner) = Pool::<u64>::builder()
+        .workers(2)
+        .queue_capacity(1)
+        .journal_dir(dir.path())
+        .build()
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let own = pool.downgrade();
+    runner.run({
+        let done = Arc::clone(&done);
+        move |task: Task<u64>| {
+            let (own, done) = (own.clone(), Arc::clone(&done));
+            async move {
+                let n = *task.payload();
+                if n < 100 {
+                    let pool = own.upgrade().ok_or("the pool is gone")?;
+                    pool.submit(n + 100).await.map_err(|e| e.to_string())?;
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), BoxError>(())
+            }
+        }
+    });
+    for n in 0..20 {
+        pool.submit(n).await.unwrap();
+    }
+    eventually(PATIENCE, "every task and its follow-up to finish", || {
+        done.load(Ordering::SeqCst) == 40
+    })
+    .await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.submitted), (40, 40), "{report:?}");
+}
+
+/// Intake refuses from the moment `shutdown` or `shutdown_now` is called, as `health` says, not
+/// only once the drain gets going.
+#[tokio::test(start_paused = true)]
+async fn intake_refuses_from_the_trigger_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::<u64>::builder()
+        .journal_dir(dir.path())
+        .start(|_: Task<u64>| async { Ok::<(), BoxError>(()) })
+        .await
+        .unwrap();
+    assert!(pool.health().is_ready());
+    pool.shutdown_now();
+    assert!(matches!(pool.health(), drainpool::Health::ShuttingDown));
+    // No await in between: the shutdown sequence has not run yet.
+    assert!(matches!(
+        pool.try_submit(1),
+        Err(drainpool::SubmitError::ShuttingDown(1))
+    ));
+    assert!(matches!(
+        pool.submit(2).await,
+        Err(drainpool::SubmitError::ShuttingDown(2))
+    ));
+    let report = pool.wait().await.unwrap();
+    assert_eq!(report.submitted, 0, "{report:?}");
 }

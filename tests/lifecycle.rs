@@ -302,7 +302,9 @@ async fn the_counts_add_up_in_a_mixed_run() {
 
     let ledger = Ledger::default();
     let pool = start(dir.path(), 3, &ledger, |b| b).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Two workers take the 14 tasks of 5 s, six each by 30 s; at 31 s the last two run, and
+    // finish within the drain. (At exactly 30 s, intake closing as they end would spill them.)
+    tokio::time::sleep(Duration::from_secs(31)).await;
     let report = pool.shutdown().await.unwrap();
     assert_eq!(report.replayed, 15);
     assert_eq!(report.completed, 14);
@@ -372,6 +374,8 @@ async fn the_users_token_starts_the_shutdown_and_is_not_cancelled_by_the_pool() 
             .await
             .unwrap();
     }
+    settle().await;
+    assert_eq!(pool.stats().in_flight, 1);
     token.cancel();
     let report = pool.wait().await.unwrap();
     assert_eq!((report.interrupted, report.spilled), (1, 4));
@@ -558,6 +562,10 @@ fn a_crash_during_the_replay_run_loses_nothing() {
         for n in 1..20 {
             pool.submit(Job::work(n, 20)).await.unwrap();
         }
+        common::eventually(common::PATIENCE, "task 0 in flight", || {
+            pool.stats().in_flight == 1
+        })
+        .await;
         pool.shutdown_now();
         let report = pool.wait().await.unwrap();
         assert_eq!((report.interrupted, report.spilled), (1, 19));

@@ -28,10 +28,6 @@ const HELD_SPILL_AFTER: Duration = Duration::from_millis(20);
 /// Waits for the trigger, then runs the shutdown sequence and publishes the report.
 pub(crate) async fn supervise<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
     shared.shutdown.trigger.cancelled().await;
-    // The supervisor is spawned before the workers (at `build`, so that a shutdown works even
-    // if the runner never runs): give the tasks already woken, a worker handed a job before
-    // the trigger, their turn first, as a pool started in one step always has.
-    tokio::task::yield_now().await;
     let report = drain(&shared).await;
     shared.shutdown.state.send_replace(State::Stopped);
     shared.shutdown.report.send_replace(Some(report));

@@ -165,6 +165,8 @@ impl<T> Pool<T> {
     ///
     /// Cancel safe: dropping the future does not stop the shutdown, which runs on its own task.
     pub async fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
+        // Intake refuses from this moment, not from when the drain gets going.
+        self.shared.queue.close();
         self.shared.shutdown.trigger().cancel();
         self.wait().await
     }
@@ -229,9 +231,12 @@ impl<T> Pool<T> {
         }
         let trigger = self.shared.shutdown.trigger().clone();
         let hurry = self.shared.shutdown.hurry_token();
+        // The gate, not the pool: the listener lives as long as the process.
+        let gate = self.shared.queue.gate();
         crate::signal::listen(3, move |count, signal| match count {
             1 => {
                 tracing::info!(%signal, "draining: a second signal skips the wait, a third exits");
+                gate.close();
                 trigger.cancel();
             }
             2 => {
@@ -247,6 +252,7 @@ impl<T> Pool<T> {
     /// task still running now. Starts the shutdown if it has not begun. Returns false if
     /// this had been asked before.
     pub fn shutdown_now(&self) -> bool {
+        self.shared.queue.close();
         self.shared.shutdown.hurry()
     }
 

@@ -28,6 +28,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return self.too_late(payload).await;
         }
         let (payload, size) = self.checked(payload)?;
+        if self.in_own_handler() {
+            return self.follow_up(payload, size).await;
+        }
         let reserved = match room {
             None => self.queue.reserve().await,
             Some(wait) => tokio::time::timeout(wait, self.queue.reserve())
@@ -154,6 +157,78 @@ impl<T: Send + Sync + 'static> Shared<T> {
         Ok(self.hold(id, state, payload, size, true))
     }
 
+    /// A follow-up from one of this pool's own running handlers: queued at once, ahead of the
+    /// channel when it is full (a handler waiting for room in its own full pool could wait for
+    /// itself, and with every worker doing so the pool would stop). Journaled first in
+    /// write-ahead mode.
+    async fn follow_up(&self, payload: T, size: usize) -> Result<TaskId, SubmitError<T>> {
+        if let Ok(permit) = self.queue.try_reserve() {
+            if self.write_ahead.is_some() {
+                return self.write_ahead(permit, payload, size).await;
+            }
+            let payload = self.reserve_room(payload, size)?;
+            let (id, state) = self.ids.fresh();
+            return Ok(self.accept(permit, id, state, payload, size, false));
+        }
+        let payload = self.reserve_room(payload, size)?;
+        let (id, state) = self.ids.fresh();
+        let journaled = match &self.write_ahead {
+            None => false,
+            Some(write_ahead) => {
+                let mut bytes = Vec::with_capacity(size);
+                if let Err(source) = self.codec.encode(&payload, &mut bytes) {
+                    return Err(SubmitError::Unserializable {
+                        task: payload,
+                        source,
+                    });
+                }
+                let record = TaskRecord {
+                    id,
+                    state,
+                    last_error: Cow::Borrowed(""),
+                    payload: &bytes,
+                };
+                let seq = write_ahead.push_task(&record, false);
+                if let Err(error) = write_ahead.wait(seq).await {
+                    return Err(SubmitError::Journal {
+                        task: payload,
+                        error,
+                    });
+                }
+                true
+            }
+        };
+        self.queue
+            .push_follow_up(self.job(id, state, payload, size, journaled));
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        self.ids.accepted(size);
+        Ok(id)
+    }
+
+    /// A new job, holding its share of the spill reserve.
+    fn job(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+        journaled: bool,
+    ) -> Job<T> {
+        Job {
+            id,
+            state,
+            last_error: None,
+            payload: Arc::new(payload),
+            journaled,
+            replayed: false,
+            reserved: if self.reserve.is_some() && !journaled {
+                reserved_bytes(size) as u32
+            } else {
+                0
+            },
+        }
+    }
+
     fn hold_follow_up(&self, payload: T, size: usize, journaled: bool) -> TaskId {
         let (id, state) = self.ids.fresh();
         self.hold(id, state, payload, size, journaled)
@@ -227,19 +302,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         size: usize,
         journaled: bool,
     ) -> TaskId {
-        permit.send(Job {
-            id,
-            state,
-            last_error: None,
-            payload: Arc::new(payload),
-            journaled,
-            replayed: false,
-            reserved: if self.reserve.is_some() {
-                reserved_bytes(size) as u32
-            } else {
-                0
-            },
-        });
+        permit.send(self.job(id, state, payload, size, journaled));
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         self.ids.accepted(size);
         id

@@ -7,8 +7,8 @@
 //! and the shutdown collects every waiting task to spill it.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
@@ -29,9 +29,26 @@ pub(crate) struct Queue<T> {
     waiting: Mutex<Vec<(Instant, Job<T>)>>,
     /// Woken when a retry is added.
     waiting_changed: Notify,
-    /// Set just before `closed_token` is cancelled: an atomic load for the hot paths.
+    /// The gate: shared, so that a trigger that must not keep the pool alive (a signal
+    /// listener) can close it too.
+    gate: Arc<Gate>,
+}
+
+/// The intake gate: closed once, at the first shutdown trigger.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    /// Set just before `token` is cancelled: an atomic load for the hot paths.
     closed: AtomicBool,
-    closed_token: CancellationToken,
+    token: CancellationToken,
+}
+
+impl Gate {
+    /// Closes the gate. Returns false if it was closed already.
+    pub(crate) fn close(&self) -> bool {
+        let first = !self.closed.swap(true, Ordering::AcqRel);
+        self.token.cancel();
+        first
+    }
 }
 
 /// Why no slot could be reserved.
@@ -56,26 +73,36 @@ impl<T> Queue<T> {
             backlog_ready: Notify::new(),
             waiting: Mutex::new(waiting),
             waiting_changed: Notify::new(),
-            closed: AtomicBool::new(false),
-            closed_token: CancellationToken::new(),
+            gate: Arc::new(Gate::default()),
         }
     }
 
     /// Whether the gate has closed.
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.gate.closed.load(Ordering::Acquire)
+    }
+
+    /// The gate, for a trigger that closes it from outside the pool.
+    pub(crate) fn gate(&self) -> Arc<Gate> {
+        Arc::clone(&self.gate)
+    }
+
+    /// Queues a follow-up of a running handler ahead of the channel, whatever its capacity:
+    /// a handler waiting for room in its own full pool could wait for itself.
+    pub(crate) fn push_follow_up(&self, job: Job<T>) {
+        lock(&self.backlog).push_back(job);
+        self.backlog_len.fetch_add(1, Ordering::AcqRel);
+        self.backlog_ready.notify_one();
     }
 
     /// Closes the gate: no task starts from now on. Returns false if it was closed already.
     pub(crate) fn close(&self) -> bool {
-        let first = !self.closed.swap(true, Ordering::AcqRel);
-        self.closed_token.cancel();
-        first
+        self.gate.close()
     }
 
     /// Resolves once the gate has closed.
     pub(crate) async fn closed(&self) {
-        self.closed_token.cancelled().await;
+        self.gate.token.cancelled().await;
     }
 
     /// A slot in the channel if there is room now.

@@ -465,6 +465,12 @@ async fn after_a_requeue_cut_short_the_next_start_runs_the_task() {
             .unwrap()
     };
     assert_eq!(pool.recovery().replayed, 1);
+    for _ in 0..10_000 {
+        if !ran.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     let report = pool.shutdown().await.unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(
