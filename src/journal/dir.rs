@@ -223,15 +223,22 @@ pub(super) fn read_run(lock: &mut File, path: &Path) -> Result<Option<u64>, Jour
     if read == 0 {
         return Ok(None);
     }
+    let run = parse_run(&buf[..read]);
+    if run.is_none() {
+        tracing::warn!(path = %path.display(), "run counter damaged; deriving it from the segments");
+    }
+    Ok(run)
+}
+
+/// The run number in the lock file's content `buf` (its first 16 bytes count; more are
+/// ignored), or `None` if it is cut short or fails its CRC.
+pub(super) fn parse_run(buf: &[u8]) -> Option<u64> {
+    let buf = buf.get(..16)?;
     let mut run = [0u8; 8];
     run.copy_from_slice(&buf[0..8]);
     let mut crc = [0u8; 4];
     crc.copy_from_slice(&buf[8..12]);
-    if read < 16 || crc32c::crc32c(&run) != u32::from_le_bytes(crc) {
-        tracing::warn!(path = %path.display(), "run counter damaged; deriving it from the segments");
-        return Ok(None);
-    }
-    Ok(Some(u64::from_le_bytes(run)))
+    (crc32c::crc32c(&run) == u32::from_le_bytes(crc)).then(|| u64::from_le_bytes(run))
 }
 
 /// Stores `run` in the lock file at `path` and makes it durable, file and directory, through
@@ -276,6 +283,21 @@ pub(super) fn random_epoch(run: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_counter_parses_only_whole_and_checksummed() {
+        let mut lock = [0u8; 16];
+        lock[0..8].copy_from_slice(&41u64.to_le_bytes());
+        lock[8..12].copy_from_slice(&crc32c::crc32c(&41u64.to_le_bytes()).to_le_bytes());
+        assert_eq!(parse_run(&lock), Some(41));
+        // Bytes after the first 16 are ignored, as `read_run` never reads them.
+        assert_eq!(parse_run(&[&lock[..], b"tail"].concat()), Some(41));
+        assert_eq!(parse_run(&lock[..15]), None, "cut short");
+        assert_eq!(parse_run(&[]), None, "empty");
+        let mut flipped = lock;
+        flipped[3] ^= 0x10;
+        assert_eq!(parse_run(&flipped), None, "CRC mismatch");
+    }
 
     #[test]
     fn segment_names_round_trip_and_are_parsed_strictly() {

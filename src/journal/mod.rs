@@ -44,6 +44,10 @@ mod dir;
 pub(crate) mod faults;
 mod format;
 pub(crate) mod fs;
+// The fuzz targets' way to the crate-private decoders; `cargo fuzz` builds with `--cfg fuzzing`.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handle;
 mod inspect;
 mod reader;
