@@ -144,7 +144,13 @@ async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), 
 async fn submit(State(pool): State<Pool<Job>>, Json(order): Json<Order>) -> impl IntoResponse {
     let id = order.id.clone();
     // The last `WORKERS` places in the queue are for the handlers' follow-ups.
-    let submitted = if pool.stats().queued + WORKERS as u64 >= QUEUE_CAPACITY as u64 {
+    // From the trigger on, intake is refused here: the pool closes its own intake a moment
+    // later, and a submit in between is still accepted (and spilled), or `Full`.
+    let draining = || pool.shutdown_token().is_cancelled();
+    let kept = pool.stats().queued + WORKERS as u64 >= QUEUE_CAPACITY as u64;
+    let submitted = if draining() {
+        Err(SubmitError::ShuttingDown(Job::Ship(order)))
+    } else if kept {
         Err(SubmitError::Full(Job::Ship(order)))
     } else {
         pool.submit_within(Job::Ship(order), SUBMIT_WAIT).await
@@ -156,6 +162,9 @@ async fn submit(State(pool): State<Pool<Job>>, Json(order): Json<Order>) -> impl
         ),
         Err(error) => {
             let status = match &error {
+                // Between the trigger and the intake's close, a full queue still says `Full`:
+                // from the trigger on, the answer is 503, as `/ready`'s.
+                SubmitError::Full(_) if draining() => StatusCode::SERVICE_UNAVAILABLE,
                 SubmitError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
                 SubmitError::ShuttingDown(_) | SubmitError::Journal { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE

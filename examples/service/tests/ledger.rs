@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 const LIMIT: Duration = Duration::from_secs(60);
 /// Client threads posting orders.
 const CLIENTS: usize = 3;
+/// Orders a client may post after the SIGTERM while the service still answers.
+const AFTER_STOP: usize = 1000;
 /// Orders accepted before the first SIGTERM.
 const ACCEPTED_BEFORE_SIGTERM: usize = 200;
 
@@ -35,7 +37,7 @@ struct Service {
 impl Service {
     fn start(dir: &Path, generation: &str, grace_seconds: &str) -> Self {
         let stderr = dir.join(format!("{generation}.stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
             .env("ORDERS_JOURNAL_DIR", dir.join("journal"))
             .env("ORDERS_LEDGER", dir.join("ledger"))
             .env("ORDERS_ADDR", "127.0.0.1:0")
@@ -45,14 +47,8 @@ impl Service {
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("start the order service");
-        let mut service = Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            lines: std::sync::mpsc::channel().1,
-            stderr,
-        };
-        let stdout = service.child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
@@ -60,7 +56,12 @@ impl Service {
                 }
             }
         });
-        service.lines = rx;
+        let mut service = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            lines,
+            stderr,
+        };
         let first = service.line("listening on ");
         service.addr = first["listening on ".len()..].parse().expect("an address");
         service
@@ -225,7 +226,8 @@ impl Answers {
 }
 
 /// Client threads posting orders `{prefix}-c{client}-{n}` (every third asks for an invoice)
-/// until `stop` is set and then until the service refuses: a 503, or no connection.
+/// until `stop` is set and then until the service refuses (a 503, or no connection), at most
+/// `AFTER_STOP` more each.
 fn load(
     addr: SocketAddr,
     prefix: &str,
@@ -236,14 +238,18 @@ fn load(
         .map(|client| {
             let (answers, stop, prefix) = (answers.clone(), stop.clone(), prefix.to_string());
             thread::spawn(move || {
+                let mut after_stop = 0;
                 for n in 0.. {
                     let id = format!("{prefix}-c{client}-{n}");
                     let invoice = n % 3 == 0;
                     let answer = request(addr, "POST", "/orders", &order(&id, invoice, None));
                     let status = answer.as_ref().map_or(0, |(status, _)| *status);
                     answers.record(id, invoice, status);
-                    if stop.load(Ordering::SeqCst) && (status == 503 || answer.is_err()) {
-                        break;
+                    if stop.load(Ordering::SeqCst) {
+                        after_stop += 1;
+                        if status == 503 || answer.is_err() || after_stop >= AFTER_STOP {
+                            break;
+                        }
                     }
                 }
             })
