@@ -1,0 +1,356 @@
+//! An order service: axum 0.8 and a drainpool pool under one shutdown.
+//!
+//! `POST /orders` takes a JSON order and answers 202 with the id of the task that will ship it
+//! (429 when the queue is full, its last places kept for the handlers' follow-ups, for 20 ms, 503 once draining, 413 for an order too large to
+//! journal, 507 when the journal's disk has no room for it). `GET /ready` is 200 while the pool
+//! is ready and 503 with the reason otherwise; `GET /live` is 200; `GET /metrics` is the pool's
+//! counters in Prometheus text. The task handler "ships" the order (a short sleep that honours
+//! the task's cancellation token), appends `shipped <order id>` to a ledger file, and for an
+//! order that asks for an invoice submits a follow-up task to its own pool through a `WeakPool`,
+//! which appends `invoiced <order id>`.
+//!
+//! The shutdown is one budget. The pool catches SIGTERM/SIGINT from before its replay
+//! (`catch_signals(true)`); `drainpool::shutdown_signal()` joins the same count and stops axum
+//! from accepting, so from the first SIGTERM intake answers 503 and the queue is spilled at once.
+//! The pool's drain goes on on its own tasks; axum gets the whole drain to finish the requests it
+//! holds, then [`HTTP_LINGER`] more, then it is dropped, so a client that holds a request open
+//! cannot keep the process alive past its grace period (the linger is counted in the deadline's
+//! `pre_stop`). A second SIGTERM skips the drain's wait, a third exits at once (143). The exit
+//! status is the report's: 0 when every task finished or was journaled.
+//!
+//! Environment: `ORDERS_JOURNAL_DIR` (required), `ORDERS_LEDGER` (required), `ORDERS_ADDR`
+//! (default `127.0.0.1:8080`; `127.0.0.1:0` picks a free port), `GRACE_SECONDS` (the
+//! orchestrator's grace period; unset: a 10 s drain deadline). The first line on stdout is
+//! `listening on <address>`, the line `draining` follows the first shutdown trigger, and the last
+//! is the report. Run it from the repository's root with
+//! `ORDERS_JOURNAL_DIR=/tmp/orders ORDERS_LEDGER=/tmp/orders.ledger cargo run -p drainpool-service-example`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Json, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use drainpool::{BoxError, Deadline, Pool, SubmitError, Task, WeakPool};
+use serde::{Deserialize, Serialize};
+
+/// How long axum may go on after the pool has stopped, for responses still being written.
+const HTTP_LINGER: Duration = Duration::from_secs(1);
+/// How long `POST /orders` waits for room in the queue before answering 429.
+const SUBMIT_WAIT: Duration = Duration::from_millis(20);
+/// How long a handler waits for room for its follow-up before failing (and being retried).
+const FOLLOW_UP_WAIT: Duration = Duration::from_millis(100);
+/// Workers, and the places in the queue kept for their follow-ups.
+const WORKERS: usize = 4;
+/// The queue's capacity.
+const QUEUE_CAPACITY: usize = 64;
+/// The time spent before SIGTERM in the deployment (a Kubernetes `preStop` sleep): none here.
+const PRE_STOP: Duration = Duration::ZERO;
+/// The largest journal record: an order with a longer note is refused with 413.
+const MAX_RECORD_BYTES: usize = 16 * 1024;
+
+/// An order, as posted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Order {
+    /// The client's id for the order: what the ledger records.
+    id: String,
+    /// Whether shipping it is followed by an invoice (a follow-up task).
+    #[serde(default)]
+    invoice: bool,
+    /// How long shipping takes, in ms (default: 5 to 30, from the id). A run that was
+    /// interrupted at a drain deadline resumes with the default: the stand-in for work that
+    /// checkpoints.
+    #[serde(default)]
+    work_ms: Option<u64>,
+    /// Free text, journaled with the order.
+    #[serde(default)]
+    note: String,
+}
+
+/// What the pool runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Job {
+    Ship(Order),
+    Invoice { order: String },
+}
+
+/// The append-only ledger the handlers write: one line per job done.
+#[derive(Debug, Clone)]
+struct Ledger(Arc<Mutex<std::fs::File>>);
+
+impl Ledger {
+    fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self(Arc::new(Mutex::new(file))))
+    }
+
+    /// One whole line in one `write` (the file is opened for appending).
+    fn record(&self, line: &str) -> std::io::Result<()> {
+        let mut file = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(format!("{line}\n").as_bytes())
+    }
+}
+
+/// The task handler: ships an order (and asks for its invoice), or writes an invoice.
+async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), BoxError> {
+    match task.payload() {
+        Job::Ship(order) => {
+            let default = 5 + order.id.bytes().map(u64::from).sum::<u64>() % 26;
+            let work = match order.work_ms {
+                Some(ms) if !task.was_interrupted() => ms,
+                _ => default,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(work)) => {}
+                // Journaled as interrupted, and replayed at the next start.
+                () = task.cancelled() => return Err("interrupted at the drain deadline".into()),
+            }
+            ledger.record(&format!("shipped {}", order.id))?;
+            if order.invoice {
+                // During the drain too: a follow-up from the pool's own handler is accepted
+                // and spilled. Should it fail, the order is retried, shipped twice (at least
+                // once is the promise), and its invoice asked for again.
+                //
+                // Bounded: a handler that waits for room in its own full queue waits for the
+                // workers, itself among them, and if every worker does, nothing ever makes room.
+                // `POST /orders` keeps `WORKERS` places free for follow-ups; should they be
+                // taken all the same, the order fails and is retried after a short backoff.
+                let pool = own.upgrade().ok_or("the pool is gone")?;
+                let invoice = Job::Invoice {
+                    order: order.id.clone(),
+                };
+                pool.submit_within(invoice, FOLLOW_UP_WAIT)
+                    .await
+                    .map_err(|e| format!("invoice for {}: {e}", order.id))?;
+            }
+        }
+        Job::Invoice { order } => ledger.record(&format!("invoiced {order}"))?,
+    }
+    Ok(())
+}
+
+async fn submit(State(pool): State<Pool<Job>>, Json(order): Json<Order>) -> impl IntoResponse {
+    let id = order.id.clone();
+    // The last `WORKERS` places in the queue are for the handlers' follow-ups.
+    // From the trigger on, intake is refused here: the pool closes its own intake a moment
+    // later, and a submit in between is still accepted (and spilled), or `Full`.
+    let draining = || pool.shutdown_token().is_cancelled();
+    let kept = pool.stats().queued + WORKERS as u64 >= QUEUE_CAPACITY as u64;
+    let submitted = if draining() {
+        Err(SubmitError::ShuttingDown(Job::Ship(order)))
+    } else if kept {
+        Err(SubmitError::Full(Job::Ship(order)))
+    } else {
+        pool.submit_within(Job::Ship(order), SUBMIT_WAIT).await
+    };
+    match submitted {
+        Ok(task) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "order": id, "task": task.to_string() })),
+        ),
+        Err(error) => {
+            let status = match &error {
+                // Between the trigger and the intake's close, a full queue still says `Full`:
+                // from the trigger on, the answer is 503, as `/ready`'s.
+                SubmitError::Full(_) if draining() => StatusCode::SERVICE_UNAVAILABLE,
+                SubmitError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
+                SubmitError::ShuttingDown(_) | SubmitError::Journal { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                SubmitError::RecordTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                SubmitError::JournalFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (
+                status,
+                Json(serde_json::json!({ "order": id, "error": error.to_string() })),
+            )
+        }
+    }
+}
+
+async fn ready(State(pool): State<Pool<Job>>) -> impl IntoResponse {
+    let health = pool.health();
+    let status = if health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, health.to_string())
+}
+
+async fn metrics(State(pool): State<Pool<Job>>) -> String {
+    let stats = pool.stats();
+    let mut text = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = write!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    };
+    metric(
+        "orders_queued",
+        "gauge",
+        "Tasks waiting for a worker.",
+        stats.queued,
+    );
+    metric(
+        "orders_in_flight",
+        "gauge",
+        "Tasks running.",
+        stats.in_flight,
+    );
+    metric(
+        "orders_journal_ready",
+        "gauge",
+        "1 while the journal can take what the pool holds.",
+        u64::from(stats.journal_ready),
+    );
+    metric(
+        "orders_replayed_total",
+        "counter",
+        "Tasks reloaded at start.",
+        stats.replayed,
+    );
+    metric(
+        "orders_submitted_total",
+        "counter",
+        "Tasks accepted.",
+        stats.submitted,
+    );
+    metric(
+        "orders_completed_total",
+        "counter",
+        "Tasks done.",
+        stats.completed,
+    );
+    metric(
+        "orders_retried_total",
+        "counter",
+        "Failed runs retried.",
+        stats.retried,
+    );
+    metric(
+        "orders_failed_total",
+        "counter",
+        "Tasks set aside as dead letters.",
+        stats.failed,
+    );
+    text
+}
+
+fn app(pool: Pool<Job>) -> Router {
+    Router::new()
+        .route("/orders", post(submit))
+        .route("/ready", get(ready))
+        .route("/live", get(|| async { StatusCode::OK }))
+        .route("/metrics", get(metrics))
+        .with_state(pool)
+}
+
+fn env_path(name: &str) -> Result<PathBuf, BoxError> {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{name} is not set").into())
+}
+
+async fn serve() -> Result<ExitCode, BoxError> {
+    let ledger = Ledger::open(&env_path("ORDERS_LEDGER")?)?;
+    let addr = std::env::var("ORDERS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+
+    let (pool, runner) = Pool::<Job>::builder()
+        .workers(WORKERS)
+        .queue_capacity(QUEUE_CAPACITY)
+        // A follow-up that found no room is retried soon, and for long.
+        .backoff(Duration::from_millis(20), Duration::from_secs(1))
+        .max_attempts(50)
+        .max_record_bytes(MAX_RECORD_BYTES)
+        // The handlers are armed before the journal is replayed: a SIGTERM during the replay
+        // drains as soon as the pool is built.
+        .catch_signals(true)
+        .deadline(Deadline::GracePeriodFromEnv {
+            variable: "GRACE_SECONDS".into(),
+            // axum's linger after the pool has stopped is spent inside the grace period too.
+            pre_stop: PRE_STOP + HTTP_LINGER,
+            fallback: Duration::from_secs(10),
+        })
+        .journal_dir(env_path("ORDERS_JOURNAL_DIR")?)
+        .build()
+        .await?;
+    let own = pool.downgrade();
+    runner.run(move |task: Task<Job>| run(task, own.clone(), ledger.clone()));
+
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    tokio::spawn({
+        let trigger = pool.shutdown_token();
+        async move {
+            trigger.cancelled().await;
+            println!("draining");
+        }
+    });
+
+    // axum stops accepting at the first signal and finishes the requests it holds; the pool's
+    // drain runs meanwhile on its own tasks, whatever axum does.
+    let mut server = tokio::spawn(
+        axum::serve(listener, app(pool.clone()))
+            .with_graceful_shutdown(drainpool::shutdown_signal()?)
+            .into_future(),
+    );
+    let report = tokio::select! {
+        report = pool.wait() => report?,
+        served = &mut server => {
+            // Done after the signal, or failed: either way the pool stops too.
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => eprintln!("order-service: the HTTP server failed: {error}"),
+                Err(error) => eprintln!("order-service: the HTTP server panicked: {error}"),
+            }
+            pool.shutdown().await?
+        }
+    };
+    if !server.is_finished()
+        && tokio::time::timeout(HTTP_LINGER, &mut server)
+            .await
+            .is_err()
+    {
+        eprintln!(
+            "order-service: requests still open {HTTP_LINGER:?} after the pool stopped; dropped"
+        );
+        server.abort();
+    }
+
+    println!(
+        "stopped: replayed {}, submitted {}, completed {}, spilled {}, interrupted {}, unsaved {}",
+        report.replayed,
+        report.submitted,
+        report.completed,
+        report.spilled,
+        report.interrupted,
+        report.unsaved
+    );
+    Ok(report.exit_code())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match serve().await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("order-service: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
