@@ -81,6 +81,9 @@ fn decode(epoch: u64, buf: &[u8]) {
         Err(RecordError::Malformed | RecordError::Checksum | RecordError::BadBody) => {
             assert!(buf.len() >= RECORD_HEADER_LEN);
         }
+        Err(RecordError::TooManyCandidates) => {
+            panic!("only a segment's resync gives up, never one record's decode")
+        }
     }
 }
 

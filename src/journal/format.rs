@@ -146,6 +146,9 @@ pub(crate) enum RecordError {
     Checksum,
     /// The CRC matches but the body's own fields are inconsistent.
     BadBody,
+    /// After damage, so many candidate records failed their checksum that reading on would
+    /// cost far more than the file's size (a file crafted that way): the rest is not read.
+    TooManyCandidates,
 }
 
 impl fmt::Display for RecordError {
@@ -156,6 +159,10 @@ impl fmt::Display for RecordError {
             Self::Malformed => f.write_str("record header is malformed"),
             Self::Checksum => f.write_str("record checksum mismatch"),
             Self::BadBody => f.write_str("record body is malformed"),
+            Self::TooManyCandidates => f.write_str(
+                "too many record-like stretches after damage to check them all; the rest of \
+                 the file is not read",
+            ),
         }
     }
 }
@@ -328,10 +335,11 @@ pub(crate) const fn task_record_len(payload_len: usize, error_len: usize) -> usi
     padded(RECORD_HEADER_LEN + BODY_FIXED_LEN + error_len + payload_len)
 }
 
-/// Decodes the record at the start of `buf`, written under `epoch`.
-///
-/// Returns the record and its encoded (padded) length.
-pub(super) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, usize), RecordError> {
+/// The checks made of a record's header before its checksum: the padded length of the record
+/// at the start of `buf` if its header is sane and it fits, which is the number of bytes its
+/// checksum covers (less 4). A reader hunting for the next record after damage pays for each
+/// candidate that passes these.
+pub(super) fn frame_len(buf: &[u8]) -> Result<usize, RecordError> {
     if buf.len() < RECORD_HEADER_LEN {
         return Err(RecordError::Truncated);
     }
@@ -349,6 +357,17 @@ pub(super) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, us
     if total > buf.len() {
         return Err(RecordError::Truncated);
     }
+    Ok(total)
+}
+
+/// Decodes the record at the start of `buf`, written under `epoch`.
+///
+/// Returns the record and its encoded (padded) length.
+pub(super) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, usize), RecordError> {
+    let total = frame_len(buf)?;
+    let kind = Kind::from_byte(buf[8]);
+    let flags = buf[9];
+    let body_len = u32_at(buf, 4) as usize;
     let crc = crc32c::crc32c_append(epoch_seed(epoch), &buf[4..total]);
     if crc != u32_at(buf, 0) {
         return Err(RecordError::Checksum);

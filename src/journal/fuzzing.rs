@@ -94,6 +94,7 @@ pub enum RecordError {
     Malformed,
     Checksum,
     BadBody,
+    TooManyCandidates,
 }
 
 impl From<format::RecordError> for RecordError {
@@ -104,6 +105,7 @@ impl From<format::RecordError> for RecordError {
             format::RecordError::Malformed => Self::Malformed,
             format::RecordError::Checksum => Self::Checksum,
             format::RecordError::BadBody => Self::BadBody,
+            format::RecordError::TooManyCandidates => Self::TooManyCandidates,
         }
     }
 }
@@ -116,6 +118,7 @@ impl fmt::Display for RecordError {
             Self::Malformed => format::RecordError::Malformed,
             Self::Checksum => format::RecordError::Checksum,
             Self::BadBody => format::RecordError::BadBody,
+            Self::TooManyCandidates => format::RecordError::TooManyCandidates,
         };
         error.fmt(f)
     }

@@ -31,7 +31,7 @@ pub(crate) struct Scan {
 impl Scan {
     /// Whether anything other than a torn tail was wrong with the segment's bytes (recovery's
     /// `damage_of` also checks the header against the file name).
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     pub(crate) fn is_damaged(&self) -> bool {
         !self.damage.is_empty() || matches!(self.header, Err(HeaderError::Damaged { .. }))
     }
@@ -74,6 +74,7 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
         },
     };
     scan.epoch = Some(epoch);
+    let mut budget = resync_budget(buf.len());
     let mut pos = HEADER_LEN;
     while pos < buf.len() {
         match format::decode_record(&buf[pos..], epoch) {
@@ -82,8 +83,16 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
                 scan.records += 1;
                 pos += len;
             }
-            Err(error) => match next_valid(buf, pos + ALIGN, epoch) {
-                Some(next) => {
+            Err(error) => match next_valid(buf, pos + ALIGN, epoch, &mut budget) {
+                Err(GaveUp) => {
+                    scan.damage.push(Damage {
+                        offset: pos as u64,
+                        skipped: (buf.len() - pos) as u64,
+                        error: RecordError::TooManyCandidates,
+                    });
+                    break;
+                }
+                Ok(Some(next)) => {
                     scan.damage.push(Damage {
                         offset: pos as u64,
                         skipped: (next - pos) as u64,
@@ -91,7 +100,7 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
                     });
                     pos = next;
                 }
-                None => {
+                Ok(None) => {
                     scan.torn_tail = Some((pos as u64, error));
                     break;
                 }
@@ -101,20 +110,52 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
     scan
 }
 
-/// The first aligned offset at or after `from` holding a valid record.
-fn next_valid(buf: &[u8], from: usize, epoch: u64) -> Option<usize> {
-    (from..buf.len())
-        .step_by(ALIGN)
-        .find(|&p| format::decode_record(&buf[p..], epoch).is_ok())
+/// The checksum bytes a segment's resynchronisation may compute: many times its size, far more
+/// than real damage (zeros, torn writes, flipped bits) ever asks for, but a bound on a file
+/// crafted with a record-like header at every boundary, which would otherwise cost time
+/// quadratic in its size.
+fn resync_budget(len: usize) -> u64 {
+    16 * len as u64 + (1 << 20)
+}
+
+/// The budget ran out.
+#[derive(Debug)]
+struct GaveUp;
+
+/// The first aligned offset at or after `from` holding a valid record; each candidate whose
+/// header passes the checks is charged the bytes its checksum covers.
+fn next_valid(
+    buf: &[u8],
+    from: usize,
+    epoch: u64,
+    budget: &mut u64,
+) -> Result<Option<usize>, GaveUp> {
+    for p in (from..buf.len()).step_by(ALIGN) {
+        let Ok(total) = format::frame_len(&buf[p..]) else {
+            continue;
+        };
+        *budget = budget.checked_sub(total as u64).ok_or(GaveUp)?;
+        if format::decode_record(&buf[p..], epoch).is_ok() {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
 }
 
 /// Of the two stored epochs of a damaged header, the one under which a record validates first.
 fn choose_epoch(buf: &[u8], epochs: [u64; 2]) -> Option<u64> {
-    let first = next_valid(buf, HEADER_LEN, epochs[0]).map(|at| (at, epochs[0]));
+    let mut budget = resync_budget(buf.len());
+    let mut find = |epoch| {
+        next_valid(buf, HEADER_LEN, epoch, &mut budget)
+            .ok()
+            .flatten()
+            .map(|at| (at, epoch))
+    };
+    let first = find(epochs[0]);
     let second = if epochs[1] == epochs[0] {
         None
     } else {
-        next_valid(buf, HEADER_LEN, epochs[1]).map(|at| (at, epochs[1]))
+        find(epochs[1])
     };
     match (first, second) {
         (Some(a), Some(b)) => Some(if b.0 < a.0 { b.1 } else { a.1 }),

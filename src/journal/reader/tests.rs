@@ -628,3 +628,38 @@ fn random_buffers_never_panic() {
         }
     }
 }
+
+/// A file crafted with a record-like header every 16 bytes, each claiming 512 KiB and failing
+/// its checksum, would cost the resynchronisation time quadratic in its size (minutes for
+/// 2 MiB). The reader gives up once it has checked many times the file's size, and reports the
+/// rest as damage, not read.
+#[test]
+fn a_file_crafted_to_make_resync_quadratic_is_given_up_on() {
+    let len = 2 << 20;
+    let mut buf = format::encode_header(Header {
+        epoch: EPOCH,
+        segment: SEGMENT,
+    })
+    .to_vec();
+    let claimed = (512u32 << 10) - RECORD_HEADER_LEN as u32;
+    while buf.len() < len {
+        // A word with a wrong checksum (0) and the claimed length, then a word with a task's
+        // kind and zeros for flags and reserved bytes.
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        buf.extend_from_slice(&claimed.to_le_bytes());
+        buf.extend_from_slice(&[Kind::Task as u8, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    let (scan, got) = read(&buf);
+    assert!(got.is_empty());
+    let last = scan.damage.last().expect("reported as damage");
+    assert_eq!(last.error, RecordError::TooManyCandidates);
+    assert_eq!(
+        last.offset + last.skipped,
+        buf.len() as u64,
+        "to the end of the file"
+    );
+    assert_eq!(
+        scan.torn_tail, None,
+        "not a torn tail: nothing is truncated"
+    );
+}
