@@ -11,6 +11,7 @@ use super::job::{Held, Job};
 use super::queue::NoRoom;
 use super::shared::Shared;
 use super::worker::{Host, running_for};
+use super::write_ahead::WriteAhead;
 use crate::codec::Refused;
 use crate::error::SubmitError;
 use crate::journal::{self, TaskRecord, TaskState};
@@ -93,6 +94,22 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let Some(write_ahead) = &self.write_ahead else {
             return Ok(self.accept(permit, id, state, payload, size, false));
         };
+        let payload = self
+            .journal_first(write_ahead, id, state, payload, size)
+            .await?;
+        Ok(self.accept(permit, id, state, payload, size, true))
+    }
+
+    /// Write-ahead: journals a new task's record and waits for its batch (and the fsync the
+    /// policy asks for); hands the payload back, or refuses the task.
+    async fn journal_first(
+        &self,
+        write_ahead: &WriteAhead,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+    ) -> Result<T, SubmitError<T>> {
         let mut bytes = Vec::with_capacity(size);
         if let Err(source) = self.codec.encode(&payload, &mut bytes) {
             return Err(SubmitError::Unserializable {
@@ -108,13 +125,13 @@ impl<T: Send + Sync + 'static> Shared<T> {
         };
         let seq = write_ahead.push_task(&record, false);
         drop(bytes);
-        if let Err(error) = write_ahead.wait(seq).await {
-            return Err(SubmitError::Journal {
+        match write_ahead.wait(seq).await {
+            Ok(()) => Ok(payload),
+            Err(error) => Err(SubmitError::Journal {
                 task: payload,
                 error,
-            });
+            }),
         }
-        Ok(self.accept(permit, id, state, payload, size, true))
     }
 
     /// Whether this runs inside one of this pool's handlers.
@@ -134,26 +151,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Ok(self.hold_follow_up(payload, size, false));
         };
         let (id, state) = self.ids.fresh();
-        let mut bytes = Vec::with_capacity(size);
-        if let Err(source) = self.codec.encode(&payload, &mut bytes) {
-            return Err(SubmitError::Unserializable {
-                task: payload,
-                source,
-            });
-        }
-        let record = TaskRecord {
-            id,
-            state,
-            last_error: Cow::Borrowed(""),
-            payload: &bytes,
-        };
-        let seq = write_ahead.push_task(&record, false);
-        if let Err(error) = write_ahead.wait(seq).await {
-            return Err(SubmitError::Journal {
-                task: payload,
-                error,
-            });
-        }
+        let payload = self
+            .journal_first(write_ahead, id, state, payload, size)
+            .await?;
         Ok(self.hold(id, state, payload, size, true))
     }
 
@@ -172,37 +172,24 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
-        let journaled = match &self.write_ahead {
-            None => false,
+        let journaled = self.write_ahead.is_some();
+        let payload = match &self.write_ahead {
+            None => payload,
             Some(write_ahead) => {
-                let mut bytes = Vec::with_capacity(size);
-                if let Err(source) = self.codec.encode(&payload, &mut bytes) {
-                    return Err(SubmitError::Unserializable {
-                        task: payload,
-                        source,
-                    });
-                }
-                let record = TaskRecord {
-                    id,
-                    state,
-                    last_error: Cow::Borrowed(""),
-                    payload: &bytes,
-                };
-                let seq = write_ahead.push_task(&record, false);
-                if let Err(error) = write_ahead.wait(seq).await {
-                    return Err(SubmitError::Journal {
-                        task: payload,
-                        error,
-                    });
-                }
-                true
+                self.journal_first(write_ahead, id, state, payload, size)
+                    .await?
             }
         };
         self.queue
             .push_follow_up(self.job(id, state, payload, size, journaled));
+        self.count_accepted(size);
+        Ok(id)
+    }
+
+    /// Counts an accepted task of `size` encoded bytes.
+    fn count_accepted(&self, size: usize) {
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         self.ids.accepted(size);
-        Ok(id)
     }
 
     /// A new job, holding its share of the spill reserve.
@@ -256,8 +243,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 reserved: 0,
             },
         );
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        self.ids.accepted(size);
+        self.count_accepted(size);
         id
     }
 
@@ -303,8 +289,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         journaled: bool,
     ) -> TaskId {
         permit.send(self.job(id, state, payload, size, journaled));
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        self.ids.accepted(size);
+        self.count_accepted(size);
         id
     }
 }
