@@ -233,15 +233,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         tracing::debug!(task = %id, "follow-up submitted during the drain; kept for the spill");
         self.shutdown.hold(
             Held::FollowUp,
-            Job {
-                id,
-                state,
-                last_error: None,
-                payload: Arc::new(payload),
-                journaled,
-                replayed: false,
-                reserved: 0,
-            },
+            self.job(id, state, payload, size, journaled),
         );
         self.count_accepted(size);
         id
