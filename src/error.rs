@@ -4,6 +4,18 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// An error and its sources, joined with ": ".
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The error type a handler may return, and the one a [`Codec`](crate::Codec) reports:
 /// anything that converts into a boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

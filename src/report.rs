@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::error::{FileKind, JournalError};
+use crate::error::{FileKind, JournalError, error_chain};
 use crate::task::TaskId;
 
 /// Where a pool is in its life. Watch it with [`Pool::state`](crate::Pool::state); fail a
@@ -90,13 +90,7 @@ impl std::fmt::Display for Health {
             Self::Ready => f.write_str("ready"),
             Self::ShuttingDown => f.write_str("shutting down"),
             Self::JournalUnavailable(error) => {
-                write!(f, "journal unavailable: {error}")?;
-                let mut source = std::error::Error::source(&**error);
-                while let Some(cause) = source {
-                    write!(f, ": {cause}")?;
-                    source = cause.source();
-                }
-                Ok(())
+                write!(f, "journal unavailable: {}", error_chain(&**error))
             }
         }
     }

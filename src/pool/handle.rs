@@ -285,13 +285,20 @@ impl<T> Pool<T> {
         if shared.shutdown.trigger().is_cancelled() || shared.queue.is_closed() {
             return Health::ShuttingDown;
         }
-        if let Some(error) = shared.store.first_error() {
-            return Health::JournalUnavailable(error);
-        }
-        match shared.reserve.as_ref().and_then(|r| r.shortage()) {
+        match self.journal_problem() {
             Some(error) => Health::JournalUnavailable(error),
             None => Health::Ready,
         }
+    }
+
+    /// Why the journal cannot take what the pool holds, if it cannot: it failed, or the spill
+    /// reserve cannot grow.
+    fn journal_problem(&self) -> Option<std::sync::Arc<crate::error::JournalError>> {
+        let shared = &*self.shared;
+        shared
+            .store
+            .first_error()
+            .or_else(|| shared.reserve.as_ref().and_then(|r| r.shortage()))
     }
 
     /// A snapshot of the pool's counters.
@@ -304,8 +311,7 @@ impl<T> Pool<T> {
                 .counters
                 .in_flight
                 .load(std::sync::atomic::Ordering::Relaxed),
-            journal_ready: shared.store.first_error().is_none()
-                && shared.reserve.as_ref().is_none_or(|r| !r.is_short()),
+            journal_ready: self.journal_problem().is_none(),
             spill_reserve: shared.reserve.as_ref().map_or(0, |r| r.reserved()),
             counts: shared.counters.snapshot(),
         }

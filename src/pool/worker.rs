@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::job::Job;
-use crate::error::BoxError;
+use crate::error::{BoxError, error_chain};
 use crate::policy::Permanent;
 use crate::report::Counters;
 use crate::task::Task;
@@ -125,18 +125,6 @@ where
         );
     }
     outcome
-}
-
-/// An error and its sources, joined with ": ".
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
