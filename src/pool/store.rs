@@ -183,28 +183,28 @@ impl Store {
         if spill.len() == 0 {
             return Vec::new();
         }
-        let all: Vec<TaskId> = spill.jobs.iter().map(|job| job.id).collect();
+        // Shared with the blocking thread, so that the ids are still at hand if it fails.
+        let spill = Arc::new(spill);
+        let writing = Arc::clone(&spill);
         let result = self
             .with_journal("spill", move |journal| {
                 let journal = journal.as_mut().ok_or(JournalError::Poisoned)?;
-                let outcome = journal.spill(&spill);
-                let unsaved: Vec<TaskId> =
-                    outcome.unsaved.iter().map(|&i| spill.jobs[i].id).collect();
-                Ok((outcome, unsaved))
+                Ok(journal.spill(&*writing))
             })
             .await;
-        let (outcome, unsaved) = match result {
-            Ok(done) => done,
+        let outcome = match result {
+            Ok(outcome) => outcome,
             Err(error) => {
                 tracing::error!(
-                    tasks = all.len(),
+                    tasks = spill.len(),
                     error = &error as &dyn std::error::Error,
                     "spill failed; no task saved"
                 );
                 self.record_error(error);
-                return all;
+                return spill.jobs.iter().map(|job| job.id).collect();
             }
         };
+        let unsaved: Vec<TaskId> = outcome.unsaved.iter().map(|&i| spill.jobs[i].id).collect();
         {
             let mut total = lock(&self.spill_times);
             total.0 += outcome.write_time;
