@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
-use super::job::{Held, Job};
+use super::job::{Held, Job, task_span};
 use super::queue::NoRoom;
 use super::shared::Shared;
 use super::worker::{Host, running_for};
@@ -213,6 +213,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             } else {
                 0
             },
+            span: task_span(id),
         }
     }
 

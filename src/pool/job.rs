@@ -27,6 +27,25 @@ pub(crate) struct Job<T> {
     pub(crate) replayed: bool,
     /// The bytes of spill reserve it holds (0 for a replayed task: see `reserve.rs`).
     pub(crate) reserved: u32,
+    /// The task's span, made at submit when the submitter was inside one (see [`task_span`]).
+    pub(crate) span: Option<Box<tracing::Span>>,
+}
+
+/// The span of a task submitted from inside a span (an HTTP request's, say), made at submit so
+/// that it `follows_from` the submitter's while that span is still open: a trace then links the
+/// request to the background work without the request's span being kept open (a parent would
+/// be, until the task ends). Its runs are entered under it. `None` outside any span, or when
+/// the subscriber does not want it: the run then makes its own span, and the task holds no
+/// more than a null pointer.
+pub(crate) fn task_span(id: TaskId) -> Option<Box<tracing::Span>> {
+    let submitter = tracing::Span::current();
+    submitter.id()?;
+    let span = tracing::info_span!(parent: None, "task", id = %id, attempt = tracing::field::Empty);
+    if span.is_disabled() {
+        return None;
+    }
+    span.follows_from(&submitter);
+    Some(Box::new(span))
 }
 
 impl<T> Job<T> {

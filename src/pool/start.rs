@@ -280,6 +280,7 @@ fn replay<T>(
             payload,
             journaled: true,
             replayed: true,
+            span: None,
             reserved: 0,
         };
         if job.state.not_before_ms > wall {

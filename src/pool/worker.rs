@@ -90,7 +90,13 @@ where
         payload: Arc::clone(&job.payload),
         cancel: Arc::clone(host.deadline()),
     };
-    let span = tracing::info_span!("task", id = %job.id, attempt = task.attempt);
+    let span = match &job.span {
+        Some(span) => {
+            span.record("attempt", task.attempt);
+            (**span).clone()
+        }
+        None => tracing::info_span!("task", id = %job.id, attempt = task.attempt),
+    };
     let outcome = match catch_unwind(AssertUnwindSafe(|| handler(task))) {
         Err(panic) => Outcome::Failed(panic_message(&*panic), false),
         Ok(future) => {
