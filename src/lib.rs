@@ -64,6 +64,8 @@ mod fault_tests;
 pub mod journal;
 mod policy;
 mod pool;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod report;
 mod signal;
 mod task;
