@@ -38,16 +38,30 @@ const fn escape_extra(byte: u8) -> u8 {
 /// `s` as a JSON string: its quotes, its bytes, and what escaping adds.
 fn str_len(s: &str) -> usize {
     let bytes = s.as_bytes();
-    // Branch-free, so it vectorizes: most strings have nothing to escape.
-    let clean = bytes.iter().fold(true, |clean, &b| {
-        clean & (b >= 0x20) & (b != b'"') & (b != b'\\')
-    });
-    let extra: usize = if clean {
-        0
-    } else {
+    let extra: usize = if any_to_escape(bytes) {
         bytes.iter().map(|&b| usize::from(escape_extra(b))).sum()
+    } else {
+        0
     };
     s.len() + 2 + extra
+}
+
+/// Whether any byte needs escaping: eight bytes at a time (most strings have none).
+fn any_to_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A high bit set in each byte of `word` that is below `n` (for n <= 0x80; exact as to
+    // whether any is).
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let mut words = bytes.chunks_exact(8);
+    let found = words.by_ref().any(|chunk| {
+        let word = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
+        below(word, 0x20)
+            | below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1)
+            != 0
+    });
+    found || words.remainder().iter().any(|&b| escape_extra(b) != 0)
 }
 
 /// Decimal digits of `n`, with a minus sign if `negative`.

@@ -172,3 +172,19 @@ impl Serialize for Raw {
         serializer.serialize_newtype_struct(super::RAW_VALUE, "[1, 2]")
     }
 }
+
+#[test]
+fn a_byte_to_escape_is_found_wherever_it_is_in_a_string() {
+    for special in [
+        '"', '\\', '\n', '\u{0}', '\u{1f}', '\u{7f}', 'é', ' ', '!', '#', '[', ']',
+    ] {
+        for len in 0..24 {
+            for at in 0..len {
+                let mut text: String = "a".repeat(len);
+                text.replace_range(at..=at, &special.to_string());
+                let written = serde_json::to_vec(&text).unwrap().len();
+                assert_eq!(json_len(&text), Some(written), "{text:?}");
+            }
+        }
+    }
+}
