@@ -1,7 +1,7 @@
 //! An order service: axum 0.8 and a drainpool pool under one shutdown.
 //!
 //! `POST /orders` takes a JSON order and answers 202 with the id of the task that will ship it
-//! (429 when the queue is full, its last places kept for the handlers' follow-ups, for 20 ms, 503 once draining, 413 for an order too large to
+//! (429 when the queue stays full for 20 ms, 503 once draining, 413 for an order too large to
 //! journal, 507 when the journal's disk has no room for it). `GET /ready` is 200 while the pool
 //! is ready and 503 with the reason otherwise; `GET /live` is 200; `GET /metrics` is the pool's
 //! counters in Prometheus text. The task handler "ships" the order (a short sleep that honours
@@ -44,9 +44,7 @@ use serde::{Deserialize, Serialize};
 const HTTP_LINGER: Duration = Duration::from_secs(1);
 /// How long `POST /orders` waits for room in the queue before answering 429.
 const SUBMIT_WAIT: Duration = Duration::from_millis(20);
-/// How long a handler waits for room for its follow-up before failing (and being retried).
-const FOLLOW_UP_WAIT: Duration = Duration::from_millis(100);
-/// Workers, and the places in the queue kept for their follow-ups.
+/// Workers.
 const WORKERS: usize = 4;
 /// The queue's capacity.
 const QUEUE_CAPACITY: usize = 64;
@@ -119,19 +117,16 @@ async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), 
             }
             ledger.record(&format!("shipped {}", order.id))?;
             if order.invoice {
-                // During the drain too: a follow-up from the pool's own handler is accepted
-                // and spilled. Should it fail, the order is retried, shipped twice (at least
-                // once is the promise), and its invoice asked for again.
-                //
-                // Bounded: a handler that waits for room in its own full queue waits for the
-                // workers, itself among them, and if every worker does, nothing ever makes room.
-                // `POST /orders` keeps `WORKERS` places free for follow-ups; should they be
-                // taken all the same, the order fails and is retried after a short backoff.
+                // A follow-up from the pool's own handler never waits for room (a full queue
+                // takes it ahead of the rest) and is accepted during the drain too (it goes
+                // to the spill). Should it fail all the same (the journal's disk is full), the
+                // order is retried, shipped twice (at least once is the promise), and its
+                // invoice asked for again.
                 let pool = own.upgrade().ok_or("the pool is gone")?;
                 let invoice = Job::Invoice {
                     order: order.id.clone(),
                 };
-                pool.submit_within(invoice, FOLLOW_UP_WAIT)
+                pool.submit(invoice)
                     .await
                     .map_err(|e| format!("invoice for {}: {e}", order.id))?;
             }
@@ -143,28 +138,14 @@ async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), 
 
 async fn submit(State(pool): State<Pool<Job>>, Json(order): Json<Order>) -> impl IntoResponse {
     let id = order.id.clone();
-    // The last `WORKERS` places in the queue are for the handlers' follow-ups.
-    // From the trigger on, intake is refused here: the pool closes its own intake a moment
-    // later, and a submit in between is still accepted (and spilled), or `Full`.
-    let draining = || pool.shutdown_token().is_cancelled();
-    let kept = pool.stats().queued + WORKERS as u64 >= QUEUE_CAPACITY as u64;
-    let submitted = if draining() {
-        Err(SubmitError::ShuttingDown(Job::Ship(order)))
-    } else if kept {
-        Err(SubmitError::Full(Job::Ship(order)))
-    } else {
-        pool.submit_within(Job::Ship(order), SUBMIT_WAIT).await
-    };
-    match submitted {
+    // From the first SIGTERM the pool refuses intake itself: `ShuttingDown`, a 503.
+    match pool.submit_within(Job::Ship(order), SUBMIT_WAIT).await {
         Ok(task) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({ "order": id, "task": task.to_string() })),
         ),
         Err(error) => {
             let status = match &error {
-                // Between the trigger and the intake's close, a full queue still says `Full`:
-                // from the trigger on, the answer is 503, as `/ready`'s.
-                SubmitError::Full(_) if draining() => StatusCode::SERVICE_UNAVAILABLE,
                 SubmitError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
                 SubmitError::ShuttingDown(_) | SubmitError::Journal { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -273,9 +254,6 @@ async fn serve() -> Result<ExitCode, BoxError> {
     let (pool, runner) = Pool::<Job>::builder()
         .workers(WORKERS)
         .queue_capacity(QUEUE_CAPACITY)
-        // A follow-up that found no room is retried soon, and for long.
-        .backoff(Duration::from_millis(20), Duration::from_secs(1))
-        .max_attempts(50)
         .max_record_bytes(MAX_RECORD_BYTES)
         // The handlers are armed before the journal is replayed: a SIGTERM during the replay
         // drains as soon as the pool is built.
