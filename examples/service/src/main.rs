@@ -20,7 +20,9 @@
 //!
 //! Environment: `ORDERS_JOURNAL_DIR` (required), `ORDERS_LEDGER` (required), `ORDERS_ADDR`
 //! (default `127.0.0.1:8080`; `127.0.0.1:0` picks a free port), `GRACE_SECONDS` (the
-//! orchestrator's grace period; unset: a 10 s drain deadline). The first line on stdout is
+//! orchestrator's grace period; unset: a 10 s drain deadline), `PRE_STOP_SECONDS` (the part of
+//! it the orchestrator spends before SIGTERM, a Kubernetes `preStop` sleep; default 0). The
+//! recipes in `deploy/` set both. The first line on stdout is
 //! `listening on <address>`, the line `draining` follows the first shutdown trigger, and the last
 //! is the report. Run it from the repository's root with
 //! `ORDERS_JOURNAL_DIR=/tmp/orders ORDERS_LEDGER=/tmp/orders.ledger cargo run -p drainpool-service-example`.
@@ -48,8 +50,6 @@ const SUBMIT_WAIT: Duration = Duration::from_millis(20);
 const WORKERS: usize = 4;
 /// The queue's capacity.
 const QUEUE_CAPACITY: usize = 64;
-/// The time spent before SIGTERM in the deployment (a Kubernetes `preStop` sleep): none here.
-const PRE_STOP: Duration = Duration::ZERO;
 /// The largest journal record: an order with a longer note is refused with 413.
 const MAX_RECORD_BYTES: usize = 16 * 1024;
 
@@ -247,6 +247,20 @@ fn env_path(name: &str) -> Result<PathBuf, BoxError> {
         .ok_or_else(|| format!("{name} is not set").into())
 }
 
+/// A number of seconds (`5`, `0.5`) from the environment; zero when unset.
+fn env_seconds(name: &str) -> Result<Duration, BoxError> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(Duration::ZERO),
+        Err(error) => Err(format!("{name}: {error}").into()),
+        Ok(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+            .ok_or_else(|| format!("{name}={text:?} is not a number of seconds").into()),
+    }
+}
+
 async fn serve() -> Result<ExitCode, BoxError> {
     let ledger = Ledger::open(&env_path("ORDERS_LEDGER")?)?;
     let addr = std::env::var("ORDERS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
@@ -260,8 +274,9 @@ async fn serve() -> Result<ExitCode, BoxError> {
         .catch_signals(true)
         .deadline(Deadline::GracePeriodFromEnv {
             variable: "GRACE_SECONDS".into(),
-            // axum's linger after the pool has stopped is spent inside the grace period too.
-            pre_stop: PRE_STOP + HTTP_LINGER,
+            // The deployment's preStop is spent before SIGTERM, axum's linger after the pool
+            // has stopped: both inside the grace period.
+            pre_stop: env_seconds("PRE_STOP_SECONDS")? + HTTP_LINGER,
             fallback: Duration::from_secs(10),
         })
         .journal_dir(env_path("ORDERS_JOURNAL_DIR")?)
@@ -311,13 +326,16 @@ async fn serve() -> Result<ExitCode, BoxError> {
     }
 
     println!(
-        "stopped: replayed {}, submitted {}, completed {}, spilled {}, interrupted {}, unsaved {}",
+        "stopped: replayed {}, submitted {}, completed {}, spilled {}, interrupted {}, unsaved {}, \
+         drain deadline {:.2?}, stopped {:.2?} after the trigger",
         report.replayed,
         report.submitted,
         report.completed,
         report.spilled,
         report.interrupted,
-        report.unsaved
+        report.unsaved,
+        report.drain_deadline,
+        report.elapsed,
     );
     Ok(report.exit_code())
 }
