@@ -66,6 +66,11 @@ struct Order {
     /// checkpoints.
     #[serde(default)]
     work_ms: Option<u64>,
+    /// How long shipping takes to stop once the drain deadline has fired its token, in ms
+    /// (default 0): the stand-in for work that must finish a step before it can stop. Past
+    /// the pool's cancel grace the run is dropped, and journaled as interrupted all the same.
+    #[serde(default)]
+    wind_down_ms: u64,
     /// Free text, journaled with the order.
     #[serde(default)]
     note: String,
@@ -113,7 +118,10 @@ async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), 
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(work)) => {}
                 // Journaled as interrupted, and replayed at the next start.
-                () = task.cancelled() => return Err("interrupted at the drain deadline".into()),
+                () = task.cancelled() => {
+                    tokio::time::sleep(Duration::from_millis(order.wind_down_ms)).await;
+                    return Err("interrupted at the drain deadline".into());
+                }
             }
             ledger.record(&format!("shipped {}", order.id))?;
             if order.invoice {
@@ -345,7 +353,15 @@ async fn main() -> ExitCode {
     match serve().await {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("order-service: {error}");
+            // The whole chain: "could not open the journal: journal directory ... is writable by
+            // its group ...", not its first link alone.
+            let mut text = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("order-service: {text}");
             ExitCode::FAILURE
         }
     }
