@@ -166,6 +166,13 @@ impl Service {
             .unwrap_or_else(|e| panic!("{signal:?} to the service ({}): {e}", self.target));
     }
 
+    /// SIGKILL, if the process is still there to get it.
+    pub fn kill(&self) {
+        if let Some(pid) = Pid::from_raw(self.target as i32) {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+        }
+    }
+
     pub fn sigterm(&self) {
         self.signal(Signal::TERM);
     }
