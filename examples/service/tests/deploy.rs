@@ -21,7 +21,7 @@
 //! HTTP linger, 1 s, the cancel grace, 2 s, the spill itself) while the pool's safety margin
 //! (5% of what the grace period leaves) shrinks with the scale, so the played stop is a
 //! tighter fit than the recipe's own: if it ends in time, so does the real one. Each test
-//! prints its scale; `DEPLOY_REAL_TIME=1` plays the recipes' own seconds (about a minute).
+//! prints its scale; `DEPLOY_REAL_TIME=1` plays the recipes' own seconds (about 40 s).
 //!
 //! Waiting is for states (the service's `listening on` and `draining` lines, HTTP answers, the
 //! ledger, the exit), bounded; the sleeps are the recipe's timing (the preStop, the probe
