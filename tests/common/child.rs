@@ -15,12 +15,16 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use drainpool::{Pool, State};
 use rustix::process::{Pid, Signal};
+
+// Where the tests have always found them; not every test binary uses each.
+#[allow(unused_imports)]
+pub use super::host::{child_of, innermost_pid, pid_namespaces};
 
 // ---------------------------------------------------------------------------------------------
 // Seeds and numbers.
@@ -403,83 +407,4 @@ pub fn describe(set: &BTreeSet<u64>) -> String {
     let shown: Vec<String> = set.iter().take(20).map(u64::to_string).collect();
     let more = if set.len() > 20 { ", ..." } else { "" };
     format!("{} [{}{more}]", set.len(), shown.join(", "))
-}
-
-// ---------------------------------------------------------------------------------------------
-// PID namespaces.
-// ---------------------------------------------------------------------------------------------
-
-/// The `unshare` options that make a PID namespace here (without privileges, inside a user
-/// namespace), or why none does.
-pub fn pid_namespaces() -> Result<&'static [&'static str], String> {
-    const WAYS: [&[&str]; 2] = [
-        &["--pid", "--fork", "--kill-child"],
-        &[
-            "--user",
-            "--map-root-user",
-            "--pid",
-            "--fork",
-            "--kill-child",
-        ],
-    ];
-    static SUPPORT: OnceLock<Result<&'static [&'static str], String>> = OnceLock::new();
-    SUPPORT
-        .get_or_init(|| {
-            let mut refusals = Vec::new();
-            for way in WAYS {
-                let output = Command::new("unshare")
-                    .args(way)
-                    .arg("true")
-                    .stdin(Stdio::null())
-                    .output()
-                    .map_err(|e| format!("cannot run unshare (util-linux): {e}"))?;
-                if output.status.success() {
-                    return Ok(way);
-                }
-                refusals.push(format!(
-                    "`unshare {}` refused ({}): {}",
-                    way.join(" "),
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ));
-            }
-            Err(refusals.join("; "))
-        })
-        .clone()
-}
-
-/// The child of `parent`, from `/proc` (its `children` file where the kernel has one).
-pub fn child_of(parent: u32) -> Option<u32> {
-    let children = format!("/proc/{parent}/task/{parent}/children");
-    if let Ok(text) = std::fs::read_to_string(children) {
-        return text.split_whitespace().next()?.parse().ok();
-    }
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-/// The process's pid in its innermost PID namespace, from `NSpid` in `/proc/<pid>/status`.
-pub fn innermost_pid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
 }

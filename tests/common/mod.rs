@@ -4,6 +4,11 @@
 
 #[cfg(unix)]
 pub mod child;
+pub mod host;
+
+// Where the tests have always found them; not every test binary uses each.
+#[allow(unused_imports)]
+pub use host::{in_ci, require, say, skip_or_fail};
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -147,54 +152,10 @@ async fn handle(task: Task<Job>, ledger: Ledger) -> Result<(), TestError> {
     result
 }
 
-/// Writes a line past the test harness's output capture, so it shows in `cargo test`.
-pub fn say(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-}
-
 /// Lets every ready task run (virtual time does not move).
 pub async fn settle() {
     for _ in 0..50 {
         tokio::task::yield_now().await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Preconditions: a test that cannot pass by skipping under CI.
-// ---------------------------------------------------------------------------------------------
-
-/// Whether this is a CI run (`CI` set, and not to `false` or `0`): there a test may not skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "false" | "0"))
-}
-
-/// A test that cannot run here because `what` is missing (`reason` says why): under CI it
-/// fails; elsewhere it prints why it is skipped, and the caller returns.
-#[track_caller]
-pub fn skip_or_fail(what: &str, reason: &str) {
-    if in_ci() {
-        panic!(
-            "{what} is needed, and {reason}; under CI this fails instead of skipping (.ci/run \
-             makes sure it is there)"
-        );
-    }
-    say(&format!(
-        "skipped: {what} is needed, and {reason} (under CI=true this fails)"
-    ));
-}
-
-/// What a test needs, or `None` once [`skip_or_fail`] has said why it is missing (which fails
-/// the test under CI): `let Some(x) = require("...", get()) else { return };`.
-#[track_caller]
-pub fn require<T>(what: &str, available: Result<T, String>) -> Option<T> {
-    match available {
-        Ok(value) => Some(value),
-        Err(reason) => {
-            skip_or_fail(what, &reason);
-            None
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! An order service: axum 0.8 and a drainpool pool under one shutdown.
 //!
 //! `POST /orders` takes a JSON order and answers 202 with the id of the task that will ship it
-//! (429 when the queue is full, its last places kept for the handlers' follow-ups, for 20 ms, 503 once draining, 413 for an order too large to
+//! (429 when the queue stays full for 20 ms, 503 once draining, 413 for an order too large to
 //! journal, 507 when the journal's disk has no room for it). `GET /ready` is 200 while the pool
 //! is ready and 503 with the reason otherwise; `GET /live` is 200; `GET /metrics` is the pool's
 //! counters in Prometheus text. The task handler "ships" the order (a short sleep that honours
@@ -20,7 +20,9 @@
 //!
 //! Environment: `ORDERS_JOURNAL_DIR` (required), `ORDERS_LEDGER` (required), `ORDERS_ADDR`
 //! (default `127.0.0.1:8080`; `127.0.0.1:0` picks a free port), `GRACE_SECONDS` (the
-//! orchestrator's grace period; unset: a 10 s drain deadline). The first line on stdout is
+//! orchestrator's grace period; unset: a 10 s drain deadline), `PRE_STOP_SECONDS` (the part of
+//! it the orchestrator spends before SIGTERM, a Kubernetes `preStop` sleep; default 0). The
+//! recipes in `deploy/` set both. The first line on stdout is
 //! `listening on <address>`, the line `draining` follows the first shutdown trigger, and the last
 //! is the report. Run it from the repository's root with
 //! `ORDERS_JOURNAL_DIR=/tmp/orders ORDERS_LEDGER=/tmp/orders.ledger cargo run -p drainpool-service-example`.
@@ -44,14 +46,10 @@ use serde::{Deserialize, Serialize};
 const HTTP_LINGER: Duration = Duration::from_secs(1);
 /// How long `POST /orders` waits for room in the queue before answering 429.
 const SUBMIT_WAIT: Duration = Duration::from_millis(20);
-/// How long a handler waits for room for its follow-up before failing (and being retried).
-const FOLLOW_UP_WAIT: Duration = Duration::from_millis(100);
-/// Workers, and the places in the queue kept for their follow-ups.
+/// Workers.
 const WORKERS: usize = 4;
 /// The queue's capacity.
 const QUEUE_CAPACITY: usize = 64;
-/// The time spent before SIGTERM in the deployment (a Kubernetes `preStop` sleep): none here.
-const PRE_STOP: Duration = Duration::ZERO;
 /// The largest journal record: an order with a longer note is refused with 413.
 const MAX_RECORD_BYTES: usize = 16 * 1024;
 
@@ -68,6 +66,11 @@ struct Order {
     /// checkpoints.
     #[serde(default)]
     work_ms: Option<u64>,
+    /// How long shipping takes to stop once the drain deadline has fired its token, in ms
+    /// (default 0): the stand-in for work that must finish a step before it can stop. Past
+    /// the pool's cancel grace the run is dropped, and journaled as interrupted all the same.
+    #[serde(default)]
+    wind_down_ms: u64,
     /// Free text, journaled with the order.
     #[serde(default)]
     note: String,
@@ -115,23 +118,23 @@ async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), 
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(work)) => {}
                 // Journaled as interrupted, and replayed at the next start.
-                () = task.cancelled() => return Err("interrupted at the drain deadline".into()),
+                () = task.cancelled() => {
+                    tokio::time::sleep(Duration::from_millis(order.wind_down_ms)).await;
+                    return Err("interrupted at the drain deadline".into());
+                }
             }
             ledger.record(&format!("shipped {}", order.id))?;
             if order.invoice {
-                // During the drain too: a follow-up from the pool's own handler is accepted
-                // and spilled. Should it fail, the order is retried, shipped twice (at least
-                // once is the promise), and its invoice asked for again.
-                //
-                // Bounded: a handler that waits for room in its own full queue waits for the
-                // workers, itself among them, and if every worker does, nothing ever makes room.
-                // `POST /orders` keeps `WORKERS` places free for follow-ups; should they be
-                // taken all the same, the order fails and is retried after a short backoff.
+                // A follow-up from the pool's own handler never waits for room (a full queue
+                // takes it ahead of the rest) and is accepted during the drain too (it goes
+                // to the spill). Should it fail all the same (the journal's disk is full), the
+                // order is retried, shipped twice (at least once is the promise), and its
+                // invoice asked for again.
                 let pool = own.upgrade().ok_or("the pool is gone")?;
                 let invoice = Job::Invoice {
                     order: order.id.clone(),
                 };
-                pool.submit_within(invoice, FOLLOW_UP_WAIT)
+                pool.submit(invoice)
                     .await
                     .map_err(|e| format!("invoice for {}: {e}", order.id))?;
             }
@@ -143,28 +146,14 @@ async fn run(task: Task<Job>, own: WeakPool<Job>, ledger: Ledger) -> Result<(), 
 
 async fn submit(State(pool): State<Pool<Job>>, Json(order): Json<Order>) -> impl IntoResponse {
     let id = order.id.clone();
-    // The last `WORKERS` places in the queue are for the handlers' follow-ups.
-    // From the trigger on, intake is refused here: the pool closes its own intake a moment
-    // later, and a submit in between is still accepted (and spilled), or `Full`.
-    let draining = || pool.shutdown_token().is_cancelled();
-    let kept = pool.stats().queued + WORKERS as u64 >= QUEUE_CAPACITY as u64;
-    let submitted = if draining() {
-        Err(SubmitError::ShuttingDown(Job::Ship(order)))
-    } else if kept {
-        Err(SubmitError::Full(Job::Ship(order)))
-    } else {
-        pool.submit_within(Job::Ship(order), SUBMIT_WAIT).await
-    };
-    match submitted {
+    // From the first SIGTERM the pool refuses intake itself: `ShuttingDown`, a 503.
+    match pool.submit_within(Job::Ship(order), SUBMIT_WAIT).await {
         Ok(task) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({ "order": id, "task": task.to_string() })),
         ),
         Err(error) => {
             let status = match &error {
-                // Between the trigger and the intake's close, a full queue still says `Full`:
-                // from the trigger on, the answer is 503, as `/ready`'s.
-                SubmitError::Full(_) if draining() => StatusCode::SERVICE_UNAVAILABLE,
                 SubmitError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
                 SubmitError::ShuttingDown(_) | SubmitError::Journal { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -266,6 +255,20 @@ fn env_path(name: &str) -> Result<PathBuf, BoxError> {
         .ok_or_else(|| format!("{name} is not set").into())
 }
 
+/// A number of seconds (`5`, `0.5`) from the environment; zero when unset.
+fn env_seconds(name: &str) -> Result<Duration, BoxError> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(Duration::ZERO),
+        Err(error) => Err(format!("{name}: {error}").into()),
+        Ok(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+            .ok_or_else(|| format!("{name}={text:?} is not a number of seconds").into()),
+    }
+}
+
 async fn serve() -> Result<ExitCode, BoxError> {
     let ledger = Ledger::open(&env_path("ORDERS_LEDGER")?)?;
     let addr = std::env::var("ORDERS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
@@ -273,17 +276,15 @@ async fn serve() -> Result<ExitCode, BoxError> {
     let (pool, runner) = Pool::<Job>::builder()
         .workers(WORKERS)
         .queue_capacity(QUEUE_CAPACITY)
-        // A follow-up that found no room is retried soon, and for long.
-        .backoff(Duration::from_millis(20), Duration::from_secs(1))
-        .max_attempts(50)
         .max_record_bytes(MAX_RECORD_BYTES)
         // The handlers are armed before the journal is replayed: a SIGTERM during the replay
         // drains as soon as the pool is built.
         .catch_signals(true)
         .deadline(Deadline::GracePeriodFromEnv {
             variable: "GRACE_SECONDS".into(),
-            // axum's linger after the pool has stopped is spent inside the grace period too.
-            pre_stop: PRE_STOP + HTTP_LINGER,
+            // The deployment's preStop is spent before SIGTERM, axum's linger after the pool
+            // has stopped: both inside the grace period.
+            pre_stop: env_seconds("PRE_STOP_SECONDS")? + HTTP_LINGER,
             fallback: Duration::from_secs(10),
         })
         .journal_dir(env_path("ORDERS_JOURNAL_DIR")?)
@@ -333,13 +334,16 @@ async fn serve() -> Result<ExitCode, BoxError> {
     }
 
     println!(
-        "stopped: replayed {}, submitted {}, completed {}, spilled {}, interrupted {}, unsaved {}",
+        "stopped: replayed {}, submitted {}, completed {}, spilled {}, interrupted {}, unsaved {}, \
+         drain deadline {:.2?}, stopped {:.2?} after the trigger",
         report.replayed,
         report.submitted,
         report.completed,
         report.spilled,
         report.interrupted,
-        report.unsaved
+        report.unsaved,
+        report.drain_deadline,
+        report.elapsed,
     );
     Ok(report.exit_code())
 }
@@ -349,7 +353,15 @@ async fn main() -> ExitCode {
     match serve().await {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("order-service: {error}");
+            // The whole chain: "could not open the journal: journal directory ... is writable by
+            // its group ...", not its first link alone.
+            let mut text = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("order-service: {text}");
             ExitCode::FAILURE
         }
     }

@@ -6,310 +6,26 @@
 //! content, the child's exit), bounded; nothing sleeps and hopes.
 #![cfg(unix)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-/// The bound on every wait for the child (start, a line, exit, the ledger).
-const LIMIT: Duration = Duration::from_secs(60);
-/// Client threads posting orders.
-const CLIENTS: usize = 3;
-/// Orders a client may post after the SIGTERM while the service still answers.
-const AFTER_STOP: usize = 1000;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{
+    Answers, LIMIT, Service, head, load, order, request, response, ships_the_rest, summary,
+    wait_for_http, wait_until,
+};
+
 /// Orders accepted before the first SIGTERM.
 const ACCEPTED_BEFORE_SIGTERM: usize = 200;
-
-/// One generation of the service; killed and reaped if the test ends before it exits.
-struct Service {
-    child: Child,
-    addr: SocketAddr,
-    lines: Receiver<String>,
-    stderr: PathBuf,
-}
-
-impl Service {
-    fn start(dir: &Path, generation: &str, grace_seconds: &str) -> Self {
-        let stderr = dir.join(format!("{generation}.stderr"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
-            .env("ORDERS_JOURNAL_DIR", dir.join("journal"))
-            .env("ORDERS_LEDGER", dir.join("ledger"))
-            .env("ORDERS_ADDR", "127.0.0.1:0")
-            .env("GRACE_SECONDS", grace_seconds)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start the order service");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut service = Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            lines,
-            stderr,
-        };
-        let first = service.line("listening on ");
-        service.addr = first["listening on ".len()..].parse().expect("an address");
-        service
-    }
-
-    /// Waits for the next stdout line starting with `prefix` (skipping others).
-    fn line(&self, prefix: &str) -> String {
-        let end = Instant::now() + LIMIT;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("no line {prefix:?} in {LIMIT:?}; {}", self.stderr_text())
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "stdout closed before a line {prefix:?}; {}",
-                        self.stderr_text()
-                    )
-                }
-            }
-        }
-    }
-
-    fn sigterm(&self) {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        )
-        .expect("SIGTERM the service");
-    }
-
-    /// Waits for the exit, and returns its status and the report line.
-    fn exit(mut self) -> (ExitStatus, String) {
-        let report = self.line("stopped: ");
-        let end = Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return (status, report);
-            }
-            assert!(
-                Instant::now() < end,
-                "the service did not exit within {LIMIT:?} of its report; {}",
-                self.stderr_text()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stderr_text(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        format!("the service's stderr:\n{text}")
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection; the status and the body.
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    response(stream)
-}
-
-fn response(mut stream: TcpStream) -> std::io::Result<(u16, String)> {
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
-}
-
-fn order(id: &str, invoice: bool, work_ms: Option<u64>) -> String {
-    serde_json::json!({ "id": id, "invoice": invoice, "work_ms": work_ms }).to_string()
-}
-
-/// Waits until `GET path` answers `status`.
-fn wait_for_http(service: &Service, path: &str, status: u16) -> String {
-    let end = Instant::now() + LIMIT;
-    loop {
-        if let Ok((got, body)) = request(service.addr, "GET", path, "")
-            && got == status
-        {
-            return body;
-        }
-        assert!(
-            Instant::now() < end,
-            "GET {path} never answered {status}; {}",
-            service.stderr_text()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// A gauge or counter from `/metrics`.
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no metric {name} in {text}"))
-}
-
-/// What the clients saw: each order's answer (an HTTP status, or 0 for no answer).
-#[derive(Default)]
-struct Answers {
-    by_order: Mutex<BTreeMap<String, (u16, bool)>>,
-    accepted: AtomicUsize,
-}
-
-impl Answers {
-    fn record(&self, id: String, invoice: bool, status: u16) {
-        if status == 202 {
-            self.accepted.fetch_add(1, Ordering::SeqCst);
-        }
-        self.by_order.lock().unwrap().insert(id, (status, invoice));
-    }
-
-    /// Orders answered 202, with whether each asked for an invoice.
-    fn accepted(&self) -> BTreeMap<String, bool> {
-        let by_order = self.by_order.lock().unwrap();
-        by_order
-            .iter()
-            .filter(|(_, (status, _))| *status == 202)
-            .map(|(id, (_, invoice))| (id.clone(), *invoice))
-            .collect()
-    }
-
-    fn tally(&self) -> BTreeMap<u16, usize> {
-        let mut tally = BTreeMap::new();
-        for (status, _) in self.by_order.lock().unwrap().values() {
-            *tally.entry(*status).or_default() += 1;
-        }
-        tally
-    }
-}
-
-/// Client threads posting orders `{prefix}-c{client}-{n}` (every third asks for an invoice)
-/// until `stop` is set and then until the service refuses (a 503, or no connection), at most
-/// `AFTER_STOP` more each.
-fn load(
-    addr: SocketAddr,
-    prefix: &str,
-    answers: &Arc<Answers>,
-    stop: &Arc<AtomicBool>,
-) -> Vec<thread::JoinHandle<()>> {
-    (0..CLIENTS)
-        .map(|client| {
-            let (answers, stop, prefix) = (answers.clone(), stop.clone(), prefix.to_string());
-            thread::spawn(move || {
-                let mut after_stop = 0;
-                for n in 0.. {
-                    let id = format!("{prefix}-c{client}-{n}");
-                    let invoice = n % 3 == 0;
-                    let answer = request(addr, "POST", "/orders", &order(&id, invoice, None));
-                    let status = answer.as_ref().map_or(0, |(status, _)| *status);
-                    answers.record(id, invoice, status);
-                    if stop.load(Ordering::SeqCst) {
-                        after_stop += 1;
-                        if status == 503 || answer.is_err() || after_stop >= AFTER_STOP {
-                            break;
-                        }
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let end = Instant::now() + LIMIT;
-    while !condition() {
-        assert!(Instant::now() < end, "waited {LIMIT:?} in vain for {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The ledger's lines, as a set.
-fn ledger(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_to_string(dir.join("ledger"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// What the accepted orders still lack in the ledger.
-fn missing(dir: &Path, accepted: &BTreeMap<String, bool>) -> Vec<String> {
-    let ledger = ledger(dir);
-    let mut missing = Vec::new();
-    for (id, invoice) in accepted {
-        for line in [
-            Some(format!("shipped {id}")),
-            invoice.then(|| format!("invoiced {id}")),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !ledger.contains(&line) {
-                missing.push(line);
-            }
-        }
-    }
-    missing
-}
-
-/// Starts a generation on the same journal, waits until every accepted order shipped (and
-/// invoiced), stops it with a SIGTERM, and checks that nothing is missing.
-fn second_generation_ships_the_rest(dir: &Path, accepted: &BTreeMap<String, bool>) -> String {
-    let service = Service::start(dir, "gen2", "30");
-    wait_until("every accepted order shipped in the ledger", || {
-        missing(dir, accepted).is_empty()
-    });
-    service.sigterm();
-    let (status, report) = service.exit();
-    assert!(
-        status.success(),
-        "the second generation exited with {status}: {report}"
-    );
-    let lost = missing(dir, accepted);
-    assert!(lost.is_empty(), "lost: {lost:?}");
-    report
 }
 
 #[test]
@@ -325,10 +41,8 @@ fn every_order_answered_202_ships_across_a_sigterm() {
     held.set_read_timeout(Some(LIMIT)).unwrap();
     write!(
         held,
-        "POST /orders HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        service.addr,
-        held_order.len()
+        "{}",
+        head(service.addr, "POST", "/orders", held_order.len())
     )
     .unwrap();
 
@@ -341,7 +55,7 @@ fn every_order_answered_202_ships_across_a_sigterm() {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(service.addr, "one", &answers, &stop);
     wait_until("orders accepted before the SIGTERM", || {
-        answers.accepted.load(Ordering::SeqCst) >= ACCEPTED_BEFORE_SIGTERM
+        answers.accepted_count() >= ACCEPTED_BEFORE_SIGTERM
     });
     stop.store(true, Ordering::SeqCst);
     service.sigterm();
@@ -363,12 +77,11 @@ fn every_order_answered_202_ships_across_a_sigterm() {
 
     let accepted = answers.accepted();
     assert!(accepted.len() >= ACCEPTED_BEFORE_SIGTERM);
-    let report2 = second_generation_ships_the_rest(dir.path(), &accepted);
+    let next = Service::start(dir.path(), "gen2", "30");
+    let report2 = ships_the_rest(next, &dir.path().join("ledger"), &accepted);
     eprintln!(
-        "answers {:?}; accepted {}, invoices asked {}, lost 0\n  gen1 {report}\n  gen2 {report2}",
-        answers.tally(),
-        accepted.len(),
-        accepted.values().filter(|invoice| **invoice).count(),
+        "{}",
+        summary(&answers, &[("gen1", &report), ("gen2", &report2)])
     );
 }
 
@@ -398,7 +111,7 @@ fn a_second_sigterm_skips_the_wait_and_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(service.addr, "two", &answers, &stop);
     wait_until("orders accepted before the SIGTERM", || {
-        answers.accepted.load(Ordering::SeqCst) >= ACCEPTED_BEFORE_SIGTERM
+        answers.accepted_count() >= ACCEPTED_BEFORE_SIGTERM
     });
     stop.store(true, Ordering::SeqCst);
     service.sigterm();
@@ -418,11 +131,10 @@ fn a_second_sigterm_skips_the_wait_and_loses_nothing() {
     );
 
     let accepted = answers.accepted();
-    let report2 = second_generation_ships_the_rest(dir.path(), &accepted);
+    let next = Service::start(dir.path(), "gen2", "30");
+    let report2 = ships_the_rest(next, &dir.path().join("ledger"), &accepted);
     eprintln!(
-        "answers {:?}; accepted {}, invoices asked {}, lost 0\n  gen1 {report}\n  gen2 {report2}",
-        answers.tally(),
-        accepted.len(),
-        accepted.values().filter(|invoice| **invoice).count(),
+        "{}",
+        summary(&answers, &[("gen1", &report), ("gen2", &report2)])
     );
 }
