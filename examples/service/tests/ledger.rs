@@ -184,11 +184,23 @@ fn wait_for_http(service: &Service, path: &str, status: u16) -> String {
     }
 }
 
-/// A gauge or counter from `/metrics`.
-fn metric(text: &str, name: &str) -> u64 {
+/// The pool's gauge or counter `name` from `/metrics` (its series labelled `pool="orders"`).
+fn metric(text: &str, name: &str) -> f64 {
+    let series = format!("{name}{{pool=\"orders\"}} ");
     text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {series} in {text}"))
+}
+
+/// A count from the report line the service prints last ("stopped: replayed 3, submitted 1,
+/// completed 4, ...").
+fn reported(report: &str, count: &str) -> f64 {
+    report
+        .split(", ")
+        .filter_map(|part| part.rsplit_once(' '))
+        .find(|(name, _)| name.ends_with(count))
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {count} in the report {report:?}"))
 }
 
 /// What the clients saw: each order's answer (an HTTP status, or 0 for no answer).
@@ -296,16 +308,44 @@ fn missing(dir: &Path, accepted: &BTreeMap<String, bool>) -> Vec<String> {
 
 /// Starts a generation on the same journal, waits until every accepted order shipped (and
 /// invoiced), stops it with a SIGTERM, and checks that nothing is missing.
+///
+/// Its `/metrics` is checked against its report: once every task is done, the completed counter
+/// is what the report says at exit (nothing runs in between), and the run-time histogram has
+/// a sample per completed task at least.
 fn second_generation_ships_the_rest(dir: &Path, accepted: &BTreeMap<String, bool>) -> String {
     let service = Service::start(dir, "gen2", "30");
     wait_until("every accepted order shipped in the ledger", || {
         missing(dir, accepted).is_empty()
     });
+    let mut text = String::new();
+    wait_until("every task done, in /metrics", || {
+        text =
+            request(service.addr, "GET", "/metrics", "").map_or_else(|_| String::new(), |(_, t)| t);
+        text.contains("drainpool_tasks_completed_total")
+            && metric(&text, "drainpool_tasks_completed_total")
+                == metric(&text, "drainpool_tasks_replayed_total")
+                    + metric(&text, "drainpool_tasks_submitted_total")
+    });
+    let completed = metric(&text, "drainpool_tasks_completed_total");
+    assert!(completed > 0.0, "gen2 replays what gen1 spilled: {text}");
+    assert!(
+        metric(&text, "drainpool_task_run_seconds_count") >= completed,
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE drainpool_task_run_seconds histogram"),
+        "{text}"
+    );
     service.sigterm();
     let (status, report) = service.exit();
     assert!(
         status.success(),
         "the second generation exited with {status}: {report}"
+    );
+    assert_eq!(
+        completed,
+        reported(&report, "completed"),
+        "/metrics said {text}"
     );
     let lost = missing(dir, accepted);
     assert!(lost.is_empty(), "lost: {lost:?}");
@@ -390,7 +430,7 @@ fn a_second_sigterm_skips_the_wait_and_loses_nothing() {
     assert_eq!(status, 202, "{body}");
     wait_until("the slow order running", || {
         request(service.addr, "GET", "/metrics", "")
-            .is_ok_and(|(_, text)| metric(&text, "orders_in_flight") == 1)
+            .is_ok_and(|(_, text)| metric(&text, "drainpool_tasks_in_flight") == 1.0)
     });
 
     let answers = Arc::new(Answers::default());
