@@ -7,7 +7,7 @@
 //! no-ops: a branch per record. The counters are not held here but in `report::Counters`, each
 //! beside the count [`Stats`](crate::Stats) reads, so the two move together.
 
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Gauge, Histogram, Unit};
 
 use crate::report::{Counters, Tally};
 
@@ -212,9 +212,8 @@ impl Metrics {
                 Kind::Histogram => metrics::describe_histogram!(name, unit, help),
             }
         }
-        let counter = |metric: &Metric| -> Tally {
-            let handle: Counter = metrics::counter!(metric.name, LABEL => pool.to_owned());
-            Tally::recorded(handle)
+        let counter = |metric: &Metric| {
+            Tally::recorded(metrics::counter!(metric.name, LABEL => pool.to_owned()))
         };
         let gauge = |metric: &Metric| metrics::gauge!(metric.name, LABEL => pool.to_owned());
         let histogram =
