@@ -62,6 +62,18 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// The pool's name, telling it from other pools in the process: with the `metrics`
+    /// feature, every metric it records carries the label `pool="<name>"` (the README lists
+    /// the metrics); it is also in the log line of its start. Give each pool of a process its
+    /// own, or their metrics mix.
+    ///
+    /// The default is `"default"`; an empty name makes `start` fail with
+    /// [`StartError::InvalidConfig`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
     /// How many handlers run at once.
     ///
     /// The default is the number of CPUs the process may use.

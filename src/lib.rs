@@ -16,6 +16,10 @@
 //! running at the drain deadline is requeued, dropped or dead-lettered as
 //! [`DeadlineAction`] says. Payloads are JSON by default; any [`Codec`] can replace it.
 //!
+//! With the `metrics` feature, a pool records counters, gauges and histograms through the
+//! [`metrics`](https://docs.rs/metrics) facade, labelled with its [`Builder::name`]; the README
+//! lists them.
+//!
 //! [`Builder::start`] starts a pool in one step. [`Builder::build`] starts it in two: the
 //! [`Pool`] handle first, then [`Runner::run`] with a handler that may hold a [`WeakPool`] of
 //! its own pool.
@@ -62,6 +66,8 @@ pub mod error;
 #[cfg(test)]
 mod fault_tests;
 pub mod journal;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod policy;
 mod pool;
 #[cfg(feature = "postgres")]

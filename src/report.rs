@@ -312,19 +312,63 @@ impl ShutdownReport {
     }
 }
 
-/// The live counters behind [`Counts`]: one atomic each.
+/// One of the pool's counters: its own count and, with the `metrics` feature, the metric that
+/// moves with it, so that a metric and [`Stats`] never disagree.
+#[derive(Debug)]
+pub(crate) struct Tally {
+    count: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::Counter::noop(),
+        }
+    }
+}
+
+impl Tally {
+    /// A count whose every step also goes to `metric`.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn recorded(metric: metrics::Counter) -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.count.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(n);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// The live counters behind [`Counts`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) replayed: AtomicU64,
-    pub(crate) submitted: AtomicU64,
-    pub(crate) completed: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dropped: AtomicU64,
-    pub(crate) spilled: AtomicU64,
-    pub(crate) interrupted: AtomicU64,
-    pub(crate) unsaved: AtomicU64,
-    pub(crate) compacted: AtomicU64,
+    pub(crate) replayed: Tally,
+    pub(crate) submitted: Tally,
+    pub(crate) completed: Tally,
+    pub(crate) failed: Tally,
+    pub(crate) retried: Tally,
+    pub(crate) dropped: Tally,
+    pub(crate) spilled: Tally,
+    pub(crate) interrupted: Tally,
+    pub(crate) unsaved: Tally,
+    pub(crate) compacted: Tally,
+    /// Failed runs (an error or a panic before the deadline): a metric only, not a [`Counts`]
+    /// field.
+    #[cfg(feature = "metrics")]
+    pub(crate) failed_runs: Tally,
     /// Handlers running now (not a [`Counts`] field: [`Stats::in_flight`]).
     pub(crate) in_flight: AtomicU64,
 }
@@ -332,18 +376,17 @@ pub(crate) struct Counters {
 impl Counters {
     /// The counters as they stand.
     pub(crate) fn snapshot(&self) -> Counts {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Counts {
-            replayed: get(&self.replayed),
-            submitted: get(&self.submitted),
-            completed: get(&self.completed),
-            failed: get(&self.failed),
-            retried: get(&self.retried),
-            dropped: get(&self.dropped),
-            spilled: get(&self.spilled),
-            interrupted: get(&self.interrupted),
-            unsaved: get(&self.unsaved),
-            compacted: get(&self.compacted),
+            replayed: self.replayed.get(),
+            submitted: self.submitted.get(),
+            completed: self.completed.get(),
+            failed: self.failed.get(),
+            retried: self.retried.get(),
+            dropped: self.dropped.get(),
+            spilled: self.spilled.get(),
+            interrupted: self.interrupted.get(),
+            unsaved: self.unsaved.get(),
+            compacted: self.compacted.get(),
         }
     }
 }

@@ -50,7 +50,7 @@ pub(crate) struct Journal {
     pub(super) failed: bool,
     /// This run's write-ahead segments, set aside at shutdown: deleted only at close, after the
     /// spill of every live task is durable.
-    pub(super) rotated: Vec<PathBuf>,
+    pub(super) rotated: Vec<Sealed>,
     /// Full write-ahead segments, oldest first, until all their tasks are acked: this run's,
     /// after those of earlier runs once [`adopt_obsolete`](Self::adopt_obsolete) is called.
     pub(super) sealed: Vec<Sealed>,
@@ -76,6 +76,17 @@ impl SpillSource for Vec<TaskRecord<'_>> {
     fn record<'a>(&'a self, i: usize, _: &'a mut Vec<u8>) -> Option<TaskRecord<'a>> {
         self.get(i).cloned()
     }
+}
+
+/// Where a write-ahead batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Appended {
+    /// The number of the segment it went to.
+    pub(crate) segment: u64,
+    /// Whether a full segment was sealed first.
+    pub(crate) sealed: bool,
+    /// How long its fsync took, if it was synced.
+    pub(crate) synced: Option<Duration>,
 }
 
 /// How a spill went.
@@ -143,15 +154,14 @@ impl Journal {
     /// write or fsync is never retried as if the data were safe.
     ///
     /// A segment that would grow past `segment_bytes` is sealed (fsynced) first and a new one
-    /// started. Returns the number of the segment the batch went to, and whether one was
-    /// sealed.
+    /// started. Returns where the batch went, and how long its fsync took.
     pub(crate) fn append_batch(
         &mut self,
         bytes: &[u8],
         tasks: usize,
         sync: bool,
         segment_bytes: u64,
-    ) -> Result<(u64, bool), JournalError> {
+    ) -> Result<Appended, JournalError> {
         if self.failed {
             return Err(JournalError::Poisoned);
         }
@@ -161,13 +171,18 @@ impl Journal {
                 let segment = self.current()?;
                 let before = segment.len();
                 segment.append(bytes, tasks)?;
+                let started = Instant::now();
                 if sync && let Err(error) = segment.sync() {
                     // The batch's submits fail and hand their tasks back, so the tasks must not
                     // come back at the next start either.
                     segment.cut_back(before);
                     return Err(error);
                 }
-                Ok((segment.number(), sealed))
+                Ok(Appended {
+                    segment: segment.number(),
+                    sealed,
+                    synced: sync.then(|| started.elapsed()),
+                })
             });
         if result.is_err() {
             self.failed = true;
@@ -226,27 +241,33 @@ impl Journal {
         Ok(())
     }
 
-    /// Fsyncs this run's segment, if it has one (the write-ahead `Interval` policy).
-    pub(crate) fn sync_current(&mut self) -> Result<(), JournalError> {
+    /// Fsyncs this run's segment, if it has one (the write-ahead `Interval` policy). Returns
+    /// how long the fsync took, if there was one.
+    pub(crate) fn sync_current(&mut self) -> Result<Option<Duration>, JournalError> {
         let Some(segment) = self.current.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
+        let started = Instant::now();
         let result = segment.sync();
         if result.is_err() {
             self.failed = true;
             self.keep_obsolete = true;
             self.current = None;
         }
-        result
+        result.map(|()| Some(started.elapsed()))
     }
 
     /// Starts a fresh segment for what follows: the current one joins the segments that the
     /// shutdown deletes once its spill is durable. Used at shutdown in write-ahead mode, so the
     /// next start reads the live tasks, not the whole run's history.
     pub(crate) fn rotate_for_spill(&mut self) {
-        self.rotated.extend(self.sealed.drain(..).map(|s| s.path));
+        self.rotated.append(&mut self.sealed);
         if let Some(segment) = self.current.take() {
-            self.rotated.push(segment.path().to_path_buf());
+            self.rotated.push(Sealed {
+                number: segment.number(),
+                path: segment.path().to_path_buf(),
+                len: segment.len(),
+            });
         }
     }
 
@@ -414,8 +435,20 @@ impl Journal {
         Ok((rate, fsync))
     }
 
+    /// The bytes of the live journal's segments (task and ack records): earlier runs' not yet
+    /// deleted, this run's sealed and current ones, and those set aside for deletion at close.
+    /// Dead-letter segments are not counted.
+    pub(crate) fn bytes(&self) -> u64 {
+        let total = |segments: &[Sealed]| segments.iter().map(|s| s.len).sum::<u64>();
+        total(&self.obsolete)
+            + total(&self.sealed)
+            + total(&self.rotated)
+            + self.current.as_ref().map_or(0, SegmentWriter::len)
+    }
+
     /// Syncs this run's segment, deletes what the spill replaced, and releases the lock.
-    pub(crate) fn close(mut self) -> Result<(), JournalError> {
+    /// Returns the [`bytes`](Self::bytes) left.
+    pub(crate) fn close(mut self) -> Result<u64, JournalError> {
         if let Some(segment) = self.current.as_mut()
             && let Err(error) = segment.sync()
         {
@@ -425,12 +458,14 @@ impl Journal {
         }
         self.retire_obsolete()?;
         if !self.keep_obsolete {
-            remove_segments(&*self.ops, &self.dir, &std::mem::take(&mut self.rotated))?;
+            let rotated: Vec<PathBuf> = self.rotated.iter().map(|s| s.path.clone()).collect();
+            remove_segments(&*self.ops, &self.dir, &rotated)?;
+            self.rotated.clear();
         }
         self.lock
             .unlock()
             .map_err(|e| JournalError::io("unlock", &self.dir, None, e))?;
-        Ok(())
+        Ok(self.bytes())
     }
 }
 

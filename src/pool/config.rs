@@ -114,9 +114,15 @@ impl Deadline {
     }
 }
 
+/// The name a pool has unless given one.
+pub(crate) const DEFAULT_NAME: &str = "default";
+
 /// The settings a pool starts with.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
+    /// Tells this pool from others in the process: its metrics' `pool` label, its log line at
+    /// start.
+    pub(crate) name: String,
     pub(crate) workers: usize,
     pub(crate) queue_capacity: usize,
     pub(crate) deadline: Deadline,
@@ -137,6 +143,7 @@ pub(crate) struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            name: DEFAULT_NAME.to_owned(),
             workers: std::thread::available_parallelism().map_or(4, usize::from),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             deadline: Deadline::default(),
@@ -159,6 +166,9 @@ impl Config {
         let invalid = |setting: &'static str, reason: String| {
             Err(StartError::InvalidConfig { setting, reason })
         };
+        if self.name.is_empty() {
+            return invalid("name", "must not be empty".into());
+        }
         if self.workers == 0 {
             return invalid("workers", "must be at least 1".into());
         }
@@ -213,7 +223,15 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         let dir = Some(PathBuf::from("/nonexistent"));
-        let cases: [(&str, Config); 5] = [
+        let cases: [(&str, Config); 6] = [
+            (
+                "name",
+                Config {
+                    name: String::new(),
+                    journal_dir: dir.clone(),
+                    ..Config::default()
+                },
+            ),
             (
                 "segment_bytes",
                 Config {

@@ -69,10 +69,8 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     let wait_in_flight = wait_in_flight(shared, started, drain_deadline);
     let ((spilled, unsaved), drain_time) = tokio::join!(spill_queued, wait_in_flight);
     let counters = &shared.counters;
-    counters.spilled.fetch_add(spilled, Ordering::Relaxed);
-    counters
-        .unsaved
-        .fetch_add(unsaved.len() as u64, Ordering::Relaxed);
+    counters.spilled.add(spilled);
+    counters.unsaved.add(unsaved.len() as u64);
     lock(&shutdown.unsaved_ids).extend(unsaved);
 
     // Every worker is gone: nothing pushes to the commit buffer any more.
@@ -81,6 +79,9 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     spill_held(shared, true).await;
     let close_time = shared.store.close().await;
     let (spill_time, sync_time) = shared.store.spill_times();
+    // The pool's last state: nothing queued or running, the reserve gone, the journal as left.
+    #[cfg(feature = "metrics")]
+    super::upkeep::refresh_gauges(shared).await;
 
     let report = ShutdownReport {
         counts: counters.snapshot(),
@@ -122,7 +123,7 @@ fn deadline<T>(shared: &Shared<T>, queued: usize) -> (Duration, Option<Budget>) 
         return (grace.saturating_sub(pre_stop), None);
     };
     let available = grace.saturating_sub(pre_stop);
-    let submitted = shared.counters.submitted.load(Ordering::Relaxed);
+    let submitted = shared.counters.submitted.get();
     let average = shared.ids.average_payload(submitted) + journal::task_record_len(0, 0) as u64;
     let seconds_for = |bytes: u64| Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
     let margin = (available / 20).max(Duration::from_millis(100));
@@ -225,15 +226,9 @@ async fn spill_held<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, with_wait
         ids.into_iter().filter(|id| !unsaved.contains(id)).collect();
     let interrupted = saved_interrupted.len() as u64;
     let counters = &shared.counters;
-    counters
-        .interrupted
-        .fetch_add(interrupted, Ordering::Relaxed);
-    counters
-        .spilled
-        .fetch_add(written - interrupted, Ordering::Relaxed);
-    counters
-        .unsaved
-        .fetch_add(unsaved.len() as u64, Ordering::Relaxed);
+    counters.interrupted.add(interrupted);
+    counters.spilled.add(written - interrupted);
+    counters.unsaved.add(unsaved.len() as u64);
     lock(&shutdown.interrupted_ids).extend(saved_interrupted);
     lock(&shutdown.unsaved_ids).extend(unsaved);
 }
@@ -245,6 +240,11 @@ async fn spill<T: Send + Sync + 'static>(
     jobs: Vec<Job<T>>,
 ) -> (u64, Vec<TaskId>) {
     let count = jobs.len() as u64;
-    let unsaved = shared.store.spill(Spill::new(jobs, &shared.codec)).await;
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    let (unsaved, took) = shared.store.spill(Spill::new(jobs, &shared.codec)).await;
+    #[cfg(feature = "metrics")]
+    if count > 0 {
+        shared.metrics.spill.record(took);
+    }
     (count - unsaved.len() as u64, unsaved)
 }

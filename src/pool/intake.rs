@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
@@ -188,7 +187,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
     /// Counts an accepted task of `size` encoded bytes.
     fn count_accepted(&self, size: usize) {
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        self.counters.submitted.add(1);
         self.ids.accepted(size);
     }
 
@@ -214,6 +213,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 0
             },
             span: task_span(id),
+            #[cfg(feature = "metrics")]
+            queued_at: tokio::time::Instant::now(),
         }
     }
 

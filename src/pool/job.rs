@@ -27,6 +27,11 @@ pub(crate) struct Job<T> {
     pub(crate) replayed: bool,
     /// The bytes of spill reserve it holds (0 for a replayed task: see `reserve.rs`).
     pub(crate) reserved: u32,
+    /// When it last joined the queue (accepted, replayed, or its retry came due), for the
+    /// queue-wait histogram. Only with the `metrics` feature: a queued task costs no more
+    /// without it.
+    #[cfg(feature = "metrics")]
+    pub(crate) queued_at: tokio::time::Instant,
     /// The task's span, made at submit when the submitter was inside one (see [`task_span`]).
     pub(crate) span: Option<Box<tracing::Span>>,
 }

@@ -39,10 +39,15 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
         &self.counters
     }
 
+    #[cfg(feature = "metrics")]
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
     async fn settle(&self, mut job: Job<T>, outcome: Outcome) {
         match outcome {
             Outcome::Completed => {
-                self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                self.counters.completed.add(1);
                 self.unreserve(&job);
                 if job.journaled {
                     self.finish_journaled(&job).await;
@@ -54,6 +59,8 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
                 self.interrupted(job, Some(error)).await;
             }
             Outcome::Failed(error, permanent) => {
+                #[cfg(feature = "metrics")]
+                self.counters.failed_runs.add(1);
                 job.failed();
                 if permanent || job.state.attempts >= self.policy.max_attempts {
                     self.dead_letter(job, error).await;
@@ -103,7 +110,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 write_ahead.journal_retry(&job.record(&payload, None), || self.queue.is_closed());
             }
         }
-        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+        self.counters.retried.add(1);
         self.queue.retry_later(job, delay);
     }
 
@@ -144,7 +151,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         match written {
             Ok(()) => {
                 tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter");
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.counters.failed.add(1);
                 self.unreserve(&job);
                 if job.journaled {
                     self.finish_journaled(&job).await;
@@ -198,7 +205,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             }
             DeadlineAction::Drop => {
                 tracing::warn!(task = %job.id, "task interrupted at the drain deadline; dropped by policy");
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counters.dropped.add(1);
                 self.unreserve(&job);
                 if job.journaled {
                     self.finish_journaled(&job).await;

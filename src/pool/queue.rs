@@ -215,6 +215,10 @@ impl<T> Queue<T> {
         if !due.is_empty() {
             due.sort_by_key(|(_, job)| job.id);
             let count = due.len();
+            #[cfg(feature = "metrics")]
+            for (_, job) in &mut due {
+                job.queued_at = now;
+            }
             lock(&self.backlog).extend(due.into_iter().map(|(_, job)| job));
             self.backlog_len.fetch_add(count, Ordering::AcqRel);
             for _ in 0..count {

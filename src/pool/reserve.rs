@@ -129,6 +129,8 @@ impl SpillReserve {
     /// Removes the reserve file, freeing its space for the spill. Idempotent.
     pub(crate) fn release(&self) {
         let file = lock(&self.file).take();
+        // Nothing is set aside from now on (`Stats::spill_reserve`, the gauge).
+        self.reserved.store(0, Ordering::Release);
         if let Some(reserve) = file
             && let Err(error) = reserve.release()
         {

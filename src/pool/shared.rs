@@ -33,6 +33,9 @@ pub(crate) struct Shared<T> {
     pub(crate) reserve: Option<SpillReserve>,
     pub(crate) shutdown: Shutdown<T>,
     pub(crate) counters: Counters,
+    /// The gauges and histograms (the counters are in `counters`).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) recovery: RecoveryReport,
     /// Replayed tasks not finished yet (on-shutdown mode: the earlier runs' segments go when
     /// this reaches zero).

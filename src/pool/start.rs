@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -32,7 +32,7 @@ use crate::codec::Encoding;
 use crate::error::{BoxError, StartError};
 use crate::journal::{Journal, Recovered, Reserve, TaskRecord};
 use crate::policy::{Jitter, Policy};
-use crate::report::{Counters, RecoveryReport};
+use crate::report::RecoveryReport;
 use crate::task::Task;
 
 /// The second half of a pool's start: takes the handler and starts the workers. Made by
@@ -168,8 +168,11 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let write_ahead =
         sync.map(|sync| WriteAhead::new(journal.epoch(), live, sync, config.segment_bytes));
     let run = journal.run();
-    let counters = Counters::default();
-    counters.replayed.store(replayed, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    let (metrics, counters) = crate::metrics::Metrics::register(&config.name);
+    #[cfg(not(feature = "metrics"))]
+    let counters = crate::report::Counters::default();
+    counters.replayed.add(replayed);
     let shared = Arc::new(Shared {
         codec,
         policy,
@@ -181,6 +184,8 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         reserve: reserve.map(SpillReserve::new),
         shutdown: Shutdown::new(trigger.clone(), settled),
         counters,
+        #[cfg(feature = "metrics")]
+        metrics,
         replay_outstanding: AtomicU64::new(replayed),
         workers: TaskTracker::new(),
         background: TaskTracker::new(),
@@ -211,6 +216,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     shared.background.spawn(supervise(Arc::clone(&shared)));
     shared.background.close();
     tracing::info!(
+        pool = %shared.config.name,
         dir = %shared.store.dir().display(),
         run,
         replayed,
@@ -282,6 +288,8 @@ fn replay<T>(
             replayed: true,
             span: None,
             reserved: 0,
+            #[cfg(feature = "metrics")]
+            queued_at: now,
         };
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);

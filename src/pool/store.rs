@@ -26,6 +26,9 @@ pub(crate) struct Store {
     /// The journal's write speed and fsync latency, measured at start when the deadline is
     /// derived from a grace period.
     probe: Option<(u64, Duration)>,
+    /// The live journal's bytes left at close.
+    #[cfg(feature = "metrics")]
+    closed_bytes: std::sync::OnceLock<u64>,
 }
 
 /// Jobs to spill, made into records one at a time as the journal writes them.
@@ -70,6 +73,8 @@ impl Store {
             first_error: Mutex::new(None),
             spill_times: Mutex::new((Duration::ZERO, Duration::ZERO)),
             probe,
+            #[cfg(feature = "metrics")]
+            closed_bytes: std::sync::OnceLock::new(),
         }
     }
 
@@ -119,6 +124,16 @@ impl Store {
                 None,
                 std::io::Error::other(panic.to_string()),
             )),
+        }
+    }
+
+    /// The bytes of the live journal's segments (see `Journal::bytes`), open or closed; `None`
+    /// if it failed to close.
+    #[cfg(feature = "metrics")]
+    pub(crate) async fn journal_bytes(&self) -> Option<u64> {
+        match self.journal.lock().await.as_ref() {
+            Some(journal) => Some(journal.bytes()),
+            None => self.closed_bytes.get().copied(),
         }
     }
 
@@ -178,10 +193,14 @@ impl Store {
     }
 
     /// Journals the tasks of `spill` as live tasks and fsyncs, as many as fit. Returns the ids
-    /// of those that could not be saved, in id order (none: all are durable).
-    pub(crate) async fn spill<T: Send + Sync + 'static>(&self, spill: Spill<T>) -> Vec<TaskId> {
+    /// of those that could not be saved, in id order (none: all are durable), and the time
+    /// spent writing and syncing (zero if nothing was written).
+    pub(crate) async fn spill<T: Send + Sync + 'static>(
+        &self,
+        spill: Spill<T>,
+    ) -> (Vec<TaskId>, Duration) {
         if spill.len() == 0 {
-            return Vec::new();
+            return (Vec::new(), Duration::ZERO);
         }
         // Shared with the blocking thread, so that the ids are still at hand if it fails.
         let spill = Arc::new(spill);
@@ -201,7 +220,10 @@ impl Store {
                     "spill failed; no task saved"
                 );
                 self.record_error(error);
-                return spill.jobs.iter().map(|job| job.id).collect();
+                return (
+                    spill.jobs.iter().map(|job| job.id).collect(),
+                    Duration::ZERO,
+                );
             }
         };
         let unsaved: Vec<TaskId> = outcome.unsaved.iter().map(|&i| spill.jobs[i].id).collect();
@@ -230,7 +252,7 @@ impl Store {
         if let Some(error) = outcome.error {
             self.record_error(error);
         }
-        unsaved
+        (unsaved, outcome.write_time + outcome.sync_time)
     }
 
     /// Syncs, deletes what the spill replaced, and releases the lock. Returns how long it took.
@@ -238,11 +260,18 @@ impl Store {
         let started = std::time::Instant::now();
         let result = self
             .with_journal("close", |journal| {
-                journal.take().map_or(Ok(()), Journal::close)
+                journal.take().map(Journal::close).transpose()
             })
             .await;
-        if let Err(error) = result {
-            self.record_error(error);
+        match result {
+            #[cfg(feature = "metrics")]
+            Ok(Some(bytes)) => {
+                let _ = self.closed_bytes.set(bytes);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                self.record_error(error);
+            }
         }
         started.elapsed()
     }

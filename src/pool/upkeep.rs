@@ -7,8 +7,8 @@
 //! - **The upkeep task** moves retries to the queue as they come due, and in write-ahead mode
 //!   fsyncs the journal at the `Interval` policy's pace, deletes sealed segments with nothing
 //!   live left (woken when one empties or is sealed), and compacts sparse old segments (one
-//!   compaction at a time, run inside the same task). The shutdown sequence stops it as soon
-//!   as intake closes.
+//!   compaction at a time, run inside the same task). With the `metrics` feature it also sets
+//!   the gauges, once a second. The shutdown sequence stops it as soon as intake closes.
 //!
 //! Deletion and compaction rules are in ARCHITECTURE.md: sealed segments go oldest first while
 //! they hold nothing live; the sealed segments after that empty prefix (the newest left out)
@@ -19,6 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,9 @@ use crate::policy::SyncPolicy;
 /// Compaction copies are handed to the group commit this many at a time, so acks never wait
 /// long for the index lock.
 const COMPACT_CHUNK: usize = 256;
+
+/// How often the gauges are set (the `metrics` feature).
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
 /// The flusher: see the module docs. Stops once `stop` fires and the buffer is empty.
 pub(crate) async fn flusher<T: Send + Sync + 'static>(
@@ -67,10 +71,15 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
                 })
                 .await;
             let result = match written {
-                Ok(Some((segment, sealed))) => {
-                    lock(&write_ahead.live).placed(segment, &batch.placements);
-                    if sealed {
+                Ok(Some(appended)) => {
+                    lock(&write_ahead.live).placed(appended.segment, &batch.placements);
+                    if appended.sealed {
                         write_ahead.segments_changed.notify_one();
+                    }
+                    #[cfg(feature = "metrics")]
+                    if let Some(fsync) = appended.synced {
+                        shared.metrics.fsync.record(fsync);
+                        shared.metrics.tasks_per_fsync.record(tasks as f64);
                     }
                     Ok(())
                 }
@@ -103,7 +112,10 @@ pub(crate) async fn upkeep<T: Send + Sync + 'static>(
         _ => None,
     };
     let mut next_sync = sync_every.map(|every| Instant::now() + every);
+    let mut next_gauges = gauges_after(Instant::now());
     let mut compaction: Option<Compaction> = None;
+    #[cfg(feature = "metrics")]
+    refresh_gauges(&shared).await;
     if write_ahead.is_some() {
         // Earlier runs' segments without live tasks go at once, the others as they empty.
         delete_empty_segments(&shared, &mut compaction).await;
@@ -116,6 +128,7 @@ pub(crate) async fn upkeep<T: Send + Sync + 'static>(
             () = shared.queue.retry_added() => Event::Retry,
             () = sleep_until(next_retry) => Event::Retry,
             () = sleep_until(next_sync) => Event::Sync,
+            () = sleep_until(next_gauges) => Event::Gauges,
             () = segments_changed(write_ahead) => Event::Segments,
             () = run(&mut compaction) => Event::Compacted,
         };
@@ -127,12 +140,22 @@ pub(crate) async fn upkeep<T: Send + Sync + 'static>(
                 let synced = shared
                     .store
                     .with_journal("fsync", |journal| {
-                        journal.as_mut().map_or(Ok(()), Journal::sync_current)
+                        journal.as_mut().map_or(Ok(None), Journal::sync_current)
                     })
                     .await;
-                if let Err(error) = synced {
-                    shared.store.record_error(error);
+                match synced {
+                    #[cfg(feature = "metrics")]
+                    Ok(Some(fsync)) => shared.metrics.fsync.record(fsync),
+                    Ok(_) => {}
+                    Err(error) => {
+                        shared.store.record_error(error);
+                    }
                 }
+            }
+            Event::Gauges => {
+                next_gauges = gauges_after(Instant::now());
+                #[cfg(feature = "metrics")]
+                refresh_gauges(&shared).await;
             }
             Event::Segments => delete_empty_segments(&shared, &mut compaction).await,
             Event::Compacted => {
@@ -147,8 +170,30 @@ pub(crate) async fn upkeep<T: Send + Sync + 'static>(
 enum Event {
     Retry,
     Sync,
+    Gauges,
     Segments,
     Compacted,
+}
+
+/// When the gauges are next set: [`GAUGES_EVERY`] from `now` with the `metrics` feature,
+/// never without.
+fn gauges_after(now: Instant) -> Option<Instant> {
+    cfg!(feature = "metrics").then(|| now + GAUGES_EVERY)
+}
+
+/// Sets the gauges from the pool's own state: what `Pool::stats` reads, and the live
+/// journal's size (waiting for the journal's lock, one write at most).
+#[cfg(feature = "metrics")]
+pub(crate) async fn refresh_gauges<T>(shared: &Shared<T>) {
+    let metrics = &shared.metrics;
+    metrics.queued.set(shared.queue.len() as f64);
+    let in_flight = shared.counters.in_flight.load(Ordering::Relaxed);
+    metrics.in_flight.set(in_flight as f64);
+    let reserve = shared.reserve.as_ref().map_or(0, |r| r.reserved());
+    metrics.spill_reserve.set(reserve as f64);
+    if let Some(bytes) = shared.store.journal_bytes().await {
+        metrics.journal_bytes.set(bytes as f64);
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -243,10 +288,7 @@ async fn compact<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, segments: Vec
     match copy_live(&shared, write_ahead, segments).await {
         Ok(0) => {}
         Ok(count) => {
-            shared
-                .counters
-                .compacted
-                .fetch_add(count as u64, Ordering::Relaxed);
+            shared.counters.compacted.add(count as u64);
             tracing::info!(tasks = count, through = newest, "compacted old segments");
         }
         Err(error) => tracing::warn!(

@@ -52,6 +52,9 @@ pub(crate) trait Host<T>: Send + Sync + 'static {
     /// Fires at the hard stop: a handler still running is dropped.
     fn hard_stop(&self) -> &CancellationToken;
     fn counters(&self) -> &Counters;
+    /// The histograms a run records into.
+    #[cfg(feature = "metrics")]
+    fn metrics(&self) -> &crate::metrics::Metrics;
     /// Records how a run ended.
     fn settle(&self, job: Job<T>, outcome: Outcome) -> impl Future<Output = ()> + Send;
 }
@@ -80,8 +83,11 @@ where
 {
     let counters = host.counters();
     counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    host.metrics().queue_wait.record(job.queued_at.elapsed());
     // Timed only when someone will read it.
-    let started = tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now);
+    let debug = tracing::enabled!(tracing::Level::DEBUG);
+    let started = (debug || cfg!(feature = "metrics")).then(tokio::time::Instant::now);
     let task = Task {
         id: job.id,
         attempt: job.state.attempts.saturating_add(1),
@@ -117,7 +123,14 @@ where
         }
     };
     counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-    if let Some(started) = started {
+    let took = started.map(|started| started.elapsed());
+    #[cfg(feature = "metrics")]
+    if let Some(took) = took {
+        host.metrics().run.record(took);
+    }
+    if let Some(took) = took
+        && debug
+    {
         let how = match &outcome {
             Outcome::Completed => "completed",
             Outcome::Failed(..) => "failed",
@@ -125,7 +138,7 @@ where
         };
         tracing::debug!(
             task = %job.id,
-            run_us = started.elapsed().as_micros() as u64,
+            run_us = took.as_micros() as u64,
             outcome = how,
             "task run ended"
         );

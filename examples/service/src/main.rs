@@ -4,7 +4,8 @@
 //! (429 when the queue stays full for 20 ms, 503 once draining, 413 for an order too large to
 //! journal, 507 when the journal's disk has no room for it). `GET /ready` is 200 while the pool
 //! is ready and 503 with the reason otherwise; `GET /live` is 200; `GET /metrics` is the pool's
-//! counters in Prometheus text. The task handler "ships" the order (a short sleep that honours
+//! metrics (drainpool's `metrics` feature, labelled `pool="orders"`) in Prometheus text, rendered
+//! by `metrics-exporter-prometheus` inside the axum route (no listener of its own). The task handler "ships" the order (a short sleep that honours
 //! the task's cancellation token), appends `shipped <order id>` to a ledger file, and for an
 //! order that asks for an invoice submits a follow-up task to its own pool through a `WeakPool`,
 //! which appends `invoiced <order id>`.
@@ -27,7 +28,6 @@
 //! is the report. Run it from the repository's root with
 //! `ORDERS_JOURNAL_DIR=/tmp/orders ORDERS_LEDGER=/tmp/orders.ledger cargo run -p drainpool-service-example`.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +40,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use drainpool::{BoxError, Deadline, Pool, SubmitError, Task, WeakPool};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
 /// How long axum may go on after the pool has stopped, for responses still being written.
@@ -52,6 +53,10 @@ const WORKERS: usize = 4;
 const QUEUE_CAPACITY: usize = 64;
 /// The largest journal record: an order with a longer note is refused with 413.
 const MAX_RECORD_BYTES: usize = 16 * 1024;
+/// The pool's name: the `pool` label of its metrics.
+const POOL_NAME: &str = "orders";
+/// How often the exporter's histograms are drained (`install_recorder` leaves that to us).
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// An order, as posted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,72 +185,37 @@ async fn ready(State(pool): State<Pool<Job>>) -> impl IntoResponse {
     (status, health.to_string())
 }
 
-async fn metrics(State(pool): State<Pool<Job>>) -> String {
-    let stats = pool.stats();
-    let mut text = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = write!(
-            text,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        );
-    };
-    metric(
-        "orders_queued",
-        "gauge",
-        "Tasks waiting for a worker.",
-        stats.queued,
-    );
-    metric(
-        "orders_in_flight",
-        "gauge",
-        "Tasks running.",
-        stats.in_flight,
-    );
-    metric(
-        "orders_journal_ready",
-        "gauge",
-        "1 while the journal can take what the pool holds.",
-        u64::from(stats.journal_ready),
-    );
-    metric(
-        "orders_replayed_total",
-        "counter",
-        "Tasks reloaded at start.",
-        stats.replayed,
-    );
-    metric(
-        "orders_submitted_total",
-        "counter",
-        "Tasks accepted.",
-        stats.submitted,
-    );
-    metric(
-        "orders_completed_total",
-        "counter",
-        "Tasks done.",
-        stats.completed,
-    );
-    metric(
-        "orders_retried_total",
-        "counter",
-        "Failed runs retried.",
-        stats.retried,
-    );
-    metric(
-        "orders_failed_total",
-        "counter",
-        "Tasks set aside as dead letters.",
-        stats.failed,
-    );
-    text
+/// Installs the Prometheus recorder, before the pool is built (a pool registers its metrics
+/// then), with histogram buckets rather than the exporter's default summaries; and drains its
+/// histograms now and then. Returns the handle `GET /metrics` renders.
+fn install_metrics() -> Result<PrometheusHandle, BoxError> {
+    let seconds = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let tasks = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Suffix("_per_fsync".into()), &tasks)?
+        .install_recorder()?;
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                every.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
+    Ok(handle)
 }
 
-fn app(pool: Pool<Job>) -> Router {
+fn app(pool: Pool<Job>, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/orders", post(submit))
         .route("/ready", get(ready))
         .route("/live", get(|| async { StatusCode::OK }))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(move || async move { metrics.render() }))
         .with_state(pool)
 }
 
@@ -273,7 +243,9 @@ async fn serve() -> Result<ExitCode, BoxError> {
     let ledger = Ledger::open(&env_path("ORDERS_LEDGER")?)?;
     let addr = std::env::var("ORDERS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
 
+    let metrics = install_metrics()?;
     let (pool, runner) = Pool::<Job>::builder()
+        .name(POOL_NAME)
         .workers(WORKERS)
         .queue_capacity(QUEUE_CAPACITY)
         .max_record_bytes(MAX_RECORD_BYTES)
@@ -306,7 +278,7 @@ async fn serve() -> Result<ExitCode, BoxError> {
     // axum stops accepting at the first signal and finishes the requests it holds; the pool's
     // drain runs meanwhile on its own tasks, whatever axum does.
     let mut server = tokio::spawn(
-        axum::serve(listener, app(pool.clone()))
+        axum::serve(listener, app(pool.clone(), metrics))
             .with_graceful_shutdown(drainpool::shutdown_signal()?)
             .into_future(),
     );

@@ -21,11 +21,52 @@ use common::{
 /// Orders accepted before the first SIGTERM.
 const ACCEPTED_BEFORE_SIGTERM: usize = 200;
 
-/// A gauge or counter from `/metrics`.
-fn metric(text: &str, name: &str) -> u64 {
+/// The pool's gauge or counter `name` from `/metrics` (its series labelled `pool="orders"`).
+fn metric(text: &str, name: &str) -> f64 {
+    let series = format!("{name}{{pool=\"orders\"}} ");
     text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {series} in {text}"))
+}
+
+/// A count from the report line the service prints last ("stopped: replayed 3, submitted 1,
+/// completed 4, ...").
+fn reported(report: &str, count: &str) -> f64 {
+    report
+        .split(", ")
+        .filter_map(|part| part.rsplit_once(' '))
+        .find(|(name, _)| name.ends_with(count))
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {count} in the report {report:?}"))
+}
+
+/// Waits until `service` has run every task it replayed or accepted, by its `/metrics`, and
+/// checks the series: the run-time histogram has a sample per completed task at least. Returns
+/// the completed counter, which the report at exit must repeat (nothing runs in between).
+fn all_done_by_metrics(service: &Service) -> f64 {
+    let mut text = String::new();
+    wait_until("every task done, in /metrics", || {
+        text =
+            request(service.addr, "GET", "/metrics", "").map_or_else(|_| String::new(), |(_, t)| t);
+        text.contains("drainpool_tasks_completed_total")
+            && metric(&text, "drainpool_tasks_completed_total")
+                == metric(&text, "drainpool_tasks_replayed_total")
+                    + metric(&text, "drainpool_tasks_submitted_total")
+    });
+    let completed = metric(&text, "drainpool_tasks_completed_total");
+    assert!(
+        completed > 0.0,
+        "the next generation replays the spill: {text}"
+    );
+    assert!(
+        metric(&text, "drainpool_task_run_seconds_count") >= completed,
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE drainpool_task_run_seconds histogram"),
+        "{text}"
+    );
+    completed
 }
 
 #[test]
@@ -78,7 +119,9 @@ fn every_order_answered_202_ships_across_a_sigterm() {
     let accepted = answers.accepted();
     assert!(accepted.len() >= ACCEPTED_BEFORE_SIGTERM);
     let next = Service::start(dir.path(), "gen2", "30");
+    let completed = all_done_by_metrics(&next);
     let report2 = ships_the_rest(next, &dir.path().join("ledger"), &accepted);
+    assert_eq!(completed, reported(&report2, "completed"), "{report2}");
     eprintln!(
         "{}",
         summary(&answers, &[("gen1", &report), ("gen2", &report2)])
@@ -103,7 +146,7 @@ fn a_second_sigterm_skips_the_wait_and_loses_nothing() {
     assert_eq!(status, 202, "{body}");
     wait_until("the slow order running", || {
         request(service.addr, "GET", "/metrics", "")
-            .is_ok_and(|(_, text)| metric(&text, "orders_in_flight") == 1)
+            .is_ok_and(|(_, text)| metric(&text, "drainpool_tasks_in_flight") == 1.0)
     });
 
     let answers = Arc::new(Answers::default());
