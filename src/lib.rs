@@ -64,6 +64,8 @@ mod fault_tests;
 pub mod journal;
 mod policy;
 mod pool;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod report;
 mod signal;
 mod task;
@@ -80,6 +82,11 @@ pub use policy::{
 pub use pool::{
     DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUEUE_CAPACITY,
     DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, WeakPool,
+};
+#[cfg(feature = "postgres")]
+pub use postgres::{
+    DEFAULT_CLAIM_BATCH, DEFAULT_LEASE, DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, PostgresError,
+    PostgresStore,
 };
 pub use report::{
     Budget, Counts, Damage, Health, RecoveryReport, ShutdownReport, Skipped, State, StateWatch,

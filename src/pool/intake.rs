@@ -181,7 +181,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             }
         };
         self.queue
-            .push_follow_up(self.job(id, state, payload, size, journaled));
+            .push_backlog(self.job(id, state, payload, size, journaled));
         self.count_accepted(size);
         Ok(id)
     }
@@ -208,6 +208,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             payload: Arc::new(payload),
             journaled,
             replayed: false,
+            lease: None,
             reserved: if self.reserve.is_some() && !journaled {
                 reserved_bytes(size) as u32
             } else {

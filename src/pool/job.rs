@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::remote::Lease;
 use crate::journal::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
@@ -25,8 +26,11 @@ pub(crate) struct Job<T> {
     pub(crate) journaled: bool,
     /// Whether it was replayed from an earlier run (whose segments wait for it).
     pub(crate) replayed: bool,
-    /// The bytes of spill reserve it holds (0 for a replayed task: see `reserve.rs`).
+    /// The bytes of spill reserve it holds (0 for a replayed or claimed task: see
+    /// `reserve.rs`).
     pub(crate) reserved: u32,
+    /// Claimed from the shared store: its lease (the handler's token fires if it is lost).
+    pub(crate) lease: Option<Arc<Lease>>,
 }
 
 impl<T> Job<T> {

@@ -4,6 +4,8 @@
 
 #[cfg(unix)]
 pub mod child;
+#[cfg(feature = "postgres")]
+pub mod pg;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
