@@ -169,6 +169,10 @@ async fn a_pools_queue_is_handed_off_and_another_pool_runs_it() {
     // Ids unique across two fresh directories: B's run is not A's.
     let own = b.submit(1000).await.unwrap();
     assert!(own.run() > ids[0].run(), "{own} after {}", ids[0]);
+    eventually(PATIENCE, "B's own task to run", || {
+        numbers(&runs).contains(&1000)
+    })
+    .await;
     let report = b.shutdown().await.unwrap();
     assert_eq!(
         report.replayed, 300,

@@ -217,20 +217,21 @@ async fn heartbeat<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, stop: Cance
     settle(claims).await;
 }
 
-/// One renewal of every lease; see the module docs.
-async fn renew(claims: &super::remote::Claims, lease: Duration) {
+/// One renewal of every lease; see the module docs. A renewal is given a quarter lease at most
+/// (the store's timeout may be longer): a server that does not answer must not keep the
+/// handlers from learning that their leases are going.
+async fn renew(claims: &Claims, lease: Duration) {
     if claims.held() > 0 {
         let sent = Instant::now();
-        match claims.store.renew().await {
-            Ok(still) => {
-                claims.renewed(&still, sent);
-            }
-            Err(error) => {
+        match tokio::time::timeout(lease / 4, claims.store.renew()).await {
+            Ok(Ok(still)) => claims.renewed(&still, sent),
+            Ok(Err(error)) => {
                 tracing::warn!(
                     error = &*error as &dyn std::error::Error,
                     "renewing leases failed"
                 );
             }
+            Err(_) => tracing::warn!("renewing leases took over a quarter lease; given up"),
         }
     }
     claims.expire(lease * 3 / 4);
@@ -238,7 +239,7 @@ async fn renew(claims: &super::remote::Claims, lease: Duration) {
 
 /// Deletes the rows of finished claimed tasks and writes failed ones' states; on failure they
 /// wait for the next try.
-async fn settle(claims: &super::remote::Claims) {
+async fn settle(claims: &Claims) {
     let (done, failed) = claims.take_pending();
     if done.is_empty() && failed.is_empty() {
         return;
