@@ -198,6 +198,22 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Shares the pool's unfinished work with other pools through PostgreSQL (the `postgres`
+    /// feature): at shutdown queued and interrupted tasks are handed off to the store's table
+    /// instead of the local journal, and while running the pool claims and runs what other
+    /// pools handed off. The journal directory is still needed: a handoff that PostgreSQL
+    /// cannot take goes there, and the next start hands it on. See [`PostgresStore`](crate::PostgresStore).
+    ///
+    /// Only with the on-shutdown durability for now: with
+    /// [`Durability::write_ahead`], `start` fails with [`StartError::InvalidConfig`].
+    ///
+    /// The default is none: the local journal alone.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(mut self, store: crate::PostgresStore) -> Self {
+        self.config.remote = Some(Arc::new(store));
+        self
+    }
+
     /// The journal's file operations: a test's faulty ones instead of the real calls.
     #[cfg(test)]
     pub(crate) fn file_ops(mut self, ops: crate::journal::Ops) -> Self {

@@ -172,6 +172,12 @@ pub enum StartError {
     /// [`Builder::catch_signals`](crate::Builder::catch_signals) could not be registered.
     #[error("could not register signal handlers")]
     Signals(#[source] io::Error),
+    /// The PostgreSQL store could not be opened: connecting, checking or migrating the
+    /// schema, taking a run number, or handing on the tasks the local journal held. Nothing
+    /// was lost: those tasks stay in the journal directory.
+    #[cfg(feature = "postgres")]
+    #[error("could not open the PostgreSQL store")]
+    Postgres(#[source] crate::PostgresError),
     /// A builder setting is out of range, or missing.
     #[error("invalid configuration: {setting}: {reason}")]
     InvalidConfig {

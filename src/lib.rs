@@ -89,6 +89,8 @@ pub use pool::{
     DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUEUE_CAPACITY,
     DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, WeakPool,
 };
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresError, PostgresStore};
 pub use report::{
     Budget, Counts, Damage, Health, RecoveryReport, ShutdownReport, Skipped, State, StateWatch,
     Stats,

@@ -104,7 +104,8 @@ impl std::fmt::Display for Health {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Counts {
-    /// Tasks reloaded from the journal at start.
+    /// Tasks reloaded from the journal at start; with the PostgreSQL store, tasks claimed
+    /// from it.
     pub replayed: u64,
     /// Tasks accepted by `submit` or `try_submit` in this run.
     pub submitted: u64,
@@ -116,7 +117,8 @@ pub struct Counts {
     pub failed: u64,
     /// Failed attempts scheduled for a retry (a task can count several times).
     pub retried: u64,
-    /// Tasks dropped at the drain deadline by the deadline policy.
+    /// Tasks dropped at the drain deadline by the deadline policy; with the PostgreSQL store,
+    /// also claimed tasks whose lease was lost (another pool holds them now).
     pub dropped: u64,
     /// Tasks journaled at shutdown without having been interrupted: queued ones (spilled at
     /// once), and failed ones waiting for their retry (with the time they may run).
@@ -210,6 +212,11 @@ pub struct RecoveryReport {
     pub damaged_copies: Vec<PathBuf>,
     /// Entries named like segments that are not regular files: not read, left in place.
     pub skipped: Vec<Skipped>,
+    /// With the PostgreSQL store: live tasks the local journal held (an earlier handoff that
+    /// fell back to it), handed on to PostgreSQL at this start instead of replayed here (so
+    /// not in `replayed`); committed there before their segments were retired.
+    #[cfg(feature = "postgres")]
+    pub forwarded: u64,
 }
 
 /// How a drain deadline was derived from the orchestrator's grace period.
@@ -273,6 +280,17 @@ pub struct ShutdownReport {
     pub journal_dir: PathBuf,
     /// The first journal failure during the run or the shutdown, if any.
     pub journal_error: Option<Arc<JournalError>>,
+    /// With the PostgreSQL store: how many of the tasks this shutdown saved (`spilled` and
+    /// `interrupted`) were handed off to PostgreSQL; the others went to the local journal.
+    #[cfg(feature = "postgres")]
+    pub handed_off: u64,
+    /// With the PostgreSQL store: why a handoff failed, if one did (a
+    /// [`PostgresError`](crate::PostgresError)). Its tasks, and those of any later handoff in
+    /// the same shutdown, were journaled locally instead (and counted in `spilled` or
+    /// `interrupted` all the same); the next start on the directory hands them on. Nothing
+    /// is lost, so this alone does not make the shutdown unclean.
+    #[cfg(feature = "postgres")]
+    pub handoff_error: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl std::ops::Deref for ShutdownReport {

@@ -4,6 +4,9 @@
 //! `cargo run --features cli --bin drainpool -- --help`. Results go to stdout (JSON lines where
 //! they are records), messages to stderr. Exit status: 0 success, 1 damage found or the
 //! operation failed, 2 a usage error.
+//!
+//! Built with the `postgres` feature too, `schema` prints the PostgreSQL store's migration
+//! script, for teams whose DBAs apply migrations.
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -92,6 +95,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the PostgreSQL store's migration script (what a pool applies at start) for a
+    /// DBA to apply, e.g. `drainpool schema --schema jobs | psql "$DATABASE_URL"`.
+    ///
+    /// One transaction under an advisory lock; every statement idempotent, so applying it
+    /// twice, or while pools run, is safe. Start the pools with `PostgresStore::migrate(false)`
+    /// to have them only check the version.
+    #[cfg(feature = "postgres")]
+    Schema {
+        /// The schema the tables live in (the store's `schema`).
+        #[arg(long, default_value = "public")]
+        schema: String,
+        /// The tasks table (the store's `table`); its version table is `<TABLE>_meta`.
+        #[arg(long, default_value = "drainpool_tasks")]
+        table: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +133,8 @@ fn main() -> ExitCode {
         Command::Verify { dir, json } => verify(&dir, json, &mut out),
         Command::Requeue { dir, which } => requeue(&dir, which, &mut out),
         Command::Stats { dir, json } => stats(&dir, json, &mut out),
+        #[cfg(feature = "postgres")]
+        Command::Schema { schema, table } => print_schema(&schema, &table, &mut out),
     };
     let result = result.and_then(|code| {
         out.finish()
@@ -128,6 +148,17 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `schema`: the migration script for the store with this schema and table.
+#[cfg(feature = "postgres")]
+fn print_schema(schema: &str, table: &str, out: &mut Stdout) -> Result<ExitCode, Failure> {
+    let store = drainpool::PostgresStore::new("")
+        .schema(schema)
+        .table(table);
+    let script = store.schema_sql().map_err(Failure::from_error)?;
+    out.line(script.trim_end())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An operation that failed: its error and the error's sources, for stderr.

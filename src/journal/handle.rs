@@ -111,6 +111,19 @@ impl Journal {
         self.run
     }
 
+    /// Raises this start's run number to `run` (a shared store's, unique among its pools),
+    /// durably, before any task gets an id: the directory's next start then takes a higher
+    /// one, so ids stay unique in the directory too. A lower `run` changes nothing.
+    pub(crate) fn raise_run(&mut self, run: u64) -> Result<(), JournalError> {
+        if run <= self.run {
+            return Ok(());
+        }
+        let path = self.dir.join(dir::LOCK_FILE);
+        dir::write_run(&*self.ops, &mut self.lock, &path, run)?;
+        self.run = run;
+        Ok(())
+    }
+
     /// The epoch records of this run are checksummed with.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch

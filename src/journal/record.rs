@@ -45,3 +45,18 @@ pub(crate) struct Recovered<V> {
     /// The record's encoded length.
     pub(crate) len: u32,
 }
+
+impl<V> Recovered<V> {
+    /// The same task with `value` instead of its own, which is returned.
+    pub(crate) fn replace<U>(self, value: U) -> (V, Recovered<U>) {
+        let task = Recovered {
+            id: self.id,
+            state: self.state,
+            last_error: self.last_error,
+            value,
+            segment: self.segment,
+            len: self.len,
+        };
+        (self.value, task)
+    }
+}

@@ -1,10 +1,12 @@
 //! A pool's settings, their defaults, and the checks `start` makes of them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::remote::Connect;
 use crate::error::StartError;
 use crate::journal;
 use crate::policy::Durability;
@@ -138,6 +140,8 @@ pub(crate) struct Config {
     pub(crate) catch_signals: bool,
     /// How the journal writes its files: the real calls, or a test's faulty ones.
     pub(crate) file_ops: journal::Ops,
+    /// A store shared with other pools (PostgreSQL), if one is set.
+    pub(crate) remote: Option<Arc<dyn Connect>>,
 }
 
 impl Default for Config {
@@ -156,6 +160,7 @@ impl Default for Config {
             spill_reserve: true,
             catch_signals: false,
             file_ops: journal::os(),
+            remote: None,
         }
     }
 }
@@ -188,6 +193,17 @@ impl Config {
             return invalid(
                 "segment_bytes",
                 format!("must be at least {least} (a segment's header and one record)"),
+            );
+        }
+        if let Some(remote) = &self.remote {
+            remote.check()?;
+        }
+        if self.remote.is_some() && self.durability.is_write_ahead() {
+            return invalid(
+                "durability",
+                "write-ahead durability with the PostgreSQL store is not supported yet; use \
+                 Durability::on_shutdown() (tasks are handed off at shutdown)"
+                    .into(),
             );
         }
         let Some(dir) = self.journal_dir.clone() else {

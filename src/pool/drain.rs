@@ -1,11 +1,14 @@
 //! The shutdown sequence:
 //!
 //! ```text
-//! trigger ─► gate closed, upkeep stopped ─► queued tasks collected ─► (write-ahead: buffer
-//! written, run's segments set aside) ─► queued tasks spilled ∥ in-flight tasks run to the
-//! deadline, then their token fires, then the hard stop ─► flusher stopped ─► held tasks and
-//! waiting retries spilled ─► journal closed ─► report
+//! trigger ─► gate closed, upkeep (and claimer) stopped ─► queued tasks collected ─►
+//! (write-ahead: buffer written, run's segments set aside) ─► queued tasks spilled ∥ in-flight
+//! tasks run to the deadline, then their token fires, then the hard stop ─► flusher (and
+//! heartbeat) stopped ─► held tasks and waiting retries spilled ─► journal closed ─► report
 //! ```
+//!
+//! With a shared store each spill is first a handoff to it (`claims.rs`), and what the store
+//! did not take goes to the local journal.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::claims;
 use super::config::Settled;
 use super::job::{Held, Job};
 use super::lock::lock;
@@ -46,6 +50,10 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     );
     // No retry is released, no segment deleted or compacted from now on.
     shutdown.upkeep.stop().await;
+    if let Some(claims) = &shared.remote {
+        // Nothing is claimed from now on: what was claimed is in the queue, collected next.
+        claims.claimer.stop().await;
+    }
 
     let queued = shared.queue.take_queued().await;
     // Its space is for the spills that follow.
@@ -73,11 +81,18 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     counters.unsaved.add(unsaved.len() as u64);
     lock(&shutdown.unsaved_ids).extend(unsaved);
 
-    // Every worker is gone: nothing pushes to the commit buffer any more.
+    // Every worker is gone: nothing pushes to the commit buffer any more, no claimed task
+    // finishes (the heartbeat settles the last ones as it stops).
     shutdown.flusher.stop().await;
+    if let Some(claims) = &shared.remote {
+        claims.heartbeat.stop().await;
+    }
     // Whatever is still held, and the tasks waiting for a retry (they keep their time).
     spill_held(shared, true).await;
     let close_time = shared.store.close().await;
+    if let Some(claims) = &shared.remote {
+        claims.store.close().await;
+    }
     let (spill_time, sync_time) = shared.store.spill_times();
     // The pool's last state: nothing queued or running, the reserve gone, the journal as left.
     #[cfg(feature = "metrics")]
@@ -99,6 +114,13 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
         budget,
         journal_dir: shared.store.dir().to_path_buf(),
         journal_error: shared.store.first_error(),
+        #[cfg(feature = "postgres")]
+        handed_off: shared
+            .remote
+            .as_ref()
+            .map_or(0, |claims| claims.handed_off.load(Ordering::Relaxed)),
+        #[cfg(feature = "postgres")]
+        handoff_error: shared.remote.as_ref().and_then(|c| c.handoff_error()),
     };
     tracing::info!(
         completed = report.completed,
@@ -233,12 +255,13 @@ async fn spill_held<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, with_wait
     lock(&shutdown.unsaved_ids).extend(unsaved);
 }
 
-/// Journals `jobs` as live tasks, as many as fit. Returns how many were saved, and the ids
-/// of the others.
+/// Hands `jobs` off to the shared store, if there is one, and journals as live tasks what it
+/// did not take, as many as fit. Returns how many were saved, and the ids of the others.
 async fn spill<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     jobs: Vec<Job<T>>,
 ) -> (u64, Vec<TaskId>) {
+    let (handed_off, jobs) = claims::hand_off(shared, jobs).await;
     let count = jobs.len() as u64;
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     let (unsaved, took) = shared.store.spill(Spill::new(jobs, &shared.codec)).await;
@@ -246,5 +269,5 @@ async fn spill<T: Send + Sync + 'static>(
     if count > 0 {
         shared.metrics.spill.record(took);
     }
-    (count - unsaved.len() as u64, unsaved)
+    (handed_off + count - unsaved.len() as u64, unsaved)
 }

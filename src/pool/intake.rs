@@ -180,7 +180,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             }
         };
         self.queue
-            .push_follow_up(self.job(id, state, payload, size, journaled));
+            .push_backlog(self.job(id, state, payload, size, journaled));
         self.count_accepted(size);
         Ok(id)
     }
@@ -207,6 +207,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             payload: Arc::new(payload),
             journaled,
             replayed: false,
+            lease: None,
             reserved: if self.reserve.is_some() && !journaled {
                 reserved_bytes(size) as u32
             } else {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::remote::Lease;
 use crate::journal::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
@@ -25,7 +26,8 @@ pub(crate) struct Job<T> {
     pub(crate) journaled: bool,
     /// Whether it was replayed from an earlier run (whose segments wait for it).
     pub(crate) replayed: bool,
-    /// The bytes of spill reserve it holds (0 for a replayed task: see `reserve.rs`).
+    /// The bytes of spill reserve it holds (0 for a replayed or claimed task: see
+    /// `reserve.rs`).
     pub(crate) reserved: u32,
     /// When it last joined the queue (accepted, replayed, or its retry came due), for the
     /// queue-wait histogram. Only with the `metrics` feature: a queued task costs no more
@@ -34,6 +36,8 @@ pub(crate) struct Job<T> {
     pub(crate) queued_at: tokio::time::Instant,
     /// The task's span, made at submit when the submitter was inside one (see [`task_span`]).
     pub(crate) span: Option<Box<tracing::Span>>,
+    /// Claimed from the shared store: its lease (the handler's token fires if it is lost).
+    pub(crate) lease: Option<Arc<Lease>>,
 }
 
 /// The span of a task submitted from inside a span (an HTTP request's, say), made at submit so

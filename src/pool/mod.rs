@@ -22,6 +22,7 @@
 //! Every background task has one owner: the workers are in `Shared::workers`, the flusher
 //! and the upkeep task in `Shared::background`; the shutdown sequence stops them in turn.
 
+mod claims;
 mod config;
 mod drain;
 mod handle;
@@ -31,6 +32,7 @@ mod live;
 mod lock;
 mod outcome;
 mod queue;
+pub(crate) mod remote;
 mod reserve;
 mod shared;
 mod shutdown;

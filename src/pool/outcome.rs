@@ -5,6 +5,9 @@
 //! letter. A run stopped at the drain deadline is an interruption: its attempt is not counted,
 //! the `on_interrupt` hook runs, then the deadline policy requeues it (held for the final
 //! spill), drops it, or dead-letters it.
+//!
+//! A task claimed from the shared store whose lease was lost belongs to another pool now: it
+//! is not started, and whatever its run's outcome, nothing is recorded of it here.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::job::now_ms;
 use super::job::{Held, Job};
+use super::remote::Failed;
 use super::shared::Shared;
 use super::worker::{CatchUnwind, Host, Outcome, panic_message};
 use crate::policy::{DeadlineAction, Interruption};
@@ -24,7 +28,13 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
     }
 
     async fn next_job(&self) -> Option<Job<T>> {
-        self.queue.next_job().await
+        loop {
+            let job = self.queue.next_job().await?;
+            if !lease_lost(&job) {
+                return Some(job);
+            }
+            self.given_up(&job);
+        }
     }
 
     fn deadline(&self) -> &Arc<CancellationToken> {
@@ -45,13 +55,15 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
     }
 
     async fn settle(&self, mut job: Job<T>, outcome: Outcome) {
+        if lease_lost(&job) {
+            self.given_up(&job);
+            return;
+        }
         match outcome {
             Outcome::Completed => {
                 self.counters.completed.add(1);
                 self.unreserve(&job);
-                if job.journaled {
-                    self.finish_journaled(&job).await;
-                }
+                self.finished(&job).await;
             }
             Outcome::Aborted => self.interrupted(job, None).await,
             // A handler that gives up once its token fired was interrupted, not failed.
@@ -72,7 +84,30 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
     }
 }
 
+/// Whether the job was claimed from the shared store and its lease is lost.
+fn lease_lost<T>(job: &Job<T>) -> bool {
+    job.lease.as_ref().is_some_and(|lease| lease.is_lost())
+}
+
 impl<T: Send + Sync + 'static> Shared<T> {
+    /// A claimed task whose lease was lost: another pool holds it now, so it leaves this one
+    /// without a trace (counted as dropped).
+    fn given_up(&self, job: &Job<T>) {
+        tracing::warn!(task = %job.id, "lease lost; the task is left to the pool that holds it");
+        self.counters.dropped.add(1);
+    }
+
+    /// Records that a task left this pool for good (completed, dead-lettered or dropped): an
+    /// ack if the journal holds it, its row deleted if it was claimed from the shared store.
+    async fn finished(&self, job: &Job<T>) {
+        if let (Some(claims), Some(_)) = (&self.remote, &job.lease) {
+            claims.done(job.id);
+        }
+        if job.journaled {
+            self.finish_journaled(job).await;
+        }
+    }
+
     /// Schedules a failed task's next attempt after its backoff, journaling its new state in
     /// write-ahead mode.
     fn retry(&self, mut job: Job<T>, error: String) {
@@ -109,6 +144,14 @@ impl<T: Send + Sync + 'static> Shared<T> {
             if self.codec.encode(&job.payload, &mut payload).is_ok() {
                 write_ahead.journal_retry(&job.record(&payload, None), || self.queue.is_closed());
             }
+        }
+        if let (Some(claims), Some(_)) = (&self.remote, &job.lease) {
+            // Its row gets the new state, so a pool that rescues it knows the attempts.
+            claims.failed(Failed {
+                id: job.id,
+                state: job.state,
+                last_error: job.last_error.clone().unwrap_or_default(),
+            });
         }
         self.counters.retried.add(1);
         self.queue.retry_later(job, delay);
@@ -153,9 +196,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter");
                 self.counters.failed.add(1);
                 self.unreserve(&job);
-                if job.journaled {
-                    self.finish_journaled(&job).await;
-                }
+                self.finished(&job).await;
             }
             Err(why) => {
                 tracing::error!(task = %job.id, %why, "could not write dead letter; task kept for the spill");
@@ -207,9 +248,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 tracing::warn!(task = %job.id, "task interrupted at the drain deadline; dropped by policy");
                 self.counters.dropped.add(1);
                 self.unreserve(&job);
-                if job.journaled {
-                    self.finish_journaled(&job).await;
-                }
+                self.finished(&job).await;
             }
             DeadlineAction::DeadLetter => {
                 let reason = if poisoned {

@@ -87,9 +87,10 @@ impl<T> Queue<T> {
         Arc::clone(&self.gate)
     }
 
-    /// Queues a follow-up of a running handler ahead of the channel, whatever its capacity:
-    /// a handler waiting for room in its own full pool could wait for itself.
-    pub(crate) fn push_follow_up(&self, job: Job<T>) {
+    /// Queues a job ahead of the channel, whatever its capacity: a follow-up of a running
+    /// handler (a handler waiting for room in its own full pool could wait for itself), or a
+    /// task claimed from the shared store (claimed only when there is room).
+    pub(crate) fn push_backlog(&self, job: Job<T>) {
         lock(&self.backlog).push_back(job);
         self.backlog_len.fetch_add(1, Ordering::AcqRel);
         self.backlog_ready.notify_one();

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use super::config::Config;
 use super::job::Ids;
 use super::queue::Queue;
+use super::remote::Claims;
 use super::reserve::SpillReserve;
 use super::shutdown::Shutdown;
 use super::store::Store;
@@ -29,6 +30,8 @@ pub(crate) struct Shared<T> {
     pub(crate) store: Store,
     /// The write-ahead parts: `None` in the on-shutdown mode.
     pub(crate) write_ahead: Option<WriteAhead>,
+    /// The shared store's side (PostgreSQL): `None` with the file journal alone.
+    pub(crate) remote: Option<Claims>,
     /// The spill reserve: on-shutdown mode, unless turned off.
     pub(crate) reserve: Option<SpillReserve>,
     pub(crate) shutdown: Shutdown<T>,

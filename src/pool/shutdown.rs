@@ -22,11 +22,21 @@ pub(crate) struct Owned {
 }
 
 impl Owned {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             stop: CancellationToken::new(),
             task: Mutex::new(None),
         }
+    }
+
+    /// The token the task watches.
+    pub(crate) fn token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Takes the task's handle, to wait for it when it is stopped.
+    pub(crate) fn own(&self, task: JoinHandle<()>) {
+        *lock(&self.task) = Some(task);
     }
 
     /// Stops the task and waits for it to end.

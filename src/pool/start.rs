@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::claims;
 use super::config::{Config, Settled};
 use super::drain::supervise;
 use super::handle::Pool;
@@ -77,6 +78,8 @@ impl<T: Send + Sync + 'static> Runner<T> {
                 .spawn(worker::run(Arc::clone(shared), Arc::clone(&handler)));
         }
         shared.workers.close();
+        // Only a pool that runs tasks claims them from a shared store.
+        claims::spawn(shared);
         tracing::info!(workers = shared.config.workers, "workers started");
     }
 }
@@ -90,6 +93,27 @@ impl<T> Drop for Runner<T> {
 
 /// A recovered task's payload: decoded, or why not (with its bytes, for the dead letter).
 type Decoded<T> = Result<Arc<T>, (String, Vec<u8>)>;
+
+/// A recovered task's payload: decoded for the replay, or, with a shared store, its bytes to
+/// hand on (the pool that claims it decodes it).
+enum Loaded<T> {
+    Decoded(Decoded<T>),
+    Raw(Vec<u8>),
+}
+
+/// The recovered tasks to replay, and those to hand on to the shared store.
+type Split<T> = (Vec<Recovered<Decoded<T>>>, Vec<Recovered<Vec<u8>>>);
+
+fn split<T>(recovered: Vec<Recovered<Loaded<T>>>) -> Split<T> {
+    let (mut replay, mut forward) = (Vec::new(), Vec::new());
+    for task in recovered {
+        match task.replace(()) {
+            (Loaded::Decoded(value), task) => replay.push(task.replace(value).1),
+            (Loaded::Raw(bytes), task) => forward.push(task.replace(bytes).1),
+        }
+    }
+    (replay, forward)
+}
 
 /// The first phase: checks the settings, opens and recovers the journal, and starts the
 /// supervisor and the background tasks.
@@ -107,16 +131,21 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let want_reserve = config.spill_reserve;
     let reserve_ops = config.file_ops.clone();
     let (now, wall) = (Instant::now(), now_ms());
+    let forwarding = config.remote.is_some();
     let opened = tokio::task::spawn_blocking(move || {
         let (mut journal, mut report, recovered) =
-            Journal::open(&open_dir, ops, |record: &TaskRecord<'_>| -> Decoded<T> {
-                decoder.decode(record.payload).map(Arc::new).map_err(|e| {
+            Journal::open(&open_dir, ops, |record: &TaskRecord<'_>| {
+                if forwarding {
+                    return Loaded::Raw(record.payload.to_vec());
+                }
+                Loaded::Decoded(decoder.decode(record.payload).map(Arc::new).map_err(|e| {
                     (
                         format!("payload no longer decodes: {e}"),
                         record.payload.to_vec(),
                     )
-                })
+                }))
             })?;
+        let (recovered, forward) = split(recovered);
         if write_ahead {
             journal.adopt_obsolete();
         }
@@ -126,14 +155,26 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
             .transpose()?;
         let replay = replay(&mut journal, &mut report, recovered, write_ahead, now, wall);
         let probe = want_probe.then(|| journal.probe());
-        Ok::<_, StartError>((journal, report, replay, probe, reserve))
+        Ok::<_, StartError>((journal, report, replay, forward, probe, reserve))
     })
     .await
     .map_err(|e| StartError::InvalidConfig {
         setting: "journal_dir",
         reason: format!("journal recovery panicked: {e}"),
     })??;
-    let (journal, mut recovery, replay, probe, reserve) = opened;
+    let (journal, mut recovery, replay, forward, probe, reserve) = opened;
+    // With a shared store: the run number from it, and the local tasks handed on to it.
+    let (journal, remote) = match &config.remote {
+        Some(connect) => {
+            let (journal, claims) = claims::open(&**connect, journal, forward).await?;
+            #[cfg(feature = "postgres")]
+            {
+                recovery.forwarded = claims.forwarded;
+            }
+            (journal, Some(claims))
+        }
+        None => (journal, None),
+    };
     let probe = probe.map(|probe| match probe {
         Ok((rate, fsync)) => {
             tracing::info!(
@@ -180,6 +221,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         ids: Ids::new(run),
         queue: Queue::new(config.queue_capacity, backlog, waiting),
         store: Store::new(dir, journal, probe),
+        remote,
         write_ahead,
         reserve: reserve.map(SpillReserve::new),
         shutdown: Shutdown::new(trigger.clone(), settled),
@@ -290,6 +332,7 @@ fn replay<T>(
             reserved: 0,
             #[cfg(feature = "metrics")]
             queued_at: now,
+            lease: None,
         };
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);

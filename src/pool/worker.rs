@@ -94,7 +94,11 @@ where
         interrupted: job.state.interrupted,
         enqueued_at: UNIX_EPOCH + Duration::from_millis(job.state.enqueued_ms),
         payload: Arc::clone(&job.payload),
-        cancel: Arc::clone(host.deadline()),
+        // A claimed task's token also fires when its lease is lost.
+        cancel: job.lease.as_ref().map_or_else(
+            || Arc::clone(host.deadline()),
+            |lease| Arc::clone(&lease.token),
+        ),
     };
     let span = match &job.span {
         Some(span) => {

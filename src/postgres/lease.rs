@@ -1,6 +1,6 @@
 //! A lease that one replica holds at a time, for loops only one replica may run.
 //!
-//! One row per lease name in `<schema>.leases`: the holder, a fencing number raised at every
+//! One row per lease name in `<schema>.drainpool_leases`: the holder, a fencing number raised at every
 //! change of holder, and an expiry in the database's clock. Taking the lease is one statement
 //! that succeeds only while the row is missing or expired; the holder renews it every third of
 //! its time to live, and gives it up by expiring its row at once, so a waiting replica (which retries
@@ -101,12 +101,12 @@ pub struct Lease {
 impl Lease {
     /// A lease of this name, to be taken with [`LeaseBuilder::acquire`] or
     /// [`try_acquire`](LeaseBuilder::try_acquire). Its time to live is 10 s and its table
-    /// `drainpool.leases` unless set otherwise.
+    /// `public.drainpool_leases` unless set otherwise.
     pub fn named(name: impl Into<String>) -> LeaseBuilder {
         LeaseBuilder {
             name: name.into(),
             ttl: DEFAULT_TTL,
-            schema: "drainpool".into(),
+            schema: "public".into(),
         }
     }
 
@@ -195,7 +195,7 @@ impl LeaseBuilder {
         self
     }
 
-    /// The schema of the `leases` table (created if missing); `drainpool` unless set.
+    /// The schema of the `drainpool_leases` table (created if missing); `public` unless set.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
         self
@@ -245,7 +245,7 @@ impl LeaseBuilder {
     /// together do not race on it), and returns the table's quoted name.
     async fn prepare(&self, client: &Client) -> Result<String, LeaseError> {
         let schema = quoted(&self.schema);
-        let table = format!("{schema}.leases");
+        let table = format!("{schema}.drainpool_leases");
         let key = format!("drainpool lease table {}", self.schema).replace('\'', "''");
         let sql = format!(
             "BEGIN;

@@ -10,6 +10,9 @@ pub mod host;
 #[allow(unused_imports)]
 pub use host::{in_ci, require, say, skip_or_fail};
 
+#[cfg(feature = "postgres")]
+pub mod pg;
+
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,0 +1,306 @@
+//! A store that several pools share (PostgreSQL, with the `postgres` feature), as the pool sees
+//! it: typed tasks in and out, each call bounded in time by the store itself.
+//!
+//! The protocol, seen from one pool:
+//!
+//! - at start, [`Connect::connect`] gives this pool a run number unique among every pool on the
+//!   store (and above the journal directory's own), which is also the owner of its leases, and
+//!   hands on the tasks a local journal holds (a handoff that fell back to it);
+//! - at shutdown, queued and interrupted tasks are **handed off** in one transaction each
+//!   ([`Remote::hand_off`]); a task this pool had claimed is written back with its lease
+//!   cleared, unless another pool holds a live lease on it by then;
+//! - while running, a pool **claims** tasks due now in id order ([`Remote::claim`]), each
+//!   leased to it; a claim whose previous lease had expired is a *rescue*, counted as an
+//!   interruption;
+//! - its leases are **renewed** together ([`Remote::renew`]); a task whose lease is gone is no
+//!   longer this pool's: its handler's token fires, and its outcome is not recorded;
+//! - a claimed task that finishes is deleted, one that failed has its new state written
+//!   ([`Remote::settle`], batched); both only while this pool still holds its lease.
+//!
+//! [`Claims`] is the pool's side of it: the leases held, the outcomes waiting for the next
+//! settle, the first failure. The background tasks that claim and renew are in `claims.rs`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::lock::lock;
+use super::shutdown::Owned;
+use crate::error::StartError;
+use crate::journal::TaskState;
+use crate::task::TaskId;
+
+/// A boxed future, for the store's calls (made by a trait object).
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A store failure: what the report shows. With the `postgres` feature it is a
+/// `PostgresError`.
+pub(crate) type RemoteError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// A task as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredTask {
+    pub(crate) id: TaskId,
+    pub(crate) state: TaskState,
+    pub(crate) last_error: Option<Box<str>>,
+    /// The payload, as the pool's codec encoded it.
+    pub(crate) payload: Vec<u8>,
+}
+
+/// A task just claimed.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub(crate) task: StoredTask,
+    /// Whether its previous lease had expired (a pool died holding it): the store counted the
+    /// interruption already.
+    pub(crate) rescued: bool,
+}
+
+/// A claimed task's new state after a failed attempt.
+#[derive(Debug, Clone)]
+#[cfg_attr(
+    not(feature = "postgres"),
+    expect(dead_code, reason = "read by the PostgreSQL store only")
+)]
+pub(crate) struct Failed {
+    pub(crate) id: TaskId,
+    pub(crate) state: TaskState,
+    pub(crate) last_error: Box<str>,
+}
+
+/// How the pool paces its calls, as the store was configured.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pacing {
+    /// How long a lease lasts without renewal.
+    pub(crate) lease: Duration,
+    /// The most tasks one claim takes.
+    pub(crate) claim_batch: usize,
+    /// How often to look for work when no notification comes.
+    pub(crate) poll_interval: Duration,
+}
+
+/// Makes the store's connection at start (the settings the user gave, type-erased).
+pub(crate) trait Connect: Send + Sync + fmt::Debug + 'static {
+    /// Checks the settings, before anything is opened.
+    fn check(&self) -> Result<(), StartError>;
+    /// Connects (and migrates the schema, if asked), takes this pool's run number (unique
+    /// among the store's pools, and at least `dir_run`), and hands off `forward` (the tasks
+    /// the local journal held) in one transaction.
+    fn connect(
+        &self,
+        dir_run: u64,
+        forward: Vec<StoredTask>,
+    ) -> BoxFuture<'_, Result<Arc<dyn Remote>, StartError>>;
+}
+
+/// The store's operations.
+pub(crate) trait Remote: Send + Sync + 'static {
+    /// This pool's run number, the owner of its leases.
+    fn run(&self) -> u64;
+    fn pacing(&self) -> Pacing;
+    /// Writes `tasks` in one transaction (a claimed one's lease cleared, unless another pool
+    /// holds a live one), then wakes the pools that listen.
+    fn hand_off(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>>;
+    /// Claims up to `limit` tasks due now, in id order, leased to this pool.
+    fn claim(&self, limit: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>>;
+    /// Renews every lease this pool holds; returns the tasks it still holds.
+    fn renew(&self) -> BoxFuture<'_, Result<Vec<TaskId>, RemoteError>>;
+    /// Deletes finished tasks and writes failed ones' states, for tasks this pool still holds.
+    fn settle(
+        &self,
+        done: Vec<TaskId>,
+        failed: Vec<Failed>,
+    ) -> BoxFuture<'_, Result<(), RemoteError>>;
+    /// Resolves when another pool may have handed off work (a notification).
+    fn woken(&self) -> BoxFuture<'_, ()>;
+    /// Closes the connections.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// One claimed task's lease, as its job carries it.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    /// The handler's token: a child of the pool's deadline token, also fired when the lease
+    /// is lost.
+    pub(crate) token: Arc<CancellationToken>,
+    lost: AtomicBool,
+}
+
+impl Lease {
+    /// Whether another pool may hold the task now.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+}
+
+/// A lease held, and since when it is known to be good.
+struct Held {
+    lease: Arc<Lease>,
+    /// When the claim or the last renewal that covered it was sent.
+    good_since: Instant,
+}
+
+/// Outcomes waiting for the next settle.
+#[derive(Default)]
+struct Pending {
+    done: Vec<TaskId>,
+    failed: Vec<Failed>,
+}
+
+/// The pool's side of the shared store.
+pub(crate) struct Claims {
+    pub(crate) store: Arc<dyn Remote>,
+    held: std::sync::Mutex<HashMap<TaskId, Held>>,
+    pending: std::sync::Mutex<Pending>,
+    /// Woken when an outcome is pending.
+    pub(crate) settle_ready: Notify,
+    /// The first handoff failure: later handoffs go to the local journal at once.
+    handoff_error: std::sync::Mutex<Option<RemoteError>>,
+    /// Tasks committed to the store by this pool's handoffs.
+    pub(crate) handed_off: AtomicU64,
+    /// Tasks handed on at start from the local journal.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(dead_code, reason = "reported with the PostgreSQL store only")
+    )]
+    pub(crate) forwarded: u64,
+    /// The claimer, stopped at the trigger.
+    pub(crate) claimer: Owned,
+    /// Renewals and settles, stopped once the last worker is gone.
+    pub(crate) heartbeat: Owned,
+}
+
+impl Claims {
+    pub(crate) fn new(store: Arc<dyn Remote>, forwarded: u64) -> Self {
+        Self {
+            store,
+            held: std::sync::Mutex::new(HashMap::new()),
+            pending: std::sync::Mutex::new(Pending::default()),
+            settle_ready: Notify::new(),
+            handoff_error: std::sync::Mutex::new(None),
+            handed_off: AtomicU64::new(0),
+            forwarded,
+            claimer: Owned::new(),
+            heartbeat: Owned::new(),
+        }
+    }
+
+    /// Takes a lease on `id`, claimed by a call sent at `sent`; its token is a child of
+    /// `deadline`.
+    pub(crate) fn hold(
+        &self,
+        id: TaskId,
+        deadline: &CancellationToken,
+        sent: Instant,
+    ) -> Arc<Lease> {
+        let lease = Arc::new(Lease {
+            token: Arc::new(deadline.child_token()),
+            lost: AtomicBool::new(false),
+        });
+        let held = Held {
+            lease: Arc::clone(&lease),
+            good_since: sent,
+        };
+        lock(&self.held).insert(id, held);
+        lease
+    }
+
+    /// How many leases this pool holds.
+    pub(crate) fn held(&self) -> usize {
+        lock(&self.held).len()
+    }
+
+    /// A claimed task finished here (completed, dropped, dead-lettered): its row goes.
+    pub(crate) fn done(&self, id: TaskId) {
+        lock(&self.held).remove(&id);
+        lock(&self.pending).done.push(id);
+        self.settle_ready.notify_one();
+    }
+
+    /// A claimed task failed an attempt and waits here for its retry: its row gets the state.
+    pub(crate) fn failed(&self, failed: Failed) {
+        lock(&self.pending).failed.push(failed);
+        self.settle_ready.notify_one();
+    }
+
+    /// The claimed tasks among `ids` left this pool (handed back, or journaled locally).
+    pub(crate) fn release(&self, ids: impl IntoIterator<Item = TaskId>) {
+        let mut held = lock(&self.held);
+        for id in ids {
+            held.remove(&id);
+        }
+    }
+
+    /// The outcomes waiting to be settled, taken.
+    pub(crate) fn take_pending(&self) -> (Vec<TaskId>, Vec<Failed>) {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        (pending.done, pending.failed)
+    }
+
+    /// Puts outcomes back after a failed settle, ahead of newer ones.
+    pub(crate) fn restore_pending(&self, done: Vec<TaskId>, failed: Vec<Failed>) {
+        let mut pending = lock(&self.pending);
+        let newer = std::mem::replace(&mut *pending, Pending { done, failed });
+        pending.done.extend(newer.done);
+        pending.failed.extend(newer.failed);
+    }
+
+    /// A renewal sent at `sent` came back with `still` (the tasks this pool still holds): the
+    /// leases it covered are good from `sent`; those held since before it and not in `still`
+    /// are lost.
+    pub(crate) fn renewed(&self, still: &[TaskId], sent: Instant) {
+        let still: std::collections::HashSet<TaskId> = still.iter().copied().collect();
+        self.lose_unless("another pool holds the task now", |id, held| {
+            if still.contains(id) {
+                held.good_since = held.good_since.max(sent);
+                return true;
+            }
+            // Claimed after the renewal was sent, it could not be in it.
+            held.good_since >= sent
+        });
+    }
+
+    /// Loses every lease not renewed within `limit` (renewals failing): their handlers' tokens
+    /// fire before another pool may rescue the tasks.
+    pub(crate) fn expire(&self, limit: Duration) {
+        let now = Instant::now();
+        self.lose_unless("not renewed in time", |_, held| {
+            now.duration_since(held.good_since) < limit
+        });
+    }
+
+    /// Loses (and forgets) every lease for which `keep` is false.
+    fn lose_unless(&self, why: &str, mut keep: impl FnMut(&TaskId, &mut Held) -> bool) {
+        lock(&self.held).retain(|id, held| {
+            if keep(id, held) {
+                return true;
+            }
+            tracing::warn!(task = %id, why, "lease lost");
+            held.lease.lose();
+            false
+        });
+    }
+
+    /// Records a failed handoff; the first one is kept for the report.
+    pub(crate) fn handoff_failed(&self, error: RemoteError) {
+        lock(&self.handoff_error).get_or_insert(error);
+    }
+
+    /// The first handoff failure, if any.
+    pub(crate) fn handoff_error(&self) -> Option<RemoteError> {
+        lock(&self.handoff_error).clone()
+    }
+}

@@ -1,0 +1,291 @@
+//! The schema: names, the migration script, and the statements the store runs.
+//!
+//! Two tables in the configured schema: `<table>` (the tasks) and `<table>_meta` (one row: the
+//! schema version, and the last run number handed out, which makes task ids unique among the
+//! pools sharing the table). The migration script is one transaction under an advisory lock
+//! taken on the table's name, so replicas starting together apply it once; every statement in
+//! it is idempotent (`IF NOT EXISTS`, a version guard), so it may run again, by the library at
+//! each start or by a DBA from `drainpool schema`. A database whose version is newer than this
+//! build's stops the start and is not touched.
+//!
+//! Rules for the next migration: append it to the script, guarded by `IF NOT EXISTS` or the
+//! version, and raise [`VERSION`]; never edit an applied one.
+//!
+//! The tasks table, version 1:
+//!
+//! | column | type | what |
+//! | --- | --- | --- |
+//! | `run`, `seq` | `bigint`, primary key | the task id (`TaskId::run`, `TaskId::seq`) |
+//! | `attempts` | `bigint` | failed runs so far |
+//! | `interruptions` | `bigint` | consecutive runs interrupted (at a drain deadline, or by a pool that died) |
+//! | `interrupted` | `boolean` | whether the last run was interrupted |
+//! | `enqueued_at` | `timestamptz` | when the task was first accepted |
+//! | `run_after` | `timestamptz` | not to run before (a retry's backoff); the epoch: at once |
+//! | `last_error` | `text`, null | the last run's error |
+//! | `payload` | `bytea` | the payload, as the pool's codec encoded it |
+//! | `lease_owner` | `bigint`, null | the run number of the pool that claimed it |
+//! | `lease_expires` | `timestamptz`, null | until when that claim holds without renewal |
+
+use super::error::PostgresError;
+
+/// The schema version this build reads and writes.
+pub(super) const VERSION: i32 = 1;
+
+/// The default schema.
+pub(super) const DEFAULT_SCHEMA: &str = "public";
+/// The default tasks table.
+pub(super) const DEFAULT_TABLE: &str = "drainpool_tasks";
+
+/// The longest table name: PostgreSQL keeps 63 bytes of a name, and the table's index adds
+/// `_lease`.
+const MAX_TABLE: usize = 57;
+const MAX_SCHEMA: usize = 63;
+
+/// The quoted names of one store's objects, and its statements.
+#[derive(Debug)]
+pub(super) struct Sql {
+    schema: String,
+    tasks: String,
+    meta: String,
+    index: String,
+    /// The notification channel, quoted.
+    pub(super) channel: String,
+    /// The advisory lock's key, a literal.
+    lock_key: String,
+}
+
+/// Checks a schema or table name: ASCII letters, digits and `_`, not starting with a digit,
+/// at most `max` bytes. Names are quoted too, but kept to these so that they never need
+/// escaping anywhere (a string literal, a dollar-quoted block, a channel).
+fn check_name(what: &str, name: &str, max: usize) -> Result<(), PostgresError> {
+    let valid = !name.is_empty()
+        && name.len() <= max
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if valid {
+        Ok(())
+    } else {
+        Err(PostgresError::refused(
+            "configure",
+            format!(
+                "{what} name {name:?} must be 1 to {max} ASCII letters, digits or underscores, \
+                 not starting with a digit"
+            ),
+        ))
+    }
+}
+
+impl Sql {
+    pub(super) fn new(schema: &str, table: &str) -> Result<Self, PostgresError> {
+        check_name("schema", schema, MAX_SCHEMA)?;
+        check_name("table", table, MAX_TABLE)?;
+        let mut channel = format!("drainpool.{schema}.{table}");
+        // PostgreSQL would cut it there too; the names are ASCII.
+        channel.truncate(63);
+        Ok(Self {
+            schema: format!("\"{schema}\""),
+            tasks: format!("\"{schema}\".\"{table}\""),
+            meta: format!("\"{schema}\".\"{table}_meta\""),
+            index: format!("\"{table}_lease\""),
+            channel: format!("\"{channel}\""),
+            lock_key: format!("'drainpool {schema}.{table}'"),
+        })
+    }
+
+    /// The migration script: one transaction, idempotent (see the module docs).
+    pub(super) fn migration(&self) -> String {
+        let Self {
+            schema,
+            tasks,
+            meta,
+            index,
+            lock_key,
+            ..
+        } = self;
+        format!(
+            "\
+-- drainpool schema, version {VERSION}: the tasks table {tasks} and its version table {meta}.
+-- Idempotent: safe to apply again, and while pools run.
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtextextended({lock_key}, 0));
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {meta} (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version integer NOT NULL,
+    last_run bigint NOT NULL
+);
+INSERT INTO {meta} (version, last_run) VALUES (0, 0) ON CONFLICT DO NOTHING;
+DO $$
+BEGIN
+    IF (SELECT version FROM {meta}) > {VERSION} THEN
+        RAISE EXCEPTION 'drainpool: the schema is newer than version {VERSION}; run a newer drainpool';
+    END IF;
+END
+$$;
+
+-- Version 1.
+CREATE TABLE IF NOT EXISTS {tasks} (
+    run bigint NOT NULL,
+    seq bigint NOT NULL,
+    attempts bigint NOT NULL DEFAULT 0,
+    interruptions bigint NOT NULL DEFAULT 0,
+    interrupted boolean NOT NULL DEFAULT false,
+    enqueued_at timestamptz NOT NULL,
+    run_after timestamptz NOT NULL,
+    last_error text,
+    payload bytea NOT NULL,
+    lease_owner bigint,
+    lease_expires timestamptz,
+    PRIMARY KEY (run, seq)
+);
+CREATE INDEX IF NOT EXISTS {index} ON {tasks} (lease_owner) WHERE lease_owner IS NOT NULL;
+UPDATE {meta} SET version = 1 WHERE version < 1;
+
+COMMIT;
+"
+        )
+    }
+
+    /// The schema's version (the meta table must exist).
+    pub(super) fn version(&self) -> String {
+        format!("SELECT version FROM {}", self.meta)
+    }
+
+    /// This start's run number: above every one handed out before, and at least `$1`.
+    pub(super) fn take_run(&self) -> String {
+        format!(
+            "UPDATE {} SET last_run = GREATEST(last_run + 1, $1) RETURNING last_run",
+            self.meta
+        )
+    }
+
+    /// Writes tasks (arrays, one row per index); a task already there is overwritten, its
+    /// lease cleared, unless another pool than `$10` holds a live lease on it.
+    pub(super) fn hand_off(&self) -> String {
+        format!(
+            "INSERT INTO {t} AS t (run, seq, attempts, interruptions, interrupted, enqueued_at, \
+                 run_after, last_error, payload) \
+             SELECT r, s, a, i, x, to_timestamp(e / 1000.0), to_timestamp(n / 1000.0), l, p \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::bool[], \
+                 $6::int8[], $7::int8[], $8::text[], $9::bytea[]) AS u(r, s, a, i, x, e, n, l, p) \
+             ON CONFLICT (run, seq) DO UPDATE SET attempts = EXCLUDED.attempts, \
+                 interruptions = EXCLUDED.interruptions, interrupted = EXCLUDED.interrupted, \
+                 run_after = EXCLUDED.run_after, last_error = EXCLUDED.last_error, \
+                 payload = EXCLUDED.payload, lease_owner = NULL, lease_expires = NULL \
+             WHERE t.lease_owner IS NULL OR t.lease_owner = $10 OR t.lease_expires < now()",
+            t = self.tasks
+        )
+    }
+
+    /// Wakes the pools that listen (delivered when the transaction commits).
+    pub(super) fn notify(&self) -> String {
+        format!("NOTIFY {}", self.channel)
+    }
+
+    pub(super) fn listen(&self) -> String {
+        format!("LISTEN {}", self.channel)
+    }
+
+    /// Claims up to `$1` tasks due now, in id order, for owner `$2` for `$3` seconds. A task
+    /// whose lease had expired is rescued: its interruption is counted.
+    pub(super) fn claim(&self) -> String {
+        format!(
+            "WITH c AS ( \
+                 SELECT run, seq, lease_owner IS NOT NULL AS rescued FROM {t} \
+                 WHERE run_after <= now() AND (lease_owner IS NULL OR lease_expires < now()) \
+                 ORDER BY run, seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE {t} AS t SET lease_owner = $2, \
+                 lease_expires = now() + make_interval(secs => $3), \
+                 interruptions = t.interruptions + c.rescued::int, \
+                 interrupted = t.interrupted OR c.rescued \
+             FROM c WHERE t.run = c.run AND t.seq = c.seq \
+             RETURNING t.run, t.seq, t.attempts, t.interruptions, t.interrupted, \
+                 (extract(epoch FROM t.enqueued_at) * 1000)::int8, \
+                 (extract(epoch FROM t.run_after) * 1000)::int8, \
+                 t.last_error, t.payload, c.rescued",
+            t = self.tasks
+        )
+    }
+
+    /// Renews every lease of owner `$1` for `$2` seconds; returns the tasks it holds.
+    pub(super) fn renew(&self) -> String {
+        format!(
+            "UPDATE {} SET lease_expires = now() + make_interval(secs => $2) \
+             WHERE lease_owner = $1 RETURNING run, seq",
+            self.tasks
+        )
+    }
+
+    /// Deletes finished tasks still leased to owner `$3`.
+    pub(super) fn delete(&self) -> String {
+        format!(
+            "DELETE FROM {} AS t USING unnest($1::int8[], $2::int8[]) AS d(r, s) \
+             WHERE t.run = d.r AND t.seq = d.s AND t.lease_owner = $3",
+            self.tasks
+        )
+    }
+
+    /// Writes failed tasks' states, for tasks still leased to owner `$8`.
+    pub(super) fn failed(&self) -> String {
+        format!(
+            "UPDATE {} AS t SET attempts = u.a, interruptions = u.i, interrupted = u.x, \
+                 run_after = to_timestamp(u.n / 1000.0), last_error = u.l \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::bool[], \
+                 $6::int8[], $7::text[]) AS u(r, s, a, i, x, n, l) \
+             WHERE t.run = u.r AND t.seq = u.s AND t.lease_owner = $8",
+            self.tasks
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_before_any_sql_is_made() {
+        for (schema, table) in [
+            ("", "t"),
+            ("s", ""),
+            ("1s", "t"),
+            ("s", "t;DROP"),
+            ("s\"", "t"),
+            ("s", "t'"),
+            ("s", "t$$"),
+            ("s", "é"),
+            ("s", &"t".repeat(58)),
+            (&"s".repeat(64), "t"),
+        ] {
+            let error = Sql::new(schema, table).unwrap_err();
+            assert!(
+                error.to_string().contains("name"),
+                "{schema:?}.{table:?}: {error}"
+            );
+        }
+        assert!(Sql::new("_s1", &"t".repeat(57)).is_ok());
+    }
+
+    #[test]
+    fn the_script_names_its_objects_quoted_and_guards_every_step() {
+        let sql = Sql::new("jobs", "tasks").unwrap();
+        let script = sql.migration();
+        assert!(script.starts_with("-- drainpool schema, version 1"));
+        assert!(
+            script.contains("pg_advisory_xact_lock(hashtextextended('drainpool jobs.tasks', 0))")
+        );
+        assert!(script.contains("CREATE TABLE IF NOT EXISTS \"jobs\".\"tasks\" ("));
+        assert!(script.contains("CREATE TABLE IF NOT EXISTS \"jobs\".\"tasks_meta\" ("));
+        assert!(script.contains("\"tasks_lease\" ON \"jobs\".\"tasks\""));
+        // Every CREATE is idempotent.
+        for line in script.lines().filter(|l| l.starts_with("CREATE")) {
+            assert!(line.contains("IF NOT EXISTS"), "{line}");
+        }
+        assert_eq!(sql.listen(), "LISTEN \"drainpool.jobs.tasks\"");
+    }
+
+    #[test]
+    fn a_long_channel_is_cut_where_postgres_cuts_it() {
+        let sql = Sql::new(&"s".repeat(63), &"t".repeat(57)).unwrap();
+        assert_eq!(sql.channel.len(), 63 + 2);
+    }
+}
