@@ -22,8 +22,10 @@
 //! Environment: `ORDERS_JOURNAL_DIR` (required), `ORDERS_LEDGER` (required), `ORDERS_ADDR`
 //! (default `127.0.0.1:8080`; `127.0.0.1:0` picks a free port), `GRACE_SECONDS` (the
 //! orchestrator's grace period; unset: a 10 s drain deadline), `PRE_STOP_SECONDS` (the part of
-//! it the orchestrator spends before SIGTERM, a Kubernetes `preStop` sleep; default 0). The
-//! recipes in `deploy/` set both. The first line on stdout is
+//! it the orchestrator spends before SIGTERM, a Kubernetes `preStop` sleep; default 0),
+//! `ORDERS_DATABASE_URL` (optional: the PostgreSQL store, so that replicas on directories of
+//! their own hand their work to each other; `ORDERS_DATABASE_SCHEMA` names its schema, default
+//! `public`). The recipes in `deploy/` set them. The first line on stdout is
 //! `listening on <address>`, the line `draining` follows the first shutdown trigger, and the last
 //! is the report. Run it from the repository's root with
 //! `ORDERS_JOURNAL_DIR=/tmp/orders ORDERS_LEDGER=/tmp/orders.ledger cargo run -p drainpool-service-example`.
@@ -39,7 +41,7 @@ use axum::extract::{Json, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use drainpool::{BoxError, Deadline, Pool, SubmitError, Task, WeakPool};
+use drainpool::{BoxError, Deadline, Pool, PostgresStore, SubmitError, Task, WeakPool};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
@@ -244,7 +246,7 @@ async fn serve() -> Result<ExitCode, BoxError> {
     let addr = std::env::var("ORDERS_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
 
     let metrics = install_metrics()?;
-    let (pool, runner) = Pool::<Job>::builder()
+    let builder = Pool::<Job>::builder()
         .name(POOL_NAME)
         .workers(WORKERS)
         .queue_capacity(QUEUE_CAPACITY)
@@ -259,9 +261,18 @@ async fn serve() -> Result<ExitCode, BoxError> {
             pre_stop: env_seconds("PRE_STOP_SECONDS")? + HTTP_LINGER,
             fallback: Duration::from_secs(10),
         })
-        .journal_dir(env_path("ORDERS_JOURNAL_DIR")?)
-        .build()
-        .await?;
+        .journal_dir(env_path("ORDERS_JOURNAL_DIR")?);
+    // A Deployment's pods hand their work to each other through PostgreSQL; the journal
+    // directory is then the fallback for a handoff the database cannot take.
+    let builder = match std::env::var("ORDERS_DATABASE_URL") {
+        Ok(url) => {
+            let schema =
+                std::env::var("ORDERS_DATABASE_SCHEMA").unwrap_or_else(|_| "public".into());
+            builder.postgres(PostgresStore::new(url).schema(schema))
+        }
+        Err(_) => builder,
+    };
+    let (pool, runner) = builder.build().await?;
     let own = pool.downgrade();
     runner.run(move |task: Task<Job>| run(task, own.clone(), ledger.clone()));
 
@@ -307,13 +318,14 @@ async fn serve() -> Result<ExitCode, BoxError> {
 
     println!(
         "stopped: replayed {}, submitted {}, completed {}, spilled {}, interrupted {}, unsaved {}, \
-         drain deadline {:.2?}, stopped {:.2?} after the trigger",
+         handed off {}, drain deadline {:.2?}, stopped {:.2?} after the trigger",
         report.replayed,
         report.submitted,
         report.completed,
         report.spilled,
         report.interrupted,
         report.unsaved,
+        report.handed_off,
         report.drain_deadline,
         report.elapsed,
     );

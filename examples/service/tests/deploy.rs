@@ -222,6 +222,22 @@ impl Recipe {
             });
         relative.to_path_buf()
     }
+
+    /// A Kubernetes pod's grace period and preStop sleep, each checked against the variable
+    /// that repeats it for the service (`GRACE_SECONDS`, `PRE_STOP_SECONDS`).
+    #[track_caller]
+    fn pod_timing(&self) -> (Duration, Duration) {
+        let grace_field = "terminationGracePeriodSeconds";
+        let grace = self.same(
+            (grace_field, &self.yaml(grace_field, grace_field)),
+            ("GRACE_SECONDS", &self.yaml_env("GRACE_SECONDS")),
+        );
+        let pre_stop = self.same(
+            ("the preStop sleep", &self.yaml("preStop:", "seconds")),
+            ("PRE_STOP_SECONDS", &self.yaml_env("PRE_STOP_SECONDS")),
+        );
+        (grace, pre_stop)
+    }
 }
 
 fn unquote(value: &str) -> &str {
@@ -467,15 +483,7 @@ fn kubelet_plays_the_statefulset() {
         "a headless Service"
     );
     recipe.has("volumeClaimTemplates:");
-    let grace_field = "terminationGracePeriodSeconds";
-    let grace = recipe.same(
-        (grace_field, &recipe.yaml(grace_field, grace_field)),
-        ("GRACE_SECONDS", &recipe.yaml_env("GRACE_SECONDS")),
-    );
-    let pre_stop = recipe.same(
-        ("the preStop sleep", &recipe.yaml("preStop:", "seconds")),
-        ("PRE_STOP_SECONDS", &recipe.yaml_env("PRE_STOP_SECONDS")),
-    );
+    let (grace, pre_stop) = recipe.pod_timing();
     assert!(
         pre_stop < grace,
         "the preStop sleep takes the whole grace period"
@@ -590,6 +598,148 @@ fn kubelet_plays_the_statefulset() {
              accepted; the pod gone {took:.2?} after its deletion (grace {played_grace:.2?})"
         ),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes: deploy/kubernetes/deployment.yaml.
+// ---------------------------------------------------------------------------------------------
+
+/// The kubelet and the Deployment recipe, on a real PostgreSQL (`DATABASE_URL`; a schema of
+/// the test's own rather than the recipe's, so tests can run side by side): the recipe's
+/// replicas, each pod on an `emptyDir` of its own that no later pod sees, and a rolling update
+/// as `maxSurge: 1, maxUnavailable: 0` plays it: a new pod up and ready, then an old one
+/// deleted (the preStop sleep with traffic going on, SIGTERM, the wait for the exit until the
+/// grace period ends, SIGKILL then, which fails the test), for each old pod in turn. The first
+/// old pod has a slow order running that outlasts its drain deadline: it is interrupted and
+/// handed off. Every order answered 202 by an old pod must then be shipped by the new ones
+/// (the ledger stands in for the orders' effect, wherever they ran): since no pod ever sees
+/// another's directory, only the handoff through PostgreSQL can have brought them there.
+#[test]
+fn kubelet_rolls_the_deployment() {
+    let recipe = Recipe::read("kubernetes/deployment.yaml");
+    recipe.has("kind: Deployment");
+    recipe.has("emptyDir:");
+    recipe.has("secretKeyRef:");
+    assert_eq!(recipe.yaml("rollingUpdate", "maxSurge"), "1");
+    assert_eq!(recipe.yaml("rollingUpdate", "maxUnavailable"), "0");
+    let replicas: usize = recipe
+        .yaml("replicas", "replicas")
+        .parse()
+        .expect("replicas: a number");
+    assert!(replicas >= 2, "a rolling update of one pod proves little");
+    let (grace, pre_stop) = recipe.pod_timing();
+    assert_eq!(recipe.yaml("readinessProbe", "path"), "/ready");
+    let mount = recipe.yaml("volumeMounts", "mountPath");
+    let journal = recipe.below(
+        "ORDERS_JOURNAL_DIR",
+        &recipe.yaml_env("ORDERS_JOURNAL_DIR"),
+        &mount,
+    );
+    let Some(database) = common::pg::Schema::new("deployment") else {
+        return;
+    };
+
+    let scale = Scale::announce("deployment", &[("grace", grace), ("preStop", pre_stop)]);
+    let (played_grace, played_pre_stop) = (scale.play(grace), scale.play(pre_stop));
+    let stage = tempfile::tempdir().expect("a temp dir");
+    let ledger_path = stage.path().join("ledger");
+    let pod = |name: &str| {
+        // The pod's emptyDir: fresh, and gone with it.
+        let files = Files {
+            journal: stage.path().join(name).join(&journal),
+            ledger: ledger_path.clone(),
+        };
+        let mut command = files.command(None);
+        command
+            .env("GRACE_SECONDS", scale.env(grace))
+            .env("PRE_STOP_SECONDS", scale.env(pre_stop))
+            .env("ORDERS_DATABASE_URL", &database.url)
+            .env("ORDERS_DATABASE_SCHEMA", &database.name);
+        let service = Service::spawn(command, &stage.path().join(format!("{name}.stderr")));
+        wait_for_http(&service, "/ready", 200);
+        service
+    };
+
+    // The old pods at work: the first with a slow order running, every one under load.
+    let old: Vec<Service> = (0..replicas).map(|n| pod(&format!("old{n}"))).collect();
+    let mut old = old.into_iter();
+    let first = busy(old.next().expect("a pod"), "dep0", &ledger_path);
+    let others: Vec<_> = old
+        .enumerate()
+        .map(|(n, service)| {
+            let answers = Arc::new(Answers::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let clients = load(service.addr, &format!("dep{}", n + 1), &answers, &stop);
+            Busy {
+                service,
+                answers,
+                stop,
+                clients,
+            }
+        })
+        .collect();
+
+    let mut answers = Vec::new();
+    let mut reports = Vec::new();
+    let mut new = Vec::new();
+    for (n, old) in std::iter::once(first).chain(others).enumerate() {
+        // maxSurge 1: the new pod is up and ready before the old one is deleted.
+        new.push(pod(&format!("new{n}")));
+        let deleted = Instant::now();
+        thread::sleep(played_pre_stop);
+        old.sigterm();
+        let exit = old.service.exit_by(deleted + played_grace, Service::kill);
+        for client in old.clients {
+            client.join().expect("a client thread");
+        }
+        assert!(
+            !exit.killed,
+            "deployment.yaml: old pod {n} outlived its played grace period ({played_grace:?}) \
+             and was SIGKILLed (report: {:?})",
+            exit.report
+        );
+        let report = exit.report.expect("the report line");
+        assert!(exit.status.success(), "exit {}: {report}", exit.status);
+        say(&format!(
+            "deployment: old pod {n} gone {:.2?} after its deletion: {report}",
+            deleted.elapsed()
+        ));
+        answers.push(old.answers);
+        reports.push(report);
+    }
+    let handed_off = |report: &str| {
+        report
+            .split(", ")
+            .find_map(|part| part.strip_prefix("handed off ")?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no `handed off N` in {report:?}"))
+    };
+    assert!(
+        interrupted(&reports[0]) >= 1 && handed_off(&reports[0]) >= 1,
+        "the slow order should have been interrupted and handed off: {}",
+        reports[0]
+    );
+
+    // The new pods ship everything the old ones accepted, then stop cleanly.
+    let mut accepted = BTreeMap::new();
+    for answers in &answers {
+        accepted.extend(answers.accepted());
+    }
+    wait_until(
+        "every order the old pods accepted shipped by the new ones",
+        || common::missing(&ledger_path, &accepted).is_empty(),
+    );
+    for service in new {
+        service.sigterm();
+        let (status, report) = service.exit();
+        assert!(status.success(), "a new pod exited {status}: {report}");
+    }
+    let lost = common::missing(&ledger_path, &accepted);
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    say(&format!(
+        "deployment: {} orders accepted by the old pods, lost 0; handed off {:?}",
+        accepted.len(),
+        reports.iter().map(|r| handed_off(r)).collect::<Vec<_>>()
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------

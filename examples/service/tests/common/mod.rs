@@ -11,6 +11,11 @@
 
 #[path = "../../../../tests/common/host.rs"]
 pub mod host;
+// The root package's PostgreSQL helpers (a schema of the test's own, psql), for the Deployment.
+#[path = "../../../../tests/common/pg.rs"]
+pub mod pg;
+// Where `pg` looks for them.
+pub use host::{in_ci, require};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
