@@ -15,9 +15,11 @@
 //! | `schema.rs` | names, the migration script, the statements |
 //! | `store.rs` | the operations: run number, handoff, claim, renew, settle |
 //! | `link.rs` | one connection per role, made again after it broke, every use bounded |
+//! | `admin.rs` | the table from outside a pool: [`PostgresStore::inspect`], [`PostgresStore::requeue`] |
 //! | `error.rs` | [`PostgresError`] |
 //! | `lease.rs` | [`Lease`]: one holder at a time, renewed, released, lost before it expires |
 
+mod admin;
 mod error;
 mod lease;
 mod link;
@@ -29,6 +31,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::admin::{Contents, RequeueError, Requeued, TableTask};
 pub use self::error::PostgresError;
 pub use self::lease::{Lease, LeaseBuilder, LeaseError};
 use self::schema::Sql;
@@ -208,6 +211,7 @@ impl PostgresStore {
                 lease: self.lease,
                 claim_batch: self.claim_batch,
                 poll_interval: self.poll_interval,
+                timeout: self.timeout,
             },
             timeout: self.timeout,
             migrate: self.migrate,
