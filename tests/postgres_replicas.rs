@@ -252,6 +252,16 @@ struct Harness {
 }
 
 impl Harness {
+    /// Replicas in write-ahead mode or not, on `schema`, with fresh ledgers.
+    fn new(schema: Schema, write_ahead: bool) -> Self {
+        Self {
+            schema,
+            base: tempfile::tempdir().expect("a temporary directory"),
+            started: 0,
+            write_ahead,
+        }
+    }
+
     fn ledgers(&self) -> PathBuf {
         self.base.path().to_path_buf()
     }
@@ -410,12 +420,7 @@ fn a_rolling_restart_and_a_sigkill_lose_no_accepted_task() {
         return;
     };
     let test_started = Instant::now();
-    let mut harness = Harness {
-        schema,
-        base: tempfile::tempdir().expect("a temporary directory"),
-        started: 0,
-        write_ahead: false,
-    };
+    let mut harness = Harness::new(schema, false);
     let mut replicas: Vec<Replica> = (1..=3).map(|i| harness.start(i * 1_000_000)).collect();
     harness.progress(0, 200);
 
@@ -513,12 +518,7 @@ fn a_write_ahead_replica_sigkilled_under_load_loses_no_accepted_task() {
         return;
     };
     let test_started = Instant::now();
-    let mut harness = Harness {
-        schema,
-        base: tempfile::tempdir().expect("a temporary directory"),
-        started: 0,
-        write_ahead: true,
-    };
+    let mut harness = Harness::new(schema, true);
     let mut replicas: Vec<Replica> = (1..=3).map(|i| harness.start(i * 1_000_000)).collect();
     harness.progress(0, 300);
 

@@ -237,13 +237,15 @@ COMMIT;
         format!(
             "INSERT INTO {} AS t (run, seq, attempts, interruptions, interrupted, enqueued_at, \
                  run_after, last_error, payload, dead_at) \
-             VALUES ($1, $2, $3, $4, $5, to_timestamp($6 / 1000.0), 'infinity', $7, $8, now()) \
+             VALUES ($1::int8, $2::int8, $3::int8, $4::int8, $5::bool, \
+                 to_timestamp($6::int8 / 1000.0), 'infinity', $7::text, $8::bytea, now()) \
              ON CONFLICT (run, seq) DO UPDATE SET attempts = EXCLUDED.attempts, \
                  interruptions = EXCLUDED.interruptions, interrupted = EXCLUDED.interrupted, \
                  run_after = 'infinity', last_error = EXCLUDED.last_error, \
                  payload = EXCLUDED.payload, dead_at = now(), lease_owner = NULL, \
                  lease_expires = NULL \
-             WHERE t.lease_owner IS NULL OR t.lease_owner = $9 OR t.lease_expires < now() \
+             WHERE t.lease_owner IS NULL OR t.lease_owner = $9::int8 \
+                 OR t.lease_expires < now() \
              RETURNING 1",
             self.tasks
         )
