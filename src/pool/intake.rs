@@ -138,7 +138,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         size: usize,
         lease: Option<Arc<Lease>>,
     ) -> Job<T> {
-        let mut job = self.job(id, state, payload, size, lease.is_none());
+        let journaled = lease.is_none() && self.write_ahead.is_some();
+        let mut job = self.job(id, state, payload, size, journaled);
         job.lease = lease;
         job
     }

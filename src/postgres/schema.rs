@@ -146,10 +146,18 @@ CREATE INDEX IF NOT EXISTS {index} ON {tasks} (lease_owner) WHERE lease_owner IS
 UPDATE {meta} SET version = 1 WHERE version < 1;
 
 -- Version 2: dead letters are rows, dead_at set and run_after 'infinity' (so that no pool
--- claims one, a version-1 pool still running during a rolling upgrade included).
-ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS dead_at timestamptz;
-CREATE INDEX IF NOT EXISTS {dead_index} ON {tasks} (run, seq) WHERE dead_at IS NOT NULL;
-UPDATE {meta} SET version = 2 WHERE version < 2;
+-- claims one, a version-1 pool still running during a rolling upgrade included). Behind the
+-- version, so that a start on a table already there takes no lock on it (ALTER TABLE's
+-- would stop every pool's claims and inserts while it waits).
+DO $$
+BEGIN
+    IF (SELECT version FROM {meta}) < 2 THEN
+        ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS dead_at timestamptz;
+        CREATE INDEX IF NOT EXISTS {dead_index} ON {tasks} (run, seq) WHERE dead_at IS NOT NULL;
+        UPDATE {meta} SET version = 2 WHERE version < 2;
+    END IF;
+END
+$$;
 
 COMMIT;
 "
@@ -362,6 +370,7 @@ mod tests {
         // Every CREATE is idempotent.
         for line in script
             .lines()
+            .map(str::trim)
             .filter(|l| l.starts_with("CREATE") || l.starts_with("ALTER"))
         {
             assert!(line.contains("IF NOT EXISTS"), "{line}");
