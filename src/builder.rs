@@ -204,8 +204,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// pools handed off. The journal directory is still needed: a handoff that PostgreSQL
     /// cannot take goes there, and the next start hands it on. See [`PostgresStore`](crate::PostgresStore).
     ///
-    /// Only with the on-shutdown durability for now: with
-    /// [`Durability::write_ahead`], `start` fails with [`StartError::InvalidConfig`].
+    /// With [`Durability::write_ahead`] and `SyncPolicy::Always`, every accepted task is committed
+    /// to the table (leased to this pool) before `submit` returns, instead of journaled
+    /// locally: a SIGKILL loses nothing accepted, the other pools rescue its tasks. Other sync
+    /// policies fail `start` with [`StartError::InvalidConfig`].
     ///
     /// The default is none: the local journal alone.
     #[cfg(feature = "postgres")]

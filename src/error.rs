@@ -225,6 +225,22 @@ pub enum SubmitError<T> {
         /// Why the reserve could not grow (ENOSPC, a quota).
         error: std::sync::Arc<JournalError>,
     },
+    /// Write-ahead with the PostgreSQL store: the task could not be committed to the table
+    /// within the store's [`timeout`](crate::PostgresStore::timeout) (the server unreachable,
+    /// or failing), so it was not accepted. Unlike the file journal's failure this is not
+    /// final: the next submit tries the server again. [`Pool::health`](crate::Pool::health)
+    /// says why meanwhile.
+    ///
+    /// A commit whose answer was lost may still have gone through; its row is deleted again
+    /// once the server answers.
+    #[cfg(feature = "postgres")]
+    Postgres {
+        /// The task.
+        task: T,
+        /// What failed: a [`PostgresError`](crate::PostgresError)
+        /// (`error.downcast_ref::<drainpool::PostgresError>()`).
+        error: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// The payload failed to encode (with the pool's [`Codec`](crate::Codec)), so it could
     /// never be journaled.
     Unserializable {
@@ -247,6 +263,8 @@ impl<T> SubmitError<T> {
             | Self::Journal { task, .. }
             | Self::JournalFull { task, .. }
             | Self::Unserializable { task, .. } => task,
+            #[cfg(feature = "postgres")]
+            Self::Postgres { task, .. } => task,
         }
     }
 
@@ -259,6 +277,8 @@ impl<T> SubmitError<T> {
             Self::Journal { .. } => "Journal",
             Self::JournalFull { .. } => "JournalFull",
             Self::Unserializable { .. } => "Unserializable",
+            #[cfg(feature = "postgres")]
+            Self::Postgres { .. } => "Postgres",
         }
     }
 }
@@ -282,6 +302,11 @@ impl<T> fmt::Debug for SubmitError<T> {
                 .debug_struct("Unserializable")
                 .field("source", source)
                 .finish_non_exhaustive(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { error, .. } => f
+                .debug_struct("Postgres")
+                .field("error", error)
+                .finish_non_exhaustive(),
             _ => f.debug_tuple(self.name()).finish_non_exhaustive(),
         }
     }
@@ -301,6 +326,8 @@ impl<T> fmt::Display for SubmitError<T> {
                 f.write_str("the journal has no room to spill the task at shutdown")
             }
             Self::Unserializable { .. } => f.write_str("task payload does not serialize"),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { .. } => f.write_str("the task could not be committed to PostgreSQL"),
         }
     }
 }
@@ -310,6 +337,8 @@ impl<T> std::error::Error for SubmitError<T> {
         match self {
             Self::Unserializable { source, .. } => Some(&**source),
             Self::Journal { error, .. } | Self::JournalFull { error, .. } => Some(&**error),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { error, .. } => Some(&**error),
             _ => None,
         }
     }

@@ -73,6 +73,11 @@ impl std::error::Error for Permanent {
 /// | `write_ahead(SyncPolicy::Always)` | before `submit` returns, fsynced | all of the above, SIGKILL, OOM kill, power loss |
 /// | `write_ahead(SyncPolicy::Interval(d))` | before `submit` returns, fsynced within `d` | all of the above but power loss, which can take the last `d` |
 /// | `write_ahead(SyncPolicy::Never)` | before `submit` returns, in the kernel | all of the above but power loss, which can take what the OS had not written |
+///
+/// With the PostgreSQL store (`Builder::postgres`, the `postgres` feature), write-ahead means
+/// committed to the store's table before `submit` returns, and only `SyncPolicy::Always` is
+/// taken (the server's settings decide how durable a commit is); the other policies are
+/// refused at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Durability(Mode);
 

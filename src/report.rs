@@ -74,6 +74,11 @@ pub enum Health {
     /// or the spill reserve cannot grow to cover the tasks in memory (a full disk). New tasks
     /// are refused; the error says why.
     JournalUnavailable(Arc<JournalError>),
+    /// Write-ahead with the PostgreSQL store: the last commit or lease renewal failed (the
+    /// error is a [`PostgresError`](crate::PostgresError)), so new tasks are refused until
+    /// the server answers again. The next submit tries it again.
+    #[cfg(feature = "postgres")]
+    StoreUnavailable(Arc<dyn std::error::Error + Send + Sync>),
 }
 
 impl Health {
@@ -91,6 +96,10 @@ impl std::fmt::Display for Health {
             Self::ShuttingDown => f.write_str("shutting down"),
             Self::JournalUnavailable(error) => {
                 write!(f, "journal unavailable: {}", error_chain(&**error))
+            }
+            #[cfg(feature = "postgres")]
+            Self::StoreUnavailable(error) => {
+                write!(f, "PostgreSQL unavailable: {}", error_chain(&**error))
             }
         }
     }

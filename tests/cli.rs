@@ -597,13 +597,28 @@ fn help_describes_every_command_and_argument() {
     for word in ["inspect", "verify", "requeue", "stats", "Exit status"] {
         assert!(help.contains(word), "{word}: {help}");
     }
+    // With the `postgres` feature, `inspect` and `requeue` read a table instead when given
+    // `--postgres URL`, so their directory is `[DIR]` there.
+    let dir = if cfg!(feature = "postgres") {
+        "[DIR]"
+    } else {
+        "<DIR>"
+    };
+    let table: &[&str] = if cfg!(feature = "postgres") {
+        &["--postgres <URL>", "--schema <SCHEMA>", "--table <TABLE>"]
+    } else {
+        &[]
+    };
+    let inspect = [&[dir, "--dead", "JSON"][..], table].concat();
+    let requeue = [
+        &[dir, "--id <ID>", "--all", "Refuses while a pool"][..],
+        table,
+    ]
+    .concat();
     let expected: [(&str, &[&str]); 4] = [
-        ("inspect", &["<DIR>", "--dead", "JSON"]),
+        ("inspect", &inspect),
         ("verify", &["<DIR>", "--json", "offset"]),
-        (
-            "requeue",
-            &["<DIR>", "--id <ID>", "--all", "Refuses while a pool"],
-        ),
+        ("requeue", &requeue),
         ("stats", &["<DIR>", "--json"]),
     ];
     for (command, words) in expected {

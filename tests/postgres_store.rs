@@ -91,7 +91,7 @@ async fn the_schema_is_made_once_when_replicas_start_together() {
             "SELECT version FROM \"{}\".drainpool_tasks_meta",
             schema.name
         )),
-        1
+        2
     );
     assert_eq!(
         schema.number(&format!(
@@ -304,22 +304,27 @@ async fn a_pool_cut_off_loses_its_lease_and_another_rescues_the_task() {
 }
 
 #[tokio::test]
-async fn write_ahead_with_the_store_is_refused_not_ignored() {
+async fn settings_the_store_cannot_keep_are_refused_not_ignored() {
     let dir = tempfile::tempdir().unwrap();
-    let result = Pool::<u64>::builder()
-        .journal_dir(dir.path())
-        .durability(drainpool::Durability::write_ahead(
-            drainpool::SyncPolicy::Always,
-        ))
-        .postgres(PostgresStore::new(common::pg::DEFAULT_URL))
-        .build()
-        .await;
-    match result {
-        Err(StartError::InvalidConfig { setting, reason }) => {
-            assert_eq!(setting, "durability");
-            assert!(reason.contains("not supported yet"), "{reason}");
+    // Write-ahead with the store is a commit before `submit` returns: no fsync interval or
+    // "never" to honour.
+    for sync in [
+        drainpool::SyncPolicy::Interval(Duration::from_millis(10)),
+        drainpool::SyncPolicy::Never,
+    ] {
+        let result = Pool::<u64>::builder()
+            .journal_dir(dir.path())
+            .durability(drainpool::Durability::write_ahead(sync))
+            .postgres(PostgresStore::new(common::pg::DEFAULT_URL))
+            .build()
+            .await;
+        match result {
+            Err(StartError::InvalidConfig { setting, reason }) => {
+                assert_eq!(setting, "durability");
+                assert!(reason.contains("SyncPolicy::Always only"), "{reason}");
+            }
+            other => panic!("{sync:?}: {:?}", other.map(drop)),
         }
-        other => panic!("{:?}", other.map(drop)),
     }
     for (store, what) in [
         (

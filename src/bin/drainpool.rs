@@ -6,7 +6,9 @@
 //! operation failed, 2 a usage error.
 //!
 //! Built with the `postgres` feature too, `schema` prints the PostgreSQL store's migration
-//! script, for teams whose DBAs apply migrations.
+//! script, for teams whose DBAs apply migrations, and `inspect --postgres URL` and
+//! `requeue --postgres URL` read the store's table (its live tasks and dead letters) and take
+//! its dead letters back, instead of a journal directory's.
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -45,13 +47,22 @@ enum Command {
     /// and not_before_ms (milliseconds since the Unix epoch; 0: at once), last_error (or
     /// null), payload (the task's JSON; a string if the bytes are not JSON), and the segment
     /// and offset of the record it was read from.
+    ///
+    /// With --postgres, the PostgreSQL store's table instead, in id order: live tasks
+    /// (waiting, or held by a pool) or dead letters, each line with lease_owner (the run of
+    /// the pool holding it, or null) and dead_at_ms (or null) instead of segment and offset.
     Inspect {
         /// The journal directory (the pool's `journal_dir`).
         #[arg(value_name = "DIR")]
-        dir: PathBuf,
+        #[cfg_attr(feature = "postgres", arg(required_unless_present = "postgres"))]
+        #[cfg_attr(not(feature = "postgres"), arg(required = true))]
+        dir: Option<PathBuf>,
         /// Print the dead letters instead of the live tasks.
         #[arg(long)]
         dead: bool,
+        #[cfg(feature = "postgres")]
+        #[command(flatten)]
+        table: Table,
     },
     /// Check every segment header and record; report each damaged stretch with file and offset.
     ///
@@ -73,12 +84,21 @@ enum Command {
     /// interruptions reset) and made durable before its dead letter is marked as taken back,
     /// so a crash in between duplicates, never loses; requeuing again completes the move.
     /// Prints the ids taken back, one per line. Refuses while a pool holds the directory.
+    ///
+    /// With --postgres, the dead letters of the PostgreSQL store's table: live again in one
+    /// transaction (attempts and interruptions reset, the last error kept, due at once), and
+    /// the pools on the table are notified, so they run them at once. Safe while pools run.
     Requeue {
         /// The journal directory (the pool's `journal_dir`).
         #[arg(value_name = "DIR")]
-        dir: PathBuf,
+        #[cfg_attr(feature = "postgres", arg(required_unless_present = "postgres"))]
+        #[cfg_attr(not(feature = "postgres"), arg(required = true))]
+        dir: Option<PathBuf>,
         #[command(flatten)]
         which: Which,
+        #[cfg(feature = "postgres")]
+        #[command(flatten)]
+        table: Table,
     },
     /// Count segments, records, live tasks, dead letters and damage, with their sizes.
     ///
@@ -112,6 +132,23 @@ enum Command {
     },
 }
 
+/// The PostgreSQL store's table, instead of a journal directory.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Args)]
+struct Table {
+    /// Read the PostgreSQL store's table instead of a journal directory: its connection URL
+    /// (`postgres://user@host/db`, as the pools' `PostgresStore::new`).
+    #[arg(long, value_name = "URL", conflicts_with = "dir")]
+    postgres: Option<String>,
+    /// With --postgres: the schema the tables live in (the store's `schema`) [default:
+    /// public].
+    #[arg(long, requires = "postgres")]
+    schema: Option<String>,
+    /// With --postgres: the tasks table (the store's `table`) [default: drainpool_tasks].
+    #[arg(long, requires = "postgres")]
+    table: Option<String>,
+}
+
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 struct Which {
@@ -127,11 +164,39 @@ struct Which {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "postgres")]
+    table::check(&cli.command);
     let mut out = Stdout::new();
     let result = match cli.command {
-        Command::Inspect { dir, dead } => inspect(&dir, dead, &mut out),
+        #[cfg(feature = "postgres")]
+        Command::Inspect {
+            dead,
+            table:
+                Table {
+                    postgres: Some(url),
+                    schema,
+                    table,
+                },
+            ..
+        } => table::inspect(&table::store(url, schema, table), dead, &mut out),
+        Command::Inspect { dir, dead, .. } => {
+            given(dir).and_then(|dir| inspect(&dir, dead, &mut out))
+        }
         Command::Verify { dir, json } => verify(&dir, json, &mut out),
-        Command::Requeue { dir, which } => requeue(&dir, which, &mut out),
+        #[cfg(feature = "postgres")]
+        Command::Requeue {
+            which,
+            table:
+                Table {
+                    postgres: Some(url),
+                    schema,
+                    table,
+                },
+            ..
+        } => table::requeue(&table::store(url, schema, table), which.into(), &mut out),
+        Command::Requeue { dir, which, .. } => {
+            given(dir).and_then(|dir| requeue(&dir, which, &mut out))
+        }
         Command::Stats { dir, json } => stats(&dir, json, &mut out),
         #[cfg(feature = "postgres")]
         Command::Schema { schema, table } => print_schema(&schema, &table, &mut out),
@@ -253,20 +318,56 @@ fn inspect(dir: &Path, dead: bool, out: &mut Stdout) -> Result<ExitCode, Failure
 }
 
 fn task_json(task: &JournaledTask) -> Value {
-    let payload = serde_json::from_slice::<Value>(&task.payload)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&task.payload).into_owned()));
-    json!({
-        "id": task.id.to_string(),
-        "attempts": task.attempts,
-        "interruptions": task.interruptions,
-        "interrupted": task.interrupted,
-        "enqueued_at_ms": task.enqueued_at_ms,
-        "not_before_ms": task.not_before_ms,
-        "last_error": task.last_error,
-        "payload": payload,
-        "segment": task.segment.display().to_string(),
-        "offset": task.offset,
-    })
+    Fields {
+        id: task.id,
+        attempts: task.attempts,
+        interruptions: task.interruptions,
+        interrupted: task.interrupted,
+        enqueued_at_ms: task.enqueued_at_ms,
+        not_before_ms: task.not_before_ms,
+        last_error: task.last_error.as_deref(),
+        payload: &task.payload,
+    }
+    .json([
+        ("segment", json!(task.segment.display().to_string())),
+        ("offset", json!(task.offset)),
+    ])
+}
+
+/// What a task's line holds wherever it is kept (a journal directory, the PostgreSQL table).
+struct Fields<'a> {
+    id: TaskId,
+    attempts: u32,
+    interruptions: u32,
+    interrupted: bool,
+    enqueued_at_ms: u64,
+    not_before_ms: u64,
+    last_error: Option<&'a str>,
+    payload: &'a [u8],
+}
+
+impl Fields<'_> {
+    /// The line: these fields, then the `place`'s (where the task is kept), in that order.
+    fn json(&self, place: [(&str, Value); 2]) -> Value {
+        let payload = serde_json::from_slice::<Value>(self.payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(self.payload).into_owned()));
+        let mut line = json!({
+            "id": self.id.to_string(),
+            "attempts": self.attempts,
+            "interruptions": self.interruptions,
+            "interrupted": self.interrupted,
+            "enqueued_at_ms": self.enqueued_at_ms,
+            "not_before_ms": self.not_before_ms,
+            "last_error": self.last_error,
+            "payload": payload,
+        });
+        if let Value::Object(fields) = &mut line {
+            for (key, value) in place {
+                fields.insert(key.to_owned(), value);
+            }
+        }
+        line
+    }
 }
 
 fn verify(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failure> {
@@ -338,13 +439,23 @@ fn verify(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failu
     }
 }
 
+/// The directory clap made sure of (it is required unless --postgres is given).
+fn given(dir: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    dir.ok_or_else(|| Failure("a journal directory is required".into()))
+}
+
+impl From<Which> for Requeue {
+    fn from(which: Which) -> Self {
+        if which.all {
+            Self::All
+        } else {
+            Self::Ids(which.ids)
+        }
+    }
+}
+
 fn requeue(dir: &Path, which: Which, out: &mut Stdout) -> Result<ExitCode, Failure> {
-    let which = if which.all {
-        Requeue::All
-    } else {
-        Requeue::Ids(which.ids)
-    };
-    let requeued = drainpool::journal::requeue(dir, which).map_err(Failure::from_error)?;
+    let requeued = drainpool::journal::requeue(dir, which.into()).map_err(Failure::from_error)?;
     for id in &requeued.ids {
         out.line(id)?;
     }
@@ -428,4 +539,116 @@ fn stats(dir: &Path, as_json: bool, out: &mut Stdout) -> Result<ExitCode, Failur
 
 fn bytes(n: u64) -> String {
     format!("{n} bytes")
+}
+
+/// `inspect --postgres` and `requeue --postgres`: the PostgreSQL store's table.
+#[cfg(feature = "postgres")]
+mod table {
+    use std::process::ExitCode;
+
+    use drainpool::PostgresStore;
+    use drainpool::journal::Requeue;
+    use drainpool::postgres::TableTask;
+    use serde_json::{Value, json};
+
+    use super::{Command, Failure, Fields, Stdout, Table};
+
+    /// `--schema` and `--table` without `--postgres` (clap does not say so when a DIR is
+    /// given): a usage error, not a silent journal read.
+    pub(super) fn check(command: &Command) {
+        let (Command::Inspect { table, .. } | Command::Requeue { table, .. }) = command else {
+            return;
+        };
+        if let Table {
+            postgres: None,
+            schema,
+            table,
+        } = table
+            && (schema.is_some() || table.is_some())
+        {
+            use clap::CommandFactory;
+            super::Cli::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--schema and --table go with --postgres <URL>",
+                )
+                .exit();
+        }
+    }
+
+    /// The store at `url`, with its schema and table if given.
+    pub(super) fn store(
+        url: String,
+        schema: Option<String>,
+        table: Option<String>,
+    ) -> PostgresStore {
+        let store = PostgresStore::new(url);
+        let store = match schema {
+            Some(schema) => store.schema(schema),
+            None => store,
+        };
+        match table {
+            Some(table) => store.table(table),
+            None => store,
+        }
+    }
+
+    /// Runs `work` on a runtime of its own (the store's calls are async).
+    fn block_on<F: std::future::Future>(work: F) -> Result<F::Output, Failure> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::new("could not start a runtime", e))?;
+        Ok(runtime.block_on(work))
+    }
+
+    pub(super) fn inspect(
+        store: &PostgresStore,
+        dead: bool,
+        out: &mut Stdout,
+    ) -> Result<ExitCode, Failure> {
+        let contents = block_on(store.inspect())?.map_err(Failure::from_error)?;
+        let tasks = if dead { &contents.dead } else { &contents.live };
+        for task in tasks {
+            out.line(task_json(task))?;
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn task_json(task: &TableTask) -> Value {
+        Fields {
+            id: task.id,
+            attempts: task.attempts,
+            interruptions: task.interruptions,
+            interrupted: task.interrupted,
+            enqueued_at_ms: task.enqueued_at_ms,
+            not_before_ms: task.not_before_ms,
+            last_error: task.last_error.as_deref(),
+            payload: &task.payload,
+        }
+        .json([
+            ("lease_owner", json!(task.lease_owner)),
+            ("dead_at_ms", json!(task.dead_at_ms)),
+        ])
+    }
+
+    pub(super) fn requeue(
+        store: &PostgresStore,
+        which: Requeue,
+        out: &mut Stdout,
+    ) -> Result<ExitCode, Failure> {
+        let requeued = block_on(store.requeue(which))?.map_err(Failure::from_error)?;
+        for id in &requeued.ids {
+            out.line(id)?;
+        }
+        if requeued.ids.is_empty() {
+            eprintln!("drainpool: no dead letters to requeue");
+        } else {
+            eprintln!(
+                "drainpool: requeued {} dead letter(s) in the table; the pools on it run them now",
+                requeued.ids.len()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
 }

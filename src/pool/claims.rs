@@ -16,6 +16,14 @@
 //! - **The handoff** writes queued (at the trigger) or interrupted (at the end) tasks in one
 //!   transaction. When it fails, the tasks go to the local journal as before, the failure is in
 //!   the report, and the later handoffs of this shutdown go straight there.
+//! - **The committer** (write-ahead mode, from `build` on) inserts the tasks waiting in
+//!   [`Commits`] in one statement, leased to this pool, answers their submits, and takes the
+//!   next batch: the more submits arrive during one commit, the more the next one carries. A
+//!   submit that gave up waiting (the store's timeout, or its future dropped) and a batch that
+//!   failed have their rows, if any were committed after all, deleted by the next settle. It
+//!   stops once the last worker is gone, committing what is left first.
+//! - **Dead letters** go to the store (a row marked dead), or to the local journal when the
+//!   store cannot take them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,10 +33,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::job::{Job, now_ms};
-use super::remote::{Claimed, Claims, Connect, StoredTask};
+use super::remote::{Claimed, Claims, Commits, Connect, Lease, StoredTask};
 use super::shared::Shared;
-use crate::error::{JournalError, StartError};
-use crate::journal::{Journal, Recovered};
+use crate::error::{JournalError, StartError, SubmitError};
+use crate::journal::{Journal, Recovered, TaskState};
+use crate::task::TaskId;
 
 /// How soon the claimer looks again after a full batch, or while the queue has no room.
 const CLAIM_AGAIN: Duration = Duration::from_millis(20);
@@ -40,6 +49,7 @@ pub(crate) async fn open(
     connect: &dyn Connect,
     journal: Journal,
     recovered: Vec<Recovered<Vec<u8>>>,
+    write_ahead: bool,
 ) -> Result<(Journal, Claims), StartError> {
     let forwarded = recovered.len() as u64;
     let forward = recovered
@@ -67,7 +77,7 @@ pub(crate) async fn open(
             "handed on the locally journaled tasks to the shared store"
         );
     }
-    Ok((journal, Claims::new(remote, forwarded)))
+    Ok((journal, Claims::new(remote, forwarded, write_ahead)))
 }
 
 async fn blocking(
@@ -82,17 +92,30 @@ async fn blocking(
         .map_err(StartError::from)
 }
 
-/// Starts the claimer and the heartbeat, owned by the pool's background tracker (once the
-/// workers run: a pool that runs nothing claims nothing). Started after the shutdown stopped
-/// them, they see their tokens cancelled and end at once.
+/// Starts the heartbeat and, in write-ahead mode, the committer, owned by the pool's
+/// background tracker, at `build` (tasks submitted before the workers run are committed and
+/// their leases renewed).
+pub(crate) fn spawn_at_build<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
+    let Some(claims) = &shared.remote else {
+        return;
+    };
+    let heartbeat = heartbeat(Arc::clone(shared), claims.heartbeat.token());
+    claims.heartbeat.own(shared.background.spawn(heartbeat));
+    if claims.commits.is_some() {
+        let committer = committer(Arc::clone(shared), claims.committer.token());
+        claims.committer.own(shared.background.spawn(committer));
+    }
+}
+
+/// Starts the claimer, owned by the pool's background tracker (once the workers run: a pool
+/// that runs nothing claims nothing). Started after the shutdown stopped it, it sees its
+/// token cancelled and ends at once.
 pub(crate) fn spawn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
     let Some(claims) = &shared.remote else {
         return;
     };
     let claimer = claimer(Arc::clone(shared), claims.claimer.token());
     claims.claimer.own(shared.background.spawn(claimer));
-    let heartbeat = heartbeat(Arc::clone(shared), claims.heartbeat.token());
-    claims.heartbeat.own(shared.background.spawn(heartbeat));
 }
 
 /// The claimer: see the module docs.
@@ -224,14 +247,21 @@ async fn renew(claims: &Claims, lease: Duration) {
     if claims.held() > 0 {
         let sent = Instant::now();
         match tokio::time::timeout(lease / 4, claims.store.renew()).await {
-            Ok(Ok(still)) => claims.renewed(&still, sent),
+            Ok(Ok(still)) => {
+                claims.reached(None);
+                claims.renewed(&still, sent);
+            }
             Ok(Err(error)) => {
                 tracing::warn!(
                     error = &*error as &dyn std::error::Error,
                     "renewing leases failed"
                 );
+                claims.reached(Some(&error));
             }
-            Err(_) => tracing::warn!("renewing leases took over a quarter lease; given up"),
+            Err(_) => {
+                tracing::warn!("renewing leases took over a quarter lease; given up");
+                claims.reached(Some(&claims.store.timed_out("renew leases")));
+            }
         }
     }
     claims.expire(lease * 3 / 4);
@@ -254,15 +284,178 @@ async fn settle(claims: &Claims) {
     }
 }
 
+/// The committer: see the module docs.
+async fn committer<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, stop: CancellationToken) {
+    let Some(claims) = &shared.remote else {
+        return;
+    };
+    let Some(commits) = &claims.commits else {
+        return;
+    };
+    loop {
+        let stopping = tokio::select! {
+            biased;
+            () = commits.ready.notified() => false,
+            () = stop.cancelled() => true,
+        };
+        if stopping {
+            // Nothing is pushed after the last take below.
+            commits.close();
+        }
+        loop {
+            let (tasks, answers) = commits.take();
+            if tasks.is_empty() {
+                break;
+            }
+            commit(claims, tasks, answers).await;
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Commits one batch and answers its submits.
+async fn commit(
+    claims: &Claims,
+    tasks: Vec<StoredTask>,
+    answers: Vec<tokio::sync::oneshot::Sender<super::remote::Committed>>,
+) {
+    let ids: Vec<TaskId> = tasks.iter().map(|task| task.id).collect();
+    let sent = Instant::now();
+    let result = claims.store.write_ahead(tasks).await;
+    let mut revoked = Vec::new();
+    match &result {
+        Ok(()) => claims.reached(None),
+        Err(error) => {
+            tracing::warn!(
+                error = &**error as &dyn std::error::Error,
+                tasks = ids.len(),
+                "write-ahead commit to the shared store failed; the submits are refused"
+            );
+            claims.reached(Some(error));
+            // The commit's answer may be what was lost: their rows go if they exist.
+            revoked.clone_from(&ids);
+        }
+    }
+    for (id, answer) in ids.into_iter().zip(answers) {
+        let delivered = answer.send(result.clone().map(|()| sent)).is_ok();
+        if !delivered && result.is_ok() {
+            // Its submit gave up (or was dropped) while the row was committed: not accepted.
+            revoked.push(id);
+        }
+    }
+    if !revoked.is_empty() {
+        claims.revoke(revoked);
+    }
+}
+
 impl<T: Send + Sync + 'static> Shared<T> {
-    /// A claimed task set aside: its dead letter written to the local journal, then its row
-    /// deleted. If the dead letter cannot be written the row stays, and its lease expires.
+    /// The shared store and its commits, in the store's write-ahead mode.
+    pub(crate) fn store_commits(&self) -> Option<(&Claims, &Commits)> {
+        let claims = self.remote.as_ref()?;
+        Some((claims, claims.commits.as_ref()?))
+    }
+
+    /// Write-ahead with the shared store: commits a new task's row, leased to this pool
+    /// (sharing the commit with the submits waiting meanwhile), and takes its lease; hands
+    /// the payload back with the lease, or refuses the task. Waits the store's timeout at
+    /// most.
+    pub(crate) async fn commit_first(
+        &self,
+        claims: &Claims,
+        commits: &Commits,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+    ) -> Result<(T, Arc<Lease>), SubmitError<T>> {
+        let (payload, bytes) = self.encoded(payload, size)?;
+        let task = StoredTask {
+            id,
+            state,
+            last_error: None,
+            payload: bytes,
+        };
+        // Refused only once the last worker is gone: no submit is left by then.
+        let Some(answer) = commits.push(task) else {
+            return Err(SubmitError::ShuttingDown(payload));
+        };
+        let timeout = claims.store.pacing().timeout;
+        let error = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(Ok(sent))) => {
+                let lease = claims.hold(id, self.shutdown.deadline(), sent);
+                return Ok((payload, lease));
+            }
+            Ok(Ok(Err(error))) => error,
+            // The committer is gone (it ended without answering): the row may exist; the
+            // lease expires and another pool runs it, or none does; refused here either way.
+            Ok(Err(_)) => claims.store.timed_out("commit"),
+            // Given up: the committer deletes the row if its commit comes through after all.
+            Err(_) => claims.store.timed_out("commit"),
+        };
+        Err(submit_error(payload, error))
+    }
+
+    /// Keeps a dead letter in the shared store: its row written and marked dead, its lease
+    /// cleared. `Ok(true)`: kept there; `Ok(false)`: another pool holds the task now;
+    /// `Err(payload)`: there is no store, or it could not take it (the local journal keeps it
+    /// then).
+    pub(crate) async fn dead_letter_to_store(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        reason: &str,
+        payload: Vec<u8>,
+    ) -> Result<bool, Vec<u8>> {
+        let Some(claims) = &self.remote else {
+            return Err(payload);
+        };
+        let task = StoredTask {
+            id,
+            state,
+            last_error: Some(reason.into()),
+            payload,
+        };
+        match claims.store.dead_letter(task.clone()).await {
+            Ok(kept) => {
+                claims.release([id]);
+                Ok(kept)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    task = %id,
+                    error = &*error as &dyn std::error::Error,
+                    "the shared store could not keep a dead letter; the local journal keeps it"
+                );
+                Err(task.payload)
+            }
+        }
+    }
+
+    /// A claimed task set aside: its dead letter kept in the store, or else written to the
+    /// local journal and its row deleted. If neither can be written the row stays, and its
+    /// lease expires.
     async fn dead_letter_claimed(&self, task: StoredTask, reason: String) {
         let id = task.id;
         tracing::warn!(task = %id, %reason, "claimed task kept as a dead letter");
+        let payload = match self
+            .dead_letter_to_store(id, task.state, &reason, task.payload)
+            .await
+        {
+            Ok(true) => {
+                self.counters.failed.add(1);
+                return;
+            }
+            Ok(false) => {
+                self.counters.dropped.add(1);
+                return;
+            }
+            Err(payload) => payload,
+        };
         match self
             .store
-            .dead_letter(id, task.state, reason, task.payload)
+            .dead_letter(id, task.state, reason, payload)
             .await
         {
             Ok(()) => {
@@ -280,6 +473,18 @@ impl<T: Send + Sync + 'static> Shared<T> {
             }
         }
     }
+}
+
+/// The refusal of a write-ahead submit the store could not commit.
+#[cfg(feature = "postgres")]
+fn submit_error<T>(task: T, error: super::remote::RemoteError) -> SubmitError<T> {
+    SubmitError::Postgres { task, error }
+}
+
+/// Without the `postgres` feature no store is ever set, so no submit reaches it.
+#[cfg(not(feature = "postgres"))]
+fn submit_error<T>(task: T, _: super::remote::RemoteError) -> SubmitError<T> {
+    SubmitError::ShuttingDown(task)
 }
 
 /// Hands `jobs` off to the shared store in one transaction. Returns how many were committed,

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::remote::Connect;
 use crate::error::StartError;
 use crate::journal;
-use crate::policy::Durability;
+use crate::policy::{Durability, SyncPolicy};
 
 /// The default drain deadline: 25 s, to fit Kubernetes' default 30 s grace period.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
@@ -198,12 +198,19 @@ impl Config {
         if let Some(remote) = &self.remote {
             remote.check()?;
         }
-        if self.remote.is_some() && self.durability.is_write_ahead() {
+        if self.remote.is_some()
+            && let Some(sync) = self.durability.sync_policy()
+            && sync != SyncPolicy::Always
+        {
+            // With the store, write-ahead means committed in PostgreSQL before `submit`
+            // returns; how durable a commit is, the server's settings say.
             return invalid(
                 "durability",
-                "write-ahead durability with the PostgreSQL store is not supported yet; use \
-                 Durability::on_shutdown() (tasks are handed off at shutdown)"
-                    .into(),
+                format!(
+                    "with the PostgreSQL store, write-ahead takes SyncPolicy::Always only (a task \
+                     is committed before submit returns), not {sync:?}; to relax the commit, set \
+                     synchronous_commit = off on the database role instead"
+                ),
             );
         }
         let Some(dir) = self.journal_dir.clone() else {

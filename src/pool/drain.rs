@@ -85,6 +85,9 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     // finishes (the heartbeat settles the last ones as it stops).
     shutdown.flusher.stop().await;
     if let Some(claims) = &shared.remote {
+        // What is left to commit first (the follow-ups of the last handlers), then the
+        // settles, with the leases still renewed meanwhile.
+        claims.committer.stop().await;
         claims.heartbeat.stop().await;
     }
     // Whatever is still held, and the tasks waiting for a retry (they keep their time).

@@ -285,10 +285,18 @@ impl<T> Pool<T> {
         if shared.shutdown.trigger().is_cancelled() || shared.queue.is_closed() {
             return Health::ShuttingDown;
         }
-        match self.journal_problem() {
-            Some(error) => Health::JournalUnavailable(error),
-            None => Health::Ready,
+        if let Some(error) = self.journal_problem() {
+            return Health::JournalUnavailable(error);
         }
+        // Write-ahead with the store: submits need the server.
+        #[cfg(feature = "postgres")]
+        if let Some(claims) = &shared.remote
+            && claims.commits.is_some()
+            && let Some(error) = claims.trouble()
+        {
+            return Health::StoreUnavailable(error);
+        }
+        Health::Ready
     }
 
     /// Why the journal cannot take what the pool holds, if it cannot: it failed, or the spill

@@ -1,5 +1,5 @@
 //! Intake: `submit` and `try_submit`. The size check, a fresh id, and in write-ahead mode the
-//! task's record, durable before the task is queued.
+//! task's record (or, with the shared store, its row), durable before the task is queued.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 
 use super::job::{Held, Job, task_span};
 use super::queue::NoRoom;
+use super::remote::Lease;
 use super::shared::Shared;
 use super::worker::{Host, running_for};
 use super::write_ahead::WriteAhead;
@@ -48,7 +49,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             drop(permit);
             return self.too_late(payload).await;
         }
-        if self.write_ahead.is_some() {
+        if self.writes_ahead() {
             return self.write_ahead(permit, payload, size).await;
         }
         let payload = self.reserve_room(payload, size)?;
@@ -56,8 +57,14 @@ impl<T: Send + Sync + 'static> Shared<T> {
         Ok(self.accept(permit, id, state, payload, size, false))
     }
 
+    /// Whether every task is made durable before it is accepted: the file journal's
+    /// write-ahead mode, or the shared store's.
+    fn writes_ahead(&self) -> bool {
+        self.write_ahead.is_some() || self.store_commits().is_some()
+    }
+
     pub(crate) fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
-        if self.queue.is_closed() && self.write_ahead.is_none() && self.in_own_handler() {
+        if self.queue.is_closed() && !self.writes_ahead() && self.in_own_handler() {
             // A follow-up in the on-shutdown mode needs no wait: it goes to the spill.
             let (payload, size) = self.checked(payload)?;
             return Ok(self.hold_follow_up(payload, size, false));
@@ -66,8 +73,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Err(SubmitError::ShuttingDown(payload));
         }
         let (payload, size) = self.checked(payload)?;
-        if self.write_ahead.is_some() {
-            // Journaling waits for the disk; only `submit` can do that.
+        if self.writes_ahead() {
+            // Journaling waits for the disk (or the store); only `submit` can do that.
             return Err(SubmitError::WouldBlock(payload));
         }
         match self.queue.try_reserve() {
@@ -81,8 +88,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// Write-ahead: journals the task (and waits for the fsync the policy asks for) before
-    /// queueing it.
+    /// Write-ahead: journals the task (and waits for the fsync the policy asks for), or
+    /// commits its row to the shared store, before queueing it.
     async fn write_ahead(
         &self,
         permit: mpsc::Permit<'_, Job<T>>,
@@ -90,13 +97,51 @@ impl<T: Send + Sync + 'static> Shared<T> {
         size: usize,
     ) -> Result<TaskId, SubmitError<T>> {
         let (id, state) = self.ids.fresh();
-        let Some(write_ahead) = &self.write_ahead else {
-            return Ok(self.accept(permit, id, state, payload, size, false));
-        };
-        let payload = self
-            .journal_first(write_ahead, id, state, payload, size)
-            .await?;
-        Ok(self.accept(permit, id, state, payload, size, true))
+        let (payload, lease) = self.write_first(id, state, payload, size).await?;
+        permit.send(self.durable_job(id, state, payload, size, lease));
+        self.count_accepted(size);
+        Ok(id)
+    }
+
+    /// Write-ahead: makes a new task durable, in the file journal or (with the shared store)
+    /// as a row leased to this pool, whose lease comes back with the payload.
+    async fn write_first(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+    ) -> Result<(T, Option<Arc<Lease>>), SubmitError<T>> {
+        if let Some((claims, commits)) = self.store_commits() {
+            let (payload, lease) = self
+                .commit_first(claims, commits, id, state, payload, size)
+                .await?;
+            return Ok((payload, Some(lease)));
+        }
+        match &self.write_ahead {
+            Some(write_ahead) => {
+                let payload = self
+                    .journal_first(write_ahead, id, state, payload, size)
+                    .await?;
+                Ok((payload, None))
+            }
+            None => Ok((payload, None)),
+        }
+    }
+
+    /// The job of a task `write_first` made durable: journaled, or leased in the store.
+    fn durable_job(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+        lease: Option<Arc<Lease>>,
+    ) -> Job<T> {
+        let journaled = lease.is_none() && self.write_ahead.is_some();
+        let mut job = self.job(id, state, payload, size, journaled);
+        job.lease = lease;
+        job
     }
 
     /// Write-ahead: journals a new task's record and waits for its batch (and the fsync the
@@ -109,13 +154,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         payload: T,
         size: usize,
     ) -> Result<T, SubmitError<T>> {
-        let mut bytes = Vec::with_capacity(size);
-        if let Err(source) = self.codec.encode(&payload, &mut bytes) {
-            return Err(SubmitError::Unserializable {
-                task: payload,
-                source,
-            });
-        }
+        let (payload, bytes) = self.encoded(payload, size)?;
         let record = TaskRecord {
             id,
             state,
@@ -133,6 +172,18 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
+    /// The payload and its encoding (`size` bytes, as checked at submit), or the refusal.
+    pub(crate) fn encoded(&self, payload: T, size: usize) -> Result<(T, Vec<u8>), SubmitError<T>> {
+        let mut bytes = Vec::with_capacity(size);
+        match self.codec.encode(&payload, &mut bytes) {
+            Ok(()) => Ok((payload, bytes)),
+            Err(source) => Err(SubmitError::Unserializable {
+                task: payload,
+                source,
+            }),
+        }
+    }
+
     /// Whether this runs inside one of this pool's handlers.
     fn in_own_handler(&self) -> bool {
         running_for() == Some(self.key())
@@ -146,14 +197,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Err(SubmitError::ShuttingDown(payload));
         }
         let (payload, size) = self.checked(payload)?;
-        let Some(write_ahead) = &self.write_ahead else {
+        if !self.writes_ahead() {
             return Ok(self.hold_follow_up(payload, size, false));
-        };
+        }
         let (id, state) = self.ids.fresh();
-        let payload = self
-            .journal_first(write_ahead, id, state, payload, size)
-            .await?;
-        Ok(self.hold(id, state, payload, size, true))
+        let (payload, lease) = self.write_first(id, state, payload, size).await?;
+        Ok(self.hold(self.durable_job(id, state, payload, size, lease), size))
     }
 
     /// A follow-up from one of this pool's own running handlers: queued at once, ahead of the
@@ -162,7 +211,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// write-ahead mode.
     async fn follow_up(&self, payload: T, size: usize) -> Result<TaskId, SubmitError<T>> {
         if let Ok(permit) = self.queue.try_reserve() {
-            if self.write_ahead.is_some() {
+            if self.writes_ahead() {
                 return self.write_ahead(permit, payload, size).await;
             }
             let payload = self.reserve_room(payload, size)?;
@@ -171,16 +220,13 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
-        let journaled = self.write_ahead.is_some();
-        let payload = match &self.write_ahead {
-            None => payload,
-            Some(write_ahead) => {
-                self.journal_first(write_ahead, id, state, payload, size)
-                    .await?
-            }
+        let job = if self.writes_ahead() {
+            let (payload, lease) = self.write_first(id, state, payload, size).await?;
+            self.durable_job(id, state, payload, size, lease)
+        } else {
+            self.job(id, state, payload, size, false)
         };
-        self.queue
-            .push_backlog(self.job(id, state, payload, size, journaled));
+        self.queue.push_backlog(job);
         self.count_accepted(size);
         Ok(id)
     }
@@ -221,23 +267,14 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
     fn hold_follow_up(&self, payload: T, size: usize, journaled: bool) -> TaskId {
         let (id, state) = self.ids.fresh();
-        self.hold(id, state, payload, size, journaled)
+        self.hold(self.job(id, state, payload, size, journaled), size)
     }
 
-    /// Keeps an accepted follow-up for the final spill, and counts it.
-    fn hold(
-        &self,
-        id: TaskId,
-        state: TaskState,
-        payload: T,
-        size: usize,
-        journaled: bool,
-    ) -> TaskId {
+    /// Keeps an accepted follow-up (`size` encoded bytes) for the final spill, and counts it.
+    fn hold(&self, job: Job<T>, size: usize) -> TaskId {
+        let id = job.id;
         tracing::debug!(task = %id, "follow-up submitted during the drain; kept for the spill");
-        self.shutdown.hold(
-            Held::FollowUp,
-            self.job(id, state, payload, size, journaled),
-        );
+        self.shutdown.hold(Held::FollowUp, job);
         self.count_accepted(size);
         id
     }

@@ -180,19 +180,38 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// Writes a dead letter, durably. On failure the task is held for the final spill instead.
+    /// Writes a dead letter, durably: in the shared store if there is one and it takes it,
+    /// else in the local journal. On failure the task is held for the final spill instead.
     async fn dead_letter(&self, mut job: Job<T>, error: String) {
         let mut payload = Vec::new();
         let written = match self.codec.encode(&job.payload, &mut payload) {
-            Ok(()) => self
-                .store
-                .dead_letter(job.id, job.state, error.clone(), payload)
+            Ok(()) => match self
+                .dead_letter_to_store(job.id, job.state, &error, payload)
                 .await
-                .map_err(|e| e.to_string()),
+            {
+                Ok(kept) => Ok(Some(kept)),
+                Err(payload) => self
+                    .store
+                    .dead_letter(job.id, job.state, error.clone(), payload)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string()),
+            },
             Err(e) => Err(e.to_string()),
         };
         match written {
-            Ok(()) => {
+            // Its row is the dead letter now (its lease let go): nothing more to record.
+            Ok(Some(true)) => {
+                tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter in the shared store");
+                self.counters.failed.add(1);
+                self.unreserve(&job);
+            }
+            // Another pool holds it now.
+            Ok(Some(false)) => {
+                self.given_up(&job);
+                self.unreserve(&job);
+            }
+            Ok(None) => {
                 tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter");
                 self.counters.failed.add(1);
                 self.unreserve(&job);

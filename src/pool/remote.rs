@@ -15,10 +15,16 @@
 //! - its leases are **renewed** together ([`Remote::renew`]); a task whose lease is gone is no
 //!   longer this pool's: its handler's token fires, and its outcome is not recorded;
 //! - a claimed task that finishes is deleted, one that failed has its new state written
-//!   ([`Remote::settle`], batched); both only while this pool still holds its lease.
+//!   ([`Remote::settle`], batched); both only while this pool still holds its lease;
+//! - in write-ahead mode, every accepted task is **inserted leased to this pool** before
+//!   `submit` returns ([`Remote::write_ahead`], one statement for every submit waiting: a
+//!   group commit), so it is held exactly like a claimed one from then on;
+//! - a task out of attempts is kept as a **dead letter** in the store ([`Remote::dead_letter`]):
+//!   its row marked dead, never claimed again until requeued.
 //!
 //! [`Claims`] is the pool's side of it: the leases held, the outcomes waiting for the next
-//! settle, the first failure. The background tasks that claim and renew are in `claims.rs`.
+//! settle, the first failure, and in write-ahead mode the submits waiting for their commit
+//! ([`Commits`]). The background tasks that claim, renew and commit are in `claims.rs`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -85,6 +91,8 @@ pub(crate) struct Pacing {
     pub(crate) claim_batch: usize,
     /// How often to look for work when no notification comes.
     pub(crate) poll_interval: Duration,
+    /// The bound on each operation.
+    pub(crate) timeout: Duration,
 }
 
 /// Makes the store's connection at start (the settings the user gave, type-erased).
@@ -119,6 +127,16 @@ pub(crate) trait Remote: Send + Sync + 'static {
         done: Vec<TaskId>,
         failed: Vec<Failed>,
     ) -> BoxFuture<'_, Result<(), RemoteError>>;
+    /// Write-ahead: inserts new tasks, leased to this pool for a lease, in one statement
+    /// (one commit). Bounded by the store's timeout; on failure none of them may be relied
+    /// on (a lost answer to the commit leaves them unknown).
+    fn write_ahead(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>>;
+    /// Keeps `task` as a dead letter (its `last_error` the reason): its row is written and
+    /// marked dead, its lease cleared. `Ok(false)`: another pool holds a live lease on it
+    /// (it is that pool's now), nothing was written.
+    fn dead_letter(&self, task: StoredTask) -> BoxFuture<'_, Result<bool, RemoteError>>;
+    /// The error a wait for the store reports when it gave up after the store's timeout.
+    fn timed_out(&self, op: &'static str) -> RemoteError;
     /// Resolves when another pool may have handed off work (a notification).
     fn woken(&self) -> BoxFuture<'_, ()>;
     /// Closes the connections.
@@ -149,8 +167,11 @@ impl Lease {
 /// A lease held, and since when it is known to be good.
 struct Held {
     lease: Arc<Lease>,
-    /// When the claim or the last renewal that covered it was sent.
+    /// When the claim (or insert) or the last renewal that covered it was sent.
     good_since: Instant,
+    /// When the claim or insert was known to be committed: a renewal sent before then may
+    /// not have seen the row yet, so its absence from that renewal's answer means nothing.
+    confirmed: Instant,
 }
 
 /// Outcomes waiting for the next settle.
@@ -181,10 +202,17 @@ pub(crate) struct Claims {
     pub(crate) claimer: Owned,
     /// Renewals and settles, stopped once the last worker is gone.
     pub(crate) heartbeat: Owned,
+    /// Write-ahead mode: the submits waiting for their commit. `None` in the on-shutdown mode.
+    pub(crate) commits: Option<Commits>,
+    /// The committer, stopped once the last worker is gone (before the heartbeat).
+    pub(crate) committer: Owned,
+    /// Why the store's last commit or renewal failed, until one succeeds again.
+    trouble: std::sync::Mutex<Option<RemoteError>>,
 }
 
 impl Claims {
-    pub(crate) fn new(store: Arc<dyn Remote>, forwarded: u64) -> Self {
+    /// `write_ahead`: every accepted task is committed to the store before `submit` returns.
+    pub(crate) fn new(store: Arc<dyn Remote>, forwarded: u64, write_ahead: bool) -> Self {
         Self {
             store,
             held: std::sync::Mutex::new(HashMap::new()),
@@ -195,7 +223,27 @@ impl Claims {
             forwarded,
             claimer: Owned::new(),
             heartbeat: Owned::new(),
+            commits: write_ahead.then(Commits::default),
+            committer: Owned::new(),
+            trouble: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A store operation (a commit, a renewal) went through, or failed with `error`.
+    pub(crate) fn reached(&self, error: Option<&RemoteError>) {
+        *lock(&self.trouble) = error.cloned();
+    }
+
+    /// Why the store could not be reached the last time it was tried, if it could not.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        expect(
+            dead_code,
+            reason = "reported by `Pool::health` with the PostgreSQL store only"
+        )
+    )]
+    pub(crate) fn trouble(&self) -> Option<RemoteError> {
+        lock(&self.trouble).clone()
     }
 
     /// Takes a lease on `id`, claimed by a call sent at `sent`; its token is a child of
@@ -213,6 +261,7 @@ impl Claims {
         let held = Held {
             lease: Arc::clone(&lease),
             good_since: sent,
+            confirmed: Instant::now(),
         };
         lock(&self.held).insert(id, held);
         lease
@@ -227,6 +276,13 @@ impl Claims {
     pub(crate) fn done(&self, id: TaskId) {
         lock(&self.held).remove(&id);
         lock(&self.pending).done.push(id);
+        self.settle_ready.notify_one();
+    }
+
+    /// Rows this pool may have committed for tasks it did not accept after all (a
+    /// write-ahead submit that was refused): deleted by the next settle, if they exist.
+    pub(crate) fn revoke(&self, ids: Vec<TaskId>) {
+        lock(&self.pending).done.extend(ids);
         self.settle_ready.notify_one();
     }
 
@@ -268,8 +324,8 @@ impl Claims {
                 held.good_since = held.good_since.max(sent);
                 return true;
             }
-            // Claimed after the renewal was sent, it could not be in it.
-            held.good_since >= sent
+            // Committed after the renewal was sent, it need not be in it.
+            held.confirmed >= sent
         });
     }
 
@@ -302,5 +358,59 @@ impl Claims {
     /// The first handoff failure, if any.
     pub(crate) fn handoff_error(&self) -> Option<RemoteError> {
         lock(&self.handoff_error).clone()
+    }
+}
+
+/// How a write-ahead submit's commit went: the time its statement was sent (its lease counts
+/// from then), or why it failed.
+pub(crate) type Committed = Result<Instant, RemoteError>;
+
+/// Write-ahead: the tasks waiting for the committer, each with its submit's answer.
+#[derive(Default)]
+pub(crate) struct Commits {
+    waiting: std::sync::Mutex<Waiting>,
+    /// Wakes the committer.
+    pub(crate) ready: Notify,
+}
+
+#[derive(Default)]
+struct Waiting {
+    tasks: Vec<StoredTask>,
+    answers: Vec<oneshot::Sender<Committed>>,
+    /// The committer stopped: nothing more is taken.
+    closed: bool,
+}
+
+/// A batch the committer took: the tasks, and their submits' answers in the same order.
+pub(crate) type Batch = (Vec<StoredTask>, Vec<oneshot::Sender<Committed>>);
+
+impl Commits {
+    /// Hands a task to the committer; `None` once it has stopped.
+    pub(crate) fn push(&self, task: StoredTask) -> Option<oneshot::Receiver<Committed>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiting = lock(&self.waiting);
+            if waiting.closed {
+                return None;
+            }
+            waiting.tasks.push(task);
+            waiting.answers.push(tx);
+        }
+        self.ready.notify_one();
+        Some(rx)
+    }
+
+    /// Everything waiting, taken (empty when nothing is).
+    pub(crate) fn take(&self) -> Batch {
+        let mut waiting = lock(&self.waiting);
+        (
+            std::mem::take(&mut waiting.tasks),
+            std::mem::take(&mut waiting.answers),
+        )
+    }
+
+    /// From now on nothing is taken: later pushes are refused.
+    pub(crate) fn close(&self) {
+        lock(&self.waiting).closed = true;
     }
 }

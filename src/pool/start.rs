@@ -127,8 +127,10 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let ops = config.file_ops.clone();
     let want_probe = matches!(settled, Settled::GracePeriod { .. });
     let decoder = codec.clone();
-    let write_ahead = config.durability.is_write_ahead();
-    let want_reserve = config.spill_reserve;
+    // With the shared store, write-ahead goes to its table: the file journal holds no task
+    // while the pool runs.
+    let write_ahead = config.durability.is_write_ahead() && config.remote.is_none();
+    let want_reserve = config.spill_reserve && !config.durability.is_write_ahead();
     let reserve_ops = config.file_ops.clone();
     let (now, wall) = (Instant::now(), now_ms());
     let forwarding = config.remote.is_some();
@@ -150,7 +152,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
             journal.adopt_obsolete();
         }
         // The spill reserve's first step: a journal that cannot take it fails the start.
-        let reserve = (want_reserve && !write_ahead)
+        let reserve = want_reserve
             .then(|| Reserve::create(&open_dir, reserve_ops, reserve::STEP))
             .transpose()?;
         let replay = replay(&mut journal, &mut report, recovered, write_ahead, now, wall);
@@ -166,7 +168,8 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     // With a shared store: the run number from it, and the local tasks handed on to it.
     let (journal, remote) = match &config.remote {
         Some(connect) => {
-            let (journal, claims) = claims::open(&**connect, journal, forward).await?;
+            let write_ahead = config.durability.is_write_ahead();
+            let (journal, claims) = claims::open(&**connect, journal, forward, write_ahead).await?;
             #[cfg(feature = "postgres")]
             {
                 recovery.forwarded = claims.forwarded;
@@ -199,7 +202,10 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     } = replay;
     recovery.replayed = (backlog.len() + waiting.len()) as u64;
     let replayed = recovery.replayed;
-    let sync = config.durability.sync_policy();
+    let sync = config
+        .durability
+        .sync_policy()
+        .filter(|_| config.remote.is_none());
 
     // A child token: the pool's own shutdown (or its drop) never cancels the user's token.
     let trigger = config
@@ -255,6 +261,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         .background
         .spawn(upkeep::upkeep(Arc::clone(&shared), shutdown.upkeep_stop()));
     shutdown.own(flusher, upkeep);
+    claims::spawn_at_build(&shared);
     shared.background.spawn(supervise(Arc::clone(&shared)));
     shared.background.close();
     tracing::info!(

@@ -1,23 +1,29 @@
 //! PostgreSQL (the `postgres` feature): the store, the table where pools on several machines
 //! hand their unfinished tasks to each other; and [`Lease`], for loops only one replica may run.
 //!
-//! The pool still runs from memory (on-shutdown durability). At shutdown it hands its queued
-//! tasks (at the trigger) and its interrupted ones (at the end) to the table, one transaction
-//! each, and notifies; every pool on the table claims what is due, in id order, under a lease
-//! it renews; a pool that dies leaves leases that expire, and another pool rescues those tasks.
-//! When PostgreSQL cannot take a handoff, the tasks go to the pool's local journal, and the next
-//! start on that directory hands them on. The protocol is in `pool/remote.rs`, the pool's side
-//! in `pool/claims.rs`; this module knows SQL and connections only:
+//! In the on-shutdown mode the pool runs from memory; at shutdown it hands its queued tasks (at
+//! the trigger) and its interrupted ones (at the end) to the table, one transaction each, and
+//! notifies. In write-ahead mode (`Durability::write_ahead(SyncPolicy::Always)`) every task
+//! `submit` accepts is first a committed row, leased to its pool (concurrent submits share one
+//! commit), so a SIGKILL loses nothing accepted. Every pool on the table claims what is due,
+//! in id order, under a lease it renews; a pool that dies leaves leases that expire, and
+//! another pool rescues those tasks. When PostgreSQL cannot take a handoff, the tasks go to
+//! the pool's local journal, and the next start on that directory hands them on. Dead letters
+//! are rows marked dead, listed and requeued with [`PostgresStore::inspect`] and
+//! [`PostgresStore::requeue`]. The protocol is in `pool/remote.rs`, the pool's side in
+//! `pool/claims.rs`; this module knows SQL and connections only:
 //!
 //! | file | what it holds |
 //! | --- | --- |
 //! | `mod.rs` | [`PostgresStore`], the settings, and the pool's way in (`Connect`) |
 //! | `schema.rs` | names, the migration script, the statements |
-//! | `store.rs` | the operations: run number, handoff, claim, renew, settle |
+//! | `store.rs` | the operations: run number, handoff, claim, renew, settle, commit, dead letter |
 //! | `link.rs` | one connection per role, made again after it broke, every use bounded |
+//! | `admin.rs` | the table from outside a pool: [`PostgresStore::inspect`], [`PostgresStore::requeue`] |
 //! | `error.rs` | [`PostgresError`] |
 //! | `lease.rs` | [`Lease`]: one holder at a time, renewed, released, lost before it expires |
 
+mod admin;
 mod error;
 mod lease;
 mod link;
@@ -29,6 +35,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::admin::{Contents, RequeueError, Requeued, TableTask};
 pub use self::error::PostgresError;
 pub use self::lease::{Lease, LeaseBuilder, LeaseError};
 use self::schema::Sql;
@@ -58,6 +65,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 ///     .await?;
 /// # Ok(()) }
 /// ```
+///
+/// With [`Durability::write_ahead`](crate::Durability::write_ahead), every accepted task is
+/// committed to the table before `submit` returns, and only
+/// [`SyncPolicy::Always`](crate::SyncPolicy::Always) is taken: the commit is the durability point, as durable as
+/// the server makes it (`synchronous_commit`); `Interval` and `Never` are refused at start.
+/// An unreachable server makes `submit` fail within [`timeout`](Self::timeout) with
+/// [`SubmitError::Postgres`](crate::SubmitError::Postgres), the task handed back.
 ///
 /// TLS is not supported yet: the connection is made without it (`sslmode=require` fails).
 #[derive(Clone)]
@@ -150,8 +164,9 @@ impl PostgresStore {
     }
 
     /// The bound on connecting and on each operation (a handoff's whole transaction
-    /// included). Count it in the shutdown's budget: the final handoff comes after the drain
-    /// deadline and the cancel grace.
+    /// included), and on a write-ahead `submit`'s wait for its commit. Count it in the
+    /// shutdown's budget: the final handoff comes after the drain deadline and the cancel
+    /// grace.
     ///
     /// The default is 5 s; more than zero.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -208,6 +223,7 @@ impl PostgresStore {
                 lease: self.lease,
                 claim_batch: self.claim_batch,
                 poll_interval: self.poll_interval,
+                timeout: self.timeout,
             },
             timeout: self.timeout,
             migrate: self.migrate,

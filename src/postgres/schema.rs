@@ -11,7 +11,7 @@
 //! Rules for the next migration: append it to the script, guarded by `IF NOT EXISTS` or the
 //! version, and raise [`VERSION`]; never edit an applied one.
 //!
-//! The tasks table, version 1:
+//! The tasks table, version 2 (version 1 without `dead_at`):
 //!
 //! | column | type | what |
 //! | --- | --- | --- |
@@ -25,11 +25,12 @@
 //! | `payload` | `bytea` | the payload, as the pool's codec encoded it |
 //! | `lease_owner` | `bigint`, null | the run number of the pool that claimed it |
 //! | `lease_expires` | `timestamptz`, null | until when that claim holds without renewal |
+//! | `dead_at` | `timestamptz`, null | set: a dead letter, since then (its `run_after` is `infinity`, so no pool claims it, a version-1 pool during a rolling upgrade included) |
 
 use super::error::PostgresError;
 
 /// The schema version this build reads and writes.
-pub(super) const VERSION: i32 = 1;
+pub(super) const VERSION: i32 = 2;
 
 /// The default schema.
 pub(super) const DEFAULT_SCHEMA: &str = "public";
@@ -48,6 +49,7 @@ pub(super) struct Sql {
     tasks: String,
     meta: String,
     index: String,
+    dead_index: String,
     /// The notification channel, quoted.
     pub(super) channel: String,
     /// The advisory lock's key, a literal.
@@ -87,6 +89,7 @@ impl Sql {
             tasks: format!("\"{schema}\".\"{table}\""),
             meta: format!("\"{schema}\".\"{table}_meta\""),
             index: format!("\"{table}_lease\""),
+            dead_index: format!("\"{table}_dead\""),
             channel: format!("\"{channel}\""),
             lock_key: format!("'drainpool {schema}.{table}'"),
         })
@@ -99,6 +102,7 @@ impl Sql {
             tasks,
             meta,
             index,
+            dead_index,
             lock_key,
             ..
         } = self;
@@ -140,6 +144,20 @@ CREATE TABLE IF NOT EXISTS {tasks} (
 );
 CREATE INDEX IF NOT EXISTS {index} ON {tasks} (lease_owner) WHERE lease_owner IS NOT NULL;
 UPDATE {meta} SET version = 1 WHERE version < 1;
+
+-- Version 2: dead letters are rows, dead_at set and run_after 'infinity' (so that no pool
+-- claims one, a version-1 pool still running during a rolling upgrade included). Behind the
+-- version, so that a start on a table already there takes no lock on it (ALTER TABLE's
+-- would stop every pool's claims and inserts while it waits).
+DO $$
+BEGIN
+    IF (SELECT version FROM {meta}) < 2 THEN
+        ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS dead_at timestamptz;
+        CREATE INDEX IF NOT EXISTS {dead_index} ON {tasks} (run, seq) WHERE dead_at IS NOT NULL;
+        UPDATE {meta} SET version = 2 WHERE version < 2;
+    END IF;
+END
+$$;
 
 COMMIT;
 "
@@ -193,6 +211,7 @@ COMMIT;
             "WITH c AS ( \
                  SELECT run, seq, lease_owner IS NOT NULL AS rescued FROM {t} \
                  WHERE run_after <= now() AND (lease_owner IS NULL OR lease_expires < now()) \
+                     AND dead_at IS NULL \
                  ORDER BY run, seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
              UPDATE {t} AS t SET lease_owner = $2, \
                  lease_expires = now() + make_interval(secs => $3), \
@@ -204,6 +223,73 @@ COMMIT;
                  (extract(epoch FROM t.run_after) * 1000)::int8, \
                  t.last_error, t.payload, c.rescued",
             t = self.tasks
+        )
+    }
+
+    /// Write-ahead: inserts new tasks (arrays: run, seq, enqueued ms, payload), due at once and
+    /// leased to owner `$5` for `$6` seconds.
+    pub(super) fn write_ahead(&self) -> String {
+        format!(
+            "INSERT INTO {} (run, seq, enqueued_at, run_after, payload, lease_owner, \
+                 lease_expires) \
+             SELECT r, s, to_timestamp(e / 1000.0), to_timestamp(0), p, $5, \
+                 now() + make_interval(secs => $6) \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::bytea[]) AS u(r, s, e, p)",
+            self.tasks
+        )
+    }
+
+    /// Writes one task as a dead letter (`$7`: the reason), its lease cleared, unless another
+    /// pool than `$9` holds a live lease on it; returns a row if written.
+    pub(super) fn dead_letter(&self) -> String {
+        format!(
+            "INSERT INTO {} AS t (run, seq, attempts, interruptions, interrupted, enqueued_at, \
+                 run_after, last_error, payload, dead_at) \
+             VALUES ($1::int8, $2::int8, $3::int8, $4::int8, $5::bool, \
+                 to_timestamp($6::int8 / 1000.0), 'infinity', $7::text, $8::bytea, now()) \
+             ON CONFLICT (run, seq) DO UPDATE SET attempts = EXCLUDED.attempts, \
+                 interruptions = EXCLUDED.interruptions, interrupted = EXCLUDED.interrupted, \
+                 run_after = 'infinity', last_error = EXCLUDED.last_error, \
+                 payload = EXCLUDED.payload, dead_at = now(), lease_owner = NULL, \
+                 lease_expires = NULL \
+             WHERE t.lease_owner IS NULL OR t.lease_owner = $9::int8 \
+                 OR t.lease_expires < now() \
+             RETURNING 1",
+            self.tasks
+        )
+    }
+
+    /// Every task, live and dead, in id order.
+    pub(super) fn list(&self) -> String {
+        format!(
+            "SELECT run, seq, attempts, interruptions, interrupted, {enqueued}, \
+                 CASE WHEN run_after = 'infinity' THEN 0 ELSE {run_after} END, \
+                 last_error, payload, lease_owner, {dead_at} \
+             FROM {t} ORDER BY run, seq",
+            t = self.tasks,
+            enqueued = ms("enqueued_at"),
+            run_after = ms("run_after"),
+            dead_at = ms("dead_at"),
+        )
+    }
+
+    /// Takes dead letters back (every one, or those of the ids `$1`, `$2`): live again, due at
+    /// once, attempts and interruptions reset, the last error kept. Returns their ids.
+    pub(super) fn requeue(&self, all: bool) -> String {
+        let (from, only) = if all {
+            ("", "")
+        } else {
+            (
+                "FROM unnest($1::int8[], $2::int8[]) AS u(r, s)",
+                "AND t.run = u.r AND t.seq = u.s",
+            )
+        };
+        format!(
+            "UPDATE {} AS t SET dead_at = NULL, run_after = to_timestamp(0), attempts = 0, \
+                 interruptions = 0, interrupted = false, lease_owner = NULL, \
+                 lease_expires = NULL \
+             {from} WHERE t.dead_at IS NOT NULL {only} RETURNING t.run, t.seq",
+            self.tasks
         )
     }
 
@@ -238,6 +324,11 @@ COMMIT;
     }
 }
 
+/// A `timestamptz` column as milliseconds since the Unix epoch (`int8`).
+fn ms(column: &str) -> String {
+    format!("(extract(epoch FROM {column}) * 1000)::int8")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,7 +360,7 @@ mod tests {
     fn the_script_names_its_objects_quoted_and_guards_every_step() {
         let sql = Sql::new("jobs", "tasks").unwrap();
         let script = sql.migration();
-        assert!(script.starts_with("-- drainpool schema, version 1"));
+        assert!(script.starts_with("-- drainpool schema, version 2"));
         assert!(
             script.contains("pg_advisory_xact_lock(hashtextextended('drainpool jobs.tasks', 0))")
         );
@@ -277,8 +368,18 @@ mod tests {
         assert!(script.contains("CREATE TABLE IF NOT EXISTS \"jobs\".\"tasks_meta\" ("));
         assert!(script.contains("\"tasks_lease\" ON \"jobs\".\"tasks\""));
         // Every CREATE is idempotent.
-        for line in script.lines().filter(|l| l.starts_with("CREATE")) {
+        for line in script
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("CREATE") || l.starts_with("ALTER"))
+        {
             assert!(line.contains("IF NOT EXISTS"), "{line}");
+        }
+        // Each version's step is guarded by the version it raises.
+        for version in 1..=VERSION {
+            assert!(script.contains(&format!(
+                "SET version = {version} WHERE version < {version};"
+            )));
         }
         assert_eq!(sql.listen(), "LISTEN \"drainpool.jobs.tasks\"");
     }

@@ -1,6 +1,7 @@
-//! `Store`: the pool's `Remote` over PostgreSQL. Three links, one per role, so that a long
-//! handoff never delays a renewal: the claimer's (which listens), the heartbeat's (renewals
-//! and settles), and the handoff's (start and shutdown).
+//! `Store`: the pool's `Remote` over PostgreSQL. Four links, one per role, so that a long
+//! handoff or a write-ahead batch never delays a renewal: the claimer's (which listens), the
+//! heartbeat's (renewals, settles and dead letters), the handoff's (start and shutdown), and
+//! the committer's (write-ahead batches; connected at the first one).
 //!
 //! Task ids and counts go to `bigint` columns: a `u64` is stored as the `i64` with the same
 //! bits (run numbers and sequence numbers stay far below 2^63, so the order holds; a start
@@ -34,6 +35,8 @@ pub(super) struct Store {
     claimer: Link,
     heartbeat: Link,
     handoff: Link,
+    /// Write-ahead commits: a link of their own, so a renewal never waits behind a batch.
+    committer: Link,
     notified: Arc<Notify>,
     drivers: TaskTracker,
     timeout: Duration,
@@ -77,6 +80,7 @@ impl Store {
             claimer: link(listen),
             heartbeat: link(None),
             handoff: link(None),
+            committer: link(None),
             sql: Arc::new(sql),
             run: 0,
             pacing,
@@ -105,23 +109,7 @@ impl Store {
     }
 
     async fn check_version(&self) -> Result<(), PostgresError> {
-        let query = self.sql.version();
-        let version = self
-            .handoff
-            .run("check the schema", move |client| {
-                Box::pin(async move { client.query_one(&query, &[]).await?.try_get::<_, i32>(0) })
-            })
-            .await?;
-        if version == VERSION {
-            return Ok(());
-        }
-        Err(PostgresError::refused(
-            "check the schema",
-            format!(
-                "the schema is at version {version}, this build needs {VERSION} (print the \
-                 migration with `drainpool schema`, or let the pool migrate)"
-            ),
-        ))
+        check_version(&self.handoff, &self.sql).await
     }
 
     async fn take_run(&self, floor: i64) -> Result<u64, PostgresError> {
@@ -177,6 +165,26 @@ impl Store {
     }
 }
 
+/// Checks that the schema is at this build's version.
+pub(super) async fn check_version(link: &Link, sql: &Sql) -> Result<(), PostgresError> {
+    let query = sql.version();
+    let version = link
+        .run("check the schema", move |client| {
+            Box::pin(async move { client.query_one(&query, &[]).await?.try_get::<_, i32>(0) })
+        })
+        .await?;
+    if version == VERSION {
+        return Ok(());
+    }
+    Err(PostgresError::refused(
+        "check the schema",
+        format!(
+            "the schema is at version {version}, this build needs {VERSION} (print the \
+             migration with `drainpool schema`, or let a pool migrate)"
+        ),
+    ))
+}
+
 /// A handoff's tasks as columns (one array per column).
 struct Columns<'a> {
     run: Vec<i64>,
@@ -221,11 +229,11 @@ impl<'a> Columns<'a> {
 }
 
 /// A task id as two `bigint`s, bit for bit.
-fn to_sql(id: TaskId) -> (i64, i64) {
+pub(super) fn to_sql(id: TaskId) -> (i64, i64) {
     (id.run().cast_signed(), id.seq().cast_signed())
 }
 
-fn from_sql(run: i64, seq: i64) -> TaskId {
+pub(super) fn from_sql(run: i64, seq: i64) -> TaskId {
     TaskId::new(run.cast_unsigned(), seq.cast_unsigned())
 }
 
@@ -235,7 +243,7 @@ fn ms(value: u64) -> i64 {
 }
 
 /// A count read back: negative is 0, past `u32` is `u32::MAX`.
-fn count(value: i64) -> u32 {
+pub(super) fn count(value: i64) -> u32 {
     u32::try_from(value.max(0)).unwrap_or(u32::MAX)
 }
 
@@ -345,13 +353,89 @@ impl Remote for Store {
         })
     }
 
+    fn write_ahead(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>> {
+        let query = self.sql.write_ahead();
+        let owner = self.run.cast_signed();
+        let lease = self.pacing.lease.as_secs_f64();
+        Box::pin(async move {
+            self.committer
+                .run("commit", move |client| {
+                    Box::pin(async move {
+                        let mut columns = (
+                            Vec::with_capacity(tasks.len()),
+                            Vec::with_capacity(tasks.len()),
+                            Vec::with_capacity(tasks.len()),
+                            Vec::with_capacity(tasks.len()),
+                        );
+                        for task in &tasks {
+                            let (run, seq) = to_sql(task.id);
+                            columns.0.push(run);
+                            columns.1.push(seq);
+                            columns.2.push(ms(task.state.enqueued_ms));
+                            columns.3.push(task.payload.as_slice());
+                        }
+                        let (run, seq, enqueued, payload) = columns;
+                        client
+                            .execute(&query, &[&run, &seq, &enqueued, &payload, &owner, &lease])
+                            .await
+                            .map(drop)
+                    })
+                })
+                .await
+                .map_err(erased)
+        })
+    }
+
+    fn dead_letter(&self, task: StoredTask) -> BoxFuture<'_, Result<bool, RemoteError>> {
+        let query = self.sql.dead_letter();
+        let owner = self.run.cast_signed();
+        Box::pin(async move {
+            self.heartbeat
+                .run("keep a dead letter", move |client| {
+                    Box::pin(async move {
+                        let (run, seq) = to_sql(task.id);
+                        let state = &task.state;
+                        let error = task.last_error.as_deref().map(text);
+                        let rows = client
+                            .query(
+                                &query,
+                                &[
+                                    &run,
+                                    &seq,
+                                    &i64::from(state.attempts),
+                                    &i64::from(state.interruptions),
+                                    &state.interrupted,
+                                    &ms(state.enqueued_ms),
+                                    &error,
+                                    &task.payload,
+                                    &owner,
+                                ],
+                            )
+                            .await?;
+                        Ok(!rows.is_empty())
+                    })
+                })
+                .await
+                .map_err(erased)
+        })
+    }
+
+    fn timed_out(&self, op: &'static str) -> RemoteError {
+        erased(PostgresError::timed_out(op, self.timeout))
+    }
+
     fn woken(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.notified.notified())
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            for link in [&self.claimer, &self.heartbeat, &self.handoff] {
+            for link in [
+                &self.claimer,
+                &self.heartbeat,
+                &self.handoff,
+                &self.committer,
+            ] {
                 link.close().await;
             }
             self.drivers.close();
