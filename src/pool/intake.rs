@@ -294,7 +294,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     /// The payload back with its encoded size, or the refusal.
-    fn checked(&self, payload: T) -> Result<(T, usize), SubmitError<T>> {
+    pub(crate) fn checked(&self, payload: T) -> Result<(T, usize), SubmitError<T>> {
         let limit = self.config.max_record_bytes;
         let room = limit.saturating_sub(journal::task_record_len(0, 0));
         match self.codec.len_within(&payload, room) {

@@ -38,6 +38,8 @@ mod shared;
 mod shutdown;
 mod start;
 mod store;
+#[cfg(feature = "postgres")]
+mod transactional;
 mod upkeep;
 mod worker;
 mod write_ahead;
@@ -50,3 +52,5 @@ pub use self::config::{
 pub use self::handle::{Pool, WeakPool};
 pub use self::start::Runner;
 pub(crate) use self::start::build;
+#[cfg(feature = "postgres")]
+pub use self::transactional::InTransaction;

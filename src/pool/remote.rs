@@ -135,6 +135,10 @@ pub(crate) trait Remote: Send + Sync + 'static {
     /// marked dead, its lease cleared. `Ok(false)`: another pool holds a live lease on it
     /// (it is that pool's now), nothing was written.
     fn dead_letter(&self, task: StoredTask) -> BoxFuture<'_, Result<bool, RemoteError>>;
+    /// The SQL that inserts `task` (unleased, due now) and wakes the pools that listen, for
+    /// a caller to run inside its own transaction: literals only, no parameters, so that any
+    /// client can run it.
+    fn insert_sql(&self, task: &StoredTask) -> String;
     /// The error a wait for the store reports when it gave up after the store's timeout.
     fn timed_out(&self, op: &'static str) -> RemoteError;
     /// Resolves when another pool may have handed off work (a notification).

@@ -37,7 +37,7 @@ impl PostgresError {
     }
 
     /// The store refuses to go on: a setting or a schema it cannot work with.
-    pub(super) fn refused(op: &'static str, reason: impl Into<String>) -> Self {
+    pub(crate) fn refused(op: &'static str, reason: impl Into<String>) -> Self {
         Self {
             op,
             kind: Kind::Refused(reason.into()),

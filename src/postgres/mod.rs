@@ -41,6 +41,7 @@ pub use self::lease::{Lease, LeaseBuilder, LeaseError};
 use self::schema::Sql;
 use self::store::{Setup, Store};
 use crate::error::StartError;
+pub use crate::pool::InTransaction;
 use crate::pool::remote::{BoxFuture, Connect, Pacing, Remote, StoredTask};
 
 /// The default lease: how long a claimed task stays with its pool without a renewal.

@@ -239,6 +239,30 @@ COMMIT;
         )
     }
 
+    /// One task, unleased and due at once, as literals (the payload as hex, which no server
+    /// setting reads differently), then the notification: both take effect at the commit of
+    /// the transaction they run in.
+    pub(super) fn insert_literal(
+        &self,
+        run: i64,
+        seq: i64,
+        enqueued_ms: i64,
+        payload: &[u8],
+    ) -> String {
+        use std::fmt::Write as _;
+        let mut hex = String::with_capacity(payload.len() * 2);
+        for byte in payload {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        format!(
+            "INSERT INTO {t} (run, seq, enqueued_at, run_after, payload) \
+             VALUES ({run}, {seq}, to_timestamp({enqueued_ms} / 1000.0), to_timestamp(0), \
+             decode('{hex}', 'hex')); {notify};",
+            t = self.tasks,
+            notify = self.notify(),
+        )
+    }
+
     /// Writes one task as a dead letter (`$7`: the reason), its lease cleared, unless another
     /// pool than `$9` holds a live lease on it; returns a row if written.
     pub(super) fn dead_letter(&self) -> String {

@@ -281,6 +281,12 @@ impl Remote for Store {
         self.run
     }
 
+    fn insert_sql(&self, task: &StoredTask) -> String {
+        let (run, seq) = to_sql(task.id);
+        self.sql
+            .insert_literal(run, seq, ms(task.state.enqueued_ms), &task.payload)
+    }
+
     fn pacing(&self) -> Pacing {
         self.pacing
     }
