@@ -2,12 +2,9 @@
 //! task's record, durable before the task is queued.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
-use super::job::{Held, Job, task_span};
-use super::queue::NoRoom;
+use super::job::{Held, Job, Payload, task_span};
+use super::queue::{NoRoom, Slot};
 use super::shared::Shared;
 use super::worker::{Host, running_for};
 use super::write_ahead::WriteAhead;
@@ -37,23 +34,23 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 .await
                 .unwrap_or(Err(NoRoom::Full)),
         };
-        let permit = match reserved {
-            Ok(permit) => permit,
+        let slot = match reserved {
+            Ok(slot) => slot,
             Err(NoRoom::Full) if !self.queue.is_closed() => {
                 return Err(SubmitError::Full(payload));
             }
             Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload).await,
         };
         if self.queue.is_closed() {
-            drop(permit);
+            drop(slot);
             return self.too_late(payload).await;
         }
         if self.write_ahead.is_some() {
-            return self.write_ahead(permit, payload, size).await;
+            return self.write_ahead(slot, payload, size).await;
         }
         let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
-        Ok(self.accept(permit, id, state, payload, size, false))
+        Ok(self.accept(slot, id, state, payload, size, None))
     }
 
     pub(crate) fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
@@ -71,10 +68,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Err(SubmitError::WouldBlock(payload));
         }
         match self.queue.try_reserve() {
-            Ok(permit) => {
+            Ok(slot) => {
                 let payload = self.reserve_room(payload, size)?;
                 let (id, state) = self.ids.fresh();
-                Ok(self.accept(permit, id, state, payload, size, false))
+                Ok(self.accept(slot, id, state, payload, size, None))
             }
             Err(NoRoom::Full) => Err(SubmitError::Full(payload)),
             Err(NoRoom::Closed) => Err(SubmitError::ShuttingDown(payload)),
@@ -85,22 +82,22 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// queueing it.
     async fn write_ahead(
         &self,
-        permit: mpsc::Permit<'_, Job<T>>,
+        slot: Slot<'_, T>,
         payload: T,
         size: usize,
     ) -> Result<TaskId, SubmitError<T>> {
         let (id, state) = self.ids.fresh();
         let Some(write_ahead) = &self.write_ahead else {
-            return Ok(self.accept(permit, id, state, payload, size, false));
+            return Ok(self.accept(slot, id, state, payload, size, None));
         };
-        let payload = self
+        let (payload, bytes) = self
             .journal_first(write_ahead, id, state, payload, size)
             .await?;
-        Ok(self.accept(permit, id, state, payload, size, true))
+        Ok(self.accept(slot, id, state, payload, size, Some(bytes)))
     }
 
     /// Write-ahead: journals a new task's record and waits for its batch (and the fsync the
-    /// policy asks for); hands the payload back, or refuses the task.
+    /// policy asks for); hands the payload back with its encoding, or refuses the task.
     async fn journal_first(
         &self,
         write_ahead: &WriteAhead,
@@ -108,7 +105,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
-    ) -> Result<T, SubmitError<T>> {
+    ) -> Result<(T, Vec<u8>), SubmitError<T>> {
         let mut bytes = Vec::with_capacity(size);
         if let Err(source) = self.codec.encode(&payload, &mut bytes) {
             return Err(SubmitError::Unserializable {
@@ -123,9 +120,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
             payload: &bytes,
         };
         let seq = write_ahead.push_task(&record, false);
-        drop(bytes);
         match write_ahead.wait(seq).await {
-            Ok(()) => Ok(payload),
+            Ok(()) => Ok((payload, bytes)),
             Err(error) => Err(SubmitError::Journal {
                 task: payload,
                 error,
@@ -150,24 +146,24 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Ok(self.hold_follow_up(payload, size, false));
         };
         let (id, state) = self.ids.fresh();
-        let payload = self
+        let (payload, _) = self
             .journal_first(write_ahead, id, state, payload, size)
             .await?;
         Ok(self.hold(id, state, payload, size, true))
     }
 
     /// A follow-up from one of this pool's own running handlers: queued at once, ahead of the
-    /// channel when it is full (a handler waiting for room in its own full pool could wait for
-    /// itself, and with every worker doing so the pool would stop). Journaled first in
-    /// write-ahead mode.
+    /// new tasks when the queue is full (a handler waiting for room in its own full pool could
+    /// wait for itself, and with every worker doing so the pool would stop); held for the final
+    /// spill if the shutdown took the queue meanwhile. Journaled first in write-ahead mode.
     async fn follow_up(&self, payload: T, size: usize) -> Result<TaskId, SubmitError<T>> {
-        if let Ok(permit) = self.queue.try_reserve() {
+        if let Ok(slot) = self.queue.try_reserve() {
             if self.write_ahead.is_some() {
-                return self.write_ahead(permit, payload, size).await;
+                return self.write_ahead(slot, payload, size).await;
             }
             let payload = self.reserve_room(payload, size)?;
             let (id, state) = self.ids.fresh();
-            return Ok(self.accept(permit, id, state, payload, size, false));
+            return Ok(self.accept(slot, id, state, payload, size, None));
         }
         let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
@@ -177,10 +173,14 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Some(write_ahead) => {
                 self.journal_first(write_ahead, id, state, payload, size)
                     .await?
+                    .0
             }
         };
-        self.queue
-            .push_backlog(self.job(id, state, payload, size, journaled));
+        let job = self.job(id, state, payload, size, journaled);
+        if let Err(job) = self.queue.push_follow_up(job) {
+            // The shutdown took the queue meanwhile: the job goes to the final spill.
+            self.shutdown.hold(Held::FollowUp, job);
+        }
         self.count_accepted(size);
         Ok(id)
     }
@@ -204,7 +204,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             id,
             state,
             last_error: None,
-            payload: Arc::new(payload),
+            payload: Payload::new(payload),
             journaled,
             replayed: false,
             lease: None,
@@ -273,17 +273,35 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// Queues an accepted task (`journaled`: its record is in the journal) and counts it.
+    /// Queues an accepted task and counts it. `journaled`: its record is in the journal, with
+    /// these bytes as its payload.
+    ///
+    /// Past the queue's hot window the task is held encoded: the journaled bytes, or its
+    /// payload encoded now (a payload that does not encode is held as it is: the spill will
+    /// report it).
     fn accept(
         &self,
-        permit: mpsc::Permit<'_, Job<T>>,
+        slot: Slot<'_, T>,
         id: TaskId,
         state: TaskState,
         payload: T,
         size: usize,
-        journaled: bool,
+        journaled: Option<Vec<u8>>,
     ) -> TaskId {
-        permit.send(self.job(id, state, payload, size, journaled));
+        let task = self
+            .job(id, state, payload, size, journaled.is_some())
+            .queued();
+        if let Err((slot, mut task)) = slot.send(task) {
+            let bytes = journaled.or_else(|| {
+                let mut bytes = Vec::with_capacity(size);
+                task.payload.encode(&self.codec, &mut bytes).ok()?;
+                Some(bytes)
+            });
+            if let Some(bytes) = bytes {
+                task.payload = Payload::Encoded(bytes.into_boxed_slice());
+            }
+            slot.send_encoded(task);
+        }
         self.count_accepted(size);
         id
     }
