@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::job::{Job, now_ms};
+use super::job::{Job, Payload, now_ms};
 use super::remote::{Claimed, Claims, Commits, Connect, Lease, StoredTask};
 use super::shared::Shared;
 use crate::error::{JournalError, StartError, SubmitError};
@@ -205,7 +205,7 @@ async fn take_claimed<T: Send + Sync + 'static>(
             id: task.id,
             state: task.state,
             last_error: task.last_error,
-            payload: Arc::new(payload),
+            payload: Payload::new(payload),
             journaled: false,
             replayed: false,
             reserved: 0,
@@ -505,7 +505,7 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
     let mut encoded = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut payload = Vec::new();
-        match shared.codec.encode(&job.payload, &mut payload) {
+        match job.payload.encode(&shared.codec, &mut payload) {
             Ok(()) => {
                 tasks.push(StoredTask {
                     id: job.id,

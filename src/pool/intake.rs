@@ -4,10 +4,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
-use super::job::{Held, Job, task_span};
-use super::queue::NoRoom;
+use super::job::{Held, Job, Payload, task_span};
+use super::queue::{NoRoom, Slot};
 use super::remote::Lease;
 use super::shared::Shared;
 use super::worker::{Host, running_for};
@@ -38,23 +36,23 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 .await
                 .unwrap_or(Err(NoRoom::Full)),
         };
-        let permit = match reserved {
-            Ok(permit) => permit,
+        let slot = match reserved {
+            Ok(slot) => slot,
             Err(NoRoom::Full) if !self.queue.is_closed() => {
                 return Err(SubmitError::Full(payload));
             }
             Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload).await,
         };
         if self.queue.is_closed() {
-            drop(permit);
+            drop(slot);
             return self.too_late(payload).await;
         }
         if self.writes_ahead() {
-            return self.write_ahead(permit, payload, size).await;
+            return self.write_ahead(slot, payload, size).await;
         }
         let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
-        Ok(self.accept(permit, id, state, payload, size, false))
+        Ok(self.accept(slot, id, state, payload, size, Durable::default()))
     }
 
     /// Whether every task is made durable before it is accepted: the file journal's
@@ -78,10 +76,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Err(SubmitError::WouldBlock(payload));
         }
         match self.queue.try_reserve() {
-            Ok(permit) => {
+            Ok(slot) => {
                 let payload = self.reserve_room(payload, size)?;
                 let (id, state) = self.ids.fresh();
-                Ok(self.accept(permit, id, state, payload, size, false))
+                Ok(self.accept(slot, id, state, payload, size, Durable::default()))
             }
             Err(NoRoom::Full) => Err(SubmitError::Full(payload)),
             Err(NoRoom::Closed) => Err(SubmitError::ShuttingDown(payload)),
@@ -92,60 +90,49 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// commits its row to the shared store, before queueing it.
     async fn write_ahead(
         &self,
-        permit: mpsc::Permit<'_, Job<T>>,
+        slot: Slot<'_, T>,
         payload: T,
         size: usize,
     ) -> Result<TaskId, SubmitError<T>> {
         let (id, state) = self.ids.fresh();
-        let (payload, lease) = self.write_first(id, state, payload, size).await?;
-        permit.send(self.durable_job(id, state, payload, size, lease));
-        self.count_accepted(size);
-        Ok(id)
+        let (payload, durable) = self.write_first(id, state, payload, size).await?;
+        Ok(self.accept(slot, id, state, payload, size, durable))
     }
 
     /// Write-ahead: makes a new task durable, in the file journal or (with the shared store)
-    /// as a row leased to this pool, whose lease comes back with the payload.
+    /// as a row leased to this pool.
     async fn write_first(
         &self,
         id: TaskId,
         state: TaskState,
         payload: T,
         size: usize,
-    ) -> Result<(T, Option<Arc<Lease>>), SubmitError<T>> {
+    ) -> Result<(T, Durable), SubmitError<T>> {
         if let Some((claims, commits)) = self.store_commits() {
             let (payload, lease) = self
                 .commit_first(claims, commits, id, state, payload, size)
                 .await?;
-            return Ok((payload, Some(lease)));
+            let durable = Durable {
+                journaled: None,
+                lease: Some(lease),
+            };
+            return Ok((payload, durable));
         }
-        match &self.write_ahead {
-            Some(write_ahead) => {
-                let payload = self
-                    .journal_first(write_ahead, id, state, payload, size)
-                    .await?;
-                Ok((payload, None))
-            }
-            None => Ok((payload, None)),
-        }
-    }
-
-    /// The job of a task `write_first` made durable: journaled, or leased in the store.
-    fn durable_job(
-        &self,
-        id: TaskId,
-        state: TaskState,
-        payload: T,
-        size: usize,
-        lease: Option<Arc<Lease>>,
-    ) -> Job<T> {
-        let journaled = lease.is_none() && self.write_ahead.is_some();
-        let mut job = self.job(id, state, payload, size, journaled);
-        job.lease = lease;
-        job
+        let Some(write_ahead) = &self.write_ahead else {
+            return Ok((payload, Durable::default()));
+        };
+        let (payload, bytes) = self
+            .journal_first(write_ahead, id, state, payload, size)
+            .await?;
+        let durable = Durable {
+            journaled: Some(bytes),
+            lease: None,
+        };
+        Ok((payload, durable))
     }
 
     /// Write-ahead: journals a new task's record and waits for its batch (and the fsync the
-    /// policy asks for); hands the payload back, or refuses the task.
+    /// policy asks for); hands the payload back with its encoding, or refuses the task.
     async fn journal_first(
         &self,
         write_ahead: &WriteAhead,
@@ -153,7 +140,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
-    ) -> Result<T, SubmitError<T>> {
+    ) -> Result<(T, Vec<u8>), SubmitError<T>> {
         let (payload, bytes) = self.encoded(payload, size)?;
         let record = TaskRecord {
             id,
@@ -162,9 +149,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
             payload: &bytes,
         };
         let seq = write_ahead.push_task(&record, false);
-        drop(bytes);
         match write_ahead.wait(seq).await {
-            Ok(()) => Ok(payload),
+            Ok(()) => Ok((payload, bytes)),
             Err(error) => Err(SubmitError::Journal {
                 task: payload,
                 error,
@@ -201,32 +187,31 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return Ok(self.hold_follow_up(payload, size, false));
         }
         let (id, state) = self.ids.fresh();
-        let (payload, lease) = self.write_first(id, state, payload, size).await?;
-        Ok(self.hold(self.durable_job(id, state, payload, size, lease), size))
+        let (payload, durable) = self.write_first(id, state, payload, size).await?;
+        Ok(self.hold(self.durable_job(id, state, payload, size, durable), size))
     }
 
     /// A follow-up from one of this pool's own running handlers: queued at once, ahead of the
-    /// channel when it is full (a handler waiting for room in its own full pool could wait for
-    /// itself, and with every worker doing so the pool would stop). Journaled first in
-    /// write-ahead mode.
+    /// new tasks when the queue is full (a handler waiting for room in its own full pool could
+    /// wait for itself, and with every worker doing so the pool would stop); held for the final
+    /// spill if the shutdown took the queue meanwhile. Journaled first in write-ahead mode.
     async fn follow_up(&self, payload: T, size: usize) -> Result<TaskId, SubmitError<T>> {
-        if let Ok(permit) = self.queue.try_reserve() {
+        if let Ok(slot) = self.queue.try_reserve() {
             if self.writes_ahead() {
-                return self.write_ahead(permit, payload, size).await;
+                return self.write_ahead(slot, payload, size).await;
             }
             let payload = self.reserve_room(payload, size)?;
             let (id, state) = self.ids.fresh();
-            return Ok(self.accept(permit, id, state, payload, size, false));
+            return Ok(self.accept(slot, id, state, payload, size, Durable::default()));
         }
         let payload = self.reserve_room(payload, size)?;
         let (id, state) = self.ids.fresh();
-        let job = if self.writes_ahead() {
-            let (payload, lease) = self.write_first(id, state, payload, size).await?;
-            self.durable_job(id, state, payload, size, lease)
-        } else {
-            self.job(id, state, payload, size, false)
-        };
-        self.queue.push_backlog(job);
+        let (payload, durable) = self.write_first(id, state, payload, size).await?;
+        let job = self.durable_job(id, state, payload, size, durable);
+        if let Err(job) = self.queue.push_follow_up(job) {
+            // The shutdown took the queue meanwhile: the job goes to the final spill.
+            self.shutdown.hold(Held::FollowUp, job);
+        }
         self.count_accepted(size);
         Ok(id)
     }
@@ -250,7 +235,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             id,
             state,
             last_error: None,
-            payload: Arc::new(payload),
+            payload: Payload::new(payload),
             journaled,
             replayed: false,
             lease: None,
@@ -263,6 +248,21 @@ impl<T: Send + Sync + 'static> Shared<T> {
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
         }
+    }
+
+    /// The job of a task `write_first` made durable (journaled, or leased in the store), or
+    /// of one that needed nothing made durable.
+    fn durable_job(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        payload: T,
+        size: usize,
+        durable: Durable,
+    ) -> Job<T> {
+        let mut job = self.job(id, state, payload, size, durable.journaled.is_some());
+        job.lease = durable.lease;
+        job
     }
 
     fn hold_follow_up(&self, payload: T, size: usize, journaled: bool) -> TaskId {
@@ -310,20 +310,48 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// Queues an accepted task (`journaled`: its record is in the journal) and counts it.
+    /// Queues an accepted task and counts it, as `durable` says it was made durable (its
+    /// record in the journal, with these bytes as its payload; or its row leased in the store).
+    ///
+    /// Past the queue's hot window the task is held encoded: the journaled bytes, or its
+    /// payload encoded now (a payload that does not encode is held as it is: the spill will
+    /// report it).
     fn accept(
         &self,
-        permit: mpsc::Permit<'_, Job<T>>,
+        slot: Slot<'_, T>,
         id: TaskId,
         state: TaskState,
         payload: T,
         size: usize,
-        journaled: bool,
+        durable: Durable,
     ) -> TaskId {
-        permit.send(self.job(id, state, payload, size, journaled));
+        let Durable { journaled, lease } = durable;
+        let mut job = self.job(id, state, payload, size, journaled.is_some());
+        job.lease = lease;
+        let task = job.queued();
+        if let Err((slot, mut task)) = slot.send(task) {
+            let bytes = journaled.or_else(|| {
+                let mut bytes = Vec::with_capacity(size);
+                task.payload.encode(&self.codec, &mut bytes).ok()?;
+                Some(bytes)
+            });
+            if let Some(bytes) = bytes {
+                task.payload = Payload::Encoded(bytes.into_boxed_slice());
+            }
+            slot.send_encoded(task);
+        }
         self.count_accepted(size);
         id
     }
+}
+
+/// How a new task was made durable before it was queued: its journal record's payload bytes
+/// (the file journal's write-ahead mode), or its row's lease (the shared store's); neither in
+/// the on-shutdown mode.
+#[derive(Default)]
+struct Durable {
+    journaled: Option<Vec<u8>>,
+    lease: Option<Arc<Lease>>,
 }
 
 /// The spill reserve a task of `size` encoded payload bytes needs: its record's size.

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::remote::Lease;
+use crate::codec::Encoding;
+use crate::error::BoxError;
 use crate::journal::{TaskRecord, TaskState};
 use crate::task::TaskId;
 
@@ -21,7 +23,7 @@ pub(crate) struct Job<T> {
     pub(crate) id: TaskId,
     pub(crate) state: TaskState,
     pub(crate) last_error: Option<Box<str>>,
-    pub(crate) payload: Arc<T>,
+    pub(crate) payload: Payload<T>,
     /// Whether a record of this task is in the journal (so finishing it must append an ack).
     pub(crate) journaled: bool,
     /// Whether it was replayed from an earlier run (whose segments wait for it).
@@ -40,6 +42,86 @@ pub(crate) struct Job<T> {
     pub(crate) lease: Option<Arc<Lease>>,
 }
 
+/// A job's payload: decoded, or held as its encoding while the job waits behind the queue's
+/// hot window (see `queue.rs`). A worker's host decodes it before the run; a spill writes the
+/// bytes as they are.
+pub(crate) enum Payload<T> {
+    Decoded(Arc<T>),
+    Encoded(Box<[u8]>),
+}
+
+impl<T> Payload<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self::Decoded(Arc::new(value))
+    }
+
+    /// The value, unless it is still encoded.
+    pub(crate) fn decoded(&self) -> Option<&Arc<T>> {
+        match self {
+            Self::Decoded(value) => Some(value),
+            Self::Encoded(_) => None,
+        }
+    }
+
+    /// Appends the payload's encoding to `out` (the bytes held, or the codec's encoding of the
+    /// value); on an error `out` is left as it was.
+    pub(crate) fn encode(&self, codec: &Encoding<T>, out: &mut Vec<u8>) -> Result<(), BoxError>
+    where
+        T: 'static,
+    {
+        match self {
+            Self::Decoded(value) => codec.encode(value, out),
+            Self::Encoded(bytes) => {
+                out.extend_from_slice(bytes);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A new task as the queue holds it: what a new task's [`Job`] holds, without what only a
+/// retried, replayed or claimed one needs (its state beyond the time it was accepted, its last
+/// error). About half the size of a `Job`; with the payload encoded, about half the memory of
+/// the decoded form again. A new task made durable as a row of the shared store (write-ahead
+/// with PostgreSQL) keeps its lease here.
+pub(crate) struct Queued<T> {
+    id: TaskId,
+    enqueued_ms: u64,
+    reserved: u32,
+    journaled: bool,
+    span: Option<Box<tracing::Span>>,
+    lease: Option<Arc<Lease>>,
+    #[cfg(feature = "metrics")]
+    queued_at: tokio::time::Instant,
+    pub(crate) payload: Payload<T>,
+}
+
+impl<T> Queued<T> {
+    pub(crate) fn is_decoded(&self) -> bool {
+        matches!(self.payload, Payload::Decoded(_))
+    }
+
+    /// The job again.
+    pub(crate) fn into_job(self) -> Job<T> {
+        Job {
+            id: self.id,
+            state: TaskState {
+                enqueued_ms: self.enqueued_ms,
+                ..TaskState::default()
+            },
+            last_error: None,
+            payload: self.payload,
+            journaled: self.journaled,
+            replayed: false,
+            reserved: self.reserved,
+            #[cfg(feature = "metrics")]
+            queued_at: self.queued_at,
+            span: self.span,
+            lease: self.lease,
+        }
+    }
+}
+
 /// The span of a task submitted from inside a span (an HTTP request's, say), made at submit so
 /// that it `follows_from` the submitter's while that span is still open: a trace then links the
 /// request to the background work without the request's span being kept open (a parent would
@@ -47,6 +129,10 @@ pub(crate) struct Job<T> {
 /// the subscriber does not want it: the run then makes its own span, and the task holds no
 /// more than a null pointer.
 pub(crate) fn task_span(id: TaskId) -> Option<Box<tracing::Span>> {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        // No subscriber would record the span: two loads rather than a lookup per submit.
+        return None;
+    }
     let submitter = tracing::Span::current();
     submitter.id()?;
     let span = tracing::info_span!(parent: None, "task", id = %id, attempt = tracing::field::Empty);
@@ -58,6 +144,29 @@ pub(crate) fn task_span(id: TaskId) -> Option<Box<tracing::Span>> {
 }
 
 impl<T> Job<T> {
+    /// A task just accepted, as the queue holds it.
+    pub(crate) fn queued(self) -> Queued<T> {
+        debug_assert!(
+            self.state.attempts == 0
+                && self.state.interruptions == 0
+                && self.state.not_before_ms == 0
+                && self.last_error.is_none()
+                && !self.replayed,
+            "only a new task is held in the compact form"
+        );
+        Queued {
+            id: self.id,
+            enqueued_ms: self.state.enqueued_ms,
+            reserved: self.reserved,
+            journaled: self.journaled,
+            span: self.span,
+            lease: self.lease,
+            #[cfg(feature = "metrics")]
+            queued_at: self.queued_at,
+            payload: self.payload,
+        }
+    }
+
     /// The task as a journal record, with its payload encoded in `payload`, and `error` as
     /// its last error instead of its own if given.
     pub(crate) fn record<'a>(

@@ -5,7 +5,7 @@
 //! | step | file |
 //! | --- | --- |
 //! | `submit`: the size check, a fresh id, the write-ahead record | [`intake`](self::intake) |
-//! | waiting for a worker (channel, replay backlog, retries waiting for their time) | [`queue`](self::queue) |
+//! | waiting for a worker (new tasks, replay backlog, retries waiting for their time) | [`queue`](self::queue) |
 //! | a worker runs the handler | [`worker`](self::worker) |
 //! | the outcome: ack, retry, dead letter, interruption | [`outcome`](self::outcome) |
 //! | the journal, as the pool sees it | [`store`](self::store) |

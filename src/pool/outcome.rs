@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use tokio_util::sync::CancellationToken;
 
 use super::job::now_ms;
-use super::job::{Held, Job};
+use super::job::{Held, Job, Payload};
 use super::remote::Failed;
 use super::shared::Shared;
 use super::worker::{CatchUnwind, Host, Outcome, panic_message};
@@ -29,7 +29,18 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
 
     async fn next_job(&self) -> Option<Job<T>> {
         loop {
-            let job = self.queue.next_job().await?;
+            let mut job = self.queue.next_job().await?;
+            if let Payload::Encoded(bytes) = &job.payload {
+                // Held encoded in the queue: decoded for its run.
+                match self.codec.decode(bytes) {
+                    Ok(value) => job.payload = Payload::new(value),
+                    Err(error) => {
+                        let reason = format!("payload no longer decodes: {error}");
+                        self.dead_letter(job, reason).await;
+                        continue;
+                    }
+                }
+            }
             if !lease_lost(&job) {
                 return Some(job);
             }
@@ -141,7 +152,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             let mut payload = Vec::new();
             // Submit checked it encodes; if it no longer does, the journal keeps the earlier
             // state.
-            if self.codec.encode(&job.payload, &mut payload).is_ok() {
+            if job.payload.encode(&self.codec, &mut payload).is_ok() {
                 write_ahead.journal_retry(&job.record(&payload, None), || self.queue.is_closed());
             }
         }
@@ -184,7 +195,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// else in the local journal. On failure the task is held for the final spill instead.
     async fn dead_letter(&self, mut job: Job<T>, error: String) {
         let mut payload = Vec::new();
-        let written = match self.codec.encode(&job.payload, &mut payload) {
+        let written = match job.payload.encode(&self.codec, &mut payload) {
             Ok(()) => match self
                 .dead_letter_to_store(job.id, job.state, &error, payload)
                 .await
@@ -232,12 +243,17 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if let Some(error) = error {
             job.last_error = Some(error.into());
         }
+        // Only a job that ran is interrupted, and a job runs decoded.
+        let Some(payload) = job.payload.decoded().map(Arc::clone) else {
+            self.shutdown.hold(Held::Interrupted, job);
+            return;
+        };
         let policy = &self.policy;
         let poisoned = job.state.interruptions >= policy.max_interruptions;
         let action = if poisoned {
             DeadlineAction::DeadLetter
         } else {
-            policy.deadline_action(&job.payload)
+            policy.deadline_action(&payload)
         };
         if let Some(hook) = &policy.on_interrupt {
             let interruption = Interruption {
@@ -245,7 +261,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 attempt: job.state.attempts.saturating_add(1),
                 interruptions: job.state.interruptions,
                 action,
-                payload: Arc::clone(&job.payload),
+                payload,
             };
             let hook = CatchUnwind::new(hook(interruption));
             match tokio::time::timeout(self.config.cancel_grace, hook).await {

@@ -1,30 +1,48 @@
 //! The queue: everything waiting for a worker, and the gate in front of it.
 //!
-//! Three places hold waiting tasks, all owned here: the bounded channel new tasks arrive on
-//! (its capacity is the backpressure), the backlog (tasks replayed from the journal, and
-//! retries that came due), which workers drain first, and the retries still waiting for their
-//! time. The gate closes once, at the first shutdown trigger: from then on no task is started,
-//! and the shutdown collects every waiting task to spill it.
+//! Three places hold waiting tasks, all owned here, behind one lock: the backlog (tasks
+//! replayed from the journal, retries that came due, claimed tasks, follow-ups past a full
+//! queue), which workers drain first; the new tasks, in the order they were sent, bounded by
+//! the capacity (the backpressure); and, apart, the retries still waiting for their time. The
+//! gate closes once, at the first shutdown trigger: from then on no task is started, and the
+//! shutdown collects every waiting task to spill it.
+//!
+//! New tasks wait in a compact form ([`Queued`]), their payload decoded while fewer than
+//! [`HOT`] of them are (enough to keep the workers busy); beyond that, a task is held as its
+//! payload's encoding (the bytes a spill writes anyway, about half the memory) and decoded by
+//! the worker's host when a worker takes it. A pool whose workers keep up never encodes.
+//!
+//! Waiting costs a registration only when there is nothing to do: a worker that finds no job
+//! registers as idle (under the lock) and a submitter that finds no room as wanting room; the
+//! side that makes a job or room claims one of them and wakes it. Closing the gate wakes them
+//! all.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::job::Job;
+use super::job::{Job, Queued};
 use super::lock::lock;
 
+/// How many new tasks are held decoded at most; the others are held encoded.
+pub(crate) const HOT: usize = 1024;
+
 pub(crate) struct Queue<T> {
-    tx: mpsc::Sender<Job<T>>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Job<T>>>,
-    backlog: Mutex<VecDeque<Job<T>>>,
-    backlog_len: AtomicUsize,
-    /// Woken when a job is added to the backlog.
-    backlog_ready: Notify,
+    lanes: Mutex<Lanes<T>>,
+    /// How many new tasks may wait (slots reserved for tasks not sent yet included).
+    capacity: usize,
+    /// Woken for a worker that registered as idle, when a job is queued.
+    ready: Notify,
+    /// Woken for a submitter that registered as wanting room, when a new task is taken.
+    room: Notify,
+    /// Woken when a slot is used or given up after the shutdown took the queue.
+    settled: Notify,
     /// Failed tasks waiting for their retry, with the instant they are due.
     waiting: Mutex<Vec<(Instant, Job<T>)>>,
     /// Woken when a retry is added.
@@ -34,20 +52,69 @@ pub(crate) struct Queue<T> {
     gate: Arc<Gate>,
 }
 
+/// What the lock guards.
+struct Lanes<T> {
+    backlog: VecDeque<Job<T>>,
+    /// New tasks, oldest first.
+    fresh: VecDeque<Queued<T>>,
+    /// How many of them are held decoded.
+    decoded: usize,
+    /// Slots reserved for new tasks not sent yet.
+    reserved: usize,
+    /// Workers registered as idle and not woken yet.
+    idle: usize,
+    /// Submitters registered as wanting room and not woken yet.
+    wanting_room: usize,
+    /// Set when the shutdown took the queue: no slot is reserved from then on.
+    taken: bool,
+}
+
+impl<T> Lanes<T> {
+    /// New tasks queued or on their way.
+    fn used(&self) -> usize {
+        self.fresh.len() + self.reserved
+    }
+
+    /// Takes the next job: the backlog first, then the new tasks in order; and whether a
+    /// submitter wanting room was claimed, to be woken.
+    fn pop(&mut self) -> Option<(Job<T>, bool)> {
+        if let Some(job) = self.backlog.pop_front() {
+            return Some((job, false));
+        }
+        let task = self.fresh.pop_front()?;
+        self.decoded -= usize::from(task.is_decoded());
+        Some((task.into_job(), self.claim_wanting_room()))
+    }
+
+    /// Claims an idle worker to wake, if one waits.
+    fn claim_idle(&mut self) -> bool {
+        let claimed = self.idle > 0;
+        self.idle -= usize::from(claimed);
+        claimed
+    }
+
+    /// Claims a submitter wanting room to wake, if one waits.
+    fn claim_wanting_room(&mut self) -> bool {
+        let claimed = self.wanting_room > 0;
+        self.wanting_room -= usize::from(claimed);
+        claimed
+    }
+}
+
 /// The intake gate: closed once, at the first shutdown trigger.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    /// Set just before `token` is cancelled: an atomic load for the hot paths.
     closed: AtomicBool,
-    token: CancellationToken,
 }
 
 impl Gate {
     /// Closes the gate. Returns false if it was closed already.
     pub(crate) fn close(&self) -> bool {
-        let first = !self.closed.swap(true, Ordering::AcqRel);
-        self.token.cancel();
-        first
+        !self.closed.swap(true, Ordering::AcqRel)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -57,6 +124,53 @@ pub(crate) enum NoRoom {
     Closed,
 }
 
+/// A slot reserved for a new task: [`send`](Self::send) queues the task; dropping it gives
+/// the room back.
+#[must_use = "a slot holds room in the queue until it is used or dropped"]
+pub(crate) struct Slot<'a, T> {
+    queue: &'a Queue<T>,
+}
+
+impl<T> Slot<'_, T> {
+    /// Queues a new task if fewer than [`HOT`] are held decoded (or its payload is encoded);
+    /// otherwise hands it back with the slot, to be sent with its payload encoded
+    /// ([`send_encoded`](Self::send_encoded)).
+    pub(crate) fn send(self, task: Queued<T>) -> Result<(), (Self, Queued<T>)> {
+        let lanes = lock(&self.queue.lanes);
+        if task.is_decoded() && lanes.decoded >= HOT {
+            drop(lanes);
+            return Err((self, task));
+        }
+        self.queue.sent(lanes, task);
+        std::mem::forget(self);
+        Ok(())
+    }
+
+    /// Queues a new task handed back by [`send`](Self::send), its payload encoded now (or, if
+    /// it would not encode, as it was: beyond the window, but in its place).
+    pub(crate) fn send_encoded(self, task: Queued<T>) {
+        let lanes = lock(&self.queue.lanes);
+        self.queue.sent(lanes, task);
+        std::mem::forget(self);
+    }
+}
+
+impl<T> Drop for Slot<'_, T> {
+    fn drop(&mut self) {
+        let mut lanes = lock(&self.queue.lanes);
+        lanes.reserved -= 1;
+        let wake = lanes.claim_wanting_room();
+        let taken = lanes.taken;
+        drop(lanes);
+        if wake {
+            self.queue.room.notify_one();
+        }
+        if taken {
+            self.queue.settled.notify_one();
+        }
+    }
+}
+
 impl<T> Queue<T> {
     /// A queue holding `backlog` (replayed tasks, in order) and `waiting` retries.
     pub(crate) fn new(
@@ -64,13 +178,20 @@ impl<T> Queue<T> {
         backlog: VecDeque<Job<T>>,
         waiting: Vec<(Instant, Job<T>)>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(capacity);
         Self {
-            tx,
-            rx: tokio::sync::Mutex::new(rx),
-            backlog_len: AtomicUsize::new(backlog.len()),
-            backlog: Mutex::new(backlog),
-            backlog_ready: Notify::new(),
+            lanes: Mutex::new(Lanes {
+                backlog,
+                fresh: VecDeque::new(),
+                decoded: 0,
+                reserved: 0,
+                idle: 0,
+                wanting_room: 0,
+                taken: false,
+            }),
+            capacity,
+            ready: Notify::new(),
+            room: Notify::new(),
+            settled: Notify::new(),
             waiting: Mutex::new(waiting),
             waiting_changed: Notify::new(),
             gate: Arc::new(Gate::default()),
@@ -79,7 +200,7 @@ impl<T> Queue<T> {
 
     /// Whether the gate has closed.
     pub(crate) fn is_closed(&self) -> bool {
-        self.gate.closed.load(Ordering::Acquire)
+        self.gate.is_closed()
     }
 
     /// The gate, for a trigger that closes it from outside the pool.
@@ -87,104 +208,153 @@ impl<T> Queue<T> {
         Arc::clone(&self.gate)
     }
 
-    /// Queues a job ahead of the channel, whatever its capacity: a follow-up of a running
-    /// handler (a handler waiting for room in its own full pool could wait for itself), or a
-    /// task claimed from the shared store (claimed only when there is room).
+    /// Queues a job ahead of the new tasks, whatever the capacity: a task claimed from the
+    /// shared store (claimed only when there is room).
     pub(crate) fn push_backlog(&self, job: Job<T>) {
-        lock(&self.backlog).push_back(job);
-        self.backlog_len.fetch_add(1, Ordering::AcqRel);
-        self.backlog_ready.notify_one();
+        let mut lanes = lock(&self.lanes);
+        lanes.backlog.push_back(job);
+        let wake = lanes.claim_idle();
+        drop(lanes);
+        if wake {
+            self.ready.notify_one();
+        }
     }
 
-    /// Closes the gate: no task starts from now on. Returns false if it was closed already.
+    /// Queues a follow-up of a running handler ahead of the new tasks, whatever the capacity
+    /// (a handler waiting for room in its own full pool could wait for itself); hands it back
+    /// if the shutdown has taken the queue already, to be held for the final spill.
+    pub(crate) fn push_follow_up(&self, job: Job<T>) -> Result<(), Job<T>> {
+        let mut lanes = lock(&self.lanes);
+        if lanes.taken {
+            return Err(job);
+        }
+        lanes.backlog.push_back(job);
+        let wake = lanes.claim_idle();
+        drop(lanes);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Closes the gate: no task starts from now on. Wakes the idle workers and the submitters
+    /// waiting for room (a gate closed from outside wakes them here too: the drain calls this).
+    /// Returns false if the gate was closed already.
     pub(crate) fn close(&self) -> bool {
-        self.gate.close()
+        let first = self.gate.close();
+        // Waiters check the gate and register under the lock: each one either saw it closed
+        // or is registered by now.
+        drop(lock(&self.lanes));
+        self.ready.notify_waiters();
+        self.room.notify_waiters();
+        first
     }
 
-    /// Resolves once the gate has closed.
-    pub(crate) async fn closed(&self) {
-        self.gate.token.cancelled().await;
+    /// A slot if there is room now.
+    pub(crate) fn try_reserve(&self) -> Result<Slot<'_, T>, NoRoom> {
+        let mut lanes = lock(&self.lanes);
+        self.reserve_in(&mut lanes)
     }
 
-    /// A slot in the channel if there is room now.
-    pub(crate) fn try_reserve(&self) -> Result<mpsc::Permit<'_, Job<T>>, NoRoom> {
-        match self.tx.try_reserve() {
-            Ok(permit) => Ok(permit),
-            Err(mpsc::error::TrySendError::Full(())) => Err(NoRoom::Full),
-            Err(mpsc::error::TrySendError::Closed(())) => Err(NoRoom::Closed),
+    fn reserve_in(&self, lanes: &mut Lanes<T>) -> Result<Slot<'_, T>, NoRoom> {
+        if lanes.taken {
+            return Err(NoRoom::Closed);
         }
+        if lanes.used() >= self.capacity {
+            return Err(NoRoom::Full);
+        }
+        lanes.reserved += 1;
+        Ok(Slot { queue: self })
     }
 
-    /// A slot in the channel, waiting for room; `Closed` if the gate closes first.
-    pub(crate) async fn reserve(&self) -> Result<mpsc::Permit<'_, Job<T>>, NoRoom> {
+    /// A slot, waiting for room; `Closed` if the gate closes first.
+    pub(crate) async fn reserve(&self) -> Result<Slot<'_, T>, NoRoom> {
+        // A unit of the task's coop budget, as a tokio channel takes: a producer that always
+        // finds room still yields now and then, so the tasks it woke on its thread run.
+        tokio::task::consume_budget().await;
+        // Room at once, without a registration.
         match self.try_reserve() {
-            Err(NoRoom::Full) => tokio::select! {
-                biased;
-                permit = self.tx.reserve() => permit.map_err(|_| NoRoom::Closed),
-                () = self.closed() => Err(NoRoom::Closed),
-            },
-            other => other,
+            Err(NoRoom::Full) => {}
+            other => return other,
         }
-    }
-
-    /// The next job for a worker: the backlog first, then the channel. `None` once the gate
-    /// has closed: from then on waiting tasks are spilled, never started.
-    ///
-    /// The channel is polled before the gate's token, so a busy pool never registers with the
-    /// token (whose every poll takes a lock); a job received after the gate closed is handed
-    /// back to the backlog, which the shutdown collects after the receiver.
-    pub(crate) async fn next_job(&self) -> Option<Job<T>> {
         loop {
-            if self.is_closed() {
-                return None;
-            }
-            if let Some(job) = self.pop_backlog() {
-                return Some(job);
-            }
-            // Fast path: the receiver is free and a job is waiting.
-            if let Ok(mut rx) = self.rx.try_lock()
-                && let Ok(job) = rx.try_recv()
+            let room = self.room.notified();
+            tokio::pin!(room);
             {
-                return self.started_or_returned(job);
+                let mut lanes = lock(&self.lanes);
+                match self.reserve_in(&mut lanes) {
+                    Err(NoRoom::Full) if self.is_closed() => return Err(NoRoom::Closed),
+                    Err(NoRoom::Full) => {
+                        // Registered in the same order as counted: each claim wakes the
+                        // submitter that has waited longest.
+                        room.as_mut().enable();
+                        lanes.wanting_room += 1;
+                    }
+                    other => return other,
+                }
             }
-            let mut rx = tokio::select! {
-                biased;
-                rx = self.rx.lock() => rx,
-                () = self.closed() => return None,
-            };
-            // A retry may have come due while this worker waited for the receiver.
-            if let Some(job) = self.pop_backlog() {
-                return Some(job);
-            }
-            let job = tokio::select! {
-                biased;
-                job = rx.recv() => job?,
-                () = self.backlog_ready.notified() => continue,
-                () = self.closed() => return None,
-            };
-            return self.started_or_returned(job);
+            room.await;
         }
     }
 
-    /// A job just received, unless the gate closed meanwhile: then it is too late to start it,
-    /// and it goes back to the backlog (the caller still holds the receiver, so the shutdown,
-    /// which takes the receiver before the backlog, finds it).
-    fn started_or_returned(&self, job: Job<T>) -> Option<Job<T>> {
+    /// Queues a slot's task, and wakes an idle worker for it.
+    fn sent(&self, mut lanes: MutexGuard<'_, Lanes<T>>, task: Queued<T>) {
+        lanes.decoded += usize::from(task.is_decoded());
+        lanes.fresh.push_back(task);
+        lanes.reserved -= 1;
+        let wake = lanes.claim_idle();
+        let taken = lanes.taken;
+        drop(lanes);
+        if wake {
+            self.ready.notify_one();
+        }
+        if taken {
+            self.settled.notify_one();
+        }
+    }
+
+    /// The next job for a worker: the backlog first, then the new tasks in order. `None` once
+    /// the gate has closed: from then on waiting tasks are spilled, never started. A job held
+    /// encoded comes out so (`Payload::Encoded`): the caller decodes it.
+    pub(crate) async fn next_job(&self) -> Option<Job<T>> {
+        // As in `reserve`: a worker that always finds a job yields now and then.
+        tokio::task::consume_budget().await;
+        // A busy pool finds a job at once, without a registration.
+        if let Some(found) = self.find(None) {
+            return found;
+        }
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            if let Some(found) = self.find(Some(ready.as_mut())) {
+                return found;
+            }
+            ready.await;
+        }
+    }
+
+    /// Takes the next job, or `Some(None)` once the gate has closed; `None` if there is no
+    /// job, after registering `ready` (if given) and counting the worker as idle.
+    fn find(&self, ready: Option<Pin<&mut Notified<'_>>>) -> Option<Option<Job<T>>> {
+        let mut lanes = lock(&self.lanes);
+        // Under the lock: the shutdown closes the gate before it takes the queue.
         if self.is_closed() {
-            lock(&self.backlog).push_front(job);
-            self.backlog_len.fetch_add(1, Ordering::AcqRel);
-            return None;
+            return Some(None);
         }
-        Some(job)
-    }
-
-    fn pop_backlog(&self) -> Option<Job<T>> {
-        if self.backlog_len.load(Ordering::Acquire) == 0 {
-            return None;
+        if let Some((job, wake)) = lanes.pop() {
+            drop(lanes);
+            if wake {
+                self.room.notify_one();
+            }
+            return Some(Some(job));
         }
-        let job = lock(&self.backlog).pop_front()?;
-        self.backlog_len.fetch_sub(1, Ordering::AcqRel);
-        Some(job)
+        if let Some(ready) = ready {
+            // Registered in the same order as counted, under the lock: each claim wakes the
+            // worker that has waited longest, and the gate's closing wakes them all.
+            ready.enable();
+            lanes.idle += 1;
+        }
+        None
     }
 
     /// Puts a failed task back after its backoff delay.
@@ -215,35 +385,44 @@ impl<T> Queue<T> {
         drop(waiting);
         if !due.is_empty() {
             due.sort_by_key(|(_, job)| job.id);
-            let count = due.len();
             #[cfg(feature = "metrics")]
             for (_, job) in &mut due {
                 job.queued_at = now;
             }
-            lock(&self.backlog).extend(due.into_iter().map(|(_, job)| job));
-            self.backlog_len.fetch_add(count, Ordering::AcqRel);
-            for _ in 0..count {
-                self.backlog_ready.notify_one();
+            let mut lanes = lock(&self.lanes);
+            lanes.backlog.extend(due.into_iter().map(|(_, job)| job));
+            let woken = lanes.idle.min(lanes.backlog.len());
+            lanes.idle -= woken;
+            drop(lanes);
+            for _ in 0..woken {
+                self.ready.notify_one();
             }
         }
         next
     }
 
-    /// Every task waiting for a worker, in id order; the gate must be closed. The receiver
-    /// first: once it is held, no worker can take a job, and one that received a job after the
-    /// gate closed has put it back in the backlog. Waits for slots reserved before the gate
-    /// closed to be used or given up.
+    /// Every task waiting for a worker, in id order (those held encoded still encoded); the
+    /// gate must be closed. From now on no slot is reserved; waits for the slots reserved
+    /// before to be used or given up.
     pub(crate) async fn take_queued(&self) -> Vec<Job<T>> {
         let mut queued = Vec::new();
-        {
-            let mut rx = self.rx.lock().await;
-            rx.close();
-            while let Some(job) = rx.recv().await {
-                queued.push(job);
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            {
+                let mut lanes = lock(&self.lanes);
+                lanes.taken = true;
+                let lanes = &mut *lanes;
+                queued.extend(lanes.backlog.drain(..));
+                queued.extend(lanes.fresh.drain(..).map(Queued::into_job));
+                lanes.decoded = 0;
+                if lanes.reserved == 0 {
+                    break;
+                }
             }
+            settled.await;
         }
-        queued.extend(lock(&self.backlog).drain(..));
-        self.backlog_len.store(0, Ordering::Release);
         queued.sort_unstable_by_key(|job| job.id);
         queued
     }
@@ -256,10 +435,190 @@ impl<T> Queue<T> {
             .collect()
     }
 
-    /// How many tasks wait: in the backlog, in the channel, and for their retry.
+    /// How many tasks wait: in the backlog, new ones (slots reserved included), and for their
+    /// retry.
     pub(crate) fn len(&self) -> usize {
-        self.backlog_len.load(Ordering::Relaxed)
-            + (self.tx.max_capacity() - self.tx.capacity())
-            + lock(&self.waiting).len()
+        let queued = {
+            let lanes = lock(&self.lanes);
+            lanes.backlog.len() + lanes.used()
+        };
+        queued + lock(&self.waiting).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+    use crate::journal::TaskState;
+    use crate::pool::job::Payload;
+    use crate::task::TaskId;
+
+    const HOT_: u64 = HOT as u64;
+
+    fn job(seq: u64) -> Job<u64> {
+        Job {
+            id: TaskId::new(1, seq),
+            state: TaskState::default(),
+            last_error: None,
+            payload: Payload::new(seq),
+            journaled: false,
+            replayed: false,
+            reserved: 0,
+            #[cfg(feature = "metrics")]
+            queued_at: Instant::now(),
+            span: None,
+            lease: None,
+        }
+    }
+
+    /// Sends task `seq` in `slot` the way intake does: encoded (here, its number in decimal)
+    /// when the queue hands it back.
+    fn send_in(slot: Slot<'_, u64>, seq: u64) {
+        if let Err((slot, mut task)) = slot.send(job(seq).queued()) {
+            task.payload = Payload::Encoded(seq.to_string().into_bytes().into_boxed_slice());
+            slot.send_encoded(task);
+        }
+    }
+
+    fn send(queue: &Queue<u64>, seq: u64) {
+        send_in(queue.try_reserve().ok().expect("room"), seq);
+    }
+
+    /// Polls `future` once.
+    fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// The task's number, from its payload in either form.
+    fn seq(job: &Job<u64>) -> u64 {
+        match &job.payload {
+            Payload::Decoded(value) => **value,
+            Payload::Encoded(bytes) => std::str::from_utf8(bytes).unwrap().parse().unwrap(),
+        }
+    }
+
+    fn queue(capacity: usize, backlog: &[u64]) -> Queue<u64> {
+        Queue::new(
+            capacity,
+            backlog.iter().map(|&n| job(n)).collect(),
+            Vec::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn new_tasks_past_the_hot_window_are_held_encoded_and_keep_their_order() {
+        let queue = queue(HOT + 10, &[]);
+        for n in 0..HOT_ + 10 {
+            send(&queue, n);
+        }
+        assert_eq!(queue.len(), HOT + 10);
+        for n in 0..HOT_ + 10 {
+            let job = queue.next_job().await.unwrap();
+            assert_eq!((job.id, seq(&job)), (TaskId::new(1, n), n));
+            assert_eq!(
+                job.payload.decoded().is_some(),
+                n < HOT_,
+                "decoded up to the window, encoded past it: task {n}"
+            );
+        }
+        // Taken: the window has room again.
+        send(&queue, 9999);
+        assert!(queue.next_job().await.unwrap().payload.decoded().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_backlog_goes_first_and_a_follow_up_joins_it() {
+        let queue = queue(4, &[1, 2]);
+        send(&queue, 10);
+        assert!(queue.push_follow_up(job(11)).is_ok());
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(seq(&queue.next_job().await.unwrap()));
+        }
+        assert_eq!(order, [1, 2, 11, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
+        let queue = queue(2, &[]);
+        send(&queue, 1);
+        send(&queue, 2);
+        assert!(matches!(queue.try_reserve(), Err(NoRoom::Full)));
+        let mut waiting = pin!(queue.reserve());
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        assert_eq!(seq(&queue.next_job().await.unwrap()), 1);
+        let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
+            panic!("the submitter was not given the room");
+        };
+        // A slot given up gives its room back.
+        drop(slot);
+        send(&queue, 3);
+        assert_eq!(queue.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_worker_is_woken_by_a_task_and_by_the_gate_closing() {
+        let queue = queue(4, &[]);
+        let mut idle = pin!(queue.next_job());
+        assert!(poll_once(idle.as_mut()).is_pending());
+        send(&queue, 1);
+        assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(Some(ref job)) if seq(job) == 1));
+
+        let mut idle = pin!(queue.next_job());
+        assert!(poll_once(idle.as_mut()).is_pending());
+        assert!(queue.close());
+        assert!(!queue.close(), "closed once");
+        assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(None)));
+    }
+
+    #[tokio::test]
+    async fn once_the_gate_closes_no_task_starts_and_a_waiting_submitter_is_refused() {
+        let queue = queue(1, &[]);
+        send(&queue, 1);
+        let mut waiting = pin!(queue.reserve());
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        queue.close();
+        assert!(matches!(
+            poll_once(waiting.as_mut()),
+            Poll::Ready(Err(NoRoom::Closed))
+        ));
+        assert!(queue.next_job().await.is_none(), "task 1 is never started");
+        let queued = queue.take_queued().await;
+        assert_eq!(queued.iter().map(seq).collect::<Vec<_>>(), [1]);
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_takes_every_task_in_id_order_and_waits_for_slots_in_use() {
+        let queue = queue(HOT + 10, &[1]);
+        for n in 2..HOT_ + 10 {
+            send(&queue, n);
+        }
+        let slot = queue.try_reserve().ok().unwrap();
+        queue.close();
+        let mut taking = pin!(queue.take_queued());
+        assert!(
+            poll_once(taking.as_mut()).is_pending(),
+            "a slot reserved before the gate closed is still in use"
+        );
+        assert!(matches!(queue.try_reserve(), Err(NoRoom::Closed)));
+        assert!(
+            queue.push_follow_up(job(99)).is_err(),
+            "taken: held instead"
+        );
+        send_in(slot, HOT_ + 10);
+        let Poll::Ready(queued) = poll_once(taking.as_mut()) else {
+            panic!("the last slot was used: nothing is left to wait for");
+        };
+        let order: Vec<u64> = queued.iter().map(seq).collect();
+        assert_eq!(order, (1..=HOT_ + 10).collect::<Vec<_>>());
+        let encoded = queued.iter().filter(|j| j.payload.decoded().is_none());
+        // Tasks 2..HOT+10 were queued past the window's HOT; the last one came after the
+        // queue was emptied.
+        assert_eq!(encoded.count(), 8, "those held encoded still are");
+        assert_eq!(queue.len(), 0);
     }
 }

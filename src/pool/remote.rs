@@ -138,6 +138,7 @@ pub(crate) trait Remote: Send + Sync + 'static {
     /// The SQL that inserts `task` (unleased, due now) and wakes the pools that listen, for
     /// a caller to run inside its own transaction: literals only, no parameters, so that any
     /// client can run it.
+    #[cfg(feature = "postgres")]
     fn insert_sql(&self, task: &StoredTask) -> String;
     /// The error a wait for the store reports when it gave up after the store's timeout.
     fn timed_out(&self, op: &'static str) -> RemoteError;

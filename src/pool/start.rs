@@ -19,7 +19,7 @@ use super::claims;
 use super::config::{Config, Settled};
 use super::drain::supervise;
 use super::handle::Pool;
-use super::job::{Ids, Job, now_ms};
+use super::job::{Ids, Job, Payload, now_ms};
 use super::live::LiveIndex;
 use super::queue::Queue;
 use super::reserve::{self, SpillReserve};
@@ -332,7 +332,7 @@ fn replay<T>(
             id: task.id,
             state: task.state,
             last_error: task.last_error,
-            payload,
+            payload: Payload::Decoded(payload),
             journaled: true,
             replayed: true,
             span: None,

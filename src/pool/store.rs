@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::job::Job;
+use super::job::{Job, Payload};
 use super::lock::lock;
 use crate::codec::Encoding;
 use crate::error::JournalError;
@@ -57,7 +57,12 @@ impl<T: Send + Sync + 'static> SpillSource for Spill<T> {
 
     fn record<'a>(&'a self, i: usize, payload: &'a mut Vec<u8>) -> Option<TaskRecord<'a>> {
         let job = self.jobs.get(i)?;
-        if let Err(error) = self.codec.encode(&job.payload, payload) {
+        let value = match &job.payload {
+            // Held encoded in the queue: written as it is.
+            Payload::Encoded(bytes) => return Some(job.record(bytes, None)),
+            Payload::Decoded(value) => value,
+        };
+        if let Err(error) = self.codec.encode(value, payload) {
             tracing::error!(task = %job.id, %error, "payload failed to encode at spill; task lost");
             return None;
         }

@@ -45,7 +45,7 @@ pub(crate) fn running_for() -> Option<usize> {
 pub(crate) trait Host<T>: Send + Sync + 'static {
     /// A number that tells this pool from any other in the process (while it lives).
     fn key(&self) -> usize;
-    /// The next job, or `None` when the worker should stop.
+    /// The next job, its payload decoded, or `None` when the worker should stop.
     fn next_job(&self) -> impl Future<Output = Option<Job<T>>> + Send;
     /// The handlers' token: fires at the drain deadline. Shared with each task by `Arc`.
     fn deadline(&self) -> &Arc<CancellationToken>;
@@ -81,6 +81,10 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Into<BoxError> + 'static,
 {
+    let Some(payload) = job.payload.decoded() else {
+        // Not reached: the host decodes a job before handing it over.
+        return Outcome::Failed("the payload was not decoded".to_owned(), true);
+    };
     let counters = host.counters();
     counters.in_flight.fetch_add(1, Ordering::Relaxed);
     #[cfg(feature = "metrics")]
@@ -93,7 +97,7 @@ where
         attempt: job.state.attempts.saturating_add(1),
         interrupted: job.state.interrupted,
         enqueued_at: UNIX_EPOCH + Duration::from_millis(job.state.enqueued_ms),
-        payload: Arc::clone(&job.payload),
+        payload: Arc::clone(payload),
         // A claimed task's token also fires when its lease is lost.
         cancel: job.lease.as_ref().map_or_else(
             || Arc::clone(host.deadline()),

@@ -1,0 +1,121 @@
+//! The queue past its hot window: tasks beyond the first 1,024 queued are held encoded, and
+//! keep their order, their payloads and their accounting through a run, a spill and a reload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Action, Job, Ledger, counts_add_up, settle, start};
+
+/// More new tasks than the queue holds decoded.
+const MANY: u64 = 2_500;
+
+/// A pool of one worker over `dir`, given `first`, then tasks 1 to `MANY`, which queue up
+/// behind it. Each payload differs beyond its number, so one decoded at dispatch is checked
+/// whole.
+async fn queued_up(dir: &std::path::Path, ledger: &Ledger, first: Job) -> drainpool::Pool<Job> {
+    let pool = start(dir, 1, ledger, |b| b.queue_capacity(4096))
+        .await
+        .unwrap();
+    pool.submit(first).await.unwrap();
+    settle().await;
+    for n in 1..=MANY {
+        pool.submit(Job::with(n, n % 7, Action::Work))
+            .await
+            .unwrap();
+    }
+    pool
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_past_the_hot_window_run_in_order_with_their_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = queued_up(dir.path(), &ledger, Job::work(0, 1000)).await;
+    assert_eq!(pool.stats().queued, MANY);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let expected: Vec<u64> = (0..=MANY).collect();
+    assert_eq!(ledger.started(), expected, "FIFO across the hot window");
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.completed, MANY + 1);
+    counts_add_up(&report);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_held_encoded_are_spilled_and_replayed_first_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = queued_up(
+        dir.path(),
+        &ledger,
+        Job::with(0, 3_600_000, Action::IgnoreToken),
+    )
+    .await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.spilled, report.interrupted), (MANY, 1));
+    assert_eq!(report.submitted, MANY + 1);
+    counts_add_up(&report);
+
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b).await.unwrap();
+    for n in 10_000..10_010 {
+        pool.submit(Job::work(n, 1)).await.unwrap();
+    }
+    // Job 0 (interrupted) ignores its token for an hour; let it and everything else run.
+    tokio::time::sleep(Duration::from_secs(3700 + MANY)).await;
+    let expected: Vec<u64> = (0..=MANY).chain(10_000..10_010).collect();
+    assert_eq!(ledger.started(), expected);
+    let runs = ledger.finished();
+    assert!(
+        runs.iter().all(|run| run.ok && run.attempt == 1),
+        "every payload came back whole"
+    );
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(
+        (report.replayed, report.submitted, report.completed),
+        (MANY + 1, 10, MANY + 11)
+    );
+    counts_add_up(&report);
+}
+
+/// JSON, but a payload whose number is a multiple of 1,000 no longer decodes.
+struct Picky;
+
+impl drainpool::Codec<Job> for Picky {
+    fn encode<W: std::io::Write>(&self, value: &Job, out: W) -> Result<(), drainpool::BoxError> {
+        Ok(serde_json::to_writer(out, value)?)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Job, drainpool::BoxError> {
+        let job: Job = serde_json::from_slice(bytes)?;
+        if job.n.is_multiple_of(1000) {
+            return Err("refused by the test".into());
+        }
+        Ok(job)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_held_encoded_that_no_longer_decodes_becomes_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| {
+        b.queue_capacity(4096).codec(Picky)
+    })
+    .await
+    .unwrap();
+    pool.submit(Job::work(1, 1000)).await.unwrap();
+    settle().await;
+    // Task 1,000 is held decoded (within the window), task 2,000 encoded.
+    for n in 2..=MANY {
+        pool.submit(Job::work(n, 1)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let expected: Vec<u64> = (1..=MANY).filter(|&n| n != 2000).collect();
+    assert_eq!(ledger.started(), expected);
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.failed), (MANY - 1, 1));
+    counts_add_up(&report);
+    let stats = drainpool::journal::stats(dir.path()).unwrap();
+    assert_eq!((stats.dead_letters, stats.live_tasks), (1, 0));
+}
