@@ -246,7 +246,7 @@ async fn heartbeat<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, stop: Cance
 async fn renew(claims: &Claims, lease: Duration) {
     if claims.held() > 0 {
         let sent = Instant::now();
-        match tokio::time::timeout(lease / 4, claims.store.renew()).await {
+        match tokio::time::timeout(lease / 4, claims.store.renew(claims.leased())).await {
             Ok(Ok(still)) => {
                 claims.reached(None);
                 claims.renewed(&still, sent);

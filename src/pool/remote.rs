@@ -119,8 +119,9 @@ pub(crate) trait Remote: Send + Sync + 'static {
     fn hand_off(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>>;
     /// Claims up to `limit` tasks due now, in id order, leased to this pool.
     fn claim(&self, limit: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>>;
-    /// Renews every lease this pool holds; returns the tasks it still holds.
-    fn renew(&self) -> BoxFuture<'_, Result<Vec<TaskId>, RemoteError>>;
+    /// Renews this pool's leases on `tasks` (no other: a lease it gave up must expire, for
+    /// another pool to rescue the task); returns those it still holds.
+    fn renew(&self, tasks: Vec<TaskId>) -> BoxFuture<'_, Result<Vec<TaskId>, RemoteError>>;
     /// Deletes finished tasks and writes failed ones' states, for tasks this pool still holds.
     fn settle(
         &self,
@@ -277,6 +278,14 @@ impl Claims {
         lock(&self.held).len()
     }
 
+    /// The tasks whose leases a renewal keeps: those held, and those finished here (or
+    /// revoked) whose rows wait for the next settle.
+    pub(crate) fn leased(&self) -> Vec<TaskId> {
+        let mut ids: Vec<TaskId> = lock(&self.held).keys().copied().collect();
+        ids.extend(lock(&self.pending).done.iter().copied());
+        ids
+    }
+
     /// A claimed task finished here (completed, dropped, dead-lettered): its row goes.
     pub(crate) fn done(&self, id: TaskId) {
         lock(&self.held).remove(&id);
@@ -417,5 +426,102 @@ impl Commits {
     /// From now on nothing is taken: later pushes are refused.
     pub(crate) fn close(&self) {
         lock(&self.waiting).closed = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store never called: `Claims` alone is under test.
+    struct Unused;
+
+    impl Remote for Unused {
+        fn run(&self) -> u64 {
+            1
+        }
+        fn pacing(&self) -> Pacing {
+            Pacing {
+                lease: Duration::from_secs(2),
+                claim_batch: 1,
+                poll_interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+            }
+        }
+        fn hand_off(&self, _: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>> {
+            Box::pin(std::future::pending())
+        }
+        fn claim(&self, _: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>> {
+            Box::pin(std::future::pending())
+        }
+        fn renew(&self, _: Vec<TaskId>) -> BoxFuture<'_, Result<Vec<TaskId>, RemoteError>> {
+            Box::pin(std::future::pending())
+        }
+        fn settle(&self, _: Vec<TaskId>, _: Vec<Failed>) -> BoxFuture<'_, Result<(), RemoteError>> {
+            Box::pin(std::future::pending())
+        }
+        fn write_ahead(&self, _: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>> {
+            Box::pin(std::future::pending())
+        }
+        fn dead_letter(&self, _: StoredTask) -> BoxFuture<'_, Result<bool, RemoteError>> {
+            Box::pin(std::future::pending())
+        }
+        #[cfg(feature = "postgres")]
+        fn insert_sql(&self, _: &StoredTask) -> String {
+            String::new()
+        }
+        fn timed_out(&self, _: &'static str) -> RemoteError {
+            Arc::new(std::io::Error::other("timed out"))
+        }
+        fn woken(&self) -> BoxFuture<'_, ()> {
+            Box::pin(std::future::pending())
+        }
+        fn close(&self) -> BoxFuture<'_, ()> {
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// The claimer and the heartbeat use two connections, so a renewal sent while a claim is
+    /// on its way may run before the claim commits. Its answer then lacks the new leases,
+    /// which were good all along.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_sent_before_a_claim_was_answered_loses_none_of_its_leases() {
+        let claims = Claims::new(Arc::new(Unused), 0, false);
+        let deadline = CancellationToken::new();
+        let claim_sent = Instant::now();
+        tokio::time::advance(MS).await;
+        let renewal_sent = Instant::now();
+        tokio::time::advance(MS).await;
+        // The claim's answer comes after the renewal was sent.
+        let lease = claims.hold(TaskId::new(1, 1), &deadline, claim_sent);
+        claims.renewed(&[], renewal_sent);
+        assert!(!lease.is_lost() && !lease.token.is_cancelled());
+        // A renewal sent after the claim's answer must find the lease: missing, it is lost.
+        tokio::time::advance(MS).await;
+        claims.renewed(&[], Instant::now());
+        assert!(lease.is_lost() && lease.token.is_cancelled());
+        assert_eq!(claims.held(), 0);
+    }
+
+    /// A renewal keeps the leases held and those of tasks finished here, waiting for their
+    /// rows' delete; not one given up (it must expire, for another pool to rescue the task).
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_covers_the_leases_held_and_the_finished_tasks_only() {
+        let claims = Claims::new(Arc::new(Unused), 0, false);
+        let deadline = CancellationToken::new();
+        let sent = Instant::now();
+        let ids = [1, 2, 3].map(|seq| TaskId::new(1, seq));
+        for id in ids {
+            claims.hold(id, &deadline, sent);
+        }
+        claims.done(ids[1]);
+        tokio::time::advance(MS).await;
+        // The renewal found the first only: the third is lost.
+        claims.renewed(&ids[..1], Instant::now());
+        let mut leased = claims.leased();
+        leased.sort_unstable();
+        assert_eq!(leased, ids[..2]);
     }
 }

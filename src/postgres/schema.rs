@@ -317,11 +317,14 @@ COMMIT;
         )
     }
 
-    /// Renews every lease of owner `$1` for `$2` seconds; returns the tasks it holds.
+    /// Renews for `$2` seconds the leases of owner `$1` on the tasks `($3, $4)` (not every
+    /// row of the owner: one it gave up must expire); returns the tasks it holds among them.
     pub(super) fn renew(&self) -> String {
         format!(
-            "UPDATE {} SET lease_expires = now() + make_interval(secs => $2) \
-             WHERE lease_owner = $1 RETURNING run, seq",
+            "UPDATE {} AS t SET lease_expires = now() + make_interval(secs => $2) \
+             FROM unnest($3::int8[], $4::int8[]) AS h(r, s) \
+             WHERE t.run = h.r AND t.seq = h.s AND t.lease_owner = $1 \
+             RETURNING t.run, t.seq",
             self.tasks
         )
     }

@@ -313,15 +313,16 @@ impl Remote for Store {
         })
     }
 
-    fn renew(&self) -> BoxFuture<'_, Result<Vec<TaskId>, RemoteError>> {
+    fn renew(&self, tasks: Vec<TaskId>) -> BoxFuture<'_, Result<Vec<TaskId>, RemoteError>> {
         let query = self.sql.renew();
         let owner = self.run.cast_signed();
         let lease = self.pacing.lease.as_secs_f64();
+        let (run, seq): (Vec<i64>, Vec<i64>) = tasks.into_iter().map(to_sql).unzip();
         Box::pin(async move {
             self.heartbeat
                 .run("renew leases", move |client| {
                     Box::pin(async move {
-                        let rows = client.query(&query, &[&owner, &lease]).await?;
+                        let rows = client.query(&query, &[&owner, &lease, &run, &seq]).await?;
                         rows.iter()
                             .map(|row| Ok(from_sql(row.try_get(0)?, row.try_get(1)?)))
                             .collect()
