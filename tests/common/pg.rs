@@ -244,3 +244,194 @@ fn pump(from: &TcpStream, to: &TcpStream) {
         let _ = from.shutdown(Shutdown::Both);
     });
 }
+
+/// A PostgreSQL server of the test's own, for tests that stop and restart it: `initdb` into a
+/// temporary directory (run as the `postgres` user when the test runs as root, since the server
+/// refuses root), started with `pg_ctl` on a free port of 127.0.0.1, its socket in that
+/// directory. Dropping it stops the server (`-m immediate`) and removes the directory, on every
+/// path the test takes.
+#[derive(Debug)]
+pub struct Server {
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub url: String,
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    options: String,
+    /// Whom to run `initdb` and `pg_ctl` as: the `postgres` user's (uid, gid) under root.
+    user: Option<(u32, u32)>,
+    base: tempfile::TempDir,
+}
+
+impl Server {
+    /// A fresh server, started; or why there is none.
+    pub fn start() -> Result<Self, String> {
+        let bin = pg_bin()?;
+        let user = if rustix::process::geteuid().is_root() {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let base = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(base.path(), Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", base.path().display()))?;
+        }
+        let data = base.path().join("data");
+        let mut server = Self {
+            url: String::new(),
+            bin,
+            data,
+            options: String::new(),
+            user,
+            base,
+        };
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &server.data.display().to_string(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "-N",
+            ],
+        )?;
+        // A free port: the kernel's choice, released for the server (tried again if taken).
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("a free port: {e}"))?
+                .port();
+            server.options = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                server.base.path().display()
+            );
+            server.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+            match server.start_again() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// `pg_ctl start`, waiting until it accepts connections.
+    pub fn start_again(&self) -> Result<(), String> {
+        self.pg_ctl(&["-o", &self.options, "start"])
+    }
+
+    /// `pg_ctl stop -m fast`: the connections are ended, the server is down when it returns.
+    pub fn stop(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "fast", "stop"])
+    }
+
+    /// `pg_ctl restart -m fast`: every connection ended, the server up again when it returns.
+    pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "fast", "restart"])
+    }
+
+    /// The server's log, for a failure's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.base.path().join("log")).unwrap_or_default()
+    }
+
+    /// Runs `pg_ctl`, waiting for the server's state. The server's output goes to the log,
+    /// at a restart too (else it would inherit `pg_ctl`'s).
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+        let data = self.data.display().to_string();
+        let log = self.base.path().join("log").display().to_string();
+        let mut all = vec!["-D", &data, "-l", &log, "-w", "-t", "30"];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all)
+    }
+
+    /// Runs one of the server's programs, as the server's user. Its output goes to a file,
+    /// not a pipe: a server it starts could hold a pipe open, and the wait with it.
+    fn run(&self, program: &str, args: &[&str]) -> Result<(), String> {
+        use std::os::unix::process::CommandExt;
+        let out_path = self.base.path().join(format!("{program}.out"));
+        let out = std::fs::File::create(&out_path).map_err(|e| format!("{program}.out: {e}"))?;
+        let err = out.try_clone().map_err(|e| format!("{program}.out: {e}"))?;
+        let mut command = Command::new(self.bin.join(program));
+        command
+            .args(args)
+            .current_dir(self.base.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if let Some((uid, gid)) = self.user {
+            command.uid(uid).gid(gid);
+        }
+        let status = command
+            .status()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{program} {args:?} failed ({status}): {}\n{}",
+            std::fs::read_to_string(&out_path)
+                .unwrap_or_default()
+                .trim(),
+            self.log()
+        ))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Whether it runs or not: stopped at once, then the directory goes with `base`.
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+}
+
+/// The directory of `initdb` and `pg_ctl`: `PG_BIN`, the newest `/usr/lib/postgresql/*/bin`,
+/// or `pg_config --bindir`.
+fn pg_bin() -> Result<std::path::PathBuf, String> {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return Ok(dir.into());
+    }
+    let mut found: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    if let Some((_, bin)) = found.pop() {
+        return Ok(bin);
+    }
+    let output = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .map_err(|e| format!("no /usr/lib/postgresql/*/bin/initdb, and no pg_config: {e}"))?;
+    let bin = std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if bin.join("initdb").exists() {
+        Ok(bin)
+    } else {
+        Err(format!("no initdb in {}", bin.display()))
+    }
+}
+
+/// The `postgres` user's uid and gid, from `/etc/passwd`.
+fn postgres_user() -> Result<(u32, u32), String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.first() != Some(&"postgres") {
+                return None;
+            }
+            Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+        })
+        .ok_or_else(|| "no postgres user to run the server as (it refuses root)".to_string())
+}
