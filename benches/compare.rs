@@ -13,11 +13,17 @@
 //!
 //! Run without `--bench` (as `cargo test -p drainpool-benches --benches` does) it makes a quick
 //! smoke run at a hundredth of the scale and writes `target/bench/compare-quick.json` instead.
-//! `--only ROWS` (comma-separated: `steady,spill,reserve,durable,shutdown,memory`) runs some
-//! rows only, for profiling, and writes `target/bench/compare-partial.json`, leaving the full
-//! run's file alone.
+//! `--only ROWS` (comma-separated: `steady,spill,reserve,durable,shutdown,memory`, and the
+//! PostgreSQL store's `handoff,pickup,pgtable`) runs some rows only, for profiling, and writes
+//! `target/bench/compare-partial.json`, leaving the full run's file alone.
+//!
+//! The PostgreSQL rows (`compare/postgres.rs`) run on the database of `DATABASE_URL`, or the
+//! local server's `postgres://postgres@127.0.0.1:5432/test`; when none answers they are
+//! skipped, each saying why.
 
 mod common;
+#[path = "compare/postgres.rs"]
+mod postgres;
 
 use common::{Email, email};
 
@@ -39,6 +45,9 @@ use tokio::sync::{Notify, mpsc};
 
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
+/// A PostgreSQL section: the rows it makes in `dir` at `scale` on the database at the URL.
+type PgRows<'a> = &'a dyn Fn(&Path, Scale, &str) -> BoxResult<Vec<Row>>;
+
 fn payload_json_len() -> usize {
     serde_json::to_vec(&email(1_234_567)).map_or(0, |v| v.len())
 }
@@ -56,6 +65,11 @@ struct Scale {
     shutdown_queued: u64,
     shutdown_runs: usize,
     memory_tasks: u64,
+    pg_handoff_tasks: u64,
+    pg_handoff_runs: usize,
+    pg_pickups: usize,
+    pg_table_period: Duration,
+    pg_table_runs: usize,
 }
 
 impl Scale {
@@ -70,6 +84,12 @@ impl Scale {
         shutdown_queued: 100_000,
         shutdown_runs: 5,
         memory_tasks: 1_000_000,
+        pg_handoff_tasks: 100_000,
+        pg_handoff_runs: 3,
+        pg_pickups: 30,
+        // The 2 workers drain what 1 s of submits committed in about 6 s.
+        pg_table_period: Duration::from_secs(1),
+        pg_table_runs: 3,
     };
 
     const QUICK: Self = Self {
@@ -83,6 +103,11 @@ impl Scale {
         shutdown_queued: 1_000,
         shutdown_runs: 1,
         memory_tasks: 10_000,
+        pg_handoff_tasks: 1_000,
+        pg_handoff_runs: 1,
+        pg_pickups: 3,
+        pg_table_period: Duration::from_millis(100),
+        pg_table_runs: 1,
     };
 }
 
@@ -127,6 +152,7 @@ impl Row {
             (Some(true), _) => "met",
             (Some(false), _) => "MISSED",
             (None, Some(_)) => "no goal",
+            (None, None) if self.baseline.is_some() => "baseline only",
             (None, None) => "not measured",
         }
     }
@@ -341,6 +367,35 @@ fn compare(args: &[String]) -> BoxResult<()> {
         timed("memory", &mut rows, &mut || {
             memory_rows(&dir, scale, json_len)
         })?;
+    }
+    let pg_rows: [(&str, &str, PgRows<'_>); 3] = [
+        (
+            "handoff",
+            "handoff of queued tasks at shutdown, committed",
+            &|dir, scale, url| postgres::handoff_rows(dir, scale, url),
+        ),
+        (
+            "pickup",
+            "pickup: a replica starts a task another handed off",
+            &|dir, scale, url| postgres::pickup_rows(dir, scale, url),
+        ),
+        (
+            "pgtable",
+            "hand-written PostgreSQL task table, end to end",
+            &|_, scale, url| postgres::table_rows(scale, url),
+        ),
+    ];
+    if pg_rows.iter().any(|(key, _, _)| wants(key)) {
+        let database = postgres::database(&runtime()?);
+        for (key, name, rows_of) in pg_rows {
+            if !wants(key) {
+                continue;
+            }
+            match &database {
+                Ok(url) => timed(key, &mut rows, &mut || rows_of(&dir, scale, url))?,
+                Err(reason) => rows.push(postgres::skipped(name, reason)),
+            }
+        }
     }
 
     let wall = started.elapsed().as_secs_f64();
