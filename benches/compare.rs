@@ -14,7 +14,7 @@
 //! Run without `--bench` (as `cargo test -p drainpool-benches --benches` does) it makes a quick
 //! smoke run at a hundredth of the scale and writes `target/bench/compare-quick.json` instead.
 //! `--only ROWS` (comma-separated: `steady,spill,reserve,durable,shutdown,memory`, and the
-//! PostgreSQL store's `handoff,pickup,pgtable`) runs some rows only, for profiling, and writes
+//! PostgreSQL store's `handoff,pickup,pgwrite`) runs some rows only, for profiling, and writes
 //! `target/bench/compare-partial.json`, leaving the full run's file alone.
 //!
 //! The PostgreSQL rows (`compare/postgres.rs`) run on the database of `DATABASE_URL`, or the
@@ -380,9 +380,9 @@ fn compare(args: &[String]) -> BoxResult<()> {
             &|dir, scale, url| postgres::pickup_rows(dir, scale, url),
         ),
         (
-            "pgtable",
-            "hand-written PostgreSQL task table, end to end",
-            &|_, scale, url| postgres::table_rows(scale, url),
+            "pgwrite",
+            "PostgreSQL write-ahead end to end, against a hand-written task table",
+            &|dir, scale, url| postgres::table_rows(dir, scale, url),
         ),
     ];
     if pg_rows.iter().any(|(key, _, _)| wants(key)) {
