@@ -210,8 +210,10 @@ pub struct RecoveryReport {
     pub replayed: u64,
     /// Dead letters present in the directory.
     pub dead_letters: u64,
-    /// Records whose payload no longer decodes into the task type; each was moved to the dead
-    /// letters with its decode error.
+    /// Records whose payload no longer decodes into the task type, found at start; each was
+    /// moved to the dead letters with its decode error. Only the first 1,024 replayed tasks
+    /// are decoded at start; the rest are decoded as workers take them, and one that no longer
+    /// decodes becomes a dead letter then (counted in the shutdown report's `failed`).
     pub undecodable: u64,
     /// Tails cut off by a crash mid-write, truncated (expected after a kill).
     pub torn_tails: Vec<Damage>,

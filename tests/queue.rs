@@ -119,3 +119,47 @@ async fn a_task_held_encoded_that_no_longer_decodes_becomes_a_dead_letter() {
     let stats = drainpool::journal::stats(dir.path()).unwrap();
     assert_eq!((stats.dead_letters, stats.live_tasks), (1, 0));
 }
+
+/// A reload decodes the first 1,024 replayed tasks at start and the rest as workers take them:
+/// a payload that no longer decodes is a dead letter either way, found at start within the
+/// first 1,024 (and counted in the recovery report), at dispatch beyond them.
+#[tokio::test(start_paused = true)]
+async fn a_reload_decodes_the_first_replayed_tasks_at_start_and_the_rest_at_dispatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::default();
+    let pool = queued_up(
+        dir.path(),
+        &ledger,
+        // Not a multiple of 1,000: the codec below refuses those.
+        Job::with(4999, 3_600_000, Action::IgnoreToken),
+    )
+    .await;
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.spilled, report.interrupted), (MANY, 1));
+
+    // Replayed in id order: task 1,000 is the 1,001st (decoded at start), 2,000 the 2,001st.
+    let ledger = Ledger::default();
+    let pool = start(dir.path(), 1, &ledger, |b| b.codec(Picky))
+        .await
+        .unwrap();
+    let recovery = pool.recovery();
+    assert_eq!(
+        (
+            recovery.replayed,
+            recovery.undecodable,
+            recovery.dead_letters
+        ),
+        (MANY, 1, 1),
+        "task 1,000 found at start, task 2,000 not yet: {recovery:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3700 + MANY)).await;
+    let expected: Vec<u64> = std::iter::once(4999)
+        .chain((1..=MANY).filter(|&n| n != 1000 && n != 2000))
+        .collect();
+    assert_eq!(ledger.started(), expected, "replay order kept around both");
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.failed), (MANY - 1, 1));
+    counts_add_up(&report);
+    let stats = drainpool::journal::stats(dir.path()).unwrap();
+    assert_eq!((stats.dead_letters, stats.live_tasks), (2, 0));
+}

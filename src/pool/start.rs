@@ -21,7 +21,7 @@ use super::drain::supervise;
 use super::handle::Pool;
 use super::job::{Ids, Job, Payload, now_ms};
 use super::live::LiveIndex;
-use super::queue::Queue;
+use super::queue::{HOT, Queue};
 use super::reserve::{self, SpillReserve};
 use super::shared::Shared;
 use super::shutdown::Shutdown;
@@ -91,25 +91,23 @@ impl<T> Drop for Runner<T> {
     }
 }
 
-/// A recovered task's payload: decoded, or why not (with its bytes, for the dead letter).
-type Decoded<T> = Result<Arc<T>, (String, Vec<u8>)>;
-
-/// A recovered task's payload: decoded for the replay, or, with a shared store, its bytes to
-/// hand on (the pool that claims it decodes it).
-enum Loaded<T> {
-    Decoded(Decoded<T>),
-    Raw(Vec<u8>),
+/// A recovered task's payload bytes: to replay (decoded in `replay` for the first [`HOT`],
+/// by the worker's host for the rest), or, with a shared store, to hand on (the pool that
+/// claims it decodes it).
+enum Loaded {
+    Replay(Vec<u8>),
+    Forward(Vec<u8>),
 }
 
 /// The recovered tasks to replay, and those to hand on to the shared store.
-type Split<T> = (Vec<Recovered<Decoded<T>>>, Vec<Recovered<Vec<u8>>>);
+type Split = (Vec<Recovered<Vec<u8>>>, Vec<Recovered<Vec<u8>>>);
 
-fn split<T>(recovered: Vec<Recovered<Loaded<T>>>) -> Split<T> {
+fn split(recovered: Vec<Recovered<Loaded>>) -> Split {
     let (mut replay, mut forward) = (Vec::new(), Vec::new());
     for task in recovered {
         match task.replace(()) {
-            (Loaded::Decoded(value), task) => replay.push(task.replace(value).1),
-            (Loaded::Raw(bytes), task) => forward.push(task.replace(bytes).1),
+            (Loaded::Replay(bytes), task) => replay.push(task.replace(bytes).1),
+            (Loaded::Forward(bytes), task) => forward.push(task.replace(bytes).1),
         }
     }
     (replay, forward)
@@ -137,15 +135,12 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let opened = tokio::task::spawn_blocking(move || {
         let (mut journal, mut report, recovered) =
             Journal::open(&open_dir, ops, |record: &TaskRecord<'_>| {
+                let bytes = record.payload.to_vec();
                 if forwarding {
-                    return Loaded::Raw(record.payload.to_vec());
+                    Loaded::Forward(bytes)
+                } else {
+                    Loaded::Replay(bytes)
                 }
-                Loaded::Decoded(decoder.decode(record.payload).map(Arc::new).map_err(|e| {
-                    (
-                        format!("payload no longer decodes: {e}"),
-                        record.payload.to_vec(),
-                    )
-                }))
             })?;
         let (recovered, forward) = split(recovered);
         if write_ahead {
@@ -155,7 +150,14 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         let reserve = want_reserve
             .then(|| Reserve::create(&open_dir, reserve_ops, reserve::STEP))
             .transpose()?;
-        let replay = replay(&mut journal, &mut report, recovered, write_ahead, now, wall);
+        let replay = replay(
+            &mut journal,
+            &mut report,
+            recovered,
+            &decoder,
+            write_ahead,
+            (now, wall),
+        );
         let probe = want_probe.then(|| journal.probe());
         Ok::<_, StartError>((journal, report, replay, forward, probe, reserve))
     })
@@ -283,25 +285,39 @@ struct Replay<T> {
     live: LiveIndex,
 }
 
-/// Makes the recovered tasks into jobs, in one pass: those whose payload no longer decodes
-/// become dead letters, durably, before anything runs (their old segments are kept if that
-/// fails); a task spilled while waiting for its retry keeps its time (`now` and `wall` are the
-/// same moment on the two clocks).
-fn replay<T>(
+/// Makes the recovered tasks into jobs, in one pass. The first [`HOT`] (in replay order, the
+/// ones the workers take first) are decoded now: those whose payload no longer decodes become
+/// dead letters, durably, before anything runs (their old segments are kept if that fails).
+/// The rest stay encoded, as the queue holds tasks past its hot window, and are decoded when
+/// a worker takes them (one that no longer decodes becomes a dead letter then): so the
+/// workers start while most of a long journal is still bytes, and a reload costs what reading
+/// and checking the journal costs, not a decode of every payload first. A task spilled while
+/// waiting for its retry keeps its time (`now`, as `(instant, wall clock)`: the same moment
+/// on the two clocks).
+fn replay<T: 'static>(
     journal: &mut Journal,
     report: &mut RecoveryReport,
-    recovered: Vec<Recovered<Decoded<T>>>,
+    recovered: Vec<Recovered<Vec<u8>>>,
+    codec: &Encoding<T>,
     write_ahead: bool,
-    now: Instant,
-    wall: u64,
+    (now, wall): (Instant, u64),
 ) -> Replay<T> {
     let mut replay = Replay {
         backlog: VecDeque::with_capacity(recovered.len()),
         waiting: Vec::new(),
         live: LiveIndex::default(),
     };
-    for task in recovered {
-        let payload = match task.value {
+    for (n, task) in recovered.into_iter().enumerate() {
+        let (bytes, task) = task.replace(());
+        let decoded = if n < HOT {
+            match codec.decode(&bytes) {
+                Ok(value) => Ok(Payload::new(value)),
+                Err(e) => Err((format!("payload no longer decodes: {e}"), bytes)),
+            }
+        } else {
+            Ok(Payload::Encoded(bytes.into_boxed_slice()))
+        };
+        let payload = match decoded {
             Ok(payload) => payload,
             Err((error, payload)) => {
                 report.undecodable += 1;
@@ -332,7 +348,7 @@ fn replay<T>(
             id: task.id,
             state: task.state,
             last_error: task.last_error,
-            payload: Payload::Decoded(payload),
+            payload,
             journaled: true,
             replayed: true,
             span: None,
