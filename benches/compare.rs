@@ -1104,6 +1104,62 @@ fn write_ahead_rate(dir: &Path, submitters: usize, period: Duration) -> BoxResul
     })
 }
 
+/// End to end, submit to completion: tasks/s through a pool of 2 workers (a handler that only
+/// looks at the payload) with `durability`, `submitters` concurrent submitters for `period`,
+/// until the last accepted task has run.
+fn end_to_end_rate(
+    dir: &Path,
+    durability: Durability,
+    submitters: usize,
+    period: Duration,
+) -> BoxResult<f64> {
+    let journal = fresh_dir(&dir.join("end-to-end"))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let completed = Arc::new(AtomicU64::new(0));
+        let pool = Pool::builder()
+            .workers(2)
+            .queue_capacity(submitters * 4 + 64)
+            .durability(durability)
+            .journal_dir(&journal)
+            .start({
+                let completed = Arc::clone(&completed);
+                move |task: Task<Email>| {
+                    black_box(task.payload());
+                    completed.fetch_add(1, Ordering::Relaxed);
+                    async { Ok::<(), Infallible>(()) }
+                }
+            })
+            .await?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut lanes = tokio::task::JoinSet::new();
+        for lane in 0..submitters as u64 {
+            let (pool, accepted) = (pool.clone(), Arc::clone(&accepted));
+            lanes.spawn(async move {
+                let mut i = lane;
+                while started.elapsed() < period {
+                    if pool.submit(email(i)).await.is_ok() {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += submitters as u64;
+                }
+            });
+        }
+        while lanes.join_next().await.is_some() {}
+        let n = accepted.load(Ordering::Relaxed);
+        while completed.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        let report = pool.shutdown().await?;
+        if !report.is_clean() || report.completed != n {
+            return Err(format!("end-to-end run not clean: {report:?}").into());
+        }
+        Ok(rate)
+    })
+}
+
 fn durable_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
     let append_fsyncs = fsync_rate(dir, scale.durable_point, true)?;
     let overwrite_fsyncs = fsync_rate(dir, scale.durable_point, false)?;
@@ -1172,7 +1228,65 @@ fn durable_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
             }),
         });
     }
+    rows.extend(end_to_end_rows(dir, scale)?);
     Ok(rows)
+}
+
+/// End to end with 256 submitters and 2 workers: write-ahead (`Always`) against SQLite's full
+/// cycle (a committed insert, then a committed update marking it done: the better of one
+/// connection and one per thread), and against the same pool in the on-shutdown mode (the
+/// price of durability).
+fn end_to_end_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
+    const SUBMITTERS: usize = 256;
+    let period = scale.durable_point;
+    let sqlite = sqlite_rate(dir, SUBMITTERS, period, true)?
+        .max(sqlite_rate(dir, SUBMITTERS, period, false)?);
+    let durable = end_to_end_rate(
+        dir,
+        Durability::write_ahead(SyncPolicy::Always),
+        SUBMITTERS,
+        period,
+    )?;
+    let plain = end_to_end_rate(dir, Durability::on_shutdown(), SUBMITTERS, period)?;
+    let versus_sqlite = durable / sqlite;
+    let price = durable / plain;
+    let row = |name: String, baseline: f64, baseline_text: String, ratio: f64, goal: f64| Row {
+        name,
+        unit: "tasks/s, submit to completion",
+        drainpool: Some(durable),
+        drainpool_text: format!(
+            "{} (WriteAhead, sync Always; {SUBMITTERS} submitters, 2 workers)",
+            rate_text(durable)
+        ),
+        baseline: Some(baseline),
+        baseline_text,
+        ratio: Some(ratio),
+        goal: format!("ratio ≥ {goal}"),
+        met: Some(ratio >= goal),
+        detail: json!({
+            "write_ahead": durable,
+            "on_shutdown": plain,
+            "sqlite_full_cycle": sqlite,
+            "submitters": SUBMITTERS,
+            "seconds": period.as_secs_f64(),
+        }),
+    };
+    Ok(vec![
+        row(
+            "durable end to end, 256 submitters, against SQLite".to_owned(),
+            sqlite,
+            format!("SQLite {} (insert, then update as done)", rate_text(sqlite)),
+            versus_sqlite,
+            50.0,
+        ),
+        row(
+            "durability's price, 256 submitters".to_owned(),
+            plain,
+            format!("{} (the same pool, OnShutdown)", rate_text(plain)),
+            price,
+            0.5,
+        ),
+    ])
 }
 
 // ---------------------------------------------------------------------------------------------
