@@ -1,0 +1,173 @@
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use super::*;
+use crate::journal::TaskState;
+use crate::pool::job::Payload;
+use crate::task::TaskId;
+
+const HOT_: u64 = HOT as u64;
+
+fn job(seq: u64) -> Job<u64> {
+    Job {
+        id: TaskId::new(1, seq),
+        state: TaskState::default(),
+        last_error: None,
+        payload: Payload::new(seq),
+        journaled: false,
+        replayed: false,
+        reserved: 0,
+        #[cfg(feature = "metrics")]
+        queued_at: Instant::now(),
+        span: None,
+        lease: None,
+    }
+}
+
+/// Sends task `seq` in `slot` the way intake does: encoded (here, its number in decimal)
+/// when the queue hands it back.
+fn send_in(slot: Slot<'_, u64>, seq: u64) {
+    if let Err((slot, mut task)) = slot.send(job(seq).queued()) {
+        task.payload = Payload::Encoded(seq.to_string().into_bytes().into_boxed_slice());
+        slot.send_encoded(task);
+    }
+}
+
+fn send(queue: &Queue<u64>, seq: u64) {
+    send_in(queue.try_reserve().ok().expect("room"), seq);
+}
+
+/// Polls `future` once.
+fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    future.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// The task's number, from its payload in either form.
+fn seq(job: &Job<u64>) -> u64 {
+    match &job.payload {
+        Payload::Decoded(value) => **value,
+        Payload::Encoded(bytes) => std::str::from_utf8(bytes).unwrap().parse().unwrap(),
+    }
+}
+
+fn queue(capacity: usize, backlog: &[u64]) -> Queue<u64> {
+    Queue::new(
+        capacity,
+        backlog.iter().map(|&n| job(n)).collect(),
+        Vec::new(),
+    )
+}
+
+#[tokio::test]
+async fn new_tasks_past_the_hot_window_are_held_encoded_and_keep_their_order() {
+    let queue = queue(HOT + 10, &[]);
+    for n in 0..HOT_ + 10 {
+        send(&queue, n);
+    }
+    assert_eq!(queue.len(), HOT + 10);
+    for n in 0..HOT_ + 10 {
+        let job = queue.next_job().await.unwrap();
+        assert_eq!((job.id, seq(&job)), (TaskId::new(1, n), n));
+        assert_eq!(
+            job.payload.decoded().is_some(),
+            n < HOT_,
+            "decoded up to the window, encoded past it: task {n}"
+        );
+    }
+    // Taken: the window has room again.
+    send(&queue, 9999);
+    assert!(queue.next_job().await.unwrap().payload.decoded().is_some());
+}
+
+#[tokio::test]
+async fn the_backlog_goes_first_and_a_follow_up_joins_it() {
+    let queue = queue(4, &[1, 2]);
+    send(&queue, 10);
+    assert!(queue.push_follow_up(job(11)).is_ok());
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.push(seq(&queue.next_job().await.unwrap()));
+    }
+    assert_eq!(order, [1, 2, 11, 10]);
+}
+
+#[tokio::test]
+async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
+    let queue = queue(2, &[]);
+    send(&queue, 1);
+    send(&queue, 2);
+    assert!(matches!(queue.try_reserve(), Err(NoRoom::Full)));
+    let mut waiting = pin!(queue.reserve());
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    assert_eq!(seq(&queue.next_job().await.unwrap()), 1);
+    let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
+        panic!("the submitter was not given the room");
+    };
+    // A slot given up gives its room back.
+    drop(slot);
+    send(&queue, 3);
+    assert_eq!(queue.len(), 2);
+}
+
+#[tokio::test]
+async fn an_idle_worker_is_woken_by_a_task_and_by_the_gate_closing() {
+    let queue = queue(4, &[]);
+    let mut idle = pin!(queue.next_job());
+    assert!(poll_once(idle.as_mut()).is_pending());
+    send(&queue, 1);
+    assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(Some(ref job)) if seq(job) == 1));
+
+    let mut idle = pin!(queue.next_job());
+    assert!(poll_once(idle.as_mut()).is_pending());
+    assert!(queue.close());
+    assert!(!queue.close(), "closed once");
+    assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(None)));
+}
+
+#[tokio::test]
+async fn once_the_gate_closes_no_task_starts_and_a_waiting_submitter_is_refused() {
+    let queue = queue(1, &[]);
+    send(&queue, 1);
+    let mut waiting = pin!(queue.reserve());
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    queue.close();
+    assert!(matches!(
+        poll_once(waiting.as_mut()),
+        Poll::Ready(Err(NoRoom::Closed))
+    ));
+    assert!(queue.next_job().await.is_none(), "task 1 is never started");
+    let queued = queue.take_queued().await;
+    assert_eq!(queued.iter().map(seq).collect::<Vec<_>>(), [1]);
+}
+
+#[tokio::test]
+async fn the_shutdown_takes_every_task_in_id_order_and_waits_for_slots_in_use() {
+    let queue = queue(HOT + 10, &[1]);
+    for n in 2..HOT_ + 10 {
+        send(&queue, n);
+    }
+    let slot = queue.try_reserve().ok().unwrap();
+    queue.close();
+    let mut taking = pin!(queue.take_queued());
+    assert!(
+        poll_once(taking.as_mut()).is_pending(),
+        "a slot reserved before the gate closed is still in use"
+    );
+    assert!(matches!(queue.try_reserve(), Err(NoRoom::Closed)));
+    assert!(
+        queue.push_follow_up(job(99)).is_err(),
+        "taken: held instead"
+    );
+    send_in(slot, HOT_ + 10);
+    let Poll::Ready(queued) = poll_once(taking.as_mut()) else {
+        panic!("the last slot was used: nothing is left to wait for");
+    };
+    let order: Vec<u64> = queued.iter().map(seq).collect();
+    assert_eq!(order, (1..=HOT_ + 10).collect::<Vec<_>>());
+    let encoded = queued.iter().filter(|j| j.payload.decoded().is_none());
+    // Tasks 2..HOT+10 were queued past the window's HOT; the last one came after the
+    // queue was emptied.
+    assert_eq!(encoded.count(), 8, "those held encoded still are");
+    assert_eq!(queue.len(), 0);
+}
