@@ -192,15 +192,43 @@ pub(super) fn insecurity(mode: u32, owner: u32, euid: u32) -> Option<String> {
     ))
 }
 
-/// Takes the directory's lock: its open `LOCK` file (closing it releases the lock) and the
-/// file's path, or `None` if another process holds it.
-pub(super) fn lock_dir(dir: &Path) -> Result<Option<(File, PathBuf)>, JournalError> {
+/// The directory's lock: its open `LOCK` file, locked. Dropping it unlocks the file before
+/// closing it: a process forked meanwhile by any thread (a `Command::spawn` anywhere in the
+/// service) holds a copy of the descriptor until it execs, and a close alone would leave the
+/// lock held through that copy for that moment, so that a pool started again at once on the
+/// directory would find it locked. The unlock releases it for every copy.
+#[derive(Debug)]
+pub(super) struct DirLock(File);
+
+impl std::ops::Deref for DirLock {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DirLock {
+    fn deref_mut(&mut self) -> &mut File {
+        &mut self.0
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Takes the directory's lock, with the `LOCK` file's path, or `None` if another process
+/// holds it.
+pub(super) fn lock_dir(dir: &Path) -> Result<Option<(DirLock, PathBuf)>, JournalError> {
     let lock_path = dir.join(LOCK_FILE);
     check_kind(&lock_path, FileKind::File)?;
     let lock = fs::open_or_create(&lock_path)
         .map_err(|e| JournalError::io("open", &lock_path, None, e))?;
     match lock.try_lock() {
-        Ok(()) => Ok(Some((lock, lock_path))),
+        Ok(()) => Ok(Some((DirLock(lock), lock_path))),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(JournalError::io("lock", &lock_path, None, e)),
     }
@@ -283,6 +311,22 @@ pub(super) fn random_epoch(run: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy of the lock's descriptor held elsewhere (what a process forked at that moment
+    /// holds until it execs) does not keep the directory locked once the lock is dropped.
+    #[test]
+    fn a_dropped_lock_is_released_even_while_a_copy_of_its_descriptor_lives() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (lock, _) = lock_dir(tmp.path()).unwrap().expect("free");
+        let copy = lock.try_clone().unwrap();
+        assert!(lock_dir(tmp.path()).unwrap().is_none(), "held");
+        drop(lock);
+        assert!(
+            lock_dir(tmp.path()).unwrap().is_some(),
+            "released although a copy of the descriptor is still open"
+        );
+        drop(copy);
+    }
 
     #[test]
     fn the_run_counter_parses_only_whole_and_checksummed() {

@@ -2,11 +2,10 @@
 //! sealing, spills, dead letters, acks, and deleting or retiring old segments.
 //! [`Journal::open`] (recovery) is in `recover.rs`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::dir;
+use super::dir::{self, DirLock};
 use super::format::{self, Header, Kind};
 use super::fs;
 use super::record::TaskRecord;
@@ -32,8 +31,8 @@ pub(crate) struct Journal {
     pub(super) dir: PathBuf,
     /// The file operations segments are written with.
     pub(super) ops: fs::Ops,
-    /// Holds the directory lock; closing the file releases it.
-    pub(super) lock: File,
+    /// Holds the directory lock; dropping it releases it.
+    pub(super) lock: DirLock,
     pub(super) epoch: u64,
     pub(super) run: u64,
     pub(super) next_segment: u64,
