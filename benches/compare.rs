@@ -1062,6 +1062,28 @@ fn sqlite_rate(dir: &Path, submitters: usize, period: Duration, shared: bool) ->
     Ok(counted.0 as f64 / counted.1.as_secs_f64())
 }
 
+/// `submitters` concurrent submitters of distinct payloads into `pool` for `period`: the
+/// tasks accepted.
+async fn submit_for(pool: &Pool<Email>, submitters: usize, period: Duration) -> u64 {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..submitters as u64 {
+        let (pool, accepted) = (pool.clone(), Arc::clone(&accepted));
+        lanes.spawn(async move {
+            let mut i = lane;
+            while started.elapsed() < period {
+                if pool.submit(email(i)).await.is_ok() {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                i += submitters as u64;
+            }
+        });
+    }
+    while lanes.join_next().await.is_some() {}
+    accepted.load(Ordering::Relaxed)
+}
+
 /// Write-ahead submits per second (`WriteAhead { sync: Always }`: each `submit` returns after
 /// the fsync covering its record) with `submitters` concurrent submitters for `period`.
 fn write_ahead_rate(dir: &Path, submitters: usize, period: Duration) -> BoxResult<f64> {
@@ -1078,24 +1100,9 @@ fn write_ahead_rate(dir: &Path, submitters: usize, period: Duration) -> BoxResul
                 Ok::<(), Infallible>(())
             })
             .await?;
-        let accepted = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
-        let mut lanes = tokio::task::JoinSet::new();
-        for lane in 0..submitters as u64 {
-            let pool = pool.clone();
-            let accepted = Arc::clone(&accepted);
-            lanes.spawn(async move {
-                let mut i = lane;
-                while started.elapsed() < period {
-                    if pool.submit(email(i)).await.is_ok() {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    i += submitters as u64;
-                }
-            });
-        }
-        while lanes.join_next().await.is_some() {}
-        let rate = accepted.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+        let accepted = submit_for(&pool, submitters, period).await;
+        let rate = accepted as f64 / started.elapsed().as_secs_f64();
         let report = pool.shutdown().await?;
         if !report.is_clean() {
             return Err(format!("write-ahead run not clean: {report:?}").into());
@@ -1131,23 +1138,8 @@ fn end_to_end_rate(
                 }
             })
             .await?;
-        let accepted = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
-        let mut lanes = tokio::task::JoinSet::new();
-        for lane in 0..submitters as u64 {
-            let (pool, accepted) = (pool.clone(), Arc::clone(&accepted));
-            lanes.spawn(async move {
-                let mut i = lane;
-                while started.elapsed() < period {
-                    if pool.submit(email(i)).await.is_ok() {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    i += submitters as u64;
-                }
-            });
-        }
-        while lanes.join_next().await.is_some() {}
-        let n = accepted.load(Ordering::Relaxed);
+        let n = submit_for(&pool, submitters, period).await;
         while completed.load(Ordering::Relaxed) < n {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
