@@ -11,7 +11,6 @@
 use super::remote::StoredTask;
 use super::shared::Shared;
 use crate::error::SubmitError;
-use crate::postgres::PostgresError;
 use crate::task::TaskId;
 
 /// A task that is submitted by running its [`sql`](Self::sql) inside your own PostgreSQL
@@ -39,16 +38,13 @@ impl InTransaction {
 }
 
 impl<T: Send + Sync + 'static> Shared<T> {
-    pub(crate) fn in_transaction(&self, payload: T) -> Result<InTransaction, SubmitError<T>> {
+    /// The task's SQL, or the payload back if the pool has no shared store.
+    pub(crate) fn in_transaction(
+        &self,
+        payload: T,
+    ) -> Result<Result<InTransaction, T>, SubmitError<T>> {
         let Some(claims) = &self.remote else {
-            let error = PostgresError::refused(
-                "submit in a transaction",
-                "the pool has no PostgreSQL store (Builder::postgres)",
-            );
-            return Err(SubmitError::Postgres {
-                task: payload,
-                error: std::sync::Arc::new(error),
-            });
+            return Ok(Err(payload));
         };
         let (payload, size) = self.checked(payload)?;
         let (_, bytes) = self.encoded(payload, size)?;
@@ -59,6 +55,6 @@ impl<T: Send + Sync + 'static> Shared<T> {
             last_error: None,
             payload: bytes,
         });
-        Ok(InTransaction { id, sql })
+        Ok(Ok(InTransaction { id, sql }))
     }
 }

@@ -21,6 +21,7 @@
 //! | `link.rs` | one connection per role, made again after it broke, every use bounded |
 //! | `admin.rs` | the table from outside a pool: [`PostgresStore::inspect`], [`PostgresStore::requeue`] |
 //! | `error.rs` | [`PostgresError`] |
+//! | `submit.rs` | `Pool::submit_in_transaction`: the pool's `InTransaction`, or a refusal without the store |
 //! | `lease.rs` | [`Lease`]: one holder at a time, renewed, released, lost before it expires |
 
 mod admin;
@@ -29,6 +30,7 @@ mod lease;
 mod link;
 mod schema;
 mod store;
+mod submit;
 
 use std::fmt;
 use std::str::FromStr;
