@@ -364,12 +364,24 @@ pub(super) fn frame_len(buf: &[u8]) -> Result<usize, RecordError> {
 ///
 /// Returns the record and its encoded (padded) length.
 pub(super) fn decode_record(buf: &[u8], epoch: u64) -> Result<(RecordRef<'_>, usize), RecordError> {
+    decode(buf, Some(epoch))
+}
+
+/// Decodes again a record [`decode_record`] accepted, from the same bytes, without computing
+/// its checksum a second time.
+pub(super) fn decode_checked_record(buf: &[u8]) -> Result<(RecordRef<'_>, usize), RecordError> {
+    decode(buf, None)
+}
+
+/// [`decode_record`], its checksum checked under `epoch` if one is given.
+fn decode(buf: &[u8], epoch: Option<u64>) -> Result<(RecordRef<'_>, usize), RecordError> {
     let total = frame_len(buf)?;
     let kind = Kind::from_byte(buf[8]);
     let flags = buf[9];
     let body_len = u32_at(buf, 4) as usize;
-    let crc = crc32c::crc32c_append(epoch_seed(epoch), &buf[4..total]);
-    if crc != u32_at(buf, 0) {
+    if let Some(epoch) = epoch
+        && crc32c::crc32c_append(epoch_seed(epoch), &buf[4..total]) != u32_at(buf, 0)
+    {
         return Err(RecordError::Checksum);
     }
     let Some(kind) = kind else {

@@ -26,6 +26,7 @@ pub use self::inspect::{
     requeue, stats, verify,
 };
 pub(crate) use self::record::{Recovered, TaskRecord, TaskState};
+pub(crate) use self::recover::Recovery;
 pub(crate) use self::reserve::Reserve;
 
 /// The largest record the format frames: 64 MiB.

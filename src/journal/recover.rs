@@ -6,15 +6,18 @@
 //! - [`Fold`] keeps the last state per task id over every segment, in number order, records in
 //!   file order. In a live segment a task record makes its task live, an ack or a dead letter
 //!   ends it; in a dead-letter segment a dead letter sets its task aside, an ack (written when
-//!   it is requeued) takes it back, and a task record means nothing.
-//! - [`Journal::open`] applies both to the whole directory, then repairs: a torn tail is
+//!   it is requeued) takes it back, and a task record means nothing. Its [`LastState`] is
+//!   indexed by id without hashing (`last_state.rs`).
+//! - [`Journal::recover`] applies both to the whole directory, then repairs: a torn tail is
 //!   truncated, a damaged segment is copied to `damaged/`. Every write there goes through the
-//!   journal's [`FileOps`].
+//!   journal's [`FileOps`]. It keeps each live task's latest record as a position in the live
+//!   segments' bytes, which its [`Recovery`] holds, and reads the live tasks from them in id
+//!   order: no record is copied until the pool makes it a job.
 //!
 //! The read-only look into a directory (`inspect.rs`) uses the first two, so what recovery
 //! reports and what `verify` shows agree.
 
-use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,11 +26,16 @@ use super::format::{self, HeaderError, Kind, RecordError, RecordRef};
 use super::fs::{self, FileOps};
 use super::handle::{Journal, Sealed};
 use super::reader::{self, Scan};
-use super::record::{Recovered, TaskRecord};
+use super::record::Recovered;
+#[cfg(test)]
+use super::record::TaskRecord;
 use crate::error::FileKind;
 use crate::error::{JournalError, StartError};
 use crate::report::{Damage, RecoveryReport};
-use crate::task::TaskId;
+
+mod last_state;
+
+pub(super) use last_state::LastState;
 
 /// What reading one segment found, besides its records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,70 +135,6 @@ fn damage_of(file: &SegmentFile, len: u64, scan: &Scan) -> (Vec<Damage>, Option<
     (damage, torn_tail)
 }
 
-/// The last state of each task id, in the order ids were first seen, which is almost always
-/// id order: [`into_sorted`](Self::into_sorted) and
-/// [`into_values_sorted`](Self::into_values_sorted) then sort only if it is not.
-#[derive(Debug)]
-pub(super) struct LastState<T> {
-    /// One slot per id ever seen; `None` once its task ended.
-    slots: Vec<Option<(TaskId, T)>>,
-    index: HashMap<TaskId, usize>,
-}
-
-impl<T> LastState<T> {
-    /// Room for `capacity` ids, so that a large journal is not rehashed and moved again and
-    /// again.
-    pub(super) fn with_capacity(capacity: usize) -> Self {
-        Self {
-            slots: Vec::with_capacity(capacity),
-            index: HashMap::with_capacity(capacity),
-        }
-    }
-
-    fn set(&mut self, id: TaskId, value: T) {
-        match self.index.get(&id) {
-            Some(&at) => self.slots[at] = Some((id, value)),
-            None => {
-                self.index.insert(id, self.slots.len());
-                self.slots.push(Some((id, value)));
-            }
-        }
-    }
-
-    fn end(&mut self, id: TaskId) {
-        if let Some(&at) = self.index.get(&id) {
-            self.slots[at] = None;
-        }
-    }
-
-    /// How many tasks have a state.
-    pub(super) fn len(&self) -> usize {
-        self.slots.iter().flatten().count()
-    }
-
-    /// The states, in id order, in one pass over the slots when they are in id order already
-    /// (a large recovery moves each state once, not twice).
-    pub(super) fn into_values_sorted(self) -> Vec<T> {
-        drop(self.index);
-        if self.slots.iter().flatten().map(|(id, _)| id).is_sorted() {
-            return self.slots.into_iter().flatten().map(|(_, t)| t).collect();
-        }
-        let mut tasks: Vec<_> = self.slots.into_iter().flatten().collect();
-        tasks.sort_by_key(|(id, _)| *id);
-        tasks.into_iter().map(|(_, t)| t).collect()
-    }
-
-    /// The tasks with a state, in id order.
-    pub(super) fn into_sorted(self) -> Vec<(TaskId, T)> {
-        drop(self.index);
-        let mut tasks: Vec<_> = self.slots.into_iter().flatten().collect();
-        if !tasks.is_sorted_by_key(|(id, _)| *id) {
-            tasks.sort_by_key(|(id, _)| *id);
-        }
-        tasks
-    }
-}
-
 /// The last state per task id over a journal directory: live tasks and dead letters.
 #[derive(Debug)]
 pub(super) struct Fold<L, D> {
@@ -229,18 +173,86 @@ impl<L, D> Fold<L, D> {
 /// Recovery's tables are sized from the segments' bytes: about one task per this many.
 const BYTES_PER_TASK_ESTIMATE: u64 = 160;
 
+/// Where a live task's latest record is: the index of its segment among those [`Recovery`]
+/// keeps, and its offset there (past the header, so never 0).
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    segment: u32,
+    offset: NonZeroU64,
+}
+
+/// What [`Journal::recover`] found: the live tasks, each at its latest record, read from the
+/// live segments' bytes, which it holds until it is dropped.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    /// The live segments' numbers and bytes, in number order.
+    segments: Vec<(u64, Vec<u8>)>,
+    live: LastState<Position>,
+}
+
+impl Recovery {
+    /// How many live tasks there are.
+    pub(crate) fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The live tasks in id order, each in its latest state, its payload borrowed.
+    pub(crate) fn tasks(&self) -> impl Iterator<Item = Recovered<&[u8]>> {
+        self.live.iter().filter_map(|(id, at)| {
+            let (number, bytes) = self.segments.get(at.segment as usize)?;
+            let offset = usize::try_from(at.offset.get()).ok()?;
+            // The record validated when it was read; these are the same bytes.
+            let (record, _) = format::decode_checked_record(bytes.get(offset..)?).ok()?;
+            Some(Recovered {
+                id,
+                state: record.state,
+                last_error: (!record.error.is_empty())
+                    .then(|| String::from_utf8_lossy(record.error).into()),
+                value: record.payload,
+                segment: *number,
+                len: u32::try_from(record.encoded_len()).unwrap_or(u32::MAX),
+            })
+        })
+    }
+}
+
 impl Journal {
-    /// Opens and locks `dir` (creating it if needed), recovers every segment, and returns the
-    /// live tasks, each in its latest state, in id order.
-    ///
-    /// `decode` is called with each task record of the live segments, in segment and file
-    /// order (so also for records a later ack ends); its value is kept with the task's latest
-    /// record. The run counter is raised and made durable before this returns.
+    /// [`recover`](Self::recover), with `decode`'s value of each live task: called once per
+    /// live task, in id order.
+    #[cfg(test)]
     pub(crate) fn open<V>(
         dir: &Path,
         ops: fs::Ops,
         mut decode: impl FnMut(&TaskRecord<'_>) -> V,
     ) -> Result<(Self, RecoveryReport, Vec<Recovered<V>>), StartError> {
+        let (journal, report, recovery) = Self::recover(dir, ops)?;
+        let live = recovery
+            .tasks()
+            .map(|task| {
+                let record = TaskRecord {
+                    id: task.id,
+                    state: task.state,
+                    last_error: task.last_error.as_deref().unwrap_or_default().into(),
+                    payload: task.value,
+                };
+                let value = decode(&record);
+                task.replace(value).1
+            })
+            .collect();
+        Ok((journal, report, live))
+    }
+
+    /// Opens and locks `dir` (creating it if needed) and recovers every segment: the live
+    /// tasks, each at its latest record. The run counter is raised and made durable before
+    /// this returns.
+    ///
+    /// Two passes: each segment is read whole and its records checked, in number order, the
+    /// last record per id kept as a position (nothing is copied); then [`Recovery::tasks`]
+    /// reads the live tasks from the same bytes, in id order.
+    pub(crate) fn recover(
+        dir: &Path,
+        ops: fs::Ops,
+    ) -> Result<(Self, RecoveryReport, Recovery), StartError> {
         // The journal path (the operator's, so it may be a link) must be a directory.
         match std::fs::metadata(dir) {
             Ok(meta) if !meta.is_dir() => {
@@ -284,24 +296,18 @@ impl Journal {
             tracing::warn!(path = %skipped.path.display(), kind = %skipped.kind, "not a regular file; skipped");
             report.skipped.push(skipped);
         }
+        let mut kept = Vec::new();
         for segment in &segments {
             let bytes = fs::read_regular(&segment.path)
                 .map_err(|e| JournalError::io("read", &segment.path, None, e))?;
-            let read = read_segment(segment, &bytes, |_, record| {
+            let index = u32::try_from(kept.len()).unwrap_or(u32::MAX);
+            let read = read_segment(segment, &bytes, |offset, record| {
                 max_run = max_run.max(record.id.run());
-                let live = || {
-                    let task = record.task();
-                    Recovered {
-                        id: task.id,
-                        state: task.state,
-                        last_error: (!task.last_error.is_empty())
-                            .then(|| task.last_error.as_ref().into()),
-                        value: decode(&task),
-                        segment: segment.number,
-                        len: u32::try_from(record.encoded_len()).unwrap_or(u32::MAX),
-                    }
+                let at = || Position {
+                    segment: index,
+                    offset: NonZeroU64::new(offset).unwrap_or(NonZeroU64::MAX),
                 };
-                fold.apply(segment.dead, &record, live, || ());
+                fold.apply(segment.dead, &record, at, || ());
             })?;
             report.segments += 1;
             report.records += read.records as u64;
@@ -312,11 +318,15 @@ impl Journal {
                     path: segment.path.clone(),
                     len: bytes.len() as u64,
                 });
+                kept.push((segment.number, bytes));
             }
         }
 
         report.dead_letters = fold.dead.len() as u64;
-        let live = fold.live.into_values_sorted();
+        let recovery = Recovery {
+            segments: kept,
+            live: fold.live,
+        };
         // Ids must never repeat in a directory's life: a start without a new run number stops.
         let Some(run) = max_run.checked_add(1) else {
             return Err(StartError::RunsExhausted {
@@ -347,7 +357,7 @@ impl Journal {
             damaged = report.damage.len(),
             "journal opened"
         );
-        Ok((journal, report, live))
+        Ok((journal, report, recovery))
     }
 }
 

@@ -31,7 +31,7 @@ use super::worker;
 use super::write_ahead::WriteAhead;
 use crate::codec::Encoding;
 use crate::error::{BoxError, StartError};
-use crate::journal::{Journal, Recovered, Reserve, TaskRecord};
+use crate::journal::{Journal, Recovered, Recovery, Reserve, TaskRecord};
 use crate::policy::{Jitter, Policy};
 use crate::report::RecoveryReport;
 use crate::task::Task;
@@ -91,28 +91,6 @@ impl<T> Drop for Runner<T> {
     }
 }
 
-/// A recovered task's payload bytes: to replay (decoded in `replay` for the first [`HOT`],
-/// by the worker's host for the rest), or, with a shared store, to hand on (the pool that
-/// claims it decodes it).
-enum Loaded {
-    Replay(Vec<u8>),
-    Forward(Vec<u8>),
-}
-
-/// The recovered tasks to replay, and those to hand on to the shared store.
-type Split = (Vec<Recovered<Vec<u8>>>, Vec<Recovered<Vec<u8>>>);
-
-fn split(recovered: Vec<Recovered<Loaded>>) -> Split {
-    let (mut replay, mut forward) = (Vec::new(), Vec::new());
-    for task in recovered {
-        match task.replace(()) {
-            (Loaded::Replay(bytes), task) => replay.push(task.replace(bytes).1),
-            (Loaded::Forward(bytes), task) => forward.push(task.replace(bytes).1),
-        }
-    }
-    (replay, forward)
-}
-
 /// The first phase: checks the settings, opens and recovers the journal, and starts the
 /// supervisor and the background tasks.
 pub(crate) async fn build<T: Send + Sync + 'static>(
@@ -133,16 +111,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     let (now, wall) = (Instant::now(), now_ms());
     let forwarding = config.remote.is_some();
     let opened = tokio::task::spawn_blocking(move || {
-        let (mut journal, mut report, recovered) =
-            Journal::open(&open_dir, ops, |record: &TaskRecord<'_>| {
-                let bytes = record.payload.to_vec();
-                if forwarding {
-                    Loaded::Forward(bytes)
-                } else {
-                    Loaded::Replay(bytes)
-                }
-            })?;
-        let (recovered, forward) = split(recovered);
+        let (mut journal, mut report, recovery) = Journal::recover(&open_dir, ops)?;
         if write_ahead {
             journal.adopt_obsolete();
         }
@@ -150,14 +119,30 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         let reserve = want_reserve
             .then(|| Reserve::create(&open_dir, reserve_ops, reserve::STEP))
             .transpose()?;
-        let replay = replay(
-            &mut journal,
-            &mut report,
-            recovered,
-            &decoder,
-            write_ahead,
-            (now, wall),
-        );
+        // With a shared store every live task is handed on to it; the pool that claims one
+        // decodes it.
+        let (replay, forward) = if forwarding {
+            let forward = recovery
+                .tasks()
+                .map(|task| {
+                    let bytes = task.value.to_vec();
+                    task.replace(bytes).1
+                })
+                .collect();
+            (Replay::default(), forward)
+        } else {
+            let replay = replay(
+                &mut journal,
+                &mut report,
+                &recovery,
+                &decoder,
+                write_ahead,
+                (now, wall),
+            );
+            (replay, Vec::new())
+        };
+        // The segments' bytes, no longer needed.
+        drop(recovery);
         let probe = want_probe.then(|| journal.probe());
         Ok::<_, StartError>((journal, report, replay, forward, probe, reserve))
     })
@@ -285,61 +270,50 @@ struct Replay<T> {
     live: LiveIndex,
 }
 
-/// Makes the recovered tasks into jobs, in one pass. The first [`HOT`] (in replay order, the
-/// ones the workers take first) are decoded now: those whose payload no longer decodes become
-/// dead letters, durably, before anything runs (their old segments are kept if that fails).
-/// The rest stay encoded, as the queue holds tasks past its hot window, and are decoded when
-/// a worker takes them (one that no longer decodes becomes a dead letter then): so the
-/// workers start while most of a long journal is still bytes, and a reload costs what reading
-/// and checking the journal costs, not a decode of every payload first. A task spilled while
-/// waiting for its retry keeps its time (`now`, as `(instant, wall clock)`: the same moment
-/// on the two clocks).
+impl<T> Default for Replay<T> {
+    fn default() -> Self {
+        Self {
+            backlog: VecDeque::new(),
+            waiting: Vec::new(),
+            live: LiveIndex::default(),
+        }
+    }
+}
+
+/// Makes the recovered tasks into jobs, in one pass over the journal's bytes, each payload
+/// copied once. The first [`HOT`] (in replay order, the ones the workers take first) are
+/// decoded now: those whose payload no longer decodes become dead letters, durably, before
+/// anything runs (their old segments are kept if that fails). The rest stay encoded, as the
+/// queue holds tasks past its hot window, and are decoded when a worker takes them (one that
+/// no longer decodes becomes a dead letter then): so the workers start while most of a long
+/// journal is still bytes, and a reload costs what reading and checking the journal costs,
+/// not a decode of every payload first. A task spilled while waiting for its retry keeps its
+/// time (`now`, as `(instant, wall clock)`: the same moment on the two clocks).
 fn replay<T: 'static>(
     journal: &mut Journal,
     report: &mut RecoveryReport,
-    recovered: Vec<Recovered<Vec<u8>>>,
+    recovery: &Recovery,
     codec: &Encoding<T>,
     write_ahead: bool,
     (now, wall): (Instant, u64),
 ) -> Replay<T> {
     let mut replay = Replay {
-        backlog: VecDeque::with_capacity(recovered.len()),
-        waiting: Vec::new(),
-        live: LiveIndex::default(),
+        backlog: VecDeque::with_capacity(recovery.len()),
+        ..Replay::default()
     };
-    for (n, task) in recovered.into_iter().enumerate() {
-        let (bytes, task) = task.replace(());
-        let decoded = if n < HOT {
-            match codec.decode(&bytes) {
-                Ok(value) => Ok(Payload::new(value)),
-                Err(e) => Err((format!("payload no longer decodes: {e}"), bytes)),
+    for (n, task) in recovery.tasks().enumerate() {
+        let bytes = task.value;
+        let payload = if n < HOT {
+            match codec.decode(bytes) {
+                Ok(value) => Payload::new(value),
+                Err(e) => {
+                    let error = format!("payload no longer decodes: {e}");
+                    dead_letter(journal, report, &task, error);
+                    continue;
+                }
             }
         } else {
-            Ok(Payload::Encoded(bytes.into_boxed_slice()))
-        };
-        let payload = match decoded {
-            Ok(payload) => payload,
-            Err((error, payload)) => {
-                report.undecodable += 1;
-                tracing::warn!(task = %task.id, %error, "payload no longer decodes; kept as a dead letter");
-                let record = TaskRecord {
-                    id: task.id,
-                    state: task.state,
-                    last_error: error.into(),
-                    payload: &payload,
-                };
-                match journal
-                    .write_dead(&record)
-                    .and_then(|()| journal.append_ack(task.id))
-                {
-                    Ok(()) => report.dead_letters += 1,
-                    Err(error) => {
-                        tracing::error!(error = &error as &dyn std::error::Error, task = %task.id, "could not write dead letter; the old segment is kept");
-                        journal.keep_obsolete();
-                    }
-                }
-                continue;
-            }
+            Payload::Encoded(bytes.into())
         };
         if write_ahead {
             replay.live.recovered(task.id, task.segment, task.len);
@@ -365,4 +339,31 @@ fn replay<T: 'static>(
         }
     }
     replay
+}
+
+/// Keeps a recovered task whose payload no longer decodes as a dead letter, with `error`.
+fn dead_letter(
+    journal: &mut Journal,
+    report: &mut RecoveryReport,
+    task: &Recovered<&[u8]>,
+    error: String,
+) {
+    report.undecodable += 1;
+    tracing::warn!(task = %task.id, %error, "payload no longer decodes; kept as a dead letter");
+    let record = TaskRecord {
+        id: task.id,
+        state: task.state,
+        last_error: error.into(),
+        payload: task.value,
+    };
+    match journal
+        .write_dead(&record)
+        .and_then(|()| journal.append_ack(task.id))
+    {
+        Ok(()) => report.dead_letters += 1,
+        Err(error) => {
+            tracing::error!(error = &error as &dyn std::error::Error, task = %task.id, "could not write dead letter; the old segment is kept");
+            journal.keep_obsolete();
+        }
+    }
 }

@@ -12,6 +12,7 @@ use crate::error::FileKind;
 use crate::journal::faults::{ENOSPC, Faults, Op};
 use crate::journal::handle::SpillOutcome;
 use crate::journal::inspect;
+use crate::task::TaskId;
 
 type Opened = (Journal, RecoveryReport, Vec<Recovered<Vec<u8>>>);
 
