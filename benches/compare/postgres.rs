@@ -71,19 +71,10 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 /// A row that did not run, and why.
 pub(super) fn skipped(name: &str, reason: &str) -> Row {
-    eprintln!("compare: {name}: skipped: no PostgreSQL database answers ({reason})");
-    Row {
-        name: name.to_owned(),
-        unit: "—",
-        drainpool: None,
-        drainpool_text: format!("skipped: no database ({reason})"),
-        baseline: None,
-        baseline_text: "—".to_owned(),
-        ratio: None,
-        goal: "—".to_owned(),
-        met: None,
-        detail: json!({ "skipped": reason }),
-    }
+    super::skipped_row(
+        name.to_owned(),
+        &format!("no PostgreSQL database answers ({reason})"),
+    )
 }
 
 async fn connect(url: &str) -> BoxResult<Client> {
