@@ -281,6 +281,35 @@ mod tests {
     }
 
     #[test]
+    fn random_folds_agree_with_the_model() {
+        // xorshift64*, seeded: the same cases every run.
+        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        for _ in 0..200 {
+            let ops: Vec<_> = (0..400)
+                .map(|_| {
+                    let r = next();
+                    let run = r % 3;
+                    // Mostly near the start of a run, now and then far off or below it.
+                    let seq = match (r >> 8) % 16 {
+                        0 => (r >> 16) % 1_000_000,
+                        1 => (r >> 16) % 4,
+                        _ => 100 + (r >> 16) % 300,
+                    };
+                    let op = ((r >> 40) % 3 != 0).then_some((r >> 48) as u32);
+                    (id(run, seq), op)
+                })
+                .collect();
+            check(&ops);
+        }
+    }
+
+    #[test]
     fn ending_an_unknown_id_changes_nothing() {
         check(&[(id(1, 1), None), (id(1, 2), Some(1)), (id(9, 9), None)]);
     }
