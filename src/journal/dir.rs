@@ -1,6 +1,6 @@
 //! The journal directory: file names, listing, the lock and its run counter, writer epochs.
 //!
-//! Used by recovery (`Journal::open`) and by the read-only look into a directory
+//! Used by recovery (`Journal::recover`) and by the read-only look into a directory
 //! (`inspect.rs`) alike, so both read the same names the same way.
 //!
 //! Hostile entries: an entry named like a segment that is not a regular file (a symbolic link,

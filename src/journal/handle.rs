@@ -1,6 +1,6 @@
 //! `Journal`, the open journal of one pool run: the lock it holds, its current segment,
 //! sealing, spills, dead letters, acks, and deleting or retiring old segments.
-//! [`Journal::open`] (recovery) is in `recover.rs`.
+//! [`Journal::recover`] (recovery) is in `recover.rs`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
