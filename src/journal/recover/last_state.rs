@@ -82,7 +82,11 @@ impl<T> LastState<T> {
             if !grow || offset > limit {
                 return None;
             }
-            run.states.resize_with(index + 1, || None);
+            if index == run.states.len() {
+                run.states.push(None);
+            } else {
+                run.states.resize_with(index + 1, || None);
+            }
         }
         run.states.get_mut(index)
     }
