@@ -879,7 +879,8 @@ struct ReloadRun {
     baseline: f64,
 }
 
-fn spill_once(rt: &Runtime, dir: &Path, n: u64) -> BoxResult<SpillRun> {
+fn spill_once(rt: &Runtime, dir: &Path, scale: Scale) -> BoxResult<SpillRun> {
+    let n = scale.spill_tasks;
     let journal = fresh_dir(&dir.join("spill-journal"))?;
     let mut run = SpillRun::default();
 
@@ -928,7 +929,13 @@ fn spill_once(rt: &Runtime, dir: &Path, n: u64) -> BoxResult<SpillRun> {
     let (wall, first_task, left) = reload_once(rt, &journal, n)?;
     run.reload.wall = wall;
     run.reload.first_task = first_task;
-    run.cold = match drop_caches() {
+    // A smoke run leaves the machine's page cache alone.
+    let dropped = if scale.quick {
+        Err("quick run: the page cache is left alone".to_owned())
+    } else {
+        drop_caches()
+    };
+    run.cold = match dropped {
         Ok(()) => {
             let (wall, first_task, _) = reload_once(rt, &journal, left)?;
             Ok(ReloadRun {
@@ -967,7 +974,7 @@ fn spill_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
     let n = scale.spill_tasks;
     let mut runs = Vec::new();
     for _ in 0..scale.spill_runs {
-        runs.push(spill_once(&rt, dir, n)?);
+        runs.push(spill_once(&rt, dir, scale)?);
     }
     let pick = |f: fn(&SpillRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
     let spill = pick(|r| r.spill_wall);
