@@ -1,12 +1,13 @@
 //! [`LastState`]: the last state per task id, as recovery and inspection fold a journal.
 //!
 //! The ids of one run are handed out as a dense sequence, so each run keeps its states in a
-//! vector indexed by the sequence number less the first one seen: no hashing, and a walk of the
-//! runs in number order yields the ids in order, with nothing to sort. An id that does not fit
-//! (below its run's first sequence number, far past its end, or of a run beyond the first
-//! [`DENSE_RUNS`]) goes to an ordered map instead, and the two are merged when read. A vector
-//! grows only to about twice the ids it has been given, so a crafted file cannot make it
-//! allocate more than its own records ask for.
+//! vector indexed by the sequence number less a base: no hashing, and a walk of the runs in
+//! number order yields the ids in order, with nothing to sort. The vector grows at either end
+//! (a compaction copies old ids after newer ones) but only by about twice the ids held, so a
+//! crafted file cannot make it allocate more than its own records ask for; an id further off,
+//! or of a run beyond the first [`DENSE_RUNS`], goes to an ordered map instead, and the two
+//! are merged when read. The map is searched for an id in a vector's range only when the
+//! map has held ids of that run around it.
 
 use std::collections::BTreeMap;
 use std::iter::Peekable;
@@ -25,6 +26,18 @@ struct Run<T> {
     run: u64,
     base: u64,
     states: Vec<Option<T>>,
+    /// The lowest and highest sequence numbers of this run's ids the map has held: only an id
+    /// between them may be in the map although the vector's range holds it (it was put there
+    /// before the vector grew over it), and only for such an id is the map searched.
+    in_map: Option<(u64, u64)>,
+}
+
+/// Where an id's state is kept.
+enum Place {
+    /// In run `.0`'s vector, at `.1`.
+    Dense(usize, usize),
+    /// In the map; of run `Some(i)` of the runs kept as vectors, or of none of them.
+    Map(Option<usize>),
 }
 
 /// The last state of each task id seen, read back in id order.
@@ -52,14 +65,15 @@ impl<T> LastState<T> {
         }
     }
 
-    /// The slot of `id` in its run's vector; `grow`: made if it can be (the run added, the
-    /// vector lengthened), otherwise only an existing one.
-    fn dense(&mut self, id: TaskId, grow: bool) -> Option<&mut Option<T>> {
+    /// Where `id` is kept; `grow`: its run's vector made or lengthened (at either end) to
+    /// hold it if it can be, otherwise only where it is now.
+    #[inline(always)]
+    fn place(&mut self, id: TaskId, grow: bool) -> Place {
         let at = match self.runs.binary_search_by_key(&id.run(), |r| r.run) {
             Ok(at) => at,
             Err(at) => {
                 if !grow || self.runs.len() >= DENSE_RUNS {
-                    return None;
+                    return Place::Map(None);
                 }
                 let capacity = std::mem::take(&mut self.capacity);
                 self.runs.insert(
@@ -68,19 +82,40 @@ impl<T> LastState<T> {
                         run: id.run(),
                         base: id.seq(),
                         states: Vec::with_capacity(capacity),
+                        in_map: None,
                     },
                 );
                 at
             }
         };
-        let held = self.len as u64;
+        let limit = (self.len as u64)
+            .saturating_mul(2)
+            .saturating_add(DENSE_SLACK);
         let run = &mut self.runs[at];
-        let offset = id.seq().checked_sub(run.base)?;
-        let index = usize::try_from(offset).ok()?;
+        let seq = id.seq();
+        if seq < run.base {
+            // Below the vector: it grows down by at least its length, so growing is amortized.
+            let below = run.base - seq;
+            let extra = below.max(run.states.len() as u64).min(run.base);
+            let Ok(extra) = usize::try_from(extra) else {
+                return Place::Map(Some(at));
+            };
+            if !grow || below > limit {
+                return Place::Map(Some(at));
+            }
+            let mut states = Vec::with_capacity(extra + run.states.len());
+            states.resize_with(extra, || None);
+            states.append(&mut run.states);
+            run.states = states;
+            run.base -= extra as u64;
+        }
+        let offset = seq - run.base;
+        let Ok(index) = usize::try_from(offset) else {
+            return Place::Map(Some(at));
+        };
         if index >= run.states.len() {
-            let limit = held.saturating_mul(2).saturating_add(DENSE_SLACK);
             if !grow || offset > limit {
-                return None;
+                return Place::Map(Some(at));
             }
             if index == run.states.len() {
                 run.states.push(None);
@@ -88,39 +123,64 @@ impl<T> LastState<T> {
                 run.states.resize_with(index + 1, || None);
             }
         }
-        run.states.get_mut(index)
+        Place::Dense(at, index)
+    }
+
+    /// Takes `id` out of the map if run `at` (or, for `None`, no run kept as a vector) may have
+    /// it there.
+    fn take_from_map(&mut self, id: TaskId, at: Option<usize>) {
+        if let Some(run) = at.and_then(|at| self.runs.get(at)) {
+            match run.in_map {
+                Some((low, high)) if (low..=high).contains(&id.seq()) => {}
+                _ => return,
+            }
+        }
+        if self.sparse.remove(&id).is_some() {
+            self.len -= 1;
+        }
     }
 
     /// Sets the state of `id`.
     pub(super) fn set(&mut self, id: TaskId, state: T) {
-        let had_sparse = !self.sparse.is_empty();
-        let added = match self.dense(id, true) {
-            Some(slot) => {
-                let added = slot.is_none();
-                *slot = Some(state);
-                // A vector grown over an id the map held takes it over.
-                if had_sparse && self.sparse.remove(&id).is_some() {
-                    self.len -= 1;
+        match self.place(id, true) {
+            Place::Dense(at, index) => {
+                let slot = self.runs.get_mut(at).and_then(|r| r.states.get_mut(index));
+                if let Some(slot) = slot {
+                    if slot.replace(state).is_none() {
+                        self.len += 1;
+                    }
+                    // A vector grown over an id the map held takes it over.
+                    self.take_from_map(id, Some(at));
                 }
-                added
             }
-            None => self.sparse.insert(id, state).is_none(),
-        };
-        if added {
-            self.len += 1;
+            Place::Map(at) => {
+                if self.sparse.insert(id, state).is_none() {
+                    self.len += 1;
+                    if let Some(run) = at.and_then(|at| self.runs.get_mut(at)) {
+                        let seq = id.seq();
+                        run.in_map = Some(match run.in_map {
+                            Some((low, high)) => (low.min(seq), high.max(seq)),
+                            None => (seq, seq),
+                        });
+                    }
+                }
+            }
         }
     }
 
     /// Ends the state of `id`, if it has one.
     pub(super) fn end(&mut self, id: TaskId) {
-        if let Some(slot) = self.dense(id, false)
-            && slot.take().is_some()
-        {
-            self.len -= 1;
-        }
-        if !self.sparse.is_empty() && self.sparse.remove(&id).is_some() {
-            self.len -= 1;
-        }
+        let at = match self.place(id, false) {
+            Place::Dense(at, index) => {
+                let slot = self.runs.get_mut(at).and_then(|r| r.states.get_mut(index));
+                if slot.and_then(Option::take).is_some() {
+                    self.len -= 1;
+                }
+                Some(at)
+            }
+            Place::Map(at) => at,
+        };
+        self.take_from_map(id, at);
     }
 
     /// How many ids have a state.
@@ -299,10 +359,13 @@ mod tests {
                 .map(|_| {
                     let r = next();
                     let run = r % 3;
-                    // Mostly near the start of a run, now and then far off or below it.
+                    // Mostly near the start of a run, now and then far off, past its end or
+                    // below it.
                     let seq = match (r >> 8) % 16 {
                         0 => (r >> 16) % 1_000_000,
                         1 => (r >> 16) % 4,
+                        // Past the vector's end, into the map, and later grown over.
+                        2 | 3 => 100 + (r >> 16) % 3_000,
                         _ => 100 + (r >> 16) % 300,
                     };
                     let op = ((r >> 40) % 3 != 0).then_some((r >> 48) as u32);
