@@ -142,6 +142,9 @@ pub struct Counts {
     /// Write-ahead: live tasks copied out of old segments by compaction, so those segments
     /// could be deleted.
     pub compacted: u64,
+    /// Tasks not run because their time to live ran out first. Each is also counted in
+    /// `failed` or `dropped`, as [`Builder::on_expiry`](crate::Builder::on_expiry) says.
+    pub expired: u64,
 }
 
 /// A snapshot of a running pool, from [`Pool::stats`](crate::Pool::stats).
@@ -394,6 +397,7 @@ pub(crate) struct Counters {
     pub(crate) interrupted: Tally,
     pub(crate) unsaved: Tally,
     pub(crate) compacted: Tally,
+    pub(crate) expired: Tally,
     /// Failed runs (an error or a panic before the deadline): a metric only, not a [`Counts`]
     /// field.
     #[cfg(feature = "metrics")]
@@ -416,6 +420,7 @@ impl Counters {
             interrupted: self.interrupted.get(),
             unsaved: self.unsaved.get(),
             compacted: self.compacted.get(),
+            expired: self.expired.get(),
         }
     }
 }

@@ -296,6 +296,7 @@ impl Journal {
                         state: task.state,
                         last_error: (!task.last_error.is_empty())
                             .then(|| task.last_error.as_ref().into()),
+                        options: record.owned_options(),
                         value: decode(&task),
                         segment: segment.number,
                         len: u32::try_from(record.encoded_len()).unwrap_or(u32::MAX),

@@ -36,7 +36,7 @@ use super::job::{Job, Payload, now_ms};
 use super::remote::{Claimed, Claims, Commits, Connect, Lease, StoredTask};
 use super::shared::Shared;
 use crate::error::{JournalError, StartError, SubmitError};
-use crate::journal::{Journal, Recovered, TaskState};
+use crate::journal::{Journal, Recovered, TaskOptions, TaskState};
 use crate::task::TaskId;
 
 /// How soon the claimer looks again after a full batch, or while the queue has no room.
@@ -59,6 +59,7 @@ pub(crate) async fn open(
             state: task.state,
             last_error: task.last_error,
             payload: task.value,
+            options: task.options,
         })
         .collect();
     let remote = connect.connect(journal.run(), forward).await?;
@@ -212,6 +213,7 @@ async fn take_claimed<T: Send + Sync + 'static>(
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
             lease: Some(lease),
+            options: task.options,
             span: None,
         });
     }
@@ -361,6 +363,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// (sharing the commit with the submits waiting meanwhile), and takes its lease; hands
     /// the payload back with the lease, or refuses the task. Waits the store's timeout at
     /// most.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the new task's parts, as intake holds them"
+    )]
     pub(crate) async fn commit_first(
         &self,
         claims: &Claims,
@@ -369,6 +375,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
+        options: Option<&TaskOptions>,
     ) -> Result<(T, Arc<Lease>), SubmitError<T>> {
         let (payload, bytes) = self.encoded(payload, size)?;
         let task = StoredTask {
@@ -376,6 +383,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             state,
             last_error: None,
             payload: bytes,
+            options: options.cloned().map(Box::new),
         };
         // Refused only once the last worker is gone: no submit is left by then.
         let Some(answer) = commits.push(task) else {
@@ -406,7 +414,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         id: TaskId,
         state: TaskState,
         reason: &str,
-        payload: Vec<u8>,
+        (payload, options): (Vec<u8>, Option<&TaskOptions>),
     ) -> Result<bool, Vec<u8>> {
         let Some(claims) = &self.remote else {
             return Err(payload);
@@ -416,6 +424,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             state,
             last_error: Some(reason.into()),
             payload,
+            options: options.cloned().map(Box::new),
         };
         match claims.store.dead_letter(task.clone()).await {
             Ok(kept) => {
@@ -439,8 +448,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
     async fn dead_letter_claimed(&self, task: StoredTask, reason: String) {
         let id = task.id;
         tracing::warn!(task = %id, %reason, "claimed task kept as a dead letter");
+        let options = task.options;
         let payload = match self
-            .dead_letter_to_store(id, task.state, &reason, task.payload)
+            .dead_letter_to_store(id, task.state, &reason, (task.payload, options.as_deref()))
             .await
         {
             Ok(true) => {
@@ -455,7 +465,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         };
         match self
             .store
-            .dead_letter(id, task.state, reason, payload)
+            .dead_letter(id, task.state, reason, (payload, options))
             .await
         {
             Ok(()) => {
@@ -512,6 +522,7 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
                     state: job.state,
                     last_error: job.last_error.clone(),
                     payload,
+                    options: job.options.clone(),
                 });
                 encoded.push(job);
             }

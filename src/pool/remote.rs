@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::lock::lock;
 use super::shutdown::Owned;
 use crate::error::StartError;
-use crate::journal::TaskState;
+use crate::journal::{TaskOptions, TaskState};
 use crate::task::TaskId;
 
 /// A boxed future, for the store's calls (made by a trait object).
@@ -59,6 +59,8 @@ pub(crate) struct StoredTask {
     pub(crate) last_error: Option<Box<str>>,
     /// The payload, as the pool's codec encoded it.
     pub(crate) payload: Vec<u8>,
+    /// Its options, if any is set.
+    pub(crate) options: Option<Box<TaskOptions>>,
 }
 
 /// A task just claimed.

@@ -4,6 +4,7 @@
 //! The two phases let a pool's handle exist before its handler does, so the handler (or the
 //! application state it holds) can keep a handle of its own pool.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -20,6 +21,7 @@ use super::config::{Config, Settled};
 use super::drain::supervise;
 use super::handle::Pool;
 use super::job::{Ids, Job, Payload, now_ms};
+use super::keys::Keys;
 use super::live::LiveIndex;
 use super::queue::{HOT, Queue};
 use super::reserve::{self, SpillReserve};
@@ -203,6 +205,12 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         live,
     } = replay;
     recovery.replayed = (backlog.len() + waiting.len()) as u64;
+    let keys = Keys::default();
+    for job in backlog.iter().chain(waiting.iter().map(|(_, job)| job)) {
+        if let Some(key) = job.key() {
+            keys.adopt(key, job.id);
+        }
+    }
     let replayed = recovery.replayed;
     let sync = config
         .durability
@@ -227,6 +235,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         policy,
         jitter: Jitter::from_entropy(),
         ids: Ids::new(run),
+        keys,
         queue: Queue::new(config.queue_capacity, backlog, waiting),
         store: Store::new(dir, journal, probe),
         remote,
@@ -297,11 +306,19 @@ struct Replay<T> {
 fn replay<T: 'static>(
     journal: &mut Journal,
     report: &mut RecoveryReport,
-    recovered: Vec<Recovered<Vec<u8>>>,
+    mut recovered: Vec<Recovered<Vec<u8>>>,
     codec: &Encoding<T>,
     write_ahead: bool,
     (now, wall): (Instant, u64),
 ) -> Replay<T> {
+    if recovered
+        .iter()
+        .any(|task| task.options.as_ref().is_some_and(|o| o.priority > 0))
+    {
+        // Higher priorities first, id order within each (a stable sort of the id order).
+        recovered
+            .sort_by_key(|task| std::cmp::Reverse(task.options.as_ref().map_or(0, |o| o.priority)));
+    }
     let mut replay = Replay {
         backlog: VecDeque::with_capacity(recovered.len()),
         waiting: Vec::new(),
@@ -327,6 +344,7 @@ fn replay<T: 'static>(
                     state: task.state,
                     last_error: error.into(),
                     payload: &payload,
+                    options: task.options.as_deref().map(Cow::Borrowed),
                 };
                 match journal
                     .write_dead(&record)
@@ -356,6 +374,7 @@ fn replay<T: 'static>(
             #[cfg(feature = "metrics")]
             queued_at: now,
             lease: None,
+            options: task.options,
         };
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);

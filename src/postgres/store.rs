@@ -267,6 +267,7 @@ fn claimed(row: &Row) -> Result<Claimed, tokio_postgres::Error> {
             },
             last_error: last_error.map(String::into_boxed_str),
             payload: row.try_get(8)?,
+            options: None,
         },
         rescued: row.try_get(9)?,
     })
