@@ -67,7 +67,8 @@ pub struct JournaledTask {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Contents {
-    /// Live tasks, in the order the next start replays them (id order).
+    /// Live tasks, in the order the next start replays them: higher priorities first, id
+    /// order within one. (Tasks due later wait for their time: `not_before_ms`.)
     pub live: Vec<JournaledTask>,
     /// Dead letters, in id order. A task found in both lists is a dead letter whose requeue (or
     /// whose failure) was cut short by a crash: it runs at the next start and stays a dead
@@ -223,11 +224,19 @@ impl fmt::Display for IdList<'_> {
 /// missing from the lists and counted in [`Contents::damage`].
 pub fn inspect(dir: &Path) -> Result<Contents, JournalError> {
     let survey = survey(dir, true)?;
+    let (segments, damage, skipped) = (
+        survey.segments.len() as u64,
+        survey.damage_count() as u64,
+        survey.skipped.len() as u64,
+    );
+    let mut live: Vec<JournaledTask> = survey.live.into_values().map(|t| t.task).collect();
+    // The replay order: higher priorities first, id order within one (a stable sort).
+    live.sort_by_key(|task| std::cmp::Reverse(task.priority));
     Ok(Contents {
-        segments: survey.segments.len() as u64,
-        damage: survey.damage_count() as u64,
-        skipped: survey.skipped.len() as u64,
-        live: survey.live.into_values().map(|t| t.task).collect(),
+        segments,
+        damage,
+        skipped,
+        live,
         dead: survey.dead.into_values().map(|t| t.task).collect(),
     })
 }

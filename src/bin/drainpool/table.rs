@@ -77,6 +77,7 @@ fn task_json(task: &TableTask) -> Value {
         not_before_ms: task.not_before_ms,
         last_error: task.last_error.as_deref(),
         payload: &task.payload,
+        options: None,
     }
     .json([
         ("lease_owner", json!(task.lease_owner)),
