@@ -91,7 +91,7 @@ async fn the_schema_is_made_once_when_replicas_start_together() {
             "SELECT version FROM \"{}\".drainpool_tasks_meta",
             schema.name
         )),
-        2
+        3
     );
     assert_eq!(
         schema.number(&format!(

@@ -316,6 +316,10 @@ fn task_json(task: &JournaledTask) -> Value {
         not_before_ms: task.not_before_ms,
         last_error: task.last_error.as_deref(),
         payload: &task.payload,
+        priority: task.priority,
+        max_attempts: task.max_attempts,
+        expires_at_ms: task.expires_at_ms,
+        unique_key: task.unique_key.as_deref(),
     }
     .json([
         ("segment", json!(task.segment.display().to_string())),
@@ -333,6 +337,10 @@ struct Fields<'a> {
     not_before_ms: u64,
     last_error: Option<&'a str>,
     payload: &'a [u8],
+    priority: u8,
+    max_attempts: Option<u32>,
+    expires_at_ms: Option<u64>,
+    unique_key: Option<&'a str>,
 }
 
 impl Fields<'_> {
@@ -349,6 +357,10 @@ impl Fields<'_> {
             "not_before_ms": self.not_before_ms,
             "last_error": self.last_error,
             "payload": payload,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "expires_at_ms": self.expires_at_ms,
+            "unique_key": self.unique_key,
         });
         if let Value::Object(fields) = &mut line {
             for (key, value) in place {
