@@ -543,6 +543,12 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
     claims.release(encoded.iter().map(|job| job.id));
     match result {
         Ok(()) => {
+            // Another pool's to run now: their keys are free here.
+            for job in &encoded {
+                if let Some(key) = job.key() {
+                    shared.keys.release(key, job.id);
+                }
+            }
             claims.handed_off.fetch_add(count, Ordering::Relaxed);
             tracing::info!(
                 tasks = count,
