@@ -4,10 +4,11 @@
 //! live, its run-at time, its unique key held while it runs); `PostgresStore::inspect` shows
 //! them, a dead letter keeps them, a requeue keeps them but the expiry; a write-ahead task
 //! keeps them across a SIGKILL of its pool; a version-2 table is migrated in place to version
-//! 3. Each test works in a schema of its own.
+//! 3; `drainpool inspect` prints them from the table as from a journal. Each test works in a
+//! schema of its own.
 //!
-//! `cargo test --features postgres --test postgres_options`. Under `CI=true` a missing
-//! database fails the tests; elsewhere they say why they skip.
+//! `cargo test --features postgres --test postgres_options` (the CLI test also needs `cli`).
+//! Under `CI=true` a missing database fails the tests; elsewhere they say why they skip.
 
 #![cfg(all(feature = "postgres", unix))]
 
@@ -513,4 +514,62 @@ async fn a_write_ahead_task_keeps_its_options_across_a_sigkill_of_its_pool() {
         (dead.priority, dead.max_attempts, dead.unique_key.as_deref()),
         (6, Some(2), Some("receipt-7"))
     );
+}
+
+/// The task with options the CLI test submits.
+#[cfg(feature = "cli")]
+async fn submit_with_options(pool: &Pool<u64>) -> TaskId {
+    pool.task(5)
+        .priority(4)
+        .time_to_live(Duration::from_secs(3600))
+        .unique_key("k-5")
+        .max_attempts(3)
+        .submit()
+        .await
+        .expect("submit")
+}
+
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_a_tasks_options_from_the_table_as_from_a_journal() {
+    let Some(schema) = Schema::new("opts_cli") else {
+        return;
+    };
+    // The same task, handed off to the table by one pool and spilled to its journal by another.
+    let (table_dir, journal_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let before = now_ms();
+    let a = idle(table_dir.path(), schema.store()).await;
+    submit_with_options(&a).await;
+    assert_eq!(a.shutdown().await.unwrap().handed_off, 1);
+    let b = common::pg::idle(Pool::builder().journal_dir(journal_dir.path())).await;
+    submit_with_options(&b).await;
+    assert_eq!(b.shutdown().await.unwrap().spilled, 1);
+    let after = now_ms();
+
+    let line = |args: &[&str]| -> serde_json::Value {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_drainpool"))
+            .args(args)
+            .output()
+            .expect("the drainpool binary");
+        assert!(output.status.success(), "{output:?}");
+        let text = String::from_utf8(output.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        serde_json::from_str(lines[0]).unwrap()
+    };
+    let table = line(&[
+        "inspect",
+        "--postgres",
+        &schema.url,
+        "--schema",
+        &schema.name,
+    ]);
+    let journal = line(&["inspect", &journal_dir.path().display().to_string()]);
+    for line in [&table, &journal] {
+        assert_eq!(line["priority"], 4, "{line}");
+        assert_eq!(line["max_attempts"], 3, "{line}");
+        assert_eq!(line["unique_key"], "k-5", "{line}");
+        let expires = line["expires_at_ms"].as_u64().expect("an expiry");
+        assert!((before + 3_600_000..=after + 3_600_000).contains(&expires));
+    }
 }
