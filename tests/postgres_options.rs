@@ -23,7 +23,9 @@ use common::pg::{Schema, psql};
 use common::{PATIENCE, eventually};
 use drainpool::journal::Requeue;
 use drainpool::postgres::TableTask;
-use drainpool::{Durability, Pool, PostgresStore, SubmitError, SyncPolicy, Task, TaskId};
+use drainpool::{
+    Durability, Pool, PostgresStore, StartError, SubmitError, SyncPolicy, Task, TaskId,
+};
 use rustix::process::Signal;
 use tokio::sync::Semaphore;
 
@@ -391,6 +393,35 @@ async fn a_version_2_table_is_migrated_in_place_and_its_tasks_kept() {
     psql(&schema.url, &script).expect("the script applies again");
     assert_eq!(schema.version(), 3);
     assert_eq!(schema.rows(), 1, "the dead letter");
+
+    // A table newer than this build stops a start that would migrate, untouched.
+    psql(
+        &schema.url,
+        &format!(
+            "UPDATE \"{}\".drainpool_tasks_meta SET version = 4",
+            schema.name
+        ),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Pool::<u64>::builder()
+        .journal_dir(dir.path())
+        .postgres(schema.store())
+        .build()
+        .await;
+    let error = match refused {
+        Err(StartError::Postgres(error)) => error,
+        other => panic!("{:?}", other.map(drop)),
+    };
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain = format!("{chain}: {cause}");
+        source = cause.source();
+    }
+    assert!(chain.contains("newer than version 3"), "{chain}");
+    assert_eq!(schema.version(), 4);
+    schema.assert_refused_unmigrated(4).await;
 }
 
 /// How this test binary runs itself as the write-ahead pool that is SIGKILLed.

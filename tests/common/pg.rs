@@ -129,7 +129,7 @@ impl Schema {
     }
 
     /// A pool that only checks the version (`migrate(false)`) refuses the tables at `version`
-    /// (older than this build's), and leaves them so.
+    /// (not this build's), and leaves them so.
     pub async fn assert_refused_unmigrated(&self, version: u64) {
         let dir = tempfile::tempdir().unwrap();
         let refused = Pool::<u64>::builder()
