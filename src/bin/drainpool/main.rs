@@ -45,8 +45,10 @@ enum Command {
     /// order. Each line holds: id ("run-seq"), attempts (failed runs so far), interruptions,
     /// interrupted (whether the last run was cut off at the drain deadline), enqueued_at_ms
     /// and not_before_ms (milliseconds since the Unix epoch; 0: at once), last_error (or
-    /// null), payload (the task's JSON; a string if the bytes are not JSON), and the segment
-    /// and offset of the record it was read from.
+    /// null), payload (the task's JSON; a string if the bytes are not JSON), its options:
+    /// priority (0 to 7), max_attempts (its own retry limit, or null: the pool's),
+    /// expires_at_ms (or null: never), unique_key (or null); and the segment and offset of
+    /// the record it was read from.
     ///
     /// With --postgres, the PostgreSQL store's table instead, in id order: live tasks
     /// (waiting, or held by a pool) or dead letters, each line with lease_owner (the run of
