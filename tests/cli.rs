@@ -244,6 +244,11 @@ async fn inspect_prints_live_tasks_and_dead_letters_as_json_lines() {
         assert_eq!(line["attempts"], 0);
         assert!(line["enqueued_at_ms"].as_u64().unwrap() > 1_600_000_000_000);
         assert_eq!(line["not_before_ms"], 0);
+        // No options given: their defaults, named as in `JournaledTask`.
+        assert_eq!(line["priority"], 0);
+        assert_eq!(line["max_attempts"], Value::Null);
+        assert_eq!(line["expires_at_ms"], Value::Null);
+        assert_eq!(line["unique_key"], Value::Null);
         assert!(line["segment"].as_str().unwrap().ends_with(".seg"));
         assert!(line["offset"].as_u64().unwrap() >= 48);
     }

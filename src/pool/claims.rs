@@ -167,9 +167,10 @@ async fn claimer<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, stop: Cancell
     }
 }
 
-/// Queues claimed tasks (in id order) with their leases. One that no longer decodes, or was
-/// interrupted `max_interruptions` times in a row (a pool dying with it each time), is kept as
-/// a dead letter instead.
+/// Queues claimed tasks (higher priorities first, in id order within one, as the store
+/// claimed them) with their leases, each holding its unique key here from then on. One that
+/// no longer decodes, or was interrupted `max_interruptions` times in a row (a pool dying with
+/// it each time), is kept as a dead letter instead.
 async fn take_claimed<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     mut claimed: Vec<Claimed>,
@@ -178,7 +179,10 @@ async fn take_claimed<T: Send + Sync + 'static>(
     let Some(claims) = &shared.remote else {
         return;
     };
-    claimed.sort_by_key(|c| c.task.id);
+    claimed.sort_by_key(|c| {
+        let priority = c.task.options.as_ref().map_or(0, |o| o.priority);
+        (std::cmp::Reverse(priority), c.task.id)
+    });
     shared.counters.replayed.add(claimed.len() as u64);
     for Claimed { task, rescued } in claimed {
         let lease = claims.hold(task.id, shared.shutdown.deadline(), sent);
@@ -202,6 +206,9 @@ async fn take_claimed<T: Send + Sync + 'static>(
                 continue;
             }
         };
+        if let Some(key) = task.options.as_ref().and_then(|o| o.key.as_deref()) {
+            shared.keys.adopt(key, task.id);
+        }
         shared.queue.push_backlog(Job {
             id: task.id,
             state: task.state,
@@ -536,6 +543,12 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
     claims.release(encoded.iter().map(|job| job.id));
     match result {
         Ok(()) => {
+            // Another pool's to run now: their keys are free here.
+            for job in &encoded {
+                if let Some(key) = job.key() {
+                    shared.keys.release(key, job.id);
+                }
+            }
             claims.handed_off.fetch_add(count, Ordering::Relaxed);
             tracing::info!(
                 tasks = count,
