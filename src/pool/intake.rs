@@ -382,7 +382,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     /// The payload back with its encoded size, or the refusal: the payload and the options
-    /// together must fit in a record.
+    /// together must fit in a record. The size may be an upper bound (the codec's
+    /// `encoded_len_bound`, when within the limit): what the spill reserve covers while the
+    /// task is held decoded, until `accept` encodes it past the queue's hot window.
     pub(crate) fn checked(
         &self,
         payload: T,
@@ -424,6 +426,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         durable: Durable,
     ) -> TaskId {
         let Durable { journaled, lease } = durable;
+        let options_bytes = extras.bytes();
         let mut job = self.job((id, state), payload, size, extras, journaled.is_some());
         job.lease = lease;
         let now = now_ms();
@@ -434,6 +437,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return id;
         }
         let task = job.queued();
+        let mut size = size;
         if let Err((slot, mut task)) = slot.send(task) {
             let bytes = journaled.or_else(|| {
                 let mut bytes = Vec::with_capacity(size);
@@ -441,12 +445,26 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 Some(bytes)
             });
             if let Some(bytes) = bytes {
+                size = bytes.len();
+                self.reserve_exact(&mut task.reserved, size + options_bytes);
                 task.payload = Payload::Encoded(bytes.into_boxed_slice());
             }
             slot.send_encoded(task);
         }
         self.count_accepted(size);
         id
+    }
+
+    /// A task held encoded, `size` bytes with its options: the spill reserve it holds drops
+    /// from its payload's bound (see `checked`) to its record's exact size.
+    fn reserve_exact(&self, reserved: &mut u32, size: usize) {
+        if let Some(reserve) = &self.reserve
+            && *reserved > 0
+        {
+            let exact = reserved_bytes(size) as u32;
+            reserve.forget(u64::from(reserved.saturating_sub(exact)));
+            *reserved = exact.min(*reserved);
+        }
     }
 }
 

@@ -89,7 +89,7 @@ impl<T> Payload<T> {
 pub(crate) struct Queued<T> {
     id: TaskId,
     enqueued_ms: u64,
-    reserved: u32,
+    pub(crate) reserved: u32,
     journaled: bool,
     span: Option<Box<tracing::Span>>,
     lease: Option<Arc<Lease>>,
