@@ -345,8 +345,10 @@ impl ShutdownReport {
 }
 
 /// One of the pool's counters: its own count and, with the `metrics` feature, the metric that
-/// moves with it, so that a metric and [`Stats`] never disagree.
+/// moves with it, so that a metric and [`Stats`] never disagree. Each on a cache line of its
+/// own: the submitter's count and the workers' do not make each other's core reload it.
 #[derive(Debug)]
+#[repr(align(64))]
 pub(crate) struct Tally {
     count: AtomicU64,
     #[cfg(feature = "metrics")]
