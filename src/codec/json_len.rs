@@ -55,7 +55,7 @@ const fn escape_extra(byte: u8) -> u8 {
 /// The longest string the bound counts without reading it: a longer one is counted exactly
 /// (the scan costs about as much as the rest of its handling then), so the bound exceeds the
 /// exact length by at most five bytes a byte of such short strings.
-const SHORT: usize = 16;
+const SHORT: usize = 32;
 
 /// `s` as a JSON string: exactly, or (`bound`, when at most [`SHORT`] bytes) at most six
 /// bytes a byte (the longest escape, `\u00XX`) and the quotes.

@@ -93,7 +93,7 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
         json_len::json_len(value)
     }
 
-    /// Like `encoded_len`, without reading short strings (up to 16 bytes, each counted as six
+    /// Like `encoded_len`, without reading short strings (up to 32 bytes, each counted as six
     /// bytes a byte, the longest escape being `\u00XX`, plus its quotes) and with integers
     /// counted at their type's widest.
     fn encoded_len_bound(&self, value: &T) -> Option<usize> {
