@@ -140,6 +140,28 @@ impl<T: 'static> Encoding<T> {
         self.0.len_within(value, limit)
     }
 
+    /// `value`'s encoding in a buffer of exactly its length, `size` being what it is expected
+    /// to take at most. Encoded into this thread's scratch buffer first: the size `submit`
+    /// takes may be a bound, and a buffer of that size would have to shrink later (a
+    /// reallocation per task held encoded).
+    pub(crate) fn to_bytes(&self, value: &T, size: usize) -> Result<Vec<u8>, BoxError> {
+        /// A scratch buffer that grew past this is not kept for the next task.
+        const KEEP: usize = 64 * 1024;
+        thread_local! {
+            static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        // Taken out, not borrowed: a codec that encodes again on this thread gets an empty one.
+        let mut scratch = SCRATCH.take();
+        scratch.clear();
+        scratch.reserve(size);
+        let result = self.0.encode(value, &mut scratch);
+        let bytes = result.map(|()| scratch.as_slice().to_vec());
+        if scratch.capacity() <= KEEP {
+            SCRATCH.set(scratch);
+        }
+        bytes
+    }
+
     /// Appends `value`'s encoding to `out`; on an error `out` is left as it was.
     pub(crate) fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), BoxError> {
         let start = out.len();
@@ -239,5 +261,19 @@ mod tests {
         let mut out = b"kept".to_vec();
         assert!(odd.encode(&value, &mut out).is_err());
         assert_eq!(out, b"kept", "a failed encode leaves the buffer as it was");
+        assert!(odd.to_bytes(&value, 100).is_err());
+    }
+
+    #[test]
+    fn to_bytes_gives_a_buffer_of_exactly_the_encoding_whatever_the_size_expected() {
+        let json = Encoding::<Vec<String>>::new(Json);
+        for value in [vec![], vec!["a".repeat(10)], vec!["b".repeat(100_000)]] {
+            let expected = serde_json::to_vec(&value).unwrap();
+            for size in [0, expected.len(), expected.len() * 6] {
+                let bytes = json.to_bytes(&value, size).unwrap();
+                assert_eq!(bytes, expected);
+                assert_eq!(bytes.capacity(), bytes.len());
+            }
+        }
     }
 }

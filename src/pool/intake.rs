@@ -225,11 +225,11 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// The payload and its encoding (`size` bytes, as checked at submit), or the refusal.
+    /// The payload and its encoding (at most `size` bytes, as checked at submit), or the
+    /// refusal.
     pub(crate) fn encoded(&self, payload: T, size: usize) -> Result<(T, Vec<u8>), SubmitError<T>> {
-        let mut bytes = Vec::with_capacity(size);
-        match self.codec.encode(&payload, &mut bytes) {
-            Ok(()) => Ok((payload, bytes)),
+        match self.codec.to_bytes(&payload, size) {
+            Ok(bytes) => Ok((payload, bytes)),
             Err(source) => Err(SubmitError::Unserializable {
                 task: payload,
                 source,
@@ -440,9 +440,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let mut size = size;
         if let Err((slot, mut task)) = slot.send(task) {
             let bytes = journaled.or_else(|| {
-                let mut bytes = Vec::with_capacity(size);
-                task.payload.encode(&self.codec, &mut bytes).ok()?;
-                Some(bytes)
+                let value = task.payload.decoded()?;
+                self.codec.to_bytes(value, size).ok()
             });
             if let Some(bytes) = bytes {
                 size = bytes.len();
