@@ -429,7 +429,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let options_bytes = extras.bytes();
         let mut job = self.job((id, state), payload, size, extras, journaled.is_some());
         job.lease = lease;
-        let now = now_ms();
+        // A task for at once (`not_before_ms` 0) reads no clock here.
+        let now = if state.not_before_ms > 0 { now_ms() } else { 0 };
         if state.not_before_ms > now {
             let delay = std::time::Duration::from_millis(state.not_before_ms - now);
             slot.schedule(job, delay);
