@@ -13,7 +13,7 @@
 //!
 //! Run without `--bench` (as `cargo test -p drainpool-benches --benches` does) it makes a quick
 //! smoke run at a hundredth of the scale and writes `target/bench/compare-quick.json` instead.
-//! `--only ROWS` (comma-separated: `steady,spill,reserve,durable,shutdown,memory`, and the
+//! `--only ROWS` (comma-separated: `steady,priority,spill,reserve,durable,shutdown,memory`, and the
 //! PostgreSQL store's `handoff,pickup,pgwrite`) runs some rows only, for profiling, and writes
 //! `target/bench/compare-partial.json`, leaving the full run's file alone. `spill` makes three
 //! rows: the spill, the reload of what it wrote (with the time to the first replayed task), and
@@ -354,6 +354,9 @@ fn compare(args: &[String]) -> BoxResult<()> {
     if wants("steady") {
         timed("steady", &mut rows, &mut || steady_rows(&dir, scale))?;
     }
+    if wants("priority") {
+        timed("priority", &mut rows, &mut || priority_rows(&dir, scale))?;
+    }
     if wants("spill") {
         timed("spill", &mut rows, &mut || spill_rows(&dir, scale))?;
     }
@@ -666,6 +669,100 @@ fn steady_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
     }
     let _ = fs::remove_dir_all(&journal);
     Ok(rows)
+}
+
+/// Steady state with every task given one of `levels` priorities (task `i` gets `i % levels`),
+/// through `Pool::task`: what the priority lanes cost against the plain queue.
+async fn steady_levels(dir: &Path, payloads: Vec<Email>, levels: u8) -> BoxResult<f64> {
+    let done = Done::new(payloads.len() as u64);
+    let handler_done = Arc::clone(&done);
+    let pool = Pool::builder()
+        .workers(STEADY_WORKERS)
+        .queue_capacity(STEADY_QUEUE)
+        .journal_dir(fresh_dir(dir)?)
+        .start(move |task: Task<Email>| {
+            let done = Arc::clone(&handler_done);
+            async move {
+                Work::Noop.run(task.payload());
+                done.tick();
+                Ok::<(), Infallible>(())
+            }
+        })
+        .await?;
+    let n = payloads.len() as f64;
+    let t = Instant::now();
+    for (i, payload) in payloads.into_iter().enumerate() {
+        pool.task(payload)
+            .priority((i % usize::from(levels)) as u8)
+            .submit()
+            .await
+            .map_err(|e| format!("submit: {e}"))?;
+    }
+    done.wait().await;
+    let secs = t.elapsed().as_secs_f64();
+    let report = pool.shutdown().await?;
+    if !report.is_clean() || report.completed as f64 != n {
+        return Err(format!("priority run not clean: {report:?}").into());
+    }
+    Ok(n / secs)
+}
+
+/// The steady no-op row with 8 priority levels in use, against the faster hand-written pool
+/// and, in the detail, drainpool without priorities, interleaved in the same runs.
+fn priority_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
+    const LEVELS: u8 = 8;
+    let rt = runtime()?;
+    let journal = dir.join("priority-journal");
+    let tasks = scale.steady_noop_tasks;
+    // [8 levels, plain, shared receiver, dispatcher]
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    for run in 0..scale.steady_runs {
+        for k in 0..4 {
+            let variant = (run + k) % 4;
+            let payloads: Vec<Email> = (0..tasks).map(email).collect();
+            let rate = rt.block_on(async {
+                match variant {
+                    0 => steady_levels(&journal, payloads, LEVELS).await,
+                    1 => steady_drainpool(&journal, payloads, Work::Noop).await,
+                    2 => steady_shared_receiver(payloads, Work::Noop).await,
+                    _ => steady_dispatcher(payloads, Work::Noop).await,
+                }
+            })?;
+            rates[variant].push(rate);
+        }
+    }
+    let [levels, plain, shared, dispatch] = [0, 1, 2, 3].map(|v| median(&rates[v]));
+    let (baseline, baseline_name) = if shared >= dispatch {
+        (shared, "shared receiver")
+    } else {
+        (dispatch, "dispatcher")
+    };
+    let _ = fs::remove_dir_all(&journal);
+    Ok(vec![Row {
+        name: format!("steady state, no-op handler, {LEVELS} priority levels in use"),
+        unit: "tasks/s",
+        drainpool: Some(levels),
+        drainpool_text: format!(
+            "{} (without priorities: {}, {:.2}×)",
+            rate_text(levels),
+            rate_text(plain),
+            levels / plain
+        ),
+        baseline: Some(baseline),
+        baseline_text: format!("{} ({baseline_name})", rate_text(baseline)),
+        ratio: Some(levels / baseline),
+        goal: "— (reported)".to_owned(),
+        met: None,
+        detail: json!({
+            "tasks_per_run": tasks,
+            "levels": LEVELS,
+            "levels_runs": rates[0],
+            "plain_runs": rates[1],
+            "shared_receiver_runs": rates[2],
+            "dispatcher_runs": rates[3],
+            "plain_median": plain,
+        }),
+    }])
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, Encoding, Json};
 use crate::error::{BoxError, StartError};
-use crate::policy::{DeadlineAction, Durability, Interruption, Policy};
+use crate::policy::{DeadlineAction, Durability, Expiry, Interruption, Policy};
 use crate::pool::{self, Config, Deadline, Pool, Runner};
 use crate::task::Task;
 
@@ -277,6 +277,14 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// The default is 3.
     pub fn max_interruptions(mut self, runs: u32) -> Self {
         self.policy.max_interruptions = runs;
+        self
+    }
+
+    /// What becomes of a task whose time to live
+    /// ([`TaskBuilder::time_to_live`](crate::TaskBuilder::time_to_live)) ran out before a run
+    /// could start: a dead letter (the default) or dropped. It is not run either way.
+    pub fn on_expiry(mut self, expiry: Expiry) -> Self {
+        self.policy.on_expiry = expiry;
         self
     }
 

@@ -4,6 +4,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::task::TaskId;
+
 /// An error and its sources, joined with ": ".
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
@@ -241,6 +243,15 @@ pub enum SubmitError<T> {
         /// (`error.downcast_ref::<drainpool::PostgresError>()`).
         error: std::sync::Arc<dyn std::error::Error + Send + Sync>,
     },
+    /// A task with the same unique key ([`TaskBuilder::unique_key`](crate::TaskBuilder::unique_key))
+    /// is still queued, waiting or running in this pool (whether it was submitted in this run
+    /// or replayed from the journal).
+    Duplicate {
+        /// The task.
+        task: T,
+        /// The id of the task that holds the key.
+        first: TaskId,
+    },
     /// The payload failed to encode (with the pool's [`Codec`](crate::Codec)), so it could
     /// never be journaled.
     Unserializable {
@@ -262,6 +273,7 @@ impl<T> SubmitError<T> {
             | Self::RecordTooLarge { task, .. }
             | Self::Journal { task, .. }
             | Self::JournalFull { task, .. }
+            | Self::Duplicate { task, .. }
             | Self::Unserializable { task, .. } => task,
             #[cfg(feature = "postgres")]
             Self::Postgres { task, .. } => task,
@@ -276,6 +288,7 @@ impl<T> SubmitError<T> {
             Self::RecordTooLarge { .. } => "RecordTooLarge",
             Self::Journal { .. } => "Journal",
             Self::JournalFull { .. } => "JournalFull",
+            Self::Duplicate { .. } => "Duplicate",
             Self::Unserializable { .. } => "Unserializable",
             #[cfg(feature = "postgres")]
             Self::Postgres { .. } => "Postgres",
@@ -297,6 +310,10 @@ impl<T> fmt::Debug for SubmitError<T> {
             Self::JournalFull { error, .. } => f
                 .debug_struct("JournalFull")
                 .field("error", error)
+                .finish_non_exhaustive(),
+            Self::Duplicate { first, .. } => f
+                .debug_struct("Duplicate")
+                .field("first", first)
                 .finish_non_exhaustive(),
             Self::Unserializable { source, .. } => f
                 .debug_struct("Unserializable")
@@ -324,6 +341,9 @@ impl<T> fmt::Display for SubmitError<T> {
             Self::Journal { .. } => f.write_str("the write-ahead journal failed"),
             Self::JournalFull { .. } => {
                 f.write_str("the journal has no room to spill the task at shutdown")
+            }
+            Self::Duplicate { first, .. } => {
+                write!(f, "task {first} holds the same unique key")
             }
             Self::Unserializable { .. } => f.write_str("task payload does not serialize"),
             #[cfg(feature = "postgres")]

@@ -83,11 +83,11 @@ pub use error::{
 };
 pub use policy::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS,
-    DeadlineAction, Durability, Interruption, Permanent, SyncPolicy,
+    DeadlineAction, Durability, Expiry, Interruption, Permanent, SyncPolicy,
 };
 pub use pool::{
     DEFAULT_CANCEL_GRACE, DEFAULT_DRAIN_DEADLINE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_QUEUE_CAPACITY,
-    DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, WeakPool,
+    DEFAULT_SEGMENT_BYTES, Deadline, MAX_RECORD_BYTES_LIMIT, Pool, Runner, TaskBuilder, WeakPool,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresError, PostgresStore};

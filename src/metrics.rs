@@ -107,6 +107,12 @@ const COMPACTED: Metric = metric(
     Unit::Count,
     "Write-ahead: live tasks copied out of old segments by compaction (Counts::compacted).",
 );
+const EXPIRED: Metric = metric(
+    "drainpool_tasks_expired_total",
+    Kind::Counter,
+    Unit::Count,
+    "Tasks not run because their time to live ran out first (Counts::expired).",
+);
 const QUEUED: Metric = metric(
     "drainpool_tasks_queued",
     Kind::Gauge,
@@ -163,7 +169,7 @@ const TASKS_PER_FSYNC: Metric = metric(
 );
 
 /// Every metric a pool records, in the README's order.
-pub(crate) const ALL: [&Metric; 20] = [
+pub(crate) const ALL: [&Metric; 21] = [
     &SUBMITTED,
     &REPLAYED,
     &COMPLETED,
@@ -175,6 +181,7 @@ pub(crate) const ALL: [&Metric; 20] = [
     &INTERRUPTED,
     &UNSAVED,
     &COMPACTED,
+    &EXPIRED,
     &QUEUED,
     &IN_FLIGHT,
     &JOURNAL_BYTES,
@@ -229,6 +236,7 @@ impl Metrics {
             interrupted: counter(&INTERRUPTED),
             unsaved: counter(&UNSAVED),
             compacted: counter(&COMPACTED),
+            expired: counter(&EXPIRED),
             failed_runs: counter(&FAILED),
             in_flight: Default::default(),
         };

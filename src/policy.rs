@@ -147,6 +147,19 @@ pub enum DeadlineAction {
     DeadLetter,
 }
 
+/// What to do with a task whose time to live ran out before a run could start (see
+/// [`TaskBuilder::time_to_live`](crate::TaskBuilder::time_to_live)). Either way it is not run,
+/// and it is counted in [`Counts::expired`](crate::Counts::expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Expiry {
+    /// Set it aside as a dead letter, its reason the expiry (also counted in `failed`).
+    #[default]
+    DeadLetter,
+    /// Forget it (also counted in `dropped`).
+    Drop,
+}
+
 /// A task stopped at the drain deadline, as the [`on_interrupt`](crate::Builder::on_interrupt)
 /// hook sees it before its [`DeadlineAction`] is carried out.
 pub struct Interruption<T> {
@@ -211,6 +224,7 @@ pub(crate) struct Policy<T> {
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_cap: Duration,
     pub(crate) max_interruptions: u32,
+    pub(crate) on_expiry: Expiry,
     pub(crate) on_deadline: Option<DeadlineFn<T>>,
     pub(crate) on_interrupt: Option<HookFn<T>>,
 }
@@ -222,6 +236,7 @@ impl<T> Clone for Policy<T> {
             backoff_base: self.backoff_base,
             backoff_cap: self.backoff_cap,
             max_interruptions: self.max_interruptions,
+            on_expiry: self.on_expiry,
             on_deadline: self.on_deadline.clone(),
             on_interrupt: self.on_interrupt.clone(),
         }
@@ -235,6 +250,7 @@ impl<T> fmt::Debug for Policy<T> {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)
             .field("max_interruptions", &self.max_interruptions)
+            .field("on_expiry", &self.on_expiry)
             .field("on_deadline", &self.on_deadline.is_some())
             .field("on_interrupt", &self.on_interrupt.is_some())
             .finish()
@@ -257,6 +273,7 @@ impl<T> Default for Policy<T> {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_cap: DEFAULT_BACKOFF_CAP,
             max_interruptions: DEFAULT_MAX_INTERRUPTIONS,
+            on_expiry: Expiry::DeadLetter,
             on_deadline: None,
             on_interrupt: None,
         }

@@ -244,6 +244,11 @@ async fn inspect_prints_live_tasks_and_dead_letters_as_json_lines() {
         assert_eq!(line["attempts"], 0);
         assert!(line["enqueued_at_ms"].as_u64().unwrap() > 1_600_000_000_000);
         assert_eq!(line["not_before_ms"], 0);
+        // No options given: their defaults, named as in `JournaledTask`.
+        assert_eq!(line["priority"], 0);
+        assert_eq!(line["max_attempts"], Value::Null);
+        assert_eq!(line["expires_at_ms"], Value::Null);
+        assert_eq!(line["unique_key"], Value::Null);
         assert!(line["segment"].as_str().unwrap().ends_with(".seg"));
         assert!(line["offset"].as_u64().unwrap() >= 48);
     }
@@ -629,4 +634,37 @@ fn help_describes_every_command_and_argument() {
             assert!(help.contains(word), "{command}: {word}: {help}");
         }
     }
+}
+
+#[tokio::test]
+async fn inspect_prints_each_tasks_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, runner) = Pool::<String>::builder()
+        .journal_dir(dir.path())
+        .build()
+        .await
+        .unwrap();
+    let plain = pool.submit("plain".to_string()).await.unwrap();
+    let rich = pool
+        .task("rich".to_string())
+        .priority(4)
+        .max_attempts(7)
+        .time_to_live(Duration::from_secs(3600))
+        .unique_key("rich:1")
+        .submit()
+        .await
+        .unwrap();
+    drop(runner);
+    pool.shutdown().await.unwrap();
+    let live = inspect(dir.path(), false);
+    // The higher priority first: the order the next start replays them.
+    assert_eq!(ids(&live), [rich.to_string(), plain.to_string()]);
+    assert_eq!(live[0]["priority"], 4);
+    assert_eq!(live[0]["max_attempts"], 7);
+    assert!(live[0]["expires_at_ms"].as_u64().unwrap() > 1_600_000_000_000);
+    assert_eq!(live[0]["unique_key"], "rich:1");
+    assert_eq!(live[1]["priority"], 0);
+    assert_eq!(live[1]["max_attempts"], Value::Null);
+    assert_eq!(live[1]["expires_at_ms"], Value::Null);
+    assert_eq!(live[1]["unique_key"], Value::Null);
 }

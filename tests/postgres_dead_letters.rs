@@ -1,8 +1,8 @@
 //! Dead letters in the PostgreSQL store, on a real server (`DATABASE_URL`): a task out of
 //! attempts becomes a dead row with its last error, never claimed, listed, requeued, and then
 //! runs; the same through the `drainpool` binary (`inspect --postgres`, `requeue --postgres`);
-//! and a version-1 table migrated in place to version 2. Each test works in a schema of its
-//! own.
+//! and a version-1 table migrated in place (to version 2, then 3). Each test works in a
+//! schema of its own.
 //!
 //! `cargo test --features postgres --test postgres_dead_letters` (the CLI test also needs
 //! `cli`). Under `CI=true` a missing database fails the tests; elsewhere they say why they
@@ -20,7 +20,7 @@ use common::pg::{Schema, psql};
 use common::{PATIENCE, eventually};
 use drainpool::journal::Requeue;
 use drainpool::postgres::RequeueError;
-use drainpool::{Durability, Pool, PostgresStore, StartError, SyncPolicy, Task, TaskId};
+use drainpool::{Durability, Pool, PostgresStore, SyncPolicy, Task, TaskId};
 
 /// The runs a handler saw: (payload, id, attempt, succeeded).
 type Runs = Arc<Mutex<Vec<(u64, TaskId, u32, bool)>>>;
@@ -152,12 +152,8 @@ async fn a_version_1_table_is_migrated_in_place_and_its_tasks_kept() {
     let Some(schema) = Schema::new("v1") else {
         return;
     };
-    // The version-1 script (the current one up to its version-2 step), and a task in it.
-    let script = schema.store().schema_sql().unwrap();
-    let (v1, _) = script
-        .split_once("-- Version 2")
-        .expect("the version-2 step");
-    psql(&schema.url, &format!("{v1}COMMIT;")).expect("the version-1 schema");
+    // The version-1 tables, and a task in them.
+    schema.make_at_version(1);
     psql(
         &schema.url,
         &format!(
@@ -167,30 +163,12 @@ async fn a_version_1_table_is_migrated_in_place_and_its_tasks_kept() {
         ),
     )
     .unwrap();
-    let version = || {
-        schema.number(&format!(
-            "SELECT version FROM \"{}\".drainpool_tasks_meta",
-            schema.name
-        ))
-    };
-    assert_eq!(version(), 1);
-
     // A pool that only checks refuses it, untouched.
+    schema.assert_refused_unmigrated(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let refused = Pool::<u64>::builder()
-        .journal_dir(dir.path())
-        .postgres(schema.store().migrate(false))
-        .build()
-        .await;
-    match refused {
-        Err(StartError::Postgres(error)) => {
-            assert!(error.to_string().contains("version 1"), "{error}");
-        }
-        other => panic!("{:?}", other.map(drop)),
-    }
-    assert_eq!(version(), 1);
 
-    // A pool that migrates brings it to version 2 in place, and runs the task it held.
+    // A pool that migrates brings it to version 2 (and on to 3) in place, and runs the task
+    // it held.
     let (runs, broken) = (Runs::default(), Arc::new(AtomicBool::new(false)));
     let pool = start(
         dir.path(),
@@ -200,7 +178,7 @@ async fn a_version_1_table_is_migrated_in_place_and_its_tasks_kept() {
         &broken,
     )
     .await;
-    assert_eq!(version(), 2);
+    assert_eq!(schema.version(), 3);
     assert_eq!(
         schema.number(&format!(
             "SELECT count(*) FROM information_schema.columns WHERE table_schema = '{}' \
@@ -216,8 +194,9 @@ async fn a_version_1_table_is_migrated_in_place_and_its_tasks_kept() {
     assert_eq!(runs.lock().unwrap()[0].1.to_string(), "1-1");
     drop(pool.shutdown().await.unwrap());
     // Applied again (by a DBA, say): nothing changes.
+    let script = schema.store().schema_sql().unwrap();
     psql(&schema.url, &script).expect("the script applies again");
-    assert_eq!(version(), 2);
+    assert_eq!(schema.version(), 3);
 }
 
 #[cfg(feature = "cli")]

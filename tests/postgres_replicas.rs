@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::child::{LedgerFile, SelfExec, Worker, last_words, read, run_worker};
+use common::child::{LedgerFile, SelfExec, Worker, last_words, read, run_worker, said};
 use common::pg::Schema;
 use drainpool::{Durability, Pool, PostgresStore, SubmitError, SyncPolicy, Task};
 use rustix::process::Signal;
@@ -289,13 +289,7 @@ impl Harness {
         if let Err(error) = ready {
             panic!("{error}{}", last_words(&dir, 1, None));
         }
-        // libtest may have printed the test's name on the same line.
-        let run = read(&out)
-            .lines()
-            .find_map(|l| {
-                l.split_once("ready run=")
-                    .map(|(_, run)| run.trim().to_string())
-            })
+        let run = said(&out, "ready run=")
             .and_then(|r| r.parse().ok())
             .expect("the replica's run");
         Replica { process, dir, run }

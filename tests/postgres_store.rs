@@ -46,15 +46,7 @@ async fn start(dir: &std::path::Path, store: PostgresStore, runs: &Runs) -> Pool
 
 /// A pool on `dir` with `store` whose workers never start: what it accepts stays queued.
 async fn idle(dir: &std::path::Path, store: PostgresStore) -> Pool<u64> {
-    let (pool, runner) = Pool::builder()
-        .workers(1)
-        .journal_dir(dir)
-        .postgres(store)
-        .build()
-        .await
-        .expect("pool build");
-    drop(runner);
-    pool
+    common::pg::idle(Pool::builder().workers(1).journal_dir(dir).postgres(store)).await
 }
 
 async fn submit_all(pool: &Pool<u64>, numbers: std::ops::Range<u64>) -> Vec<TaskId> {
@@ -91,7 +83,7 @@ async fn the_schema_is_made_once_when_replicas_start_together() {
             "SELECT version FROM \"{}\".drainpool_tasks_meta",
             schema.name
         )),
-        2
+        3
     );
     assert_eq!(
         schema.number(&format!(

@@ -30,17 +30,13 @@ const EACH: u64 = 8;
 /// A write-ahead pool on `dir` with `store` whose workers never start: what it accepts stays
 /// queued (and its rows leased to it).
 async fn idle(dir: &std::path::Path, store: PostgresStore, capacity: usize) -> Pool<u64> {
-    let (pool, runner) = Pool::builder()
+    let builder = Pool::builder()
         .workers(1)
         .queue_capacity(capacity)
         .durability(WRITE_AHEAD)
         .journal_dir(dir)
-        .postgres(store)
-        .build()
-        .await
-        .expect("pool build");
-    drop(runner);
-    pool
+        .postgres(store);
+    common::pg::idle(builder).await
 }
 
 /// Whether the row of `id` is committed, leased to its own run, and live: asked by psql, a

@@ -193,8 +193,8 @@ fn check(dir: &Path, path: &Path, dead: bool, segment: &[u8], lock: Option<&[u8]
             (true, _) => {}
         }
     }
-    same_tasks(&inspected.live, &live, path);
-    same_tasks(&inspected.dead, &dead_letters, path);
+    same_tasks(&inspected.live, &live, path, true);
+    same_tasks(&inspected.dead, &dead_letters, path, false);
     let payload_bytes = |tasks: &[drainpool::journal::JournaledTask]| {
         tasks.iter().map(|t| t.payload.len() as u64).sum::<u64>()
     };
@@ -208,10 +208,33 @@ fn same_tasks(
     found: &[drainpool::journal::JournaledTask],
     expected: &BTreeMap<(u64, u64), (u64, &Record)>,
     path: &Path,
+    by_priority: bool,
 ) {
     assert_eq!(found.len(), expected.len());
+    // Live tasks in the replay order (higher priorities first, id order within one), dead
+    // letters in id order.
+    let mut expected: Vec<_> = expected.iter().collect();
+    if by_priority {
+        expected.sort_by_key(|(_, (_, record))| {
+            std::cmp::Reverse(record.options.as_ref().map_or(0, |o| o.priority))
+        });
+    }
     for (task, (&(run, seq), &(offset, record))) in found.iter().zip(expected) {
-        assert_eq!((task.id.run(), task.id.seq()), (run, seq), "id order");
+        assert_eq!((task.id.run(), task.id.seq()), (run, seq), "replay order");
+        let options = record.options.as_ref();
+        assert_eq!(task.priority, options.map_or(0, |o| o.priority));
+        assert_eq!(
+            task.max_attempts,
+            options.map(|o| o.max_attempts).filter(|&n| n > 0)
+        );
+        assert_eq!(
+            task.expires_at_ms,
+            options.map(|o| o.expires_ms).filter(|&ms| ms > 0)
+        );
+        assert_eq!(
+            task.unique_key.as_deref(),
+            options.map(|o| o.key.as_str()).filter(|k| !k.is_empty())
+        );
         assert_eq!(task.segment, PathBuf::from(path));
         assert_eq!(task.offset, offset);
         assert_eq!(

@@ -110,6 +110,7 @@ fn round_trip(epoch: u64, bytes: &[u8]) {
         not_before_ms: u64_at(28).rotate_left(17),
         error: error.into_bytes(),
         payload: rest[split..].to_vec(),
+        options: None,
         encoded_len: 0,
     };
     let mut out = vec![0xAA; usize::from(bytes[3] % 4) * ALIGN];
@@ -131,6 +132,7 @@ fn round_trip(epoch: u64, bytes: &[u8]) {
             not_before_ms: 0,
             error: Vec::new(),
             payload: Vec::new(),
+            options: None,
             encoded_len: len,
         }
     } else {

@@ -6,6 +6,12 @@
 //! encoding (every string escaped piece by piece); this serializer walks the value once and
 //! adds up lengths instead (a string with nothing to escape is its length plus two).
 //!
+//! Two counts: the exact length ([`json_len`]), and an upper bound ([`json_len_bound`]) that
+//! reads no short string's bytes (up to [`SHORT`]: each byte escapes to at most six,
+//! `\u00XX`) and counts every integer at its type's widest; longer strings are counted exactly.
+//! `submit` accepts on the bound when it is within the limit and counts exactly only when it
+//! is not.
+//!
 //! It follows serde_json's compact format exactly for what it counts, and gives up (`None`,
 //! and the caller encodes into a counting sink) wherever following it would mean copying
 //! serde_json's internals: floats (their shortest form), map keys other than strings (serde_json
@@ -20,9 +26,20 @@ use serde::ser::{self, Impossible};
 /// The exact length of `serde_json::to_writer(value)`'s output, or `None` where this count
 /// does not follow serde_json (see the module's documentation).
 pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> Option<usize> {
-    let mut len = Len(0);
+    count(value, false)
+}
+
+/// At least the length of `serde_json::to_writer(value)`'s output (saturating at
+/// `usize::MAX`): strings of at most [`SHORT`] bytes count as six bytes a byte without being
+/// read, integers as their type's widest. `None` where [`json_len`] is.
+pub(crate) fn json_len_bound<T: Serialize + ?Sized>(value: &T) -> Option<usize> {
+    count(value, true)
+}
+
+fn count<T: Serialize + ?Sized>(value: &T, bound: bool) -> Option<usize> {
+    let mut len = Len { n: 0, bound };
     value.serialize(&mut len).ok()?;
-    Some(len.0)
+    Some(len.n)
 }
 
 /// The bytes serde_json adds to escape `byte` in a string: `\"`, `\\` and the short forms of
@@ -32,6 +49,22 @@ const fn escape_extra(byte: u8) -> u8 {
         b'"' | b'\\' | 0x08 | 0x09 | 0x0A | 0x0C | 0x0D => 1,
         0x00..=0x1F => 5,
         _ => 0,
+    }
+}
+
+/// The longest string the bound counts without reading it: a longer one is counted exactly
+/// (the scan costs about as much as the rest of its handling then), so the bound exceeds the
+/// exact length by at most five bytes a byte of such short strings.
+const SHORT: usize = 32;
+
+/// `s` as a JSON string: exactly, or (`bound`, when at most [`SHORT`] bytes) at most six
+/// bytes a byte (the longest escape, `\u00XX`) and the quotes.
+#[inline]
+fn str_len_as(s: &str, bound: bool) -> usize {
+    if bound && s.len() <= SHORT {
+        s.len() * 6 + 2
+    } else {
+        str_len(s)
     }
 }
 
@@ -46,27 +79,69 @@ fn str_len(s: &str) -> usize {
     s.len() + 2 + extra
 }
 
-/// Whether any byte needs escaping: eight bytes at a time (most strings have none).
+/// Whether any byte needs escaping: eight bytes at a time (most strings have none). The tail
+/// is the last eight bytes, overlapping the words before (only whether any byte needs escaping
+/// is asked); a string shorter than eight is read as one word of overlapping pieces.
 fn any_to_escape(bytes: &[u8]) -> bool {
+    let n = bytes.len();
+    let word = |at: usize| {
+        let eight = bytes.get(at..at + 8).and_then(|b| b.try_into().ok());
+        u64::from_ne_bytes(eight.unwrap_or([0; 8]))
+    };
+    if n >= 8 {
+        let mut at = 0;
+        while at + 8 <= n {
+            if word_to_escape(word(at)) {
+                return true;
+            }
+            at += 8;
+        }
+        return at < n && word_to_escape(word(n - 8));
+    }
+    let half = |at: usize| {
+        let four = bytes.get(at..at + 4).and_then(|b| b.try_into().ok());
+        u32::from_ne_bytes(four.unwrap_or([0; 4]))
+    };
+    let word = match n {
+        0 => return false,
+        // Bytes 0, n/2 and n-1 are all the bytes; the rest repeats byte 0.
+        1..=3 => u64::from_ne_bytes([
+            bytes[0],
+            bytes[n / 2],
+            bytes[n - 1],
+            bytes[0],
+            bytes[0],
+            bytes[0],
+            bytes[0],
+            bytes[0],
+        ]),
+        _ => u64::from(half(0)) | u64::from(half(n - 4)) << 32,
+    };
+    word_to_escape(word)
+}
+
+/// Whether any of the eight bytes of `word` needs escaping.
+#[inline]
+fn word_to_escape(word: u64) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     // A high bit set in each byte of `word` that is below `n` (for n <= 0x80; exact as to
     // whether any is).
     let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
-    let mut words = bytes.chunks_exact(8);
-    let found = words.by_ref().any(|chunk| {
-        let word = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
-        below(word, 0x20)
-            | below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1)
-            != 0
-    });
-    found || words.remainder().iter().any(|&b| escape_extra(b) != 0)
+    below(word, 0x20)
+        | below(word ^ (ONES * u64::from(b'"')), 1)
+        | below(word ^ (ONES * u64::from(b'\\')), 1)
+        != 0
 }
 
 /// Decimal digits of `n`, with a minus sign if `negative`.
 fn int_len(n: u128, negative: bool) -> usize {
-    n.checked_ilog10().map_or(1, |d| d as usize + 1) + usize::from(negative)
+    // Most integers fit 64 bits, whose logarithm is several times cheaper.
+    let log = match u64::try_from(n) {
+        Ok(n) => n.checked_ilog10(),
+        Err(_) => n.checked_ilog10(),
+    };
+    log.map_or(1, |d| d as usize + 1) + usize::from(negative)
 }
 
 /// The name serde_json gives the newtype struct of a raw value (written as it is).
@@ -90,8 +165,11 @@ impl ser::Error for GiveUp {
     }
 }
 
-/// The serializer: the bytes counted so far.
-struct Len(usize);
+/// The serializer: the bytes counted so far, exactly or (`bound`) at most.
+struct Len {
+    n: usize,
+    bound: bool,
+}
 
 /// A sequence or map being counted: commas go between its elements.
 struct Compound<'a> {
@@ -102,7 +180,7 @@ struct Compound<'a> {
 impl Compound<'_> {
     fn comma(&mut self) {
         if !self.first {
-            self.len.0 += 1;
+            self.len.add(1);
         }
         self.first = false;
     }
@@ -115,15 +193,26 @@ impl Compound<'_> {
     /// `"key":` then the value.
     fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), GiveUp> {
         self.comma();
-        self.len.0 += str_len(key) + 1;
+        self.len.add(self.len.str_len(key).saturating_add(1));
         value.serialize(&mut *self.len)
     }
 }
 
 impl Len {
+    #[inline]
+    fn add(&mut self, n: usize) {
+        self.n = self.n.saturating_add(n);
+    }
+
+    /// A string's length: exact, or its bound.
+    #[inline]
+    fn str_len(&self, s: &str) -> usize {
+        str_len_as(s, self.bound)
+    }
+
     /// Opens a sequence or map (its two brackets counted now).
     fn open(&mut self) -> Compound<'_> {
-        self.0 += 2;
+        self.add(2);
         Compound {
             len: self,
             first: true,
@@ -132,7 +221,7 @@ impl Len {
 
     /// `{"variant":` and its closing `}`, before a variant's content.
     fn variant(&mut self, variant: &str) {
-        self.0 += 3 + str_len(variant);
+        self.add(self.str_len(variant).saturating_add(3));
     }
 }
 
@@ -157,7 +246,7 @@ impl<'a> ser::Serializer for &'a mut Len {
     type SerializeStructVariant = Compound<'a>;
 
     fn serialize_bool(self, v: bool) -> Result<(), GiveUp> {
-        self.0 += if v { 4 } else { 5 };
+        self.add(if v { 4 } else { 5 });
         Ok(())
     }
 
@@ -167,12 +256,22 @@ impl<'a> ser::Serializer for &'a mut Len {
     }
 
     fn serialize_i128(self, v: i128) -> Result<(), GiveUp> {
-        self.0 += int_len(v.unsigned_abs(), v < 0);
+        self.add(match (self.bound, i64::try_from(v)) {
+            // `-9223372036854775808`; `i128::MIN`.
+            (true, Ok(_)) => 20,
+            (true, Err(_)) => 40,
+            (false, _) => int_len(v.unsigned_abs(), v < 0),
+        });
         Ok(())
     }
 
     fn serialize_u128(self, v: u128) -> Result<(), GiveUp> {
-        self.0 += int_len(v, false);
+        self.add(match (self.bound, u64::try_from(v)) {
+            // `u64::MAX`; `u128::MAX`.
+            (true, Ok(_)) => 20,
+            (true, Err(_)) => 39,
+            (false, _) => int_len(v, false),
+        });
         Ok(())
     }
 
@@ -189,14 +288,14 @@ impl<'a> ser::Serializer for &'a mut Len {
     }
 
     fn serialize_str(self, v: &str) -> Result<(), GiveUp> {
-        self.0 += str_len(v);
+        self.add(self.str_len(v));
         Ok(())
     }
 
     fn serialize_bytes(self, v: &[u8]) -> Result<(), GiveUp> {
         // An array of numbers.
         let digits: usize = v.iter().map(|&b| int_len(b.into(), false)).sum();
-        self.0 += 2 + digits + v.len().saturating_sub(1);
+        self.add(2 + digits + v.len().saturating_sub(1));
         Ok(())
     }
 
@@ -209,7 +308,7 @@ impl<'a> ser::Serializer for &'a mut Len {
     }
 
     fn serialize_unit(self) -> Result<(), GiveUp> {
-        self.0 += 4; // null
+        self.add(4); // null
         Ok(())
     }
 
@@ -346,7 +445,8 @@ impl ser::SerializeMap for Compound<'_> {
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), GiveUp> {
         self.comma();
-        self.len.0 += key.serialize(StrKey)? + 1;
+        self.len
+            .add(key.serialize(StrKey(self.len.bound))?.saturating_add(1));
         Ok(())
     }
 
@@ -359,9 +459,10 @@ impl ser::SerializeMap for Compound<'_> {
     }
 }
 
-/// A map key: counted only when it is a string (or a newtype around one); any other key gives
-/// up, because serde_json quotes some kinds of keys and refuses others.
-struct StrKey;
+/// A map key: counted (exactly, or its bound) only when it is a string (or a newtype around
+/// one); any other key gives up, because serde_json quotes some kinds of keys and refuses
+/// others.
+struct StrKey(bool);
 
 macro_rules! give_up {
     ($($method:ident($($arg:ty),*);)*) => {
@@ -381,7 +482,7 @@ impl ser::Serializer for StrKey {
     type SerializeStructVariant = Impossible<usize, GiveUp>;
 
     fn serialize_str(self, v: &str) -> Result<usize, GiveUp> {
-        Ok(str_len(v))
+        Ok(str_len_as(v, self.0))
     }
 
     fn serialize_newtype_struct<T: Serialize + ?Sized>(

@@ -3,8 +3,9 @@
 //!
 //! A [`Codec`] is chosen once per pool ([`Builder::codec`](crate::Builder::codec)); JSON
 //! ([`Json`], through serde_json) is the default. The pool calls it three ways, all here:
-//! counting a payload's encoded size against the record limit at `submit` (`Json` counts
-//! without encoding, `json_len.rs`; otherwise into a sink that stops at the limit, so a huge
+//! counting a payload's encoded size against the record limit at `submit` (`Json` bounds it
+//! without reading the strings, and counts exactly without encoding only when the bound is over
+//! the limit, `json_len.rs`; otherwise into a sink that stops at the limit, so a huge
 //! payload is not encoded whole only to be refused), encoding
 //! into a buffer (write-ahead submits, spills, dead letters), and decoding at start.
 
@@ -59,6 +60,16 @@ pub trait Codec<T>: Send + Sync + 'static {
         None
     }
 
+    /// At least the length of what `encode` would write for `value`, if the codec can tell it
+    /// more cheaply still than [`encoded_len`](Self::encoded_len); the default is
+    /// `encoded_len`. `submit` accepts a payload whose bound is within the record limit without
+    /// counting it exactly (and counts exactly only when it is not), and sets the bound aside
+    /// in the spill reserve while the task is held decoded. A bound shorter than the encoding
+    /// is a bug, as for `encoded_len`.
+    fn encoded_len_bound(&self, value: &T) -> Option<usize> {
+        self.encoded_len(value)
+    }
+
     /// Reads a value back from what `encode` wrote.
     ///
     /// # Errors
@@ -80,6 +91,13 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
     /// `json_len.rs`); `None` for floats and non-string map keys.
     fn encoded_len(&self, value: &T) -> Option<usize> {
         json_len::json_len(value)
+    }
+
+    /// Like `encoded_len`, without reading short strings (up to 32 bytes, each counted as six
+    /// bytes a byte, the longest escape being `\u00XX`, plus its quotes) and with integers
+    /// counted at their type's widest.
+    fn encoded_len_bound(&self, value: &T) -> Option<usize> {
+        json_len::json_len_bound(value)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<T, BoxError> {
@@ -116,9 +134,32 @@ impl<T: 'static> Encoding<T> {
         Self(Arc::new(codec))
     }
 
-    /// The length of `value`'s encoding, if it is at most `limit`.
+    /// The length of `value`'s encoding, or a bound on it (see [`Codec::encoded_len_bound`]),
+    /// if that is at most `limit`; `TooLarge` only if the exact length is over the limit.
     pub(crate) fn len_within(&self, value: &T, limit: usize) -> Result<usize, Refused> {
         self.0.len_within(value, limit)
+    }
+
+    /// `value`'s encoding in a buffer of exactly its length, `size` being what it is expected
+    /// to take at most. Encoded into this thread's scratch buffer first: the size `submit`
+    /// takes may be a bound, and a buffer of that size would have to shrink later (a
+    /// reallocation per task held encoded).
+    pub(crate) fn to_bytes(&self, value: &T, size: usize) -> Result<Vec<u8>, BoxError> {
+        /// A scratch buffer that grew past this is not kept for the next task.
+        const KEEP: usize = 64 * 1024;
+        thread_local! {
+            static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        // Taken out, not borrowed: a codec that encodes again on this thread gets an empty one.
+        let mut scratch = SCRATCH.take();
+        scratch.clear();
+        scratch.reserve(size);
+        let result = self.0.encode(value, &mut scratch);
+        let bytes = result.map(|()| scratch.as_slice().to_vec());
+        if scratch.capacity() <= KEEP {
+            SCRATCH.set(scratch);
+        }
+        bytes
     }
 
     /// Appends `value`'s encoding to `out`; on an error `out` is left as it was.
@@ -144,6 +185,11 @@ trait Erased<T>: Send + Sync {
 
 impl<T, C: Codec<T>> Erased<T> for C {
     fn len_within(&self, value: &T, limit: usize) -> Result<usize, Refused> {
+        if let Some(bound) = Codec::encoded_len_bound(self, value)
+            && bound <= limit
+        {
+            return Ok(bound);
+        }
         if let Some(len) = Codec::encoded_len(self, value) {
             return if len <= limit {
                 Ok(len)
@@ -215,5 +261,19 @@ mod tests {
         let mut out = b"kept".to_vec();
         assert!(odd.encode(&value, &mut out).is_err());
         assert_eq!(out, b"kept", "a failed encode leaves the buffer as it was");
+        assert!(odd.to_bytes(&value, 100).is_err());
+    }
+
+    #[test]
+    fn to_bytes_gives_a_buffer_of_exactly_the_encoding_whatever_the_size_expected() {
+        let json = Encoding::<Vec<String>>::new(Json);
+        for value in [vec![], vec!["a".repeat(10)], vec!["b".repeat(100_000)]] {
+            let expected = serde_json::to_vec(&value).unwrap();
+            for size in [0, expected.len(), expected.len() * 6] {
+                let bytes = json.to_bytes(&value, size).unwrap();
+                assert_eq!(bytes, expected);
+                assert_eq!(bytes.capacity(), bytes.len());
+            }
+        }
     }
 }

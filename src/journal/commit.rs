@@ -309,6 +309,7 @@ mod tests {
             state: TaskState::default(),
             last_error: "".into(),
             payload,
+            options: None,
         }
     }
 

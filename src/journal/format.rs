@@ -1,4 +1,5 @@
-//! The on-disk format of a journal segment, version 1.
+//! The on-disk format of a journal segment, version 2 (version 1 is read too: it is version 2
+//! without the options block, which it never flags).
 //!
 //! All integers are little-endian. A segment is a header followed by records; every record starts
 //! on an 8-byte boundary.
@@ -8,7 +9,7 @@
 //! | offset | size | field                                                              |
 //! |-------:|-----:|--------------------------------------------------------------------|
 //! |      0 |    8 | magic, `DRAINPOL`                                                  |
-//! |      8 |    2 | format version, `1`                                                |
+//! |      8 |    2 | format version, `2` (`1` read too)                                 |
 //! |     10 |    2 | header length, `48`                                                |
 //! |     12 |    4 | reserved, zero                                                     |
 //! |     16 |    8 | writer epoch: random, chosen at each start                         |
@@ -24,7 +25,8 @@
 //! |      0 |    4 | CRC-32C, seeded with the writer epoch, of bytes 4 to the padded end|
 //! |      4 |    4 | body length `L`                                                    |
 //! |      8 |    1 | kind: 1 task, 2 ack, 3 dead letter                                 |
-//! |      9 |    1 | flags: bit 0, the last run was interrupted at the drain deadline   |
+//! |      9 |    1 | flags: bit 0, the last run was interrupted at the drain deadline;  |
+//! |        |      | bit 1, the body holds an options block                             |
 //! |     10 |    6 | reserved, zero                                                     |
 //! |     16 |    8 | task id: run number                                                |
 //! |     24 |    8 | task id: sequence within the run                                   |
@@ -44,7 +46,19 @@
 //! |     16 |    8 | not before, milliseconds since the Unix epoch (0: at once)         |
 //! |     24 |    4 | error length `E`                                                   |
 //! |     28 |  `E`| last error, UTF-8                                                  |
-//! | 28+`E` | rest | payload: opaque bytes, as the pool encoded them                   |
+//! | 28+`E` |16+`K`| options block, only with flag bit 1 (below)                        |
+//! |   then | rest | payload: opaque bytes, as the pool encoded them                   |
+//!
+//! # Options block (flag bit 1)
+//!
+//! | offset | size | field                                                              |
+//! |-------:|-----:|--------------------------------------------------------------------|
+//! |      0 |    1 | priority, 0 to 7                                                   |
+//! |      1 |    1 | reserved, zero                                                     |
+//! |      2 |    2 | unique key length `K` (at most 1024; 0: no key)                    |
+//! |      4 |    4 | retry limit: failed runs allowed (0: the pool's)                   |
+//! |      8 |    8 | expiry, milliseconds since the Unix epoch (0: never)               |
+//! |     16 |  `K`| unique key, UTF-8                                                  |
 //!
 //! Every decode path here is total: short input, bad magic, a newer version, a length over the
 //! cap or past the end, a CRC mismatch and a malformed body are typed outcomes, never a panic
@@ -52,19 +66,25 @@
 
 use std::fmt;
 
-use super::record::{TaskRecord, TaskState};
+use std::borrow::Cow;
+
+use super::record::{MAX_KEY_LEN, MAX_PRIORITY, TaskOptions, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The magic bytes that open every segment.
 pub(crate) const MAGIC: [u8; 8] = *b"DRAINPOL";
 /// The format version this build writes and the newest it reads.
-pub(crate) const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 2;
+/// The oldest format version this build reads.
+const OLDEST_VERSION: u16 = 1;
 /// Length of the segment header.
 pub(crate) const HEADER_LEN: usize = 48;
 /// Length of a record header.
 pub(crate) const RECORD_HEADER_LEN: usize = 32;
 /// Length of the fixed part of a task body.
 pub(crate) const BODY_FIXED_LEN: usize = 28;
+/// Length of the fixed part of an options block.
+pub(crate) const OPTIONS_FIXED_LEN: usize = 16;
 /// Records start on multiples of this.
 pub(crate) const ALIGN: usize = 8;
 /// The hard cap on one encoded record, whatever the configuration says.
@@ -72,7 +92,9 @@ pub(crate) const MAX_RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Flag bit: the task's last run was interrupted at the drain deadline.
 const FLAG_INTERRUPTED: u8 = 0b0000_0001;
-const KNOWN_FLAGS: u8 = FLAG_INTERRUPTED;
+/// Flag bit: the body holds an options block.
+const FLAG_OPTIONS: u8 = 0b0000_0010;
+const KNOWN_FLAGS: u8 = FLAG_INTERRUPTED | FLAG_OPTIONS;
 
 /// What a record says about its task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +200,28 @@ pub(super) struct RecordRef<'a> {
     pub(super) error: &'a [u8],
     /// The payload, opaque bytes (empty for acks).
     pub(super) payload: &'a [u8],
+    /// The options block's fixed fields and key, if the record has one.
+    pub(super) options: Option<OptionsRef<'a>>,
+}
+
+/// An options block, borrowed from the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OptionsRef<'a> {
+    pub(super) priority: u8,
+    pub(super) max_attempts: u32,
+    pub(super) expires_ms: u64,
+    pub(super) key: &'a str,
+}
+
+impl OptionsRef<'_> {
+    fn to_owned(self) -> TaskOptions {
+        TaskOptions {
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            expires_ms: self.expires_ms,
+            key: (!self.key.is_empty()).then(|| self.key.into()),
+        }
+    }
 }
 
 impl<'a> RecordRef<'a> {
@@ -188,14 +232,23 @@ impl<'a> RecordRef<'a> {
             state: self.state,
             last_error: String::from_utf8_lossy(self.error),
             payload: self.payload,
+            options: self.options.map(|o| Cow::Owned(o.to_owned())),
         }
+    }
+
+    /// The record's options, owned (`None` if it has none).
+    pub(super) fn owned_options(&self) -> Option<Box<TaskOptions>> {
+        self.options.map(|o| Box::new(o.to_owned()))
     }
 
     /// The encoded length of this record.
     pub(super) fn encoded_len(&self) -> usize {
         match self.kind {
             Kind::Ack => RECORD_HEADER_LEN,
-            Kind::Task | Kind::Dead => task_record_len(self.payload.len(), self.error.len()),
+            Kind::Task | Kind::Dead => task_record_len(
+                self.payload.len() + self.options.map_or(0, |o| options_len(o.key.len())),
+                self.error.len(),
+            ),
         }
     }
 }
@@ -251,7 +304,7 @@ pub(crate) fn decode_header(buf: &[u8]) -> Result<Header, HeaderError> {
     if magic_ok && crc_ok && version > VERSION {
         return Err(HeaderError::UnsupportedVersion(version));
     }
-    let sane = version == VERSION
+    let sane = (OLDEST_VERSION..=VERSION).contains(&version)
         && usize::from(u16_at(buf, 10)) == HEADER_LEN
         && epochs[0] == epochs[1]
         && u32_at(buf, 12) == 0
@@ -278,8 +331,16 @@ pub(super) fn encode_record(
     let state = &record.state;
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
     out[start + 8] = kind as u8;
-    if kind != Kind::Ack && state.interrupted {
-        out[start + 9] = FLAG_INTERRUPTED;
+    let options = record
+        .options
+        .as_deref()
+        .filter(|o| kind != Kind::Ack && !o.is_default());
+    if kind != Kind::Ack {
+        out[start + 9] = if state.interrupted {
+            FLAG_INTERRUPTED
+        } else {
+            0
+        } | if options.is_some() { FLAG_OPTIONS } else { 0 };
     }
     out[start + 16..start + 24].copy_from_slice(&record.id.run().to_le_bytes());
     out[start + 24..start + 32].copy_from_slice(&record.id.seq().to_le_bytes());
@@ -291,6 +352,9 @@ pub(super) fn encode_record(
         let error = truncate_utf8(&record.last_error, MAX_ERROR_LEN);
         out.extend_from_slice(&(error.len() as u32).to_le_bytes());
         out.extend_from_slice(error.as_bytes());
+        if let Some(options) = options {
+            encode_options(out, options);
+        }
         out.extend_from_slice(record.payload);
     }
     let body_len = out.len() - start - RECORD_HEADER_LEN;
@@ -312,8 +376,33 @@ pub(super) fn encode_ack(out: &mut Vec<u8>, epoch: u64, id: TaskId) {
         state: TaskState::default(),
         last_error: "".into(),
         payload: &[],
+        options: None,
     };
     encode_record(out, epoch, Kind::Ack, &ack);
+}
+
+/// Appends an options block (its key cut to [`MAX_KEY_LEN`], its priority to
+/// [`MAX_PRIORITY`]: the pool never hands in more).
+fn encode_options(out: &mut Vec<u8>, options: &TaskOptions) {
+    let key = truncate_utf8(options.key(), MAX_KEY_LEN);
+    out.push(options.priority.min(MAX_PRIORITY));
+    out.push(0);
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(&options.max_attempts.to_le_bytes());
+    out.extend_from_slice(&options.expires_ms.to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+}
+
+/// The length of an options block with a key of `key_len` bytes.
+pub(crate) const fn options_len(key_len: usize) -> usize {
+    OPTIONS_FIXED_LEN + key_len
+}
+
+/// The bytes a task's options add to its record (0 for none, or all defaults).
+pub(crate) fn options_bytes(options: Option<&TaskOptions>) -> usize {
+    options
+        .filter(|o| !o.is_default())
+        .map_or(0, |o| options_len(o.key().len().min(MAX_KEY_LEN)))
 }
 
 /// The longest last-error text kept in a record; longer texts are cut at a character boundary.
@@ -402,8 +491,12 @@ fn decode(buf: &[u8], epoch: Option<u64>) -> Result<(RecordRef<'_>, usize), Reco
         },
         error: &[],
         payload: &[],
+        options: None,
     };
     if kind == Kind::Ack {
+        if flags & FLAG_OPTIONS != 0 {
+            return Err(RecordError::BadBody);
+        }
         if !body.is_empty() {
             return Err(RecordError::BadBody);
         }
@@ -422,8 +515,34 @@ fn decode(buf: &[u8], epoch: Option<u64>) -> Result<(RecordRef<'_>, usize), Reco
         return Err(RecordError::BadBody);
     }
     record.error = &rest[..error_len];
-    record.payload = &rest[error_len..];
+    let mut rest = &rest[error_len..];
+    if flags & FLAG_OPTIONS != 0 {
+        let (options, after) = decode_options(rest).ok_or(RecordError::BadBody)?;
+        record.options = Some(options);
+        rest = after;
+    }
+    record.payload = rest;
     Ok((record, total))
+}
+
+/// An options block at the start of `buf`, and what follows it; `None` if it is malformed
+/// (cut short, a reserved byte set, a priority or key length out of range, a key not UTF-8).
+fn decode_options(buf: &[u8]) -> Option<(OptionsRef<'_>, &[u8])> {
+    if buf.len() < OPTIONS_FIXED_LEN || buf[1] != 0 || buf[0] > MAX_PRIORITY {
+        return None;
+    }
+    let key_len = usize::from(u16_at(buf, 2));
+    if key_len > MAX_KEY_LEN || buf.len() < OPTIONS_FIXED_LEN + key_len {
+        return None;
+    }
+    let key = std::str::from_utf8(&buf[OPTIONS_FIXED_LEN..OPTIONS_FIXED_LEN + key_len]).ok()?;
+    let options = OptionsRef {
+        priority: buf[0],
+        max_attempts: u32_at(buf, 4),
+        expires_ms: u64_at(buf, 8),
+        key,
+    };
+    Some((options, &buf[OPTIONS_FIXED_LEN + key_len..]))
 }
 
 #[cfg(test)]

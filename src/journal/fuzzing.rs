@@ -14,7 +14,7 @@ use std::fmt;
 
 use super::format::{self, HeaderError, Kind, RecordRef};
 use super::reader;
-use super::record::{TaskRecord, TaskState};
+use super::record::{MAX_KEY_LEN, MAX_PRIORITY, TaskOptions, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The length of a segment header.
@@ -64,8 +64,19 @@ pub struct Record {
     pub not_before_ms: u64,
     pub error: Vec<u8>,
     pub payload: Vec<u8>,
+    /// The options block, if the record has one.
+    pub options: Option<Options>,
     /// What `RecordRef::encoded_len` says the record takes.
     pub encoded_len: usize,
+}
+
+/// A record's options block, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub priority: u8,
+    pub max_attempts: u32,
+    pub expires_ms: u64,
+    pub key: String,
 }
 
 impl From<RecordRef<'_>> for Record {
@@ -81,6 +92,12 @@ impl From<RecordRef<'_>> for Record {
             not_before_ms: r.state.not_before_ms,
             error: r.error.to_vec(),
             payload: r.payload.to_vec(),
+            options: r.options.map(|o| Options {
+                priority: o.priority,
+                max_attempts: o.max_attempts,
+                expires_ms: o.expires_ms,
+                key: o.key.to_owned(),
+            }),
             encoded_len: r.encoded_len(),
         }
     }
@@ -169,7 +186,9 @@ pub fn decode_record(buf: &[u8], epoch: u64) -> Result<(Record, usize), RecordEr
 }
 
 /// Appends `record` to `out` as the writer would, under `epoch`; `None` for a kind byte the
-/// format does not know, or an error text that is not UTF-8 (the writer takes a `&str`).
+/// format does not know, an error text that is not UTF-8 (the writer takes a `&str`), or
+/// options the pool never hands in (a priority above 7, a key over 1,024 bytes, all at their
+/// defaults: the writer writes no block then).
 /// Returns the encoded length.
 pub fn encode_record(out: &mut Vec<u8>, epoch: u64, record: &Record) -> Option<usize> {
     let kind = match record.kind {
@@ -179,6 +198,21 @@ pub fn encode_record(out: &mut Vec<u8>, epoch: u64, record: &Record) -> Option<u
         _ => return None,
     };
     let last_error = std::str::from_utf8(&record.error).ok()?;
+    let options = match &record.options {
+        None => None,
+        Some(o) => {
+            let options = TaskOptions {
+                priority: o.priority,
+                max_attempts: o.max_attempts,
+                expires_ms: o.expires_ms,
+                key: (!o.key.is_empty()).then(|| o.key.as_str().into()),
+            };
+            if o.priority > MAX_PRIORITY || o.key.len() > MAX_KEY_LEN || options.is_default() {
+                return None;
+            }
+            Some(options)
+        }
+    };
     let task = TaskRecord {
         id: TaskId::new(record.run, record.seq),
         state: TaskState {
@@ -190,6 +224,7 @@ pub fn encode_record(out: &mut Vec<u8>, epoch: u64, record: &Record) -> Option<u
         },
         last_error: Cow::Borrowed(last_error),
         payload: &record.payload,
+        options: options.as_ref().map(Cow::Borrowed),
     };
     Some(format::encode_record(out, epoch, kind, &task))
 }

@@ -9,6 +9,7 @@
 //! [`requeue`] writes, so it takes the directory lock as a starting pool does and refuses while
 //! a pool holds it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use super::dir::{
 };
 use super::format::{self, Header, Kind, RecordRef};
 use super::fs;
-use super::record::{TaskRecord, TaskState};
+use super::record::{TaskOptions, TaskRecord, TaskState};
 use super::recover::{Fold, read_segment};
 use super::writer::SegmentWriter;
 use crate::error::JournalError;
@@ -48,6 +49,14 @@ pub struct JournaledTask {
     pub last_error: Option<String>,
     /// The payload as journaled: its serde_json bytes.
     pub payload: Vec<u8>,
+    /// Its priority, 0 (the default, lowest) to 7.
+    pub priority: u8,
+    /// Its own retry limit (failed runs before it is a dead letter); `None`: the pool's.
+    pub max_attempts: Option<u32>,
+    /// No run starts after this time, in milliseconds since the Unix epoch; `None`: never.
+    pub expires_at_ms: Option<u64>,
+    /// Its unique key, if it was given one.
+    pub unique_key: Option<String>,
     /// The segment holding the record that decides the task's state.
     pub segment: PathBuf,
     /// That record's offset in the segment.
@@ -58,7 +67,8 @@ pub struct JournaledTask {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Contents {
-    /// Live tasks, in the order the next start replays them (id order).
+    /// Live tasks, in the order the next start replays them: higher priorities first, id
+    /// order within one. (Tasks due later wait for their time: `not_before_ms`.)
     pub live: Vec<JournaledTask>,
     /// Dead letters, in id order. A task found in both lists is a dead letter whose requeue (or
     /// whose failure) was cut short by a crash: it runs at the next start and stays a dead
@@ -214,11 +224,19 @@ impl fmt::Display for IdList<'_> {
 /// missing from the lists and counted in [`Contents::damage`].
 pub fn inspect(dir: &Path) -> Result<Contents, JournalError> {
     let survey = survey(dir, true)?;
+    let (segments, damage, skipped) = (
+        survey.segments.len() as u64,
+        survey.damage_count() as u64,
+        survey.skipped.len() as u64,
+    );
+    let mut live: Vec<JournaledTask> = survey.live.into_values().map(|t| t.task).collect();
+    // The replay order: higher priorities first, id order within one (a stable sort).
+    live.sort_by_key(|task| std::cmp::Reverse(task.priority));
     Ok(Contents {
-        segments: survey.segments.len() as u64,
-        damage: survey.damage_count() as u64,
-        skipped: survey.skipped.len() as u64,
-        live: survey.live.into_values().map(|t| t.task).collect(),
+        segments,
+        damage,
+        skipped,
+        live,
         dead: survey.dead.into_values().map(|t| t.task).collect(),
     })
 }
@@ -396,6 +414,13 @@ fn write_live(dir: &Path, number: u64, tasks: &[&SurveyedTask]) -> Result<PathBu
             },
             last_error: task.last_error.as_deref().unwrap_or("").into(),
             payload: &task.payload,
+            // Taken back with its options, but not its expiry: a requeue means to run it.
+            options: Some(Cow::Owned(TaskOptions {
+                priority: task.priority,
+                max_attempts: task.max_attempts.unwrap_or(0),
+                expires_ms: 0,
+                key: task.unique_key.as_deref().map(Into::into),
+            })),
         };
         format::encode_record(&mut buf, epoch, Kind::Task, &record);
     }
@@ -530,6 +555,14 @@ fn surveyed(path: &Path, offset: u64, record: &RecordRef<'_>, payloads: bool) ->
             } else {
                 Vec::new()
             },
+            priority: record.options.map_or(0, |o| o.priority),
+            max_attempts: record.options.map(|o| o.max_attempts).filter(|&n| n > 0),
+            expires_at_ms: record.options.map(|o| o.expires_ms).filter(|&ms| ms > 0),
+            unique_key: record
+                .options
+                .map(|o| o.key)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
             segment: path.to_path_buf(),
             offset,
         },

@@ -25,7 +25,9 @@ pub use self::inspect::{
     Contents, JournaledTask, Requeue, RequeueError, Requeued, Stats, Verification, inspect,
     requeue, stats, verify,
 };
-pub(crate) use self::record::{Recovered, TaskRecord, TaskState};
+pub(crate) use self::record::{
+    MAX_KEY_LEN, MAX_PRIORITY, Recovered, TaskOptions, TaskRecord, TaskState,
+};
 pub(crate) use self::recover::Recovery;
 pub(crate) use self::reserve::Reserve;
 
@@ -37,6 +39,11 @@ pub(crate) const SEGMENT_HEADER_LEN: usize = format::HEADER_LEN;
 /// The encoded length of a task record whose payload and last error take these many bytes.
 pub(crate) const fn task_record_len(payload_len: usize, error_len: usize) -> usize {
     format::task_record_len(payload_len, error_len)
+}
+
+/// The bytes a task's options add to its record (0 for none, or all at their defaults).
+pub(crate) fn options_bytes(options: Option<&TaskOptions>) -> usize {
+    format::options_bytes(options)
 }
 
 mod commit;

@@ -20,6 +20,38 @@ pub(crate) struct TaskState {
     pub(crate) not_before_ms: u64,
 }
 
+/// A task's options, chosen at submit and journaled with it (format version 2). A task with
+/// every option at its default carries none (`None` where a job holds them).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct TaskOptions {
+    /// 0 (the default, lowest) to [`MAX_PRIORITY`]; higher runs first.
+    pub(crate) priority: u8,
+    /// Failed runs allowed before the task becomes a dead letter (0: the pool's setting).
+    pub(crate) max_attempts: u32,
+    /// No run starts after this time, in milliseconds since the Unix epoch (0: never).
+    pub(crate) expires_ms: u64,
+    /// While the task is queued or running, a submit with the same key is refused.
+    pub(crate) key: Option<Box<str>>,
+}
+
+/// The highest priority level.
+pub(crate) const MAX_PRIORITY: u8 = 7;
+
+/// The longest unique key, in bytes.
+pub(crate) const MAX_KEY_LEN: usize = 1024;
+
+impl TaskOptions {
+    /// Whether every option is at its default (nothing to journal).
+    pub(crate) fn is_default(&self) -> bool {
+        self.priority == 0 && self.max_attempts == 0 && self.expires_ms == 0 && self.key.is_none()
+    }
+
+    /// The key, or `""`.
+    pub(crate) fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or("")
+    }
+}
+
 /// One task record, borrowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TaskRecord<'a> {
@@ -29,6 +61,8 @@ pub(crate) struct TaskRecord<'a> {
     pub(crate) last_error: Cow<'a, str>,
     /// The payload's bytes, as the pool encoded them.
     pub(crate) payload: &'a [u8],
+    /// Its options, if any is set.
+    pub(crate) options: Option<Cow<'a, TaskOptions>>,
 }
 
 /// A live task found at start: its latest record, decoded by the caller's closure.
@@ -38,6 +72,8 @@ pub(crate) struct Recovered<V> {
     pub(crate) state: TaskState,
     /// The last run's error, if it had one.
     pub(crate) last_error: Option<Box<str>>,
+    /// Its options, if any is set.
+    pub(crate) options: Option<Box<TaskOptions>>,
     /// What the caller's closure made of the record.
     pub(crate) value: V,
     /// The number of the segment holding the record.
@@ -53,6 +89,7 @@ impl<V> Recovered<V> {
             id: self.id,
             state: self.state,
             last_error: self.last_error,
+            options: self.options,
             value,
             segment: self.segment,
             len: self.len,

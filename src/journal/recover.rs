@@ -188,12 +188,20 @@ pub(crate) struct Recovery {
     /// The live segments' numbers and bytes, in number order.
     segments: Vec<(u64, Vec<u8>)>,
     live: LastState<Position>,
+    /// Whether a task record with a priority was read (perhaps one a later record replaced).
+    prioritized: bool,
 }
 
 impl Recovery {
     /// How many live tasks there are.
     pub(crate) fn len(&self) -> usize {
         self.live.len()
+    }
+
+    /// Whether any live task may have a priority: if not, [`tasks`](Self::tasks) is already
+    /// in replay order.
+    pub(crate) fn prioritized(&self) -> bool {
+        self.prioritized
     }
 
     /// The live tasks in id order, each in its latest state, its payload borrowed.
@@ -208,6 +216,7 @@ impl Recovery {
                 state: record.state,
                 last_error: (!record.error.is_empty())
                     .then(|| String::from_utf8_lossy(record.error).into()),
+                options: record.owned_options(),
                 value: record.payload,
                 segment: *number,
                 len: u32::try_from(record.encoded_len()).unwrap_or(u32::MAX),
@@ -234,6 +243,7 @@ impl Journal {
                     state: task.state,
                     last_error: task.last_error.as_deref().unwrap_or_default().into(),
                     payload: task.value,
+                    options: task.options.as_deref().map(std::borrow::Cow::Borrowed),
                 };
                 let value = decode(&record);
                 task.replace(value).1
@@ -297,12 +307,14 @@ impl Journal {
             report.skipped.push(skipped);
         }
         let mut kept = Vec::new();
+        let mut prioritized = false;
         for segment in &segments {
             let bytes = fs::read_regular(&segment.path)
                 .map_err(|e| JournalError::io("read", &segment.path, None, e))?;
             let index = u32::try_from(kept.len()).unwrap_or(u32::MAX);
             let read = read_segment(segment, &bytes, |offset, record| {
                 max_run = max_run.max(record.id.run());
+                prioritized |= record.options.is_some_and(|o| o.priority > 0);
                 let at = || Position {
                     segment: index,
                     offset: NonZeroU64::new(offset).unwrap_or(NonZeroU64::MAX),
@@ -326,6 +338,7 @@ impl Journal {
         let recovery = Recovery {
             segments: kept,
             live: fold.live,
+            prioritized,
         };
         // Ids must never repeat in a directory's life: a start without a new run number stops.
         let Some(run) = max_run.checked_add(1) else {

@@ -36,7 +36,7 @@ use super::job::{Job, Payload, now_ms};
 use super::remote::{Claimed, Claims, Commits, Connect, Lease, StoredTask};
 use super::shared::Shared;
 use crate::error::{JournalError, StartError, SubmitError};
-use crate::journal::{Journal, Recovered, TaskState};
+use crate::journal::{Journal, Recovered, TaskOptions, TaskState};
 use crate::task::TaskId;
 
 /// How soon the claimer looks again after a full batch, or while the queue has no room.
@@ -59,6 +59,7 @@ pub(crate) async fn open(
             state: task.state,
             last_error: task.last_error,
             payload: task.value,
+            options: task.options,
         })
         .collect();
     let remote = connect.connect(journal.run(), forward).await?;
@@ -166,9 +167,10 @@ async fn claimer<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, stop: Cancell
     }
 }
 
-/// Queues claimed tasks (in id order) with their leases. One that no longer decodes, or was
-/// interrupted `max_interruptions` times in a row (a pool dying with it each time), is kept as
-/// a dead letter instead.
+/// Queues claimed tasks (higher priorities first, in id order within one, as the store
+/// claimed them) with their leases, each holding its unique key here from then on. One that
+/// no longer decodes, or was interrupted `max_interruptions` times in a row (a pool dying with
+/// it each time), is kept as a dead letter instead.
 async fn take_claimed<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     mut claimed: Vec<Claimed>,
@@ -177,7 +179,10 @@ async fn take_claimed<T: Send + Sync + 'static>(
     let Some(claims) = &shared.remote else {
         return;
     };
-    claimed.sort_by_key(|c| c.task.id);
+    claimed.sort_by_key(|c| {
+        let priority = c.task.options.as_ref().map_or(0, |o| o.priority);
+        (std::cmp::Reverse(priority), c.task.id)
+    });
     shared.counters.replayed.add(claimed.len() as u64);
     for Claimed { task, rescued } in claimed {
         let lease = claims.hold(task.id, shared.shutdown.deadline(), sent);
@@ -201,6 +206,9 @@ async fn take_claimed<T: Send + Sync + 'static>(
                 continue;
             }
         };
+        if let Some(key) = task.options.as_ref().and_then(|o| o.key.as_deref()) {
+            shared.keys.adopt(key, task.id);
+        }
         shared.queue.push_backlog(Job {
             id: task.id,
             state: task.state,
@@ -212,6 +220,7 @@ async fn take_claimed<T: Send + Sync + 'static>(
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
             lease: Some(lease),
+            options: task.options,
             span: None,
         });
     }
@@ -361,6 +370,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// (sharing the commit with the submits waiting meanwhile), and takes its lease; hands
     /// the payload back with the lease, or refuses the task. Waits the store's timeout at
     /// most.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the new task's parts, as intake holds them"
+    )]
     pub(crate) async fn commit_first(
         &self,
         claims: &Claims,
@@ -369,6 +382,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
+        options: Option<&TaskOptions>,
     ) -> Result<(T, Arc<Lease>), SubmitError<T>> {
         let (payload, bytes) = self.encoded(payload, size)?;
         let task = StoredTask {
@@ -376,6 +390,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             state,
             last_error: None,
             payload: bytes,
+            options: options.cloned().map(Box::new),
         };
         // Refused only once the last worker is gone: no submit is left by then.
         let Some(answer) = commits.push(task) else {
@@ -406,7 +421,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         id: TaskId,
         state: TaskState,
         reason: &str,
-        payload: Vec<u8>,
+        (payload, options): (Vec<u8>, Option<&TaskOptions>),
     ) -> Result<bool, Vec<u8>> {
         let Some(claims) = &self.remote else {
             return Err(payload);
@@ -416,6 +431,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             state,
             last_error: Some(reason.into()),
             payload,
+            options: options.cloned().map(Box::new),
         };
         match claims.store.dead_letter(task.clone()).await {
             Ok(kept) => {
@@ -439,8 +455,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
     async fn dead_letter_claimed(&self, task: StoredTask, reason: String) {
         let id = task.id;
         tracing::warn!(task = %id, %reason, "claimed task kept as a dead letter");
+        let options = task.options;
         let payload = match self
-            .dead_letter_to_store(id, task.state, &reason, task.payload)
+            .dead_letter_to_store(id, task.state, &reason, (task.payload, options.as_deref()))
             .await
         {
             Ok(true) => {
@@ -455,7 +472,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         };
         match self
             .store
-            .dead_letter(id, task.state, reason, payload)
+            .dead_letter(id, task.state, reason, (payload, options))
             .await
         {
             Ok(()) => {
@@ -512,6 +529,7 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
                     state: job.state,
                     last_error: job.last_error.clone(),
                     payload,
+                    options: job.options.clone(),
                 });
                 encoded.push(job);
             }
@@ -525,6 +543,12 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
     claims.release(encoded.iter().map(|job| job.id));
     match result {
         Ok(()) => {
+            // Another pool's to run now: their keys are free here.
+            for job in &encoded {
+                if let Some(key) = job.key() {
+                    shared.keys.release(key, job.id);
+                }
+            }
             claims.handed_off.fetch_add(count, Ordering::Relaxed);
             tracing::info!(
                 tasks = count,

@@ -7,7 +7,9 @@ use std::sync::{Arc, Weak};
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::intake::Extras;
 use super::shared::Shared;
+use super::task_builder::TaskBuilder;
 use crate::error::{RunError, ShutdownError, SubmitError};
 use crate::report::{Health, RecoveryReport, ShutdownReport, State, StateWatch, Stats};
 use crate::task::TaskId;
@@ -101,7 +103,34 @@ impl<T: Send + Sync + 'static> Pool<T> {
     ///
     /// Cancel safe: if the future is dropped before it completes, the task was not queued.
     pub async fn submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
-        self.shared.submit(payload, None).await
+        self.shared.submit(payload, None, Extras::default()).await
+    }
+
+    /// A task with options, submitted by the builder's
+    /// [`submit`](TaskBuilder::submit) or [`try_submit`](TaskBuilder::try_submit): a priority,
+    /// a time to run at, a time to live, a unique key, its own retry limit. Every option is
+    /// journaled with the task, so it holds across a spill, a reload and (write-ahead) a
+    /// SIGKILL, and `inspect` shows it.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: drainpool::Pool<String>) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    ///
+    /// let id = pool
+    ///     .task("send the receipt for order 7".to_string())
+    ///     .priority(5)
+    ///     .delay(Duration::from_secs(30))
+    ///     .time_to_live(Duration::from_secs(3600))
+    ///     .unique_key("receipt:7")
+    ///     .max_attempts(10)
+    ///     .submit()
+    ///     .await?;
+    /// # let _ = id;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn task(&self, payload: T) -> TaskBuilder<'_, T> {
+        TaskBuilder::new(&self.shared, payload)
     }
 
     /// Queues a task, waiting at most `wait` for room in the queue; then, in write-ahead mode,
@@ -123,7 +152,9 @@ impl<T: Send + Sync + 'static> Pool<T> {
         payload: T,
         wait: std::time::Duration,
     ) -> Result<TaskId, SubmitError<T>> {
-        self.shared.submit(payload, Some(wait)).await
+        self.shared
+            .submit(payload, Some(wait), Extras::default())
+            .await
     }
 
     /// Queues a task if there is room now. Returns its id.
@@ -134,7 +165,7 @@ impl<T: Send + Sync + 'static> Pool<T> {
     /// [`SubmitError::WouldBlock`] always in write-ahead mode, where accepting a task means
     /// waiting for the journal: use `submit` there.
     pub fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
-        self.shared.try_submit(payload)
+        self.shared.try_submit(payload, Extras::default())
     }
 
     /// `submit_in_transaction`'s pool side (the public method is in `postgres/`, which owns

@@ -1,10 +1,12 @@
-//! Intake: `submit` and `try_submit`. The size check, a fresh id, and in write-ahead mode the
-//! task's record (or, with the shared store, its row), durable before the task is queued.
+//! Intake: `submit` and `try_submit`. The size check, a fresh id (and the unique key, if the
+//! task has one), and in write-ahead mode the task's record (or, with the shared store, its
+//! row), durable before the task is queued. A task scheduled for later goes to the queue's
+//! waiting tasks instead of its new ones.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::job::{Held, Job, Payload, task_span};
+use super::job::{Held, Job, Payload, now_ms, task_span};
 use super::queue::{NoRoom, Slot};
 use super::remote::Lease;
 use super::shared::Shared;
@@ -12,7 +14,7 @@ use super::worker::{Host, running_for};
 use super::write_ahead::WriteAhead;
 use crate::codec::Refused;
 use crate::error::SubmitError;
-use crate::journal::{self, TaskRecord, TaskState};
+use crate::journal::{self, TaskOptions, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 impl<T: Send + Sync + 'static> Shared<T> {
@@ -22,15 +24,19 @@ impl<T: Send + Sync + 'static> Shared<T> {
         &self,
         payload: T,
         room: Option<std::time::Duration>,
+        extras: Extras,
     ) -> Result<TaskId, SubmitError<T>> {
         if self.queue.is_closed() {
-            return self.too_late(payload).await;
+            return self.too_late(payload, extras).await;
         }
-        let (payload, size) = self.checked(payload)?;
+        let (payload, size) = self.checked(payload, &extras)?;
         if self.in_own_handler() {
-            return self.follow_up(payload, size).await;
+            return self.follow_up(payload, size, extras).await;
         }
         let reserved = match room {
+            // A task for later takes no room among the new tasks: its slot only orders it
+            // against the shutdown's collection.
+            _ if extras.is_scheduled() => self.queue.reserve_scheduled(),
             None => self.queue.reserve().await,
             Some(wait) => tokio::time::timeout(wait, self.queue.reserve())
                 .await
@@ -41,18 +47,58 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Err(NoRoom::Full) if !self.queue.is_closed() => {
                 return Err(SubmitError::Full(payload));
             }
-            Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload).await,
+            Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload, extras).await,
         };
         if self.queue.is_closed() {
             drop(slot);
-            return self.too_late(payload).await;
+            return self.too_late(payload, extras).await;
         }
         if self.writes_ahead() {
-            return self.write_ahead(slot, payload, size).await;
+            return self.write_ahead(slot, payload, size, extras).await;
         }
-        let payload = self.reserve_room(payload, size)?;
-        let (id, state) = self.ids.fresh();
-        Ok(self.accept(slot, id, state, payload, size, Durable::default()))
+        let (payload, id, state) = self.claim(payload, size, &extras)?;
+        Ok(self.accept(slot, id, state, payload, size, extras, Durable::default()))
+    }
+
+    /// A fresh id and state for a task about to be accepted, with its unique key taken and
+    /// (on-shutdown mode) its room in the spill reserve; or the refusal, nothing kept.
+    fn claim(
+        &self,
+        payload: T,
+        size: usize,
+        extras: &Extras,
+    ) -> Result<(T, TaskId, TaskState), SubmitError<T>> {
+        let (payload, id, state) = self.fresh(payload, extras)?;
+        match self.reserve_room(payload, size + extras.bytes()) {
+            Ok(payload) => Ok((payload, id, state)),
+            Err(refused) => {
+                self.let_go(id, extras);
+                Err(refused)
+            }
+        }
+    }
+
+    /// A fresh id, and the task's state as accepted now, with its unique key taken; or the
+    /// refusal of a duplicate.
+    fn fresh(&self, payload: T, extras: &Extras) -> Result<(T, TaskId, TaskState), SubmitError<T>> {
+        let (id, mut state) = self.ids.fresh();
+        state.not_before_ms = extras.not_before_ms;
+        if let Some(key) = extras.key()
+            && let Err(first) = self.keys.take(key, id)
+        {
+            return Err(SubmitError::Duplicate {
+                task: payload,
+                first,
+            });
+        }
+        Ok((payload, id, state))
+    }
+
+    /// Lets go of a refused task's unique key.
+    fn let_go(&self, id: TaskId, extras: &Extras) {
+        if let Some(key) = extras.key() {
+            self.keys.release(key, id);
+        }
     }
 
     /// Whether every task is made durable before it is accepted: the file journal's
@@ -61,25 +107,29 @@ impl<T: Send + Sync + 'static> Shared<T> {
         self.write_ahead.is_some() || self.store_commits().is_some()
     }
 
-    pub(crate) fn try_submit(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+    pub(crate) fn try_submit(&self, payload: T, extras: Extras) -> Result<TaskId, SubmitError<T>> {
         if self.queue.is_closed() && !self.writes_ahead() && self.in_own_handler() {
             // A follow-up in the on-shutdown mode needs no wait: it goes to the spill.
-            let (payload, size) = self.checked(payload)?;
-            return Ok(self.hold_follow_up(payload, size, false));
+            let (payload, size) = self.checked(payload, &extras)?;
+            return self.hold_follow_up(payload, size, extras);
         }
         if self.queue.is_closed() {
             return Err(SubmitError::ShuttingDown(payload));
         }
-        let (payload, size) = self.checked(payload)?;
+        let (payload, size) = self.checked(payload, &extras)?;
         if self.writes_ahead() {
             // Journaling waits for the disk (or the store); only `submit` can do that.
             return Err(SubmitError::WouldBlock(payload));
         }
-        match self.queue.try_reserve() {
+        let reserved = if extras.is_scheduled() {
+            self.queue.reserve_scheduled()
+        } else {
+            self.queue.try_reserve()
+        };
+        match reserved {
             Ok(slot) => {
-                let payload = self.reserve_room(payload, size)?;
-                let (id, state) = self.ids.fresh();
-                Ok(self.accept(slot, id, state, payload, size, Durable::default()))
+                let (payload, id, state) = self.claim(payload, size, &extras)?;
+                Ok(self.accept(slot, id, state, payload, size, extras, Durable::default()))
             }
             Err(NoRoom::Full) => Err(SubmitError::Full(payload)),
             Err(NoRoom::Closed) => Err(SubmitError::ShuttingDown(payload)),
@@ -93,42 +143,57 @@ impl<T: Send + Sync + 'static> Shared<T> {
         slot: Slot<'_, T>,
         payload: T,
         size: usize,
+        extras: Extras,
     ) -> Result<TaskId, SubmitError<T>> {
-        let (id, state) = self.ids.fresh();
-        let (payload, durable) = self.write_first(id, state, payload, size).await?;
-        Ok(self.accept(slot, id, state, payload, size, durable))
+        let (payload, id, state) = self.fresh(payload, &extras)?;
+        let (payload, durable) = self.write_first(id, state, payload, size, &extras).await?;
+        Ok(self.accept(slot, id, state, payload, size, extras, durable))
     }
 
     /// Write-ahead: makes a new task durable, in the file journal or (with the shared store)
-    /// as a row leased to this pool.
+    /// as a row leased to this pool. Its unique key (taken) is let go if that fails.
     async fn write_first(
         &self,
         id: TaskId,
         state: TaskState,
         payload: T,
         size: usize,
+        extras: &Extras,
     ) -> Result<(T, Durable), SubmitError<T>> {
-        if let Some((claims, commits)) = self.store_commits() {
-            let (payload, lease) = self
-                .commit_first(claims, commits, id, state, payload, size)
-                .await?;
-            let durable = Durable {
-                journaled: None,
-                lease: Some(lease),
-            };
-            return Ok((payload, durable));
+        let options = extras.options.as_deref();
+        // Let go if this fails, or if the submit is dropped while it waits.
+        let key = KeyGuard {
+            keys: &self.keys,
+            key: extras.key(),
+            id,
+        };
+        let made = if let Some((claims, commits)) = self.store_commits() {
+            self.commit_first(claims, commits, id, state, payload, size, options)
+                .await
+                .map(|(payload, lease)| {
+                    let durable = Durable {
+                        journaled: None,
+                        lease: Some(lease),
+                    };
+                    (payload, durable)
+                })
+        } else if let Some(write_ahead) = &self.write_ahead {
+            self.journal_first(write_ahead, id, state, payload, size, options)
+                .await
+                .map(|(payload, bytes)| {
+                    let durable = Durable {
+                        journaled: Some(bytes),
+                        lease: None,
+                    };
+                    (payload, durable)
+                })
+        } else {
+            Ok((payload, Durable::default()))
+        };
+        if made.is_ok() {
+            std::mem::forget(key);
         }
-        let Some(write_ahead) = &self.write_ahead else {
-            return Ok((payload, Durable::default()));
-        };
-        let (payload, bytes) = self
-            .journal_first(write_ahead, id, state, payload, size)
-            .await?;
-        let durable = Durable {
-            journaled: Some(bytes),
-            lease: None,
-        };
-        Ok((payload, durable))
+        made
     }
 
     /// Write-ahead: journals a new task's record and waits for its batch (and the fsync the
@@ -140,6 +205,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
+        options: Option<&TaskOptions>,
     ) -> Result<(T, Vec<u8>), SubmitError<T>> {
         let (payload, bytes) = self.encoded(payload, size)?;
         let record = TaskRecord {
@@ -147,6 +213,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             state,
             last_error: Cow::Borrowed(""),
             payload: &bytes,
+            options: options.map(Cow::Borrowed),
         };
         let seq = write_ahead.push_task(&record, false);
         match write_ahead.wait(seq).await {
@@ -158,11 +225,11 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// The payload and its encoding (`size` bytes, as checked at submit), or the refusal.
+    /// The payload and its encoding (at most `size` bytes, as checked at submit), or the
+    /// refusal.
     pub(crate) fn encoded(&self, payload: T, size: usize) -> Result<(T, Vec<u8>), SubmitError<T>> {
-        let mut bytes = Vec::with_capacity(size);
-        match self.codec.encode(&payload, &mut bytes) {
-            Ok(()) => Ok((payload, bytes)),
+        match self.codec.to_bytes(&payload, size) {
+            Ok(bytes) => Ok((payload, bytes)),
             Err(source) => Err(SubmitError::Unserializable {
                 task: payload,
                 source,
@@ -178,36 +245,47 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// A submit after intake closed: refused, unless it is a follow-up from one of this pool's
     /// own handlers, which is kept for the final spill (journaled first in write-ahead mode,
     /// so the promise of that mode holds for it too).
-    async fn too_late(&self, payload: T) -> Result<TaskId, SubmitError<T>> {
+    async fn too_late(&self, payload: T, extras: Extras) -> Result<TaskId, SubmitError<T>> {
         if !self.in_own_handler() {
             return Err(SubmitError::ShuttingDown(payload));
         }
-        let (payload, size) = self.checked(payload)?;
+        let (payload, size) = self.checked(payload, &extras)?;
         if !self.writes_ahead() {
-            return Ok(self.hold_follow_up(payload, size, false));
+            return self.hold_follow_up(payload, size, extras);
         }
-        let (id, state) = self.ids.fresh();
-        let (payload, durable) = self.write_first(id, state, payload, size).await?;
-        Ok(self.hold(self.durable_job(id, state, payload, size, durable), size))
+        let (payload, id, state) = self.fresh(payload, &extras)?;
+        let (payload, durable) = self.write_first(id, state, payload, size, &extras).await?;
+        Ok(self.hold(
+            self.durable_job(id, state, payload, size, extras, durable),
+            size,
+        ))
     }
 
     /// A follow-up from one of this pool's own running handlers: queued at once, ahead of the
     /// new tasks when the queue is full (a handler waiting for room in its own full pool could
     /// wait for itself, and with every worker doing so the pool would stop); held for the final
     /// spill if the shutdown took the queue meanwhile. Journaled first in write-ahead mode.
-    async fn follow_up(&self, payload: T, size: usize) -> Result<TaskId, SubmitError<T>> {
-        if let Ok(slot) = self.queue.try_reserve() {
+    async fn follow_up(
+        &self,
+        payload: T,
+        size: usize,
+        extras: Extras,
+    ) -> Result<TaskId, SubmitError<T>> {
+        let reserved = if extras.is_scheduled() {
+            self.queue.reserve_scheduled()
+        } else {
+            self.queue.try_reserve()
+        };
+        if let Ok(slot) = reserved {
             if self.writes_ahead() {
-                return self.write_ahead(slot, payload, size).await;
+                return self.write_ahead(slot, payload, size, extras).await;
             }
-            let payload = self.reserve_room(payload, size)?;
-            let (id, state) = self.ids.fresh();
-            return Ok(self.accept(slot, id, state, payload, size, Durable::default()));
+            let (payload, id, state) = self.claim(payload, size, &extras)?;
+            return Ok(self.accept(slot, id, state, payload, size, extras, Durable::default()));
         }
-        let payload = self.reserve_room(payload, size)?;
-        let (id, state) = self.ids.fresh();
-        let (payload, durable) = self.write_first(id, state, payload, size).await?;
-        let job = self.durable_job(id, state, payload, size, durable);
+        let (payload, id, state) = self.claim(payload, size, &extras)?;
+        let (payload, durable) = self.write_first(id, state, payload, size, &extras).await?;
+        let job = self.durable_job(id, state, payload, size, extras, durable);
         if let Err(job) = self.queue.push_follow_up(job) {
             // The shutdown took the queue meanwhile: the job goes to the final spill.
             self.shutdown.hold(Held::FollowUp, job);
@@ -225,12 +303,17 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// A new job, holding its share of the spill reserve.
     fn job(
         &self,
-        id: TaskId,
-        state: TaskState,
+        (id, state): (TaskId, TaskState),
         payload: T,
         size: usize,
+        extras: Extras,
         journaled: bool,
     ) -> Job<T> {
+        let reserved = if self.reserve.is_some() && !journaled {
+            reserved_bytes(size + extras.bytes()) as u32
+        } else {
+            0
+        };
         Job {
             id,
             state,
@@ -239,11 +322,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
             journaled,
             replayed: false,
             lease: None,
-            reserved: if self.reserve.is_some() && !journaled {
-                reserved_bytes(size) as u32
-            } else {
-                0
-            },
+            options: extras.options,
+            reserved,
             span: task_span(id),
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
@@ -258,16 +338,23 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
+        extras: Extras,
         durable: Durable,
     ) -> Job<T> {
-        let mut job = self.job(id, state, payload, size, durable.journaled.is_some());
+        let journaled = durable.journaled.is_some();
+        let mut job = self.job((id, state), payload, size, extras, journaled);
         job.lease = durable.lease;
         job
     }
 
-    fn hold_follow_up(&self, payload: T, size: usize, journaled: bool) -> TaskId {
-        let (id, state) = self.ids.fresh();
-        self.hold(self.job(id, state, payload, size, journaled), size)
+    fn hold_follow_up(
+        &self,
+        payload: T,
+        size: usize,
+        extras: Extras,
+    ) -> Result<TaskId, SubmitError<T>> {
+        let (payload, id, state) = self.claim(payload, size, &extras)?;
+        Ok(self.hold(self.job((id, state), payload, size, extras, false), size))
     }
 
     /// Keeps an accepted follow-up (`size` encoded bytes) for the final spill, and counts it.
@@ -279,7 +366,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         id
     }
 
-    /// Makes room in the spill reserve for a task of `size` encoded bytes, or refuses it.
+    /// Makes room in the spill reserve for a task of `size` encoded bytes (its payload and
+    /// options), or refuses it.
     fn reserve_room(&self, payload: T, size: usize) -> Result<T, SubmitError<T>> {
         match &self.reserve {
             Some(reserve) => match reserve.admit(reserved_bytes(size)) {
@@ -293,10 +381,19 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// The payload back with its encoded size, or the refusal.
-    pub(crate) fn checked(&self, payload: T) -> Result<(T, usize), SubmitError<T>> {
+    /// The payload back with its encoded size, or the refusal: the payload and the options
+    /// together must fit in a record. The size may be an upper bound (the codec's
+    /// `encoded_len_bound`, when within the limit): what the spill reserve covers while the
+    /// task is held decoded, until `accept` encodes it past the queue's hot window.
+    pub(crate) fn checked(
+        &self,
+        payload: T,
+        extras: &Extras,
+    ) -> Result<(T, usize), SubmitError<T>> {
         let limit = self.config.max_record_bytes;
-        let room = limit.saturating_sub(journal::task_record_len(0, 0));
+        let room = limit
+            .saturating_sub(journal::task_record_len(0, 0))
+            .saturating_sub(extras.bytes());
         match self.codec.len_within(&payload, room) {
             Ok(size) => Ok((payload, size)),
             Err(Refused::TooLarge) => Err(SubmitError::RecordTooLarge {
@@ -312,10 +409,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
     /// Queues an accepted task and counts it, as `durable` says it was made durable (its
     /// record in the journal, with these bytes as its payload; or its row leased in the store).
+    /// A task for later waits for its time instead.
     ///
     /// Past the queue's hot window the task is held encoded: the journaled bytes, or its
     /// payload encoded now (a payload that does not encode is held as it is: the spill will
     /// report it).
+    #[expect(clippy::too_many_arguments, reason = "one call per way of accepting")]
     fn accept(
         &self,
         slot: Slot<'_, T>,
@@ -323,25 +422,89 @@ impl<T: Send + Sync + 'static> Shared<T> {
         state: TaskState,
         payload: T,
         size: usize,
+        extras: Extras,
         durable: Durable,
     ) -> TaskId {
         let Durable { journaled, lease } = durable;
-        let mut job = self.job(id, state, payload, size, journaled.is_some());
+        let options_bytes = extras.bytes();
+        let mut job = self.job((id, state), payload, size, extras, journaled.is_some());
         job.lease = lease;
+        // A task for at once (`not_before_ms` 0) reads no clock here.
+        let now = if state.not_before_ms > 0 { now_ms() } else { 0 };
+        if state.not_before_ms > now {
+            let delay = std::time::Duration::from_millis(state.not_before_ms - now);
+            slot.schedule(job, delay);
+            self.count_accepted(size);
+            return id;
+        }
         let task = job.queued();
+        let mut size = size;
         if let Err((slot, mut task)) = slot.send(task) {
             let bytes = journaled.or_else(|| {
-                let mut bytes = Vec::with_capacity(size);
-                task.payload.encode(&self.codec, &mut bytes).ok()?;
-                Some(bytes)
+                let value = task.payload.decoded()?;
+                self.codec.to_bytes(value, size).ok()
             });
             if let Some(bytes) = bytes {
+                size = bytes.len();
+                self.reserve_exact(&mut task.reserved, size + options_bytes);
                 task.payload = Payload::Encoded(bytes.into_boxed_slice());
             }
             slot.send_encoded(task);
         }
         self.count_accepted(size);
         id
+    }
+
+    /// A task held encoded, `size` bytes with its options: the spill reserve it holds drops
+    /// from its payload's bound (see `checked`) to its record's exact size.
+    fn reserve_exact(&self, reserved: &mut u32, size: usize) {
+        if let Some(reserve) = &self.reserve
+            && *reserved > 0
+        {
+            let exact = reserved_bytes(size) as u32;
+            reserve.forget(u64::from(reserved.saturating_sub(exact)));
+            *reserved = exact.min(*reserved);
+        }
+    }
+}
+
+/// What a submit carries besides its payload: the task's options (`None`: all at their
+/// defaults) and the time it may run from (ms since the Unix epoch; 0: at once).
+#[derive(Debug, Default)]
+pub(crate) struct Extras {
+    pub(crate) options: Option<Box<TaskOptions>>,
+    pub(crate) not_before_ms: u64,
+}
+
+impl Extras {
+    /// The bytes its options add to the task's record.
+    fn bytes(&self) -> usize {
+        journal::options_bytes(self.options.as_deref())
+    }
+
+    fn key(&self) -> Option<&str> {
+        self.options.as_ref().and_then(|o| o.key.as_deref())
+    }
+
+    /// Whether the task is for later.
+    fn is_scheduled(&self) -> bool {
+        self.not_before_ms > 0 && self.not_before_ms > now_ms()
+    }
+}
+
+/// A unique key taken for a task being made durable: let go when dropped (the task refused,
+/// or its submit dropped while it waited); forgotten once the task is accepted.
+struct KeyGuard<'a> {
+    keys: &'a super::keys::Keys,
+    key: Option<&'a str>,
+    id: TaskId,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.keys.release(key, self.id);
+        }
     }
 }
 
@@ -354,7 +517,8 @@ struct Durable {
     lease: Option<Arc<Lease>>,
 }
 
-/// The spill reserve a task of `size` encoded payload bytes needs: its record's size.
+/// The spill reserve a task of `size` encoded payload (and options) bytes needs: its record's
+/// size.
 fn reserved_bytes(size: usize) -> u64 {
     journal::task_record_len(size, 0) as u64
 }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::remote::Lease;
 use crate::codec::Encoding;
 use crate::error::BoxError;
-use crate::journal::{TaskRecord, TaskState};
+use crate::journal::{TaskOptions, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The wall clock, in milliseconds since the Unix epoch (what the journal stores).
@@ -40,6 +40,8 @@ pub(crate) struct Job<T> {
     pub(crate) span: Option<Box<tracing::Span>>,
     /// Claimed from the shared store: its lease (the handler's token fires if it is lost).
     pub(crate) lease: Option<Arc<Lease>>,
+    /// Its options; `None` when every one is at its default (a null pointer's worth).
+    pub(crate) options: Option<Box<TaskOptions>>,
 }
 
 /// A job's payload: decoded, or held as its encoding while the job waits behind the queue's
@@ -87,10 +89,11 @@ impl<T> Payload<T> {
 pub(crate) struct Queued<T> {
     id: TaskId,
     enqueued_ms: u64,
-    reserved: u32,
+    pub(crate) reserved: u32,
     journaled: bool,
     span: Option<Box<tracing::Span>>,
     lease: Option<Arc<Lease>>,
+    options: Option<Box<TaskOptions>>,
     #[cfg(feature = "metrics")]
     queued_at: tokio::time::Instant,
     pub(crate) payload: Payload<T>,
@@ -118,7 +121,17 @@ impl<T> Queued<T> {
             queued_at: self.queued_at,
             span: self.span,
             lease: self.lease,
+            options: self.options,
         }
+    }
+
+    pub(crate) fn id(&self) -> TaskId {
+        self.id
+    }
+
+    /// Its priority (0, the default, unless its options say otherwise).
+    pub(crate) fn priority(&self) -> u8 {
+        self.options.as_ref().map_or(0, |o| o.priority)
     }
 }
 
@@ -161,10 +174,33 @@ impl<T> Job<T> {
             journaled: self.journaled,
             span: self.span,
             lease: self.lease,
+            options: self.options,
             #[cfg(feature = "metrics")]
             queued_at: self.queued_at,
             payload: self.payload,
         }
+    }
+
+    /// Its unique key, if it has one.
+    pub(crate) fn key(&self) -> Option<&str> {
+        self.options.as_ref().and_then(|o| o.key.as_deref())
+    }
+
+    /// Its expiry (ms since the Unix epoch), if it has one.
+    pub(crate) fn expires_ms(&self) -> Option<u64> {
+        self.options
+            .as_ref()
+            .map(|o| o.expires_ms)
+            .filter(|&ms| ms > 0)
+    }
+
+    /// Its retry limit: its own, or `pool`'s.
+    pub(crate) fn max_attempts(&self, pool: u32) -> u32 {
+        self.options
+            .as_ref()
+            .map(|o| o.max_attempts)
+            .filter(|&n| n > 0)
+            .unwrap_or(pool)
     }
 
     /// The task as a journal record, with its payload encoded in `payload`, and `error` as
@@ -179,6 +215,7 @@ impl<T> Job<T> {
             state: self.state,
             last_error: Cow::Borrowed(error.or(self.last_error.as_deref()).unwrap_or("")),
             payload,
+            options: self.options.as_deref().map(Cow::Borrowed),
         }
     }
 

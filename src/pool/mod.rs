@@ -28,6 +28,7 @@ mod drain;
 mod handle;
 mod intake;
 mod job;
+mod keys;
 mod live;
 mod lock;
 mod outcome;
@@ -38,6 +39,7 @@ mod shared;
 mod shutdown;
 mod start;
 mod store;
+mod task_builder;
 #[cfg(feature = "postgres")]
 mod transactional;
 mod upkeep;
@@ -52,5 +54,6 @@ pub use self::config::{
 pub use self::handle::{Pool, WeakPool};
 pub use self::start::Runner;
 pub(crate) use self::start::build;
+pub use self::task_builder::TaskBuilder;
 #[cfg(feature = "postgres")]
 pub use self::transactional::InTransaction;

@@ -19,7 +19,7 @@ use super::job::{Held, Job, Payload};
 use super::remote::Failed;
 use super::shared::Shared;
 use super::worker::{CatchUnwind, Host, Outcome, panic_message};
-use crate::policy::{DeadlineAction, Interruption};
+use crate::policy::{DeadlineAction, Expiry, Interruption};
 use crate::report::Counters;
 
 impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
@@ -30,6 +30,12 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
     async fn next_job(&self) -> Option<Job<T>> {
         loop {
             let mut job = self.queue.next_job().await?;
+            if let Some(expiry) = job.expires_ms()
+                && now_ms() > expiry
+            {
+                self.expired(job, expiry).await;
+                continue;
+            }
             if let Payload::Encoded(bytes) = &job.payload {
                 // Held encoded in the queue: decoded for its run.
                 match self.codec.decode(bytes) {
@@ -85,7 +91,7 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
                 #[cfg(feature = "metrics")]
                 self.counters.failed_runs.add(1);
                 job.failed();
-                if permanent || job.state.attempts >= self.policy.max_attempts {
+                if permanent || job.state.attempts >= job.max_attempts(self.policy.max_attempts) {
                     self.dead_letter(job, error).await;
                 } else {
                     self.retry(job, error);
@@ -106,11 +112,41 @@ impl<T: Send + Sync + 'static> Shared<T> {
     fn given_up(&self, job: &Job<T>) {
         tracing::warn!(task = %job.id, "lease lost; the task is left to the pool that holds it");
         self.counters.dropped.add(1);
+        self.let_go_key(job);
+    }
+
+    /// Lets go of the task's unique key, if it has one: it left this pool for good.
+    fn let_go_key(&self, job: &Job<T>) {
+        if let Some(key) = job.key() {
+            self.keys.release(key, job.id);
+        }
+    }
+
+    /// A task whose time to live ran out before a run could start: not run; a dead letter or
+    /// dropped, as the pool's expiry policy says.
+    async fn expired(&self, job: Job<T>, expiry: u64) {
+        self.counters.expired.add(1);
+        match self.policy.on_expiry {
+            Expiry::DeadLetter => {
+                let reason = format!(
+                    "expired: its time to live ran out at {expiry} ms since the Unix epoch, \
+                     before a run could start"
+                );
+                self.dead_letter(job, reason).await;
+            }
+            Expiry::Drop => {
+                tracing::info!(task = %job.id, "task expired before it started; dropped by policy");
+                self.counters.dropped.add(1);
+                self.unreserve(&job);
+                self.finished(&job).await;
+            }
+        }
     }
 
     /// Records that a task left this pool for good (completed, dead-lettered or dropped): an
     /// ack if the journal holds it, its row deleted if it was claimed from the shared store.
     async fn finished(&self, job: &Job<T>) {
+        self.let_go_key(job);
         if let (Some(claims), Some(_)) = (&self.remote, &job.lease) {
             claims.done(job.id);
         }
@@ -197,13 +233,18 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let mut payload = Vec::new();
         let written = match job.payload.encode(&self.codec, &mut payload) {
             Ok(()) => match self
-                .dead_letter_to_store(job.id, job.state, &error, payload)
+                .dead_letter_to_store(job.id, job.state, &error, (payload, job.options.as_deref()))
                 .await
             {
                 Ok(kept) => Ok(Some(kept)),
                 Err(payload) => self
                     .store
-                    .dead_letter(job.id, job.state, error.clone(), payload)
+                    .dead_letter(
+                        job.id,
+                        job.state,
+                        error.clone(),
+                        (payload, job.options.clone()),
+                    )
                     .await
                     .map(|()| None)
                     .map_err(|e| e.to_string()),
@@ -216,6 +257,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 tracing::warn!(task = %job.id, attempts = job.state.attempts, %error, "task failed; kept as a dead letter in the shared store");
                 self.counters.failed.add(1);
                 self.unreserve(&job);
+                self.let_go_key(&job);
             }
             // Another pool holds it now.
             Ok(Some(false)) => {

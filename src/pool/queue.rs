@@ -1,11 +1,19 @@
 //! The queue: everything waiting for a worker, and the gate in front of it.
 //!
 //! Three places hold waiting tasks, all owned here, behind one lock: the backlog (tasks
-//! replayed from the journal, retries that came due, claimed tasks, follow-ups past a full
-//! queue), which workers drain first; the new tasks, in the order they were sent, bounded by
-//! the capacity (the backpressure); and, apart, the retries still waiting for their time. The
-//! gate closes once, at the first shutdown trigger: from then on no task is started, and the
-//! shutdown collects every waiting task to spill it.
+//! replayed from the journal, retries and scheduled tasks that came due, claimed tasks,
+//! follow-ups past a full queue), which workers drain first; the new tasks, one lane per
+//! priority level, each in the order its tasks were sent, bounded together by the capacity
+//! (the backpressure); and, apart, the tasks waiting for their time (retries, and tasks
+//! submitted for later). The gate closes once, at the first shutdown trigger: from then on no
+//! task is started, and the shutdown collects every waiting task to spill it.
+//!
+//! Priorities: a worker takes the new task at the head of the highest non-empty lane, except
+//! that while more than one lane holds tasks, every [`AGING`]th take is the oldest head of any
+//! lane (the smallest id). So no task starves: every [`AGING`] takes include the oldest new
+//! task, and only tasks accepted before it can be older, so a task waits at most
+//! `AGING × (k + 1)` takes of new tasks, `k` the new tasks accepted before it and still
+//! waiting (at most the capacity). With one level in use the lanes are one FIFO.
 //!
 //! New tasks wait in a compact form ([`Queued`]), their payload decoded while fewer than
 //! [`HOT`] of them are (enough to keep the workers busy); beyond that, a task is held as its
@@ -29,9 +37,18 @@ use tokio::time::Instant;
 
 use super::job::{Job, Queued};
 use super::lock::lock;
+use crate::journal::MAX_PRIORITY;
+use crate::task::TaskId;
 
 /// How many new tasks are held decoded at most; the others are held encoded.
 pub(crate) const HOT: usize = 1024;
+
+/// Priority levels: 0 (the default) to [`MAX_PRIORITY`].
+const LEVELS: usize = MAX_PRIORITY as usize + 1;
+
+/// While several priority levels hold new tasks, every `AGING`th take is the oldest of them
+/// (the starvation bound).
+pub(crate) const AGING: u32 = 16;
 
 pub(crate) struct Queue<T> {
     lanes: Mutex<Lanes<T>>,
@@ -55,8 +72,14 @@ pub(crate) struct Queue<T> {
 /// What the lock guards.
 struct Lanes<T> {
     backlog: VecDeque<Job<T>>,
-    /// New tasks, oldest first.
-    fresh: VecDeque<Queued<T>>,
+    /// New tasks, one lane per priority level, oldest first in each.
+    fresh: [VecDeque<Queued<T>>; LEVELS],
+    /// Bit `l` set: lane `l` holds tasks.
+    filled: u8,
+    /// How many new tasks are queued, in every lane.
+    fresh_len: usize,
+    /// Takes of new tasks while several lanes held some, for the starvation bound.
+    turn: u32,
     /// How many of them are held decoded.
     decoded: usize,
     /// Slots reserved for new tasks not sent yet.
@@ -72,7 +95,50 @@ struct Lanes<T> {
 impl<T> Lanes<T> {
     /// New tasks queued or on their way.
     fn used(&self) -> usize {
-        self.fresh.len() + self.reserved
+        self.fresh_len + self.reserved
+    }
+
+    /// Queues a new task in its priority's lane.
+    fn push_fresh(&mut self, task: Queued<T>) {
+        let lane = usize::from(task.priority().min(MAX_PRIORITY));
+        self.decoded += usize::from(task.is_decoded());
+        self.fresh[lane].push_back(task);
+        self.filled |= 1 << lane;
+        self.fresh_len += 1;
+    }
+
+    /// Takes the next new task: the head of the highest lane, or, every [`AGING`]th take
+    /// while several lanes hold tasks, the oldest head.
+    fn pop_fresh(&mut self) -> Option<Queued<T>> {
+        if self.filled == 0 {
+            return None;
+        }
+        let top = 7 - self.filled.leading_zeros() as usize;
+        let lane = if self.filled.is_power_of_two() {
+            top
+        } else {
+            self.turn = self.turn.wrapping_add(1);
+            if self.turn.is_multiple_of(AGING) {
+                self.oldest_lane().unwrap_or(top)
+            } else {
+                top
+            }
+        };
+        let task = self.fresh[lane].pop_front()?;
+        if self.fresh[lane].is_empty() {
+            self.filled &= !(1 << lane);
+        }
+        self.fresh_len -= 1;
+        self.decoded -= usize::from(task.is_decoded());
+        Some(task)
+    }
+
+    /// The lane whose head is the oldest new task.
+    fn oldest_lane(&self) -> Option<usize> {
+        (0..LEVELS)
+            .filter_map(|lane| Some((self.fresh[lane].front()?.id(), lane)))
+            .min_by_key(|&(id, _): &(TaskId, usize)| id)
+            .map(|(_, lane)| lane)
     }
 
     /// Takes the next job: the backlog first, then the new tasks in order; and whether a
@@ -81,8 +147,7 @@ impl<T> Lanes<T> {
         if let Some(job) = self.backlog.pop_front() {
             return Some((job, false));
         }
-        let task = self.fresh.pop_front()?;
-        self.decoded -= usize::from(task.is_decoded());
+        let task = self.pop_fresh()?;
         Some((task.into_job(), self.claim_wanting_room()))
     }
 
@@ -153,6 +218,22 @@ impl<T> Slot<'_, T> {
         self.queue.sent(lanes, task);
         std::mem::forget(self);
     }
+
+    /// Puts a task submitted for later with the tasks waiting for their time, `delay` from
+    /// now; the slot (taken with [`Queue::reserve_scheduled`]) is used up.
+    pub(crate) fn schedule(self, job: Job<T>, delay: Duration) {
+        let queue = self.queue;
+        let mut lanes = lock(&queue.lanes);
+        lock(&queue.waiting).push((Instant::now() + delay, job));
+        lanes.reserved -= 1;
+        let taken = lanes.taken;
+        drop(lanes);
+        std::mem::forget(self);
+        queue.waiting_changed.notify_one();
+        if taken {
+            queue.settled.notify_one();
+        }
+    }
 }
 
 impl<T> Drop for Slot<'_, T> {
@@ -181,7 +262,10 @@ impl<T> Queue<T> {
         Self {
             lanes: Mutex::new(Lanes {
                 backlog,
-                fresh: VecDeque::new(),
+                fresh: Default::default(),
+                filled: 0,
+                fresh_len: 0,
+                turn: 0,
                 decoded: 0,
                 reserved: 0,
                 idle: 0,
@@ -223,6 +307,11 @@ impl<T> Queue<T> {
     /// Queues a follow-up of a running handler ahead of the new tasks, whatever the capacity
     /// (a handler waiting for room in its own full pool could wait for itself); hands it back
     /// if the shutdown has taken the queue already, to be held for the final spill.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the job comes back once, at shutdown; boxing it would cost every follow-up \
+                  an allocation (over the lint's size only with the metrics feature's timestamp)"
+    )]
     pub(crate) fn push_follow_up(&self, job: Job<T>) -> Result<(), Job<T>> {
         let mut lanes = lock(&self.lanes);
         if lanes.taken {
@@ -248,6 +337,18 @@ impl<T> Queue<T> {
         self.ready.notify_waiters();
         self.room.notify_waiters();
         first
+    }
+
+    /// A slot for a task submitted for later: it takes no room among the new tasks (it waits
+    /// for its time with the retries), so it is given whatever the capacity, unless the
+    /// shutdown took the queue.
+    pub(crate) fn reserve_scheduled(&self) -> Result<Slot<'_, T>, NoRoom> {
+        let mut lanes = lock(&self.lanes);
+        if lanes.taken {
+            return Err(NoRoom::Closed);
+        }
+        lanes.reserved += 1;
+        Ok(Slot { queue: self })
     }
 
     /// A slot if there is room now.
@@ -299,8 +400,7 @@ impl<T> Queue<T> {
 
     /// Queues a slot's task, and wakes an idle worker for it.
     fn sent(&self, mut lanes: MutexGuard<'_, Lanes<T>>, task: Queued<T>) {
-        lanes.decoded += usize::from(task.is_decoded());
-        lanes.fresh.push_back(task);
+        lanes.push_fresh(task);
         lanes.reserved -= 1;
         let wake = lanes.claim_idle();
         let taken = lanes.taken;
@@ -415,8 +515,12 @@ impl<T> Queue<T> {
                 lanes.taken = true;
                 let lanes = &mut *lanes;
                 queued.extend(lanes.backlog.drain(..));
-                queued.extend(lanes.fresh.drain(..).map(Queued::into_job));
+                for lane in &mut lanes.fresh {
+                    queued.extend(lane.drain(..).map(Queued::into_job));
+                }
                 lanes.decoded = 0;
+                lanes.fresh_len = 0;
+                lanes.filled = 0;
                 if lanes.reserved == 0 {
                     break;
                 }

@@ -9,8 +9,8 @@
 //! - at shutdown, queued and interrupted tasks are **handed off** in one transaction each
 //!   ([`Remote::hand_off`]); a task this pool had claimed is written back with its lease
 //!   cleared, unless another pool holds a live lease on it by then;
-//! - while running, a pool **claims** tasks due now in id order ([`Remote::claim`]), each
-//!   leased to it; a claim whose previous lease had expired is a *rescue*, counted as an
+//! - while running, a pool **claims** tasks due now, higher priorities first and in id order
+//!   within one ([`Remote::claim`]), each leased to it (and holds their unique keys); a claim whose previous lease had expired is a *rescue*, counted as an
 //!   interruption;
 //! - its leases are **renewed** together ([`Remote::renew`]); a task whose lease is gone is no
 //!   longer this pool's: its handler's token fires, and its outcome is not recorded;
@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::lock::lock;
 use super::shutdown::Owned;
 use crate::error::StartError;
-use crate::journal::TaskState;
+use crate::journal::{TaskOptions, TaskState};
 use crate::task::TaskId;
 
 /// A boxed future, for the store's calls (made by a trait object).
@@ -59,6 +59,8 @@ pub(crate) struct StoredTask {
     pub(crate) last_error: Option<Box<str>>,
     /// The payload, as the pool's codec encoded it.
     pub(crate) payload: Vec<u8>,
+    /// Its options, if any is set.
+    pub(crate) options: Option<Box<TaskOptions>>,
 }
 
 /// A task just claimed.
@@ -117,7 +119,8 @@ pub(crate) trait Remote: Send + Sync + 'static {
     /// Writes `tasks` in one transaction (a claimed one's lease cleared, unless another pool
     /// holds a live one), then wakes the pools that listen.
     fn hand_off(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>>;
-    /// Claims up to `limit` tasks due now, in id order, leased to this pool.
+    /// Claims up to `limit` tasks due now, higher priorities first and in id order within
+    /// one, leased to this pool.
     fn claim(&self, limit: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>>;
     /// Renews this pool's leases on `tasks` (no other: a lease it gave up must expire, for
     /// another pool to rescue the task); returns those it still holds.

@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 
 use super::config::Config;
 use super::job::Ids;
+use super::keys::Keys;
 use super::queue::Queue;
 use super::remote::Claims;
 use super::reserve::SpillReserve;
@@ -26,6 +27,8 @@ pub(crate) struct Shared<T> {
     pub(crate) policy: Policy<T>,
     pub(crate) jitter: Jitter,
     pub(crate) ids: Ids,
+    /// The unique keys of the tasks this pool holds.
+    pub(crate) keys: Keys,
     pub(crate) queue: Queue<T>,
     pub(crate) store: Store,
     /// The write-ahead parts: `None` in the on-shutdown mode.

@@ -4,6 +4,8 @@
 //! The two phases let a pool's handle exist before its handler does, so the handler (or the
 //! application state it holds) can keep a handle of its own pool.
 
+use std::borrow::Cow;
+use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -20,6 +22,7 @@ use super::config::{Config, Settled};
 use super::drain::supervise;
 use super::handle::Pool;
 use super::job::{Ids, Job, Payload, now_ms};
+use super::keys::Keys;
 use super::live::LiveIndex;
 use super::queue::{HOT, Queue};
 use super::reserve::{self, SpillReserve};
@@ -188,6 +191,12 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         live,
     } = replay;
     recovery.replayed = (backlog.len() + waiting.len()) as u64;
+    let keys = Keys::default();
+    for job in backlog.iter().chain(waiting.iter().map(|(_, job)| job)) {
+        if let Some(key) = job.key() {
+            keys.adopt(key, job.id);
+        }
+    }
     let replayed = recovery.replayed;
     let sync = config
         .durability
@@ -212,6 +221,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         policy,
         jitter: Jitter::from_entropy(),
         ids: Ids::new(run),
+        keys,
         queue: Queue::new(config.queue_capacity, backlog, waiting),
         store: Store::new(dir, journal, probe),
         remote,
@@ -301,7 +311,16 @@ fn replay<T: 'static>(
         backlog: VecDeque::with_capacity(recovery.len()),
         ..Replay::default()
     };
-    for (n, task) in recovery.tasks().enumerate() {
+    // Higher priorities first, id order within each (a stable sort of the id order); without
+    // priorities, straight from the journal's bytes.
+    let tasks: Box<dyn Iterator<Item = Recovered<&[u8]>>> = if recovery.prioritized() {
+        let mut tasks: Vec<_> = recovery.tasks().collect();
+        tasks.sort_by_key(|task| Reverse(task.options.as_ref().map_or(0, |o| o.priority)));
+        Box::new(tasks.into_iter())
+    } else {
+        Box::new(recovery.tasks())
+    };
+    for (n, task) in tasks.enumerate() {
         let bytes = task.value;
         let payload = if n < HOT {
             match codec.decode(bytes) {
@@ -330,6 +349,7 @@ fn replay<T: 'static>(
             #[cfg(feature = "metrics")]
             queued_at: now,
             lease: None,
+            options: task.options,
         };
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);
@@ -355,6 +375,7 @@ fn dead_letter(
         state: task.state,
         last_error: error.into(),
         payload: task.value,
+        options: task.options.as_deref().map(Cow::Borrowed),
     };
     match journal
         .write_dead(&record)

@@ -13,7 +13,7 @@ use super::job::{Job, Payload};
 use super::lock::lock;
 use crate::codec::Encoding;
 use crate::error::JournalError;
-use crate::journal::{Journal, SpillSource, TaskRecord, TaskState};
+use crate::journal::{Journal, SpillSource, TaskOptions, TaskRecord, TaskState};
 use crate::task::TaskId;
 
 /// The locked journal (`None` once closed) and what the pool learned of it.
@@ -181,7 +181,7 @@ impl Store {
         id: TaskId,
         state: TaskState,
         reason: String,
-        payload: Vec<u8>,
+        (payload, options): (Vec<u8>, Option<Box<TaskOptions>>),
     ) -> Result<(), Arc<JournalError>> {
         let result = self
             .with_journal("dead letter", move |journal| {
@@ -191,6 +191,7 @@ impl Store {
                     state,
                     last_error: Cow::Owned(reason),
                     payload: &payload,
+                    options: options.as_deref().map(Cow::Borrowed),
                 })
             })
             .await;

@@ -8,6 +8,7 @@
 //! its `NOTIFY` is delivered at the commit, and any pool on the table claims it then, this one
 //! included.
 
+use super::intake::Extras;
 use super::remote::StoredTask;
 use super::shared::Shared;
 use crate::error::SubmitError;
@@ -46,7 +47,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let Some(claims) = &self.remote else {
             return Ok(Err(payload));
         };
-        let (payload, size) = self.checked(payload)?;
+        let (payload, size) = self.checked(payload, &Extras::default())?;
         let (_, bytes) = self.encoded(payload, size)?;
         let (id, state) = self.ids.fresh();
         let sql = claims.store.insert_sql(&StoredTask {
@@ -54,6 +55,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             state,
             last_error: None,
             payload: bytes,
+            options: None,
         });
         Ok(Ok(InTransaction { id, sql }))
     }

@@ -47,7 +47,8 @@ pub(crate) trait Host<T>: Send + Sync + 'static {
     fn key(&self) -> usize;
     /// The next job, its payload decoded, or `None` when the worker should stop.
     fn next_job(&self) -> impl Future<Output = Option<Job<T>>> + Send;
-    /// The handlers' token: fires at the drain deadline. Shared with each task by `Arc`.
+    /// The handlers' token: fires at the drain deadline. Each worker shares a child of it
+    /// (cancelled with it) with its tasks by `Arc`.
     fn deadline(&self) -> &Arc<CancellationToken>;
     /// Fires at the hard stop: a handler still running is dropped.
     fn hard_stop(&self) -> &CancellationToken;
@@ -68,13 +69,21 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Into<BoxError> + 'static,
 {
+    // This worker's own handle on the handlers' token: a child of it, cancelled with it, so the
+    // workers do not all count references on one `Arc` at every task.
+    let deadline = Arc::new(host.deadline().child_token());
     while let Some(job) = host.next_job().await {
-        let outcome = run_one(&*host, &*handler, &job).await;
+        let outcome = run_one(&*host, &*handler, &job, &deadline).await;
         host.settle(job, outcome).await;
     }
 }
 
-async fn run_one<T, H, F, Fut, E>(host: &H, handler: &F, job: &Job<T>) -> Outcome
+async fn run_one<T, H, F, Fut, E>(
+    host: &H,
+    handler: &F,
+    job: &Job<T>,
+    deadline: &Arc<CancellationToken>,
+) -> Outcome
 where
     H: Host<T>,
     F: Fn(Task<T>) -> Fut,
@@ -99,10 +108,10 @@ where
         enqueued_at: UNIX_EPOCH + Duration::from_millis(job.state.enqueued_ms),
         payload: Arc::clone(payload),
         // A claimed task's token also fires when its lease is lost.
-        cancel: job.lease.as_ref().map_or_else(
-            || Arc::clone(host.deadline()),
-            |lease| Arc::clone(&lease.token),
-        ),
+        cancel: job
+            .lease
+            .as_ref()
+            .map_or_else(|| Arc::clone(deadline), |lease| Arc::clone(&lease.token)),
     };
     let span = match &job.span {
         Some(span) => {

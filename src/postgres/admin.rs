@@ -10,10 +10,11 @@
 use tokio_util::task::TaskTracker;
 
 use super::PostgresStore;
+use super::columns::{Options, count, from_sql, to_sql};
 use super::error::PostgresError;
 use super::link::Link;
 use super::schema::Sql;
-use super::store::{check_version, count, from_sql, to_sql};
+use super::store::check_version;
 use crate::journal::Requeue;
 use crate::task::TaskId;
 
@@ -45,6 +46,14 @@ pub struct TableTask {
     /// When the task was set aside as a dead letter, in milliseconds since the Unix epoch;
     /// `None` for a live task.
     pub dead_at_ms: Option<u64>,
+    /// Its priority, 0 (the default, lowest) to 7.
+    pub priority: u8,
+    /// Its own retry limit (failed runs before it is a dead letter); `None`: the pool's.
+    pub max_attempts: Option<u32>,
+    /// No run starts after this time, in milliseconds since the Unix epoch; `None`: never.
+    pub expires_at_ms: Option<u64>,
+    /// Its unique key, if it was given one.
+    pub unique_key: Option<String>,
 }
 
 /// What the table holds, from [`PostgresStore::inspect`].
@@ -122,8 +131,9 @@ impl PostgresStore {
         result
     }
 
-    /// Takes dead letters back: each becomes a live task again (same id, payload and last
-    /// error; attempts and interruptions reset; due at once), in one transaction that then
+    /// Takes dead letters back: each becomes a live task again (same id, payload, last error
+    /// and options, but no expiry: a requeue means to run it; attempts and interruptions
+    /// reset; due at once), in one transaction that then
     /// notifies the pools on the table, which claim them at once. Needs a tokio runtime;
     /// bounded by the store's [`timeout`](Self::timeout).
     ///
@@ -212,6 +222,7 @@ async fn close(link: &Link, drivers: &TaskTracker) {
 /// A row of [`Sql::list`].
 fn table_task(row: &tokio_postgres::Row) -> Result<TableTask, tokio_postgres::Error> {
     let millis = |value: i64| value.max(0).cast_unsigned();
+    let options = Options::read(row, 11)?;
     Ok(TableTask {
         id: from_sql(row.try_get(0)?, row.try_get(1)?),
         attempts: count(row.try_get(2)?),
@@ -223,5 +234,9 @@ fn table_task(row: &tokio_postgres::Row) -> Result<TableTask, tokio_postgres::Er
         payload: row.try_get(8)?,
         lease_owner: row.try_get::<_, Option<i64>>(9)?.map(i64::cast_unsigned),
         dead_at_ms: row.try_get::<_, Option<i64>>(10)?.map(millis),
+        priority: options.level(),
+        max_attempts: options.attempts(),
+        expires_at_ms: options.expiry(),
+        unique_key: options.unique_key().map(str::to_owned),
     })
 }

@@ -6,18 +6,21 @@
 //! notifies. In write-ahead mode (`Durability::write_ahead(SyncPolicy::Always)`) every task
 //! `submit` accepts is first a committed row, leased to its pool (concurrent submits share one
 //! commit), so a SIGKILL loses nothing accepted. Every pool on the table claims what is due,
-//! in id order, under a lease it renews; a pool that dies leaves leases that expire, and
-//! another pool rescues those tasks. When PostgreSQL cannot take a handoff, the tasks go to
-//! the pool's local journal, and the next start on that directory hands them on. Dead letters
-//! are rows marked dead, listed and requeued with [`PostgresStore::inspect`] and
-//! [`PostgresStore::requeue`]. The protocol is in `pool/remote.rs`, the pool's side in
-//! `pool/claims.rs`; this module knows SQL and connections only:
+//! higher priorities first and in id order within one, under a lease it renews; a pool that
+//! dies leaves leases that expire, and another pool rescues those tasks. A task's options
+//! (priority, retry limit, expiry, unique key) are columns of its row. When PostgreSQL cannot
+//! take a handoff, the tasks go to the pool's local journal, and the next start on that
+//! directory hands them on. Dead letters are rows marked dead, listed and requeued with
+//! [`PostgresStore::inspect`] and [`PostgresStore::requeue`]. The protocol is in
+//! `pool/remote.rs`, the pool's side in `pool/claims.rs`; this module knows SQL and
+//! connections only:
 //!
 //! | file | what it holds |
 //! | --- | --- |
 //! | `mod.rs` | [`PostgresStore`], the settings, and the pool's way in (`Connect`) |
 //! | `schema.rs` | names, the migration script, the statements |
 //! | `store.rs` | the operations: run number, handoff, claim, renew, settle, commit, dead letter |
+//! | `columns.rs` | a task's fields as the table's columns (ids, times, options) and back |
 //! | `link.rs` | one connection per role, made again after it broke, every use bounded |
 //! | `admin.rs` | the table from outside a pool: [`PostgresStore::inspect`], [`PostgresStore::requeue`] |
 //! | `error.rs` | [`PostgresError`] |
@@ -25,6 +28,7 @@
 //! | `lease.rs` | [`Lease`]: one holder at a time, renewed, released, lost before it expires |
 
 mod admin;
+mod columns;
 mod error;
 mod lease;
 mod link;

@@ -11,7 +11,8 @@
 //! Rules for the next migration: append it to the script, guarded by `IF NOT EXISTS` or the
 //! version, and raise [`VERSION`]; never edit an applied one.
 //!
-//! The tasks table, version 2 (version 1 without `dead_at`):
+//! The tasks table, version 3 (version 2 without the options, from `priority` on; version 1
+//! without `dead_at` too):
 //!
 //! | column | type | what |
 //! | --- | --- | --- |
@@ -26,19 +27,24 @@
 //! | `lease_owner` | `bigint`, null | the run number of the pool that claimed it |
 //! | `lease_expires` | `timestamptz`, null | until when that claim holds without renewal |
 //! | `dead_at` | `timestamptz`, null | set: a dead letter, since then (its `run_after` is `infinity`, so no pool claims it, a version-1 pool during a rolling upgrade included) |
+//! | `priority` | `smallint`, default 0 | 0 to 7: claims take higher levels first |
+//! | `max_attempts` | `integer`, null | the task's own retry limit; null: the pool's |
+//! | `expires_at` | `timestamptz`, null | no run starts after it; null: never |
+//! | `unique_key` | `text`, null | the task's unique key, held by the pool that claims it |
 
+use super::columns::Options;
 use super::error::PostgresError;
 
 /// The schema version this build reads and writes.
-pub(super) const VERSION: i32 = 2;
+pub(super) const VERSION: i32 = 3;
 
 /// The default schema.
 pub(super) const DEFAULT_SCHEMA: &str = "public";
 /// The default tasks table.
 pub(super) const DEFAULT_TABLE: &str = "drainpool_tasks";
 
-/// The longest table name: PostgreSQL keeps 63 bytes of a name, and the table's index adds
-/// `_lease`.
+/// The longest table name: PostgreSQL keeps 63 bytes of a name, and the table's indexes add
+/// `_lease`, `_claim`.
 const MAX_TABLE: usize = 57;
 const MAX_SCHEMA: usize = 63;
 
@@ -50,6 +56,7 @@ pub(super) struct Sql {
     meta: String,
     index: String,
     dead_index: String,
+    claim_index: String,
     /// The notification channel, quoted.
     pub(super) channel: String,
     /// The advisory lock's key, a literal.
@@ -90,6 +97,7 @@ impl Sql {
             meta: format!("\"{schema}\".\"{table}_meta\""),
             index: format!("\"{table}_lease\""),
             dead_index: format!("\"{table}_dead\""),
+            claim_index: format!("\"{table}_claim\""),
             channel: format!("\"{channel}\""),
             lock_key: format!("'drainpool {schema}.{table}'"),
         })
@@ -103,6 +111,7 @@ impl Sql {
             meta,
             index,
             dead_index,
+            claim_index,
             lock_key,
             ..
         } = self;
@@ -159,6 +168,23 @@ BEGIN
 END
 $$;
 
+-- Version 3: task options. A column with a constant default and nullable ones: no table
+-- rewrite. A version-2 pool still running ignores them (its inserts get the defaults, its
+-- upserts keep them). The claim's order (priority first) has an index of its own.
+DO $$
+BEGIN
+    IF (SELECT version FROM {meta}) < 3 THEN
+        ALTER TABLE {tasks} ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS max_attempts integer,
+            ADD COLUMN IF NOT EXISTS expires_at timestamptz,
+            ADD COLUMN IF NOT EXISTS unique_key text;
+        CREATE INDEX IF NOT EXISTS {claim_index} ON {tasks} (priority DESC, run, seq)
+            WHERE dead_at IS NULL;
+        UPDATE {meta} SET version = 3 WHERE version < 3;
+    END IF;
+END
+$$;
+
 COMMIT;
 "
         )
@@ -177,21 +203,27 @@ COMMIT;
         )
     }
 
-    /// Writes tasks (arrays, one row per index); a task already there is overwritten, its
-    /// lease cleared, unless another pool than `$10` holds a live lease on it.
+    /// Writes tasks (arrays, one row per index: `$1` to `$9` the state, `$11` to `$14` the
+    /// options); a task already there is overwritten, its lease cleared, unless another pool
+    /// than `$10` holds a live lease on it.
     pub(super) fn hand_off(&self) -> String {
         format!(
             "INSERT INTO {t} AS t (run, seq, attempts, interruptions, interrupted, enqueued_at, \
-                 run_after, last_error, payload) \
-             SELECT r, s, a, i, x, to_timestamp(e / 1000.0), to_timestamp(n / 1000.0), l, p \
+                 run_after, last_error, payload, {OPTIONS}) \
+             SELECT r, s, a, i, x, to_timestamp(e / 1000.0), to_timestamp(n / 1000.0), l, p, \
+                 o, m, to_timestamp(d / 1000.0), k \
              FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::bool[], \
-                 $6::int8[], $7::int8[], $8::text[], $9::bytea[]) AS u(r, s, a, i, x, e, n, l, p) \
+                 $6::int8[], $7::int8[], $8::text[], $9::bytea[], {options}) \
+                 AS u(r, s, a, i, x, e, n, l, p, o, m, d, k) \
              ON CONFLICT (run, seq) DO UPDATE SET attempts = EXCLUDED.attempts, \
                  interruptions = EXCLUDED.interruptions, interrupted = EXCLUDED.interrupted, \
                  run_after = EXCLUDED.run_after, last_error = EXCLUDED.last_error, \
-                 payload = EXCLUDED.payload, lease_owner = NULL, lease_expires = NULL \
+                 payload = EXCLUDED.payload, {set_options}, lease_owner = NULL, \
+                 lease_expires = NULL \
              WHERE t.lease_owner IS NULL OR t.lease_owner = $10 OR t.lease_expires < now()",
-            t = self.tasks
+            t = self.tasks,
+            options = option_arrays(11),
+            set_options = SET_OPTIONS,
         )
     }
 
@@ -204,15 +236,16 @@ COMMIT;
         format!("LISTEN {}", self.channel)
     }
 
-    /// Claims up to `$1` tasks due now, in id order, for owner `$2` for `$3` seconds. A task
-    /// whose lease had expired is rescued: its interruption is counted.
+    /// Claims up to `$1` tasks due now, higher priorities first and in id order within one,
+    /// for owner `$2` for `$3` seconds. A task whose lease had expired is rescued: its
+    /// interruption is counted.
     pub(super) fn claim(&self) -> String {
         format!(
             "WITH c AS ( \
                  SELECT run, seq, lease_owner IS NOT NULL AS rescued FROM {t} \
                  WHERE run_after <= now() AND (lease_owner IS NULL OR lease_expires < now()) \
                      AND dead_at IS NULL \
-                 ORDER BY run, seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 ORDER BY priority DESC, run, seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
              UPDATE {t} AS t SET lease_owner = $2, \
                  lease_expires = now() + make_interval(secs => $3), \
                  interruptions = t.interruptions + c.rescued::int, \
@@ -221,65 +254,82 @@ COMMIT;
              RETURNING t.run, t.seq, t.attempts, t.interruptions, t.interrupted, \
                  (extract(epoch FROM t.enqueued_at) * 1000)::int8, \
                  (extract(epoch FROM t.run_after) * 1000)::int8, \
-                 t.last_error, t.payload, c.rescued",
-            t = self.tasks
+                 t.last_error, t.payload, c.rescued, t.priority, t.max_attempts, \
+                 {expires}, t.unique_key",
+            t = self.tasks,
+            expires = ms("t.expires_at"),
         )
     }
 
-    /// Write-ahead: inserts new tasks (arrays: run, seq, enqueued ms, payload), due at once and
-    /// leased to owner `$5` for `$6` seconds.
+    /// Write-ahead: inserts new tasks (arrays: run, seq, enqueued ms, not-before ms, payload;
+    /// `$8` to `$11` the options), leased to owner `$6` for `$7` seconds.
     pub(super) fn write_ahead(&self) -> String {
         format!(
-            "INSERT INTO {} (run, seq, enqueued_at, run_after, payload, lease_owner, \
-                 lease_expires) \
-             SELECT r, s, to_timestamp(e / 1000.0), to_timestamp(0), p, $5, \
-                 now() + make_interval(secs => $6) \
-             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::bytea[]) AS u(r, s, e, p)",
-            self.tasks
+            "INSERT INTO {t} (run, seq, enqueued_at, run_after, payload, lease_owner, \
+                 lease_expires, {OPTIONS}) \
+             SELECT r, s, to_timestamp(e / 1000.0), to_timestamp(n / 1000.0), p, $6, \
+                 now() + make_interval(secs => $7), o, m, to_timestamp(d / 1000.0), k \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[], \
+                 {options}) AS u(r, s, e, n, p, o, m, d, k)",
+            t = self.tasks,
+            options = option_arrays(8),
         )
     }
 
-    /// One task, unleased and due at once, as literals (the payload as hex, which no server
+    /// One task, unleased, as literals (the payload and the key as hex, which no server
     /// setting reads differently), then the notification: both take effect at the commit of
     /// the transaction they run in.
-    pub(super) fn insert_literal(
-        &self,
-        run: i64,
-        seq: i64,
-        enqueued_ms: i64,
-        payload: &[u8],
-    ) -> String {
-        use std::fmt::Write as _;
-        let mut hex = String::with_capacity(payload.len() * 2);
-        for byte in payload {
-            let _ = write!(hex, "{byte:02x}");
-        }
+    pub(super) fn insert_literal(&self, task: &Literal<'_>) -> String {
+        let Literal {
+            run,
+            seq,
+            enqueued_ms,
+            not_before_ms,
+            payload,
+            options,
+        } = task;
+        let null = || "NULL".to_string();
+        let max_attempts = options.max_attempts.map_or_else(null, |n| n.to_string());
+        let expires = options
+            .expires_ms
+            .map_or_else(null, |ms| format!("to_timestamp({ms} / 1000.0)"));
+        let key = options.key.as_deref().map_or_else(null, |key| {
+            format!(
+                "convert_from(decode('{}', 'hex'), 'UTF8')",
+                hex(key.as_bytes())
+            )
+        });
         format!(
-            "INSERT INTO {t} (run, seq, enqueued_at, run_after, payload) \
-             VALUES ({run}, {seq}, to_timestamp({enqueued_ms} / 1000.0), to_timestamp(0), \
-             decode('{hex}', 'hex')); {notify};",
+            "INSERT INTO {t} (run, seq, enqueued_at, run_after, payload, {OPTIONS}) \
+             VALUES ({run}, {seq}, to_timestamp({enqueued_ms} / 1000.0), \
+             to_timestamp({not_before_ms} / 1000.0), decode('{payload}', 'hex'), {priority}, \
+             {max_attempts}, {expires}, {key}); {notify};",
             t = self.tasks,
+            payload = hex(payload),
+            priority = options.priority,
             notify = self.notify(),
         )
     }
 
-    /// Writes one task as a dead letter (`$7`: the reason), its lease cleared, unless another
-    /// pool than `$9` holds a live lease on it; returns a row if written.
+    /// Writes one task as a dead letter (`$7`: the reason; `$10` to `$13` its options), its
+    /// lease cleared, unless another pool than `$9` holds a live lease on it; returns a row if
+    /// written.
     pub(super) fn dead_letter(&self) -> String {
         format!(
-            "INSERT INTO {} AS t (run, seq, attempts, interruptions, interrupted, enqueued_at, \
-                 run_after, last_error, payload, dead_at) \
+            "INSERT INTO {t} AS t (run, seq, attempts, interruptions, interrupted, enqueued_at, \
+                 run_after, last_error, payload, dead_at, {OPTIONS}) \
              VALUES ($1::int8, $2::int8, $3::int8, $4::int8, $5::bool, \
-                 to_timestamp($6::int8 / 1000.0), 'infinity', $7::text, $8::bytea, now()) \
+                 to_timestamp($6::int8 / 1000.0), 'infinity', $7::text, $8::bytea, now(), \
+                 $10::int2, $11::int4, to_timestamp($12::int8 / 1000.0), $13::text) \
              ON CONFLICT (run, seq) DO UPDATE SET attempts = EXCLUDED.attempts, \
                  interruptions = EXCLUDED.interruptions, interrupted = EXCLUDED.interrupted, \
                  run_after = 'infinity', last_error = EXCLUDED.last_error, \
-                 payload = EXCLUDED.payload, dead_at = now(), lease_owner = NULL, \
-                 lease_expires = NULL \
+                 payload = EXCLUDED.payload, {SET_OPTIONS}, dead_at = now(), \
+                 lease_owner = NULL, lease_expires = NULL \
              WHERE t.lease_owner IS NULL OR t.lease_owner = $9::int8 \
                  OR t.lease_expires < now() \
              RETURNING 1",
-            self.tasks
+            t = self.tasks
         )
     }
 
@@ -288,17 +338,20 @@ COMMIT;
         format!(
             "SELECT run, seq, attempts, interruptions, interrupted, {enqueued}, \
                  CASE WHEN run_after = 'infinity' THEN 0 ELSE {run_after} END, \
-                 last_error, payload, lease_owner, {dead_at} \
+                 last_error, payload, lease_owner, {dead_at}, priority, max_attempts, \
+                 {expires}, unique_key \
              FROM {t} ORDER BY run, seq",
             t = self.tasks,
             enqueued = ms("enqueued_at"),
             run_after = ms("run_after"),
             dead_at = ms("dead_at"),
+            expires = ms("expires_at"),
         )
     }
 
     /// Takes dead letters back (every one, or those of the ids `$1`, `$2`): live again, due at
-    /// once, attempts and interruptions reset, the last error kept. Returns their ids.
+    /// once, attempts and interruptions reset, the last error and the options kept but the
+    /// expiry (a requeue means to run it). Returns their ids.
     pub(super) fn requeue(&self, all: bool) -> String {
         let (from, only) = if all {
             ("", "")
@@ -311,7 +364,7 @@ COMMIT;
         format!(
             "UPDATE {} AS t SET dead_at = NULL, run_after = to_timestamp(0), attempts = 0, \
                  interruptions = 0, interrupted = false, lease_owner = NULL, \
-                 lease_expires = NULL \
+                 lease_expires = NULL, expires_at = NULL \
              {from} WHERE t.dead_at IS NOT NULL {only} RETURNING t.run, t.seq",
             self.tasks
         )
@@ -356,6 +409,45 @@ fn ms(column: &str) -> String {
     format!("(extract(epoch FROM {column}) * 1000)::int8")
 }
 
+/// The option columns (version 3), in the order every statement writes them.
+const OPTIONS: &str = "priority, max_attempts, expires_at, unique_key";
+
+/// An upsert's update of the option columns.
+const SET_OPTIONS: &str = "priority = EXCLUDED.priority, max_attempts = EXCLUDED.max_attempts, \
+    expires_at = EXCLUDED.expires_at, unique_key = EXCLUDED.unique_key";
+
+/// The option columns' arrays for `unnest`, parameters `$first` to `$first + 3`: priority,
+/// max attempts, expiry (ms), key.
+fn option_arrays(first: usize) -> String {
+    format!(
+        "${}::int2[], ${}::int4[], ${}::int8[], ${}::text[]",
+        first,
+        first + 1,
+        first + 2,
+        first + 3
+    )
+}
+
+/// Bytes as hex digits, for `decode(…, 'hex')`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// One task for [`Sql::insert_literal`], as its columns hold it.
+pub(super) struct Literal<'a> {
+    pub(super) run: i64,
+    pub(super) seq: i64,
+    pub(super) enqueued_ms: i64,
+    pub(super) not_before_ms: i64,
+    pub(super) payload: &'a [u8],
+    pub(super) options: Options,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,18 +479,19 @@ mod tests {
     fn the_script_names_its_objects_quoted_and_guards_every_step() {
         let sql = Sql::new("jobs", "tasks").unwrap();
         let script = sql.migration();
-        assert!(script.starts_with("-- drainpool schema, version 2"));
+        assert!(script.starts_with("-- drainpool schema, version 3"));
         assert!(
             script.contains("pg_advisory_xact_lock(hashtextextended('drainpool jobs.tasks', 0))")
         );
         assert!(script.contains("CREATE TABLE IF NOT EXISTS \"jobs\".\"tasks\" ("));
         assert!(script.contains("CREATE TABLE IF NOT EXISTS \"jobs\".\"tasks_meta\" ("));
         assert!(script.contains("\"tasks_lease\" ON \"jobs\".\"tasks\""));
+        assert!(script.contains("\"tasks_claim\" ON \"jobs\".\"tasks\" (priority DESC, run, seq)"));
         // Every CREATE is idempotent.
         for line in script
             .lines()
             .map(str::trim)
-            .filter(|l| l.starts_with("CREATE") || l.starts_with("ALTER"))
+            .filter(|l| ["CREATE", "ALTER", "ADD"].iter().any(|s| l.starts_with(s)))
         {
             assert!(line.contains("IF NOT EXISTS"), "{line}");
         }
@@ -409,6 +502,39 @@ mod tests {
             )));
         }
         assert_eq!(sql.listen(), "LISTEN \"drainpool.jobs.tasks\"");
+    }
+
+    #[test]
+    fn a_literal_insert_carries_the_options_and_quotes_nothing_it_is_given() {
+        let sql = Sql::new("jobs", "tasks").unwrap();
+        let task = |options| Literal {
+            run: 3,
+            seq: 9,
+            enqueued_ms: 1_000,
+            not_before_ms: 2_000,
+            payload: b"'x",
+            options,
+        };
+        let plain = sql.insert_literal(&task(Options::default()));
+        assert!(
+            plain.contains(
+                "to_timestamp(2000 / 1000.0), decode('2778', 'hex'), 0, NULL, NULL, NULL);"
+            ),
+            "{plain}"
+        );
+        let all = sql.insert_literal(&task(Options {
+            priority: 6,
+            max_attempts: Some(4),
+            expires_ms: Some(5_000),
+            key: Some("o'7".into()),
+        }));
+        assert!(
+            all.contains(
+                "6, 4, to_timestamp(5000 / 1000.0), convert_from(decode('6f2737', 'hex'), 'UTF8'));"
+            ),
+            "{all}"
+        );
+        assert!(all.ends_with("NOTIFY \"drainpool.jobs.tasks\";"), "{all}");
     }
 
     #[test]

@@ -3,30 +3,23 @@
 //! heartbeat's (renewals, settles and dead letters), the handoff's (start and shutdown), and
 //! the committer's (write-ahead batches; connected at the first one).
 //!
-//! Task ids and counts go to `bigint` columns: a `u64` is stored as the `i64` with the same
-//! bits (run numbers and sequence numbers stay far below 2^63, so the order holds; a start
-//! whose directory's run is beyond it is refused). Times are milliseconds since the Unix
-//! epoch on the pool's side and `timestamptz` in the table.
+//! How a task's fields become columns and come back is `columns.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_postgres::Row;
 use tokio_util::task::TaskTracker;
 
+use super::columns::{Columns, Options, claimed, from_sql, ms, text, to_sql};
 use super::error::PostgresError;
 use super::link::Link;
-use super::schema::{Sql, VERSION};
-use crate::journal::TaskState;
+use super::schema::{Literal, Sql, VERSION};
 use crate::pool::remote::{BoxFuture, Claimed, Failed, Pacing, Remote, RemoteError, StoredTask};
 use crate::task::TaskId;
 
 /// Rows per statement in a handoff (all in one transaction): bounds one message's size.
 const HANDOFF_CHUNK: usize = 10_000;
-/// The latest time stored: the end of year 9999, PostgreSQL's `to_timestamp` goes no further
-/// in a form every client reads back.
-const MAX_MS: i64 = 253_402_300_799_999;
 
 pub(super) struct Store {
     sql: Arc<Sql>,
@@ -153,6 +146,10 @@ impl Store {
                                     &c.error,
                                     &c.payload,
                                     &owner,
+                                    &c.priority,
+                                    &c.max_attempts,
+                                    &c.expires,
+                                    &c.key,
                                 ],
                             )
                             .await?;
@@ -185,93 +182,6 @@ pub(super) async fn check_version(link: &Link, sql: &Sql) -> Result<(), Postgres
     ))
 }
 
-/// A handoff's tasks as columns (one array per column).
-struct Columns<'a> {
-    run: Vec<i64>,
-    seq: Vec<i64>,
-    attempts: Vec<i64>,
-    interruptions: Vec<i64>,
-    interrupted: Vec<bool>,
-    enqueued: Vec<i64>,
-    not_before: Vec<i64>,
-    error: Vec<Option<String>>,
-    payload: Vec<&'a [u8]>,
-}
-
-impl<'a> Columns<'a> {
-    fn of(tasks: &'a [StoredTask]) -> Self {
-        let mut c = Self {
-            run: Vec::with_capacity(tasks.len()),
-            seq: Vec::with_capacity(tasks.len()),
-            attempts: Vec::with_capacity(tasks.len()),
-            interruptions: Vec::with_capacity(tasks.len()),
-            interrupted: Vec::with_capacity(tasks.len()),
-            enqueued: Vec::with_capacity(tasks.len()),
-            not_before: Vec::with_capacity(tasks.len()),
-            error: Vec::with_capacity(tasks.len()),
-            payload: Vec::with_capacity(tasks.len()),
-        };
-        for task in tasks {
-            let (run, seq) = to_sql(task.id);
-            let state = &task.state;
-            c.run.push(run);
-            c.seq.push(seq);
-            c.attempts.push(i64::from(state.attempts));
-            c.interruptions.push(i64::from(state.interruptions));
-            c.interrupted.push(state.interrupted);
-            c.enqueued.push(ms(state.enqueued_ms));
-            c.not_before.push(ms(state.not_before_ms));
-            c.error.push(task.last_error.as_deref().map(text));
-            c.payload.push(&task.payload);
-        }
-        c
-    }
-}
-
-/// A task id as two `bigint`s, bit for bit.
-pub(super) fn to_sql(id: TaskId) -> (i64, i64) {
-    (id.run().cast_signed(), id.seq().cast_signed())
-}
-
-pub(super) fn from_sql(run: i64, seq: i64) -> TaskId {
-    TaskId::new(run.cast_unsigned(), seq.cast_unsigned())
-}
-
-/// Milliseconds since the epoch, within what a `timestamptz` holds.
-fn ms(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX).min(MAX_MS)
-}
-
-/// A count read back: negative is 0, past `u32` is `u32::MAX`.
-pub(super) fn count(value: i64) -> u32 {
-    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
-}
-
-/// Text as PostgreSQL takes it: no NUL characters.
-fn text(value: &str) -> String {
-    value.replace('\0', "\u{fffd}")
-}
-
-/// A claimed row: the columns of [`Sql::claim`]'s `RETURNING`.
-fn claimed(row: &Row) -> Result<Claimed, tokio_postgres::Error> {
-    let last_error: Option<String> = row.try_get(7)?;
-    Ok(Claimed {
-        task: StoredTask {
-            id: from_sql(row.try_get(0)?, row.try_get(1)?),
-            state: TaskState {
-                attempts: count(row.try_get(2)?),
-                interruptions: count(row.try_get(3)?),
-                interrupted: row.try_get(4)?,
-                enqueued_ms: row.try_get::<_, i64>(5)?.max(0).cast_unsigned(),
-                not_before_ms: row.try_get::<_, i64>(6)?.max(0).cast_unsigned(),
-            },
-            last_error: last_error.map(String::into_boxed_str),
-            payload: row.try_get(8)?,
-        },
-        rescued: row.try_get(9)?,
-    })
-}
-
 fn erased(error: PostgresError) -> RemoteError {
     Arc::new(error)
 }
@@ -283,8 +193,14 @@ impl Remote for Store {
 
     fn insert_sql(&self, task: &StoredTask) -> String {
         let (run, seq) = to_sql(task.id);
-        self.sql
-            .insert_literal(run, seq, ms(task.state.enqueued_ms), &task.payload)
+        self.sql.insert_literal(&Literal {
+            run,
+            seq,
+            enqueued_ms: ms(task.state.enqueued_ms),
+            not_before_ms: ms(task.state.not_before_ms),
+            payload: &task.payload,
+            options: Options::of(task.options.as_deref()),
+        })
     }
 
     fn pacing(&self) -> Pacing {
@@ -368,22 +284,24 @@ impl Remote for Store {
             self.committer
                 .run("commit", move |client| {
                     Box::pin(async move {
-                        let mut columns = (
-                            Vec::with_capacity(tasks.len()),
-                            Vec::with_capacity(tasks.len()),
-                            Vec::with_capacity(tasks.len()),
-                            Vec::with_capacity(tasks.len()),
-                        );
-                        for task in &tasks {
-                            let (run, seq) = to_sql(task.id);
-                            columns.0.push(run);
-                            columns.1.push(seq);
-                            columns.2.push(ms(task.state.enqueued_ms));
-                            columns.3.push(task.payload.as_slice());
-                        }
-                        let (run, seq, enqueued, payload) = columns;
+                        let c = Columns::of(&tasks);
                         client
-                            .execute(&query, &[&run, &seq, &enqueued, &payload, &owner, &lease])
+                            .execute(
+                                &query,
+                                &[
+                                    &c.run,
+                                    &c.seq,
+                                    &c.enqueued,
+                                    &c.not_before,
+                                    &c.payload,
+                                    &owner,
+                                    &lease,
+                                    &c.priority,
+                                    &c.max_attempts,
+                                    &c.expires,
+                                    &c.key,
+                                ],
+                            )
                             .await
                             .map(drop)
                     })
@@ -403,6 +321,7 @@ impl Remote for Store {
                         let (run, seq) = to_sql(task.id);
                         let state = &task.state;
                         let error = task.last_error.as_deref().map(text);
+                        let options = Options::of(task.options.as_deref());
                         let rows = client
                             .query(
                                 &query,
@@ -416,6 +335,10 @@ impl Remote for Store {
                                     &error,
                                     &task.payload,
                                     &owner,
+                                    &options.priority,
+                                    &options.max_attempts,
+                                    &options.expires_ms,
+                                    &options.key,
                                 ],
                             )
                             .await?;
@@ -497,30 +420,4 @@ async fn update_failed(
             ],
         )
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_go_to_bigints_and_back_bit_for_bit() {
-        for id in [
-            TaskId::new(0, 0),
-            TaskId::new(7, 1042),
-            TaskId::new(u64::MAX, 1 << 63),
-        ] {
-            let (run, seq) = to_sql(id);
-            assert_eq!(from_sql(run, seq), id);
-        }
-    }
-
-    #[test]
-    fn values_the_table_cannot_hold_are_clamped_not_refused() {
-        assert_eq!(ms(u64::MAX), MAX_MS);
-        assert_eq!(ms(1_700_000_000_123), 1_700_000_000_123);
-        assert_eq!(count(-5), 0);
-        assert_eq!(count(i64::MAX), u32::MAX);
-        assert_eq!(text("a\0b"), "a\u{fffd}b");
-    }
 }

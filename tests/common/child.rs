@@ -389,6 +389,14 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// What a worker printed after `key` on a line of the file at `path` (its stdout), trimmed;
+/// libtest may have printed the test's name on the same line, before it.
+pub fn said(path: &Path, key: &str) -> Option<String> {
+    read(path)
+        .lines()
+        .find_map(|l| l.split_once(key).map(|(_, value)| value.trim().to_string()))
+}
+
 /// The last `lines` lines of `text`.
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();

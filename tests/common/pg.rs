@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drainpool::PostgresStore;
+use drainpool::{Builder, Pool, PostgresStore, StartError};
 
 /// The server the tests use when `DATABASE_URL` is unset outside CI.
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -109,6 +109,51 @@ impl Schema {
     pub fn rows(&self) -> u64 {
         self.number("SELECT count(*) FROM {t}")
     }
+
+    /// The schema's version, from its meta table.
+    pub fn version(&self) -> u64 {
+        self.number(&format!(
+            "SELECT version FROM \"{}\".drainpool_tasks_meta",
+            self.name
+        ))
+    }
+
+    /// Makes the tables as the build of schema `version` did: the current script up to its
+    /// step to the next version.
+    pub fn make_at_version(&self, version: u64) {
+        let script = self.store().schema_sql().unwrap();
+        let step = format!("-- Version {}", version + 1);
+        let (older, _) = script.split_once(&step).expect("the next version's step");
+        psql(&self.url, &format!("{older}COMMIT;")).expect("the older schema");
+        assert_eq!(self.version(), version);
+    }
+
+    /// A pool that only checks the version (`migrate(false)`) refuses the tables at `version`
+    /// (not this build's), and leaves them so.
+    pub async fn assert_refused_unmigrated(&self, version: u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = Pool::<u64>::builder()
+            .journal_dir(dir.path())
+            .postgres(self.store().migrate(false))
+            .build()
+            .await;
+        match refused {
+            Err(StartError::Postgres(error)) => {
+                let said = error.to_string();
+                assert!(said.contains(&format!("version {version}")), "{said}");
+            }
+            other => panic!("{:?}", other.map(drop)),
+        }
+        assert_eq!(self.version(), version);
+    }
+}
+
+/// The pool `builder` makes, its workers never started: what it accepts stays queued (in
+/// write-ahead mode, its rows leased to it), and its shutdown hands it off.
+pub async fn idle(builder: Builder<u64>) -> Pool<u64> {
+    let (pool, runner) = builder.build().await.expect("pool build");
+    drop(runner);
+    pool
 }
 
 impl Drop for Schema {

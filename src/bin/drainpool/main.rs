@@ -45,8 +45,10 @@ enum Command {
     /// order. Each line holds: id ("run-seq"), attempts (failed runs so far), interruptions,
     /// interrupted (whether the last run was cut off at the drain deadline), enqueued_at_ms
     /// and not_before_ms (milliseconds since the Unix epoch; 0: at once), last_error (or
-    /// null), payload (the task's JSON; a string if the bytes are not JSON), and the segment
-    /// and offset of the record it was read from.
+    /// null), payload (the task's JSON; a string if the bytes are not JSON), its options:
+    /// priority (0 to 7), max_attempts (its own retry limit, or null: the pool's),
+    /// expires_at_ms (or null: never), unique_key (or null); and the segment and offset of
+    /// the record it was read from.
     ///
     /// With --postgres, the PostgreSQL store's table instead, in id order: live tasks
     /// (waiting, or held by a pool) or dead letters, each line with lease_owner (the run of
@@ -316,6 +318,10 @@ fn task_json(task: &JournaledTask) -> Value {
         not_before_ms: task.not_before_ms,
         last_error: task.last_error.as_deref(),
         payload: &task.payload,
+        priority: task.priority,
+        max_attempts: task.max_attempts,
+        expires_at_ms: task.expires_at_ms,
+        unique_key: task.unique_key.as_deref(),
     }
     .json([
         ("segment", json!(task.segment.display().to_string())),
@@ -333,6 +339,10 @@ struct Fields<'a> {
     not_before_ms: u64,
     last_error: Option<&'a str>,
     payload: &'a [u8],
+    priority: u8,
+    max_attempts: Option<u32>,
+    expires_at_ms: Option<u64>,
+    unique_key: Option<&'a str>,
 }
 
 impl Fields<'_> {
@@ -349,6 +359,10 @@ impl Fields<'_> {
             "not_before_ms": self.not_before_ms,
             "last_error": self.last_error,
             "payload": payload,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "expires_at_ms": self.expires_at_ms,
+            "unique_key": self.unique_key,
         });
         if let Value::Object(fields) = &mut line {
             for (key, value) in place {

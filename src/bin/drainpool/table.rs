@@ -77,6 +77,10 @@ fn task_json(task: &TableTask) -> Value {
         not_before_ms: task.not_before_ms,
         last_error: task.last_error.as_deref(),
         payload: &task.payload,
+        priority: task.priority,
+        max_attempts: task.max_attempts,
+        expires_at_ms: task.expires_at_ms,
+        unique_key: task.unique_key.as_deref(),
     }
     .json([
         ("lease_owner", json!(task.lease_owner)),

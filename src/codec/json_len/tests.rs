@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Serialize, Serializer};
 
-use super::json_len;
+use super::{json_len, json_len_bound};
 
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
@@ -127,12 +127,51 @@ fn the_count_is_the_length_serde_json_writes() {
             String::from_utf8_lossy(&written)
         );
     }
+    for value in [0, -1, i128::MIN, i128::from(i64::MIN), i128::from(u64::MAX)] {
+        assert_eq!(json_len(&value), Some(value.to_string().len()));
+    }
+    assert_eq!(json_len(&u128::MAX), Some(u128::MAX.to_string().len()));
     for value in ["", "\"", "\\", "\u{0}", "\u{7f}", "𝄞"] {
         assert_eq!(
             json_len(value),
             Some(serde_json::to_vec(value).unwrap().len())
         );
     }
+}
+
+#[test]
+fn the_bound_is_never_below_the_length_serde_json_writes() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for _ in 0..5_000 {
+        let order = order(&mut rng, 0);
+        let written = serde_json::to_vec(&order).unwrap().len();
+        let bound = json_len_bound(&order).unwrap();
+        assert!(bound >= written, "{bound} < {written}");
+    }
+    // The worst case, met: every byte a control character written as `\u00XX`.
+    for len in [1, 32, 33, 50] {
+        let controls = "\u{1}".repeat(len);
+        assert_eq!(
+            json_len_bound(&controls),
+            Some(serde_json::to_vec(&controls).unwrap().len())
+        );
+    }
+    // Short strings are bounded, longer ones counted.
+    assert_eq!(json_len_bound(&"a".repeat(32)), Some(32 * 6 + 2));
+    assert_eq!(json_len_bound(&"a".repeat(33)), Some(33 + 2));
+    for (value, bound) in [(u64::MAX, 20), (0, 20)] {
+        assert_eq!(json_len_bound(&value), Some(bound));
+    }
+    assert_eq!(json_len_bound(&i64::MIN), Some(20));
+    assert_eq!(json_len_bound(&u128::MAX), Some(39));
+    assert_eq!(json_len_bound(&i128::MIN), Some(40));
+    let bytes = Bytes(vec![255; 10]);
+    assert!(json_len_bound(&bytes) >= json_len(&bytes));
+    // It gives up where the exact count does.
+    assert_eq!(json_len_bound(&1.5f64), None);
+    let int_keys: HashMap<u32, u32> = [(1, 2)].into_iter().collect();
+    assert_eq!(json_len_bound(&int_keys), None);
+    assert_eq!(json_len_bound(&vec![Refuses]), None);
 }
 
 /// A value whose `Serialize` fails.

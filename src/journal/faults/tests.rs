@@ -148,6 +148,7 @@ fn task(seq: u64, payload: &str) -> TaskRecord<'_> {
         state: TaskState::default(),
         last_error: "".into(),
         payload: payload.as_bytes(),
+        options: None,
     }
 }
 

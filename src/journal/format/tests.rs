@@ -20,6 +20,7 @@ fn encode(kind: Kind, id: TaskId, state: &TaskState, error: &str, payload: &[u8]
         state: *state,
         last_error: error.into(),
         payload,
+        options: None,
     };
     let len = encode_record(&mut out, EPOCH, kind, &record);
     assert_eq!(len, out.len());
@@ -87,7 +88,7 @@ fn header_of_a_newer_version_is_unsupported() {
         epoch: EPOCH,
         segment: 3,
     });
-    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
     // Without a matching CRC it is just damage: a flipped bit must not pass for a new version.
     assert!(matches!(
         decode_header(&bytes),
@@ -96,10 +97,10 @@ fn header_of_a_newer_version_is_unsupported() {
     reseal_header(&mut bytes);
     assert_eq!(
         decode_header(&bytes),
-        Err(HeaderError::UnsupportedVersion(2))
+        Err(HeaderError::UnsupportedVersion(3))
     );
-    let message = HeaderError::UnsupportedVersion(2).to_string();
-    assert!(message.contains('2') && message.contains('1'), "{message}");
+    let message = HeaderError::UnsupportedVersion(3).to_string();
+    assert!(message.contains('3') && message.contains('2'), "{message}");
 }
 
 #[test]
@@ -224,6 +225,7 @@ fn task_record_round_trips() {
             state: meta(),
             error: b"connection refused",
             payload,
+            options: None,
         }
     );
 }
@@ -248,7 +250,8 @@ fn dead_record_round_trips() {
             id,
             state: meta,
             error: b"handler panicked: oh no",
-            payload: b"[1,2,3]"
+            payload: b"[1,2,3]",
+            options: None,
         }
     );
 }
@@ -307,6 +310,7 @@ fn encode_appends_after_existing_bytes() {
         state: meta(),
         last_error: "".into(),
         payload: b"\"second\"",
+        options: None,
     };
     let len = encode_record(&mut out, EPOCH, Kind::Task, &second);
     assert_eq!(out.len(), first.len() + len);
@@ -390,7 +394,7 @@ fn unknown_kind_unknown_flags_and_reserved_bytes_are_malformed() {
             "kind {kind}"
         );
     }
-    for flag in 1..8 {
+    for flag in 2..8 {
         let mut bytes = good.clone();
         bytes[9] |= 1 << flag;
         reseal(&mut bytes, EPOCH);
@@ -550,4 +554,98 @@ fn decode_ignores_bytes_after_the_record() {
     let (record, decoded_len) = decode_record(&bytes, EPOCH).unwrap();
     assert_eq!(decoded_len, len);
     assert_eq!(record.payload, b"\"p\"");
+}
+
+fn with_options(options: &TaskOptions, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let record = TaskRecord {
+        id: TaskId::new(7, 43),
+        state: meta(),
+        last_error: "boom".into(),
+        payload,
+        options: Some(Cow::Borrowed(options)),
+    };
+    let len = encode_record(&mut out, EPOCH, Kind::Task, &record);
+    assert_eq!(len, out.len());
+    out
+}
+
+#[test]
+fn options_round_trip_and_count_in_the_record_length() {
+    let options = TaskOptions {
+        priority: 6,
+        max_attempts: 9,
+        expires_ms: 1_700_000_999_000,
+        key: Some("order:7/é".into()),
+    };
+    let bytes = with_options(&options, b"{\"a\":1}");
+    let (record, len) = decode_record(&bytes, EPOCH).unwrap();
+    assert_eq!(len, bytes.len());
+    assert_eq!(record.encoded_len(), bytes.len());
+    assert_eq!(record.payload, b"{\"a\":1}");
+    assert_eq!(record.error, b"boom");
+    assert_eq!(record.state, meta());
+    assert_eq!(record.owned_options().as_deref(), Some(&options));
+    assert_eq!(record.task().options.as_deref(), Some(&options));
+    assert_eq!(
+        bytes.len(),
+        task_record_len(7 + options_bytes(Some(&options)), 4)
+    );
+    // All at their defaults: no block, no flag, the length of a record without options.
+    let plain = with_options(&TaskOptions::default(), b"{\"a\":1}");
+    assert_eq!(plain[9] & FLAG_OPTIONS, 0);
+    let (record, _) = decode_record(&plain, EPOCH).unwrap();
+    assert_eq!(record.options, None);
+    assert_eq!(options_bytes(Some(&TaskOptions::default())), 0);
+}
+
+#[test]
+fn a_malformed_options_block_is_a_bad_body() {
+    let options = TaskOptions {
+        priority: 3,
+        key: Some("k".into()),
+        ..TaskOptions::default()
+    };
+    let good = with_options(&options, b"[]");
+    let block = RECORD_HEADER_LEN + BODY_FIXED_LEN + 4;
+    // A priority above 7, a reserved byte, a key longer than the body, a key not UTF-8.
+    for (at, value) in [
+        (block, 8),
+        (block + 1, 1),
+        (block + 2, 200),
+        (block + 16, 0xff),
+    ] {
+        let mut bytes = good.clone();
+        bytes[at] = value;
+        reseal(&mut bytes, EPOCH);
+        assert_eq!(
+            decode_record(&bytes, EPOCH),
+            Err(RecordError::BadBody),
+            "byte {at} = {value}"
+        );
+    }
+    // An ack never carries options.
+    let mut ack = Vec::new();
+    encode_ack(&mut ack, EPOCH, TaskId::new(1, 1));
+    ack[9] = FLAG_OPTIONS;
+    reseal(&mut ack, EPOCH);
+    assert_eq!(decode_record(&ack, EPOCH), Err(RecordError::BadBody));
+}
+
+#[test]
+fn a_version_1_header_is_still_read() {
+    let mut bytes = encode_header(Header {
+        epoch: EPOCH,
+        segment: 5,
+    });
+    assert_eq!(u16_at(&bytes, 8), VERSION);
+    bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+    reseal_header(&mut bytes);
+    assert_eq!(
+        decode_header(&bytes),
+        Ok(Header {
+            epoch: EPOCH,
+            segment: 5
+        })
+    );
 }

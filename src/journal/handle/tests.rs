@@ -68,6 +68,7 @@ impl Item {
             state: self.meta,
             last_error: self.error.as_str().into(),
             payload: json,
+            options: None,
         }
     }
 
@@ -269,6 +270,7 @@ fn created_dirs_and_files_are_owner_only() {
         state: TaskState::default(),
         last_error: "failed".into(),
         payload: b"null",
+        options: None,
     };
     journal.write_dead(&dead).unwrap();
     journal.close().unwrap();
@@ -436,6 +438,7 @@ fn dead_letters_are_counted_not_replayed_and_kept() {
         state: TaskState::default(),
         last_error: "handler failed".into(),
         payload: b"{}",
+        options: None,
     };
     journal.write_dead(&record).unwrap();
     journal.close().unwrap();
@@ -461,7 +464,7 @@ fn newer_version_segment_fails_open_and_is_left_alone() {
         epoch: 5,
         segment: 1,
     });
-    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
     let crc = crc32c::crc32c(&bytes[0..40]);
     bytes[40..44].copy_from_slice(&crc.to_le_bytes());
     let mut contents = bytes.to_vec();
@@ -478,7 +481,7 @@ fn newer_version_segment_fails_open_and_is_left_alone() {
             },
         )) => {
             assert_eq!(found_path, &path);
-            assert_eq!((found, supported), (2, format::VERSION));
+            assert_eq!((found, supported), (3, format::VERSION));
             assert_eq!(error.path(), Some(path.as_path()));
         }
         other => panic!("expected UnsupportedVersion, got {other:?}"),

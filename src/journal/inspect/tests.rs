@@ -34,6 +34,7 @@ fn write_journal(dir: &Path, live: &[u64], dead: &[u64], acked: &[u64]) -> u64 {
             state: meta(seq),
             last_error: "".into(),
             payload: payload.as_bytes(),
+            options: None,
         })
         .collect();
     let outcome = journal.spill(&records);
@@ -46,6 +47,7 @@ fn write_journal(dir: &Path, live: &[u64], dead: &[u64], acked: &[u64]) -> u64 {
             state: meta(seq),
             last_error: error.as_str().into(),
             payload: payload.as_bytes(),
+            options: None,
         };
         journal.write_dead(&record).unwrap();
     }
@@ -261,12 +263,12 @@ fn verify_reports_a_header_cut_short_and_refuses_a_newer_version() {
         epoch: 1,
         segment: 7,
     });
-    header[8] = 2;
+    header[8] = 3;
     let crc = crc32c::crc32c(&header[0..40]);
     header[40..44].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, header).unwrap();
     match verify(tmp.path()) {
-        Err(JournalError::UnsupportedVersion { found: 2, .. }) => {}
+        Err(JournalError::UnsupportedVersion { found: 3, .. }) => {}
         other => panic!("expected UnsupportedVersion, got {other:?}"),
     }
 }

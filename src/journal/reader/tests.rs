@@ -120,6 +120,7 @@ fn push_record(
         state,
         last_error: error.into(),
         payload,
+        options: None,
     };
     format::encode_record(bytes, epoch, kind, &record);
     let (state, error, payload) = match kind {
@@ -448,12 +449,12 @@ fn damaged_header_with_no_valid_record_gives_nothing() {
 fn newer_version_yields_no_records() {
     let segment = segment();
     let mut buf = segment.bytes.clone();
-    buf[8..10].copy_from_slice(&2u16.to_le_bytes());
+    buf[8..10].copy_from_slice(&3u16.to_le_bytes());
     let crc = crc32c::crc32c(&buf[0..40]);
     buf[40..44].copy_from_slice(&crc.to_le_bytes());
     let (scan, got) = read(&buf);
     assert!(got.is_empty());
-    assert_eq!(scan.header, Err(HeaderError::UnsupportedVersion(2)));
+    assert_eq!(scan.header, Err(HeaderError::UnsupportedVersion(3)));
     assert_eq!(scan.epoch, None);
     assert!(scan.damage.is_empty() && scan.torn_tail.is_none());
     assert!(!scan.is_damaged());

@@ -38,6 +38,7 @@ fn spill_one(journal: &mut Journal, seq: u64) -> SpillOutcome {
         state: crate::journal::TaskState::default(),
         last_error: "".into(),
         payload: b"\"x\"",
+        options: None,
     };
     journal.spill(&vec![record])
 }

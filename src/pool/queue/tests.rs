@@ -22,6 +22,7 @@ fn job(seq: u64) -> Job<u64> {
         queued_at: Instant::now(),
         span: None,
         lease: None,
+        options: None,
     }
 }
 
