@@ -132,7 +132,7 @@ fn samples(pool: &str, name: &str) -> Vec<f64> {
 
 /// The counters as `Counts` reads them (what `Stats` and `ShutdownReport` hold), from the
 /// recorder.
-fn recorded_counts(pool: &str) -> [(&'static str, u64); 10] {
+fn recorded_counts(pool: &str) -> [(&'static str, u64); 11] {
     let c = |name| counter(pool, name);
     [
         ("replayed", c("drainpool_tasks_replayed_total")),
@@ -145,10 +145,11 @@ fn recorded_counts(pool: &str) -> [(&'static str, u64); 10] {
         ("interrupted", c("drainpool_tasks_interrupted_total")),
         ("unsaved", c("drainpool_tasks_unsaved_total")),
         ("compacted", c("drainpool_tasks_compacted_total")),
+        ("expired", c("drainpool_tasks_expired_total")),
     ]
 }
 
-fn named(counts: &Counts) -> [(&'static str, u64); 10] {
+fn named(counts: &Counts) -> [(&'static str, u64); 11] {
     [
         ("replayed", counts.replayed),
         ("submitted", counts.submitted),
@@ -160,11 +161,12 @@ fn named(counts: &Counts) -> [(&'static str, u64); 10] {
         ("interrupted", counts.interrupted),
         ("unsaved", counts.unsaved),
         ("compacted", counts.compacted),
+        ("expired", counts.expired),
     ]
 }
 
 /// Adds two runs' counts, field by field.
-fn sum(a: [(&'static str, u64); 10], b: [(&'static str, u64); 10]) -> [(&'static str, u64); 10] {
+fn sum(a: [(&'static str, u64); 11], b: [(&'static str, u64); 11]) -> [(&'static str, u64); 11] {
     let mut total = a;
     for (t, (_, n)) in total.iter_mut().zip(b) {
         t.1 += n;
@@ -377,7 +379,7 @@ async fn every_metric_is_described() {
     let pool = start(dir.path(), "described").await;
     pool.shutdown().await.unwrap();
     let described = kept().described.lock().unwrap().clone();
-    let expected: [(&str, &str, Unit); 20] = [
+    let expected: [(&str, &str, Unit); 21] = [
         ("drainpool_tasks_submitted_total", "counter", Unit::Count),
         ("drainpool_tasks_replayed_total", "counter", Unit::Count),
         ("drainpool_tasks_completed_total", "counter", Unit::Count),
@@ -393,6 +395,7 @@ async fn every_metric_is_described() {
         ("drainpool_tasks_interrupted_total", "counter", Unit::Count),
         ("drainpool_tasks_unsaved_total", "counter", Unit::Count),
         ("drainpool_tasks_compacted_total", "counter", Unit::Count),
+        ("drainpool_tasks_expired_total", "counter", Unit::Count),
         ("drainpool_tasks_queued", "gauge", Unit::Count),
         ("drainpool_tasks_in_flight", "gauge", Unit::Count),
         ("drainpool_journal_bytes", "gauge", Unit::Bytes),
