@@ -196,16 +196,21 @@ impl Commit {
     /// Appends one record, which `encode` writes straight into the buffer (no copy of its
     /// own), returning the placement of a task record or `None` for an ack.
     fn push(&self, encode: impl FnOnce(&mut Vec<u8>) -> Option<Placement>) -> u64 {
-        let seq = {
+        let (seq, first) = {
             let mut pending = self.pending();
             let pending = &mut *pending;
+            let first = pending.buf.is_empty();
             if let Some(placement) = encode(&mut pending.buf) {
                 pending.placements.push(placement);
             }
             pending.last_seq += 1;
-            pending.last_seq
+            (pending.last_seq, first)
         };
-        self.pushed.notify_one();
+        // The push that made the buffer non-empty woke the flusher, and the flusher takes
+        // until the buffer is empty: a push behind it needs no wake-up of its own.
+        if first {
+            self.pushed.notify_one();
+        }
         seq
     }
 
