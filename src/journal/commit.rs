@@ -5,16 +5,19 @@
 //! flusher ([`pushed`](Commit::pushed)). The flusher, one long-lived task, takes the whole
 //! buffer, writes it (and fsyncs it, under `SyncPolicy::Always`), publishes the highest
 //! sequence number it covered, and repeats until the buffer is empty. The more submits arrive
-//! during one fsync, the more the next one carries.
+//! during one fsync, the more the next one carries. Each batch has its own signal, so handling
+//! a batch wakes the submits waiting for it and no others; each record is encoded straight into
+//! the shared buffer, under its lock.
 //!
 //! Compaction copies ([`Copies`]) are read back from sealed segments already encoded under
 //! this run's epoch, and pushed as they are.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use super::format::{self, Kind};
 use super::reader;
@@ -40,16 +43,60 @@ struct Pending {
     placements: Vec<Placement>,
     /// The sequence number of the last record appended.
     last_seq: u64,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Progress {
+    /// The signal of the records in `buf`: set when the batch that takes them is handled.
+    signal: Arc<Signal>,
+    /// The batches taken and not yet handled: the last sequence number of each, and its
+    /// signal. One at a time with the one flusher.
+    flying: VecDeque<(u64, Arc<Signal>)>,
     /// Every batch up to this sequence number has been handled.
     done: u64,
     /// Every batch up to this sequence number is written (and synced, as the policy says).
     ok_through: u64,
     /// The failure that stopped the journal, if any.
     error: Option<Arc<JournalError>>,
+}
+
+impl Pending {
+    /// How the batches through `seq` went, once all of them are handled.
+    fn outcome(&self, seq: u64) -> Result<(), Arc<JournalError>> {
+        if seq <= self.ok_through {
+            Ok(())
+        } else {
+            Err(self
+                .error
+                .clone()
+                .unwrap_or_else(|| Arc::new(JournalError::Poisoned)))
+        }
+    }
+}
+
+/// How one batch went, and the submits waiting for it: each waits on its own batch's signal,
+/// so handling a batch wakes its waiters and no one else.
+#[derive(Debug, Default)]
+struct Signal {
+    outcome: OnceLock<Result<(), Arc<JournalError>>>,
+    handled: Notify,
+}
+
+impl Signal {
+    fn set(&self, outcome: Result<(), Arc<JournalError>>) {
+        // Set once: a batch is handled once.
+        let _ = self.outcome.set(outcome);
+        self.handled.notify_waiters();
+    }
+
+    async fn wait(&self) -> Result<(), Arc<JournalError>> {
+        // Registered before the check: a `notify_waiters` after it wakes this one.
+        let handled = self.handled.notified();
+        if let Some(outcome) = self.outcome.get() {
+            return outcome.clone();
+        }
+        handled.await;
+        self.outcome
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Err(Arc::new(JournalError::Poisoned)))
+    }
 }
 
 /// The shared buffer and the progress of its flushes.
@@ -60,7 +107,6 @@ pub(crate) struct Commit {
     pending: Mutex<Pending>,
     /// Wakes the flusher.
     pushed: Notify,
-    progress: watch::Sender<Progress>,
 }
 
 /// A batch taken by the flusher.
@@ -83,7 +129,6 @@ impl Commit {
             epoch,
             pending: Mutex::new(Pending::default()),
             pushed: Notify::new(),
-            progress: watch::Sender::new(Progress::default()),
         }
     }
 
@@ -94,17 +139,14 @@ impl Commit {
     /// Encodes `record` as a live task (`moved`: a newer record of a task already journaled,
     /// not a new task) and appends it. Returns its sequence number.
     pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> u64 {
-        let mut bytes = Vec::with_capacity(format::task_record_len(
-            record.payload.len(),
-            record.last_error.len(),
-        ));
-        let len = format::encode_record(&mut bytes, self.epoch, Kind::Task, record);
-        let placement = Placement {
-            id: record.id,
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-            moved,
-        };
-        self.push(&bytes, Some(placement))
+        self.push(|buf| {
+            let len = format::encode_record(buf, self.epoch, Kind::Task, record);
+            Some(Placement {
+                id: record.id,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                moved,
+            })
+        })
     }
 
     /// The epoch records are encoded under.
@@ -114,9 +156,10 @@ impl Commit {
 
     /// Appends an ack for `id`. Returns its sequence number.
     pub(crate) fn push_ack(&self, id: TaskId) -> u64 {
-        let mut bytes = Vec::with_capacity(format::RECORD_HEADER_LEN);
-        format::encode_ack(&mut bytes, self.epoch, id);
-        self.push(&bytes, None)
+        self.push(|buf| {
+            format::encode_ack(buf, self.epoch, id);
+            None
+        })
     }
 
     /// Appends the copies of `chunk` (entries of `copies`) that `keep` accepts, in order, as
@@ -136,30 +179,38 @@ impl Commit {
             if !keep(copy) {
                 continue;
             }
-            let placement = Placement {
-                id: copy.id,
-                len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
-                moved: true,
-            };
-            let seq = self.push(bytes, Some(placement));
+            let seq = self.push(|buf| {
+                buf.extend_from_slice(bytes);
+                Some(Placement {
+                    id: copy.id,
+                    len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+                    moved: true,
+                })
+            });
             pushed.count += 1;
             pushed.last_seq = Some(seq);
         }
         pushed
     }
 
-    /// Appends encoded records: one task record with its placement, or an ack (`None`).
-    fn push(&self, bytes: &[u8], task: Option<Placement>) -> u64 {
-        let seq = {
+    /// Appends one record, which `encode` writes straight into the buffer (no copy of its
+    /// own), returning the placement of a task record or `None` for an ack.
+    fn push(&self, encode: impl FnOnce(&mut Vec<u8>) -> Option<Placement>) -> u64 {
+        let (seq, first) = {
             let mut pending = self.pending();
-            pending.buf.extend_from_slice(bytes);
-            if let Some(placement) = task {
+            let pending = &mut *pending;
+            let first = pending.buf.is_empty();
+            if let Some(placement) = encode(&mut pending.buf) {
                 pending.placements.push(placement);
             }
             pending.last_seq += 1;
-            pending.last_seq
+            (pending.last_seq, first)
         };
-        self.pushed.notify_one();
+        // The push that made the buffer non-empty woke the flusher, and the flusher takes
+        // until the buffer is empty: a push behind it needs no wake-up of its own.
+        if first {
+            self.pushed.notify_one();
+        }
         seq
     }
 
@@ -176,26 +227,42 @@ impl Commit {
             return None;
         }
         let placements = std::mem::take(&mut pending.placements);
+        let signal = std::mem::take(&mut pending.signal);
+        let last_seq = pending.last_seq;
+        pending.flying.push_back((last_seq, signal));
         Some(Batch {
             bytes: std::mem::take(&mut pending.buf),
             new_tasks: placements.iter().any(|p| !p.moved),
             placements,
-            last_seq: pending.last_seq,
+            last_seq,
         })
     }
 
-    /// Publishes how a batch went.
+    /// Publishes how a batch went, and wakes the submits waiting for it.
     pub(crate) fn finish(&self, last_seq: u64, result: Result<(), Arc<JournalError>>) {
-        self.progress.send_modify(|progress| {
-            progress.done = progress.done.max(last_seq);
+        let mut handled = Vec::new();
+        let outcome = {
+            let mut pending = self.pending();
+            pending.done = pending.done.max(last_seq);
             match result {
-                Ok(()) if progress.error.is_none() => progress.ok_through = last_seq,
+                Ok(()) if pending.error.is_none() => pending.ok_through = last_seq,
                 Ok(()) => {}
                 Err(error) => {
-                    progress.error.get_or_insert(error);
+                    pending.error.get_or_insert(error);
                 }
             }
-        });
+            while pending
+                .flying
+                .front()
+                .is_some_and(|(last, _)| *last <= last_seq)
+            {
+                handled.extend(pending.flying.pop_front());
+            }
+            pending.outcome(last_seq)
+        };
+        for (_, signal) in handled {
+            signal.set(outcome.clone());
+        }
     }
 
     /// The sequence number of the last record pushed.
@@ -209,19 +276,18 @@ impl Commit {
     ///
     /// The journal failed before that batch was safe.
     pub(crate) async fn wait(&self, seq: u64) -> Result<(), Arc<JournalError>> {
-        let mut rx = self.progress.subscribe();
-        let progress = match rx.wait_for(|p| p.done >= seq).await {
-            Ok(progress) => progress.clone(),
-            // The sender lives as long as `self`.
-            Err(_) => return Err(Arc::new(JournalError::Poisoned)),
+        let signal = {
+            let pending = self.pending();
+            if seq <= pending.done {
+                return pending.outcome(seq);
+            }
+            match pending.flying.iter().find(|(last, _)| seq <= *last) {
+                Some((_, signal)) => Arc::clone(signal),
+                // Still in the buffer.
+                None => Arc::clone(&pending.signal),
+            }
         };
-        if seq <= progress.ok_through {
-            Ok(())
-        } else {
-            Err(progress
-                .error
-                .unwrap_or_else(|| Arc::new(JournalError::Poisoned)))
-        }
+        signal.wait().await
     }
 }
 
@@ -384,6 +450,74 @@ mod tests {
             commit.wait(3).await.is_err(),
             "nothing after a failure is trusted"
         );
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Wakes {
+        fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn handling_a_batch_wakes_its_own_waiters_and_no_others() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+
+        let commit = Commit::new(EPOCH);
+        let first = commit.push_task(&record(1, b"a"), false);
+        let batch = commit.take().unwrap();
+        let second = commit.push_task(&record(2, b"b"), false);
+        let (one, two) = (Arc::new(Wakes::default()), Arc::new(Wakes::default()));
+        let (waker_one, waker_two) = (Waker::from(Arc::clone(&one)), Waker::from(Arc::clone(&two)));
+        let mut wait_one = std::pin::pin!(commit.wait(first));
+        let mut wait_two = std::pin::pin!(commit.wait(second));
+        assert!(
+            wait_one
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker_one))
+                .is_pending()
+        );
+        assert!(
+            wait_two
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker_two))
+                .is_pending()
+        );
+
+        commit.finish(batch.last_seq, Ok(()));
+        assert_eq!(
+            (one.count(), two.count()),
+            (1, 0),
+            "only the first batch's waiter"
+        );
+        assert!(matches!(
+            wait_one.as_mut().poll(&mut Context::from_waker(&waker_one)),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(
+            wait_two
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker_two))
+                .is_pending()
+        );
+
+        let batch = commit.take().unwrap();
+        commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+        assert_eq!(two.count(), 1);
+        assert!(matches!(
+            wait_two.as_mut().poll(&mut Context::from_waker(&waker_two)),
+            Poll::Ready(Err(_))
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`moved`](LiveIndex::placed) records make the old segments empty.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::journal::Placement;
 use crate::task::TaskId;
@@ -28,10 +29,32 @@ struct Entry {
     moving: u32,
 }
 
+/// A multiply-rotate hash of the id's two numbers: ids are made by the pool (or read back
+/// from its own journal), not chosen by a caller, so no keyed hash is needed, and every submit
+/// and every ack pays for one.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Where every unfinished, journaled task is.
 #[derive(Debug, Default)]
 pub(crate) struct LiveIndex {
-    tasks: HashMap<TaskId, Entry>,
+    tasks: HashMap<TaskId, Entry, BuildHasherDefault<IdHasher>>,
     segments: BTreeMap<u64, Usage>,
     /// The newest segment a batch was placed in: the one being written.
     newest: u64,
@@ -57,6 +80,9 @@ impl LiveIndex {
     /// its old segment, unless it finished meanwhile.
     pub(crate) fn placed(&mut self, segment: u64, placements: &[Placement]) {
         self.newest = self.newest.max(segment);
+        // Counted once for the batch: every record of it is in `segment`.
+        let mut added = Usage::default();
+        self.tasks.reserve(placements.len());
         for placement in placements {
             if placement.moved {
                 let Some(entry) = self.tasks.get_mut(&placement.id) else {
@@ -77,7 +103,13 @@ impl LiveIndex {
                     },
                 );
             }
-            self.add(segment, placement.len);
+            added.tasks += 1;
+            added.bytes += u64::from(placement.len);
+        }
+        if added.tasks > 0 {
+            let usage = self.segments.entry(segment).or_default();
+            usage.tasks += added.tasks;
+            usage.bytes += added.bytes;
         }
     }
 
