@@ -43,6 +43,7 @@ mod task_builder;
 #[cfg(feature = "postgres")]
 mod transactional;
 mod upkeep;
+mod waiting;
 mod worker;
 mod write_ahead;
 

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use super::job::{Job, Queued};
 use super::lock::lock;
+use super::waiting::Waiting;
 use crate::journal::MAX_PRIORITY;
 use crate::task::TaskId;
 
@@ -60,8 +61,8 @@ pub(crate) struct Queue<T> {
     room: Notify,
     /// Woken when a slot is used or given up after the shutdown took the queue.
     settled: Notify,
-    /// Failed tasks waiting for their retry, with the instant they are due.
-    waiting: Mutex<Vec<(Instant, Job<T>)>>,
+    /// Tasks waiting for their time (retries, tasks for later), by when they are due.
+    waiting: Mutex<Waiting<T>>,
     /// Woken when a retry is added.
     waiting_changed: Notify,
     /// The gate: shared, so that a trigger that must not keep the pool alive (a signal
@@ -224,7 +225,7 @@ impl<T> Slot<'_, T> {
     pub(crate) fn schedule(self, job: Job<T>, delay: Duration) {
         let queue = self.queue;
         let mut lanes = lock(&queue.lanes);
-        lock(&queue.waiting).push((Instant::now() + delay, job));
+        lock(&queue.waiting).push(Instant::now() + delay, job);
         lanes.reserved -= 1;
         let taken = lanes.taken;
         drop(lanes);
@@ -276,7 +277,7 @@ impl<T> Queue<T> {
             ready: Notify::new(),
             room: Notify::new(),
             settled: Notify::new(),
-            waiting: Mutex::new(waiting),
+            waiting: Mutex::new(Waiting::new(waiting)),
             waiting_changed: Notify::new(),
             gate: Arc::new(Gate::default()),
         }
@@ -459,7 +460,7 @@ impl<T> Queue<T> {
 
     /// Puts a failed task back after its backoff delay.
     pub(crate) fn retry_later(&self, job: Job<T>, delay: Duration) {
-        lock(&self.waiting).push((Instant::now() + delay, job));
+        lock(&self.waiting).push(Instant::now() + delay, job);
         self.waiting_changed.notify_one();
     }
 
@@ -468,29 +469,22 @@ impl<T> Queue<T> {
         self.waiting_changed.notified().await;
     }
 
-    /// Moves the retries that are due to the backlog; returns when the next one is due.
+    /// Moves the retries and scheduled tasks that are due to the backlog (in id order); returns
+    /// when the next one is due.
     pub(crate) fn release_due(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut waiting = lock(&self.waiting);
-        let mut due = Vec::new();
-        let mut i = 0;
-        while i < waiting.len() {
-            if waiting[i].0 <= now {
-                due.push(waiting.swap_remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        let next = waiting.iter().map(|(at, _)| *at).min();
+        let mut due = waiting.take_due(now);
+        let next = waiting.next_due();
         drop(waiting);
         if !due.is_empty() {
-            due.sort_by_key(|(_, job)| job.id);
+            due.sort_by_key(|job| job.id);
             #[cfg(feature = "metrics")]
-            for (_, job) in &mut due {
+            for job in &mut due {
                 job.queued_at = now;
             }
             let mut lanes = lock(&self.lanes);
-            lanes.backlog.extend(due.into_iter().map(|(_, job)| job));
+            lanes.backlog.extend(due);
             let woken = lanes.idle.min(lanes.backlog.len());
             lanes.idle -= woken;
             drop(lanes);
@@ -533,10 +527,7 @@ impl<T> Queue<T> {
 
     /// The retries still waiting for their time (they keep it: see `Job::state`).
     pub(crate) fn take_waiting(&self) -> Vec<Job<T>> {
-        std::mem::take(&mut *lock(&self.waiting))
-            .into_iter()
-            .map(|(_, job)| job)
-            .collect()
+        lock(&self.waiting).take_all()
     }
 
     /// How many tasks wait: in the backlog, new ones (slots reserved included), and for their

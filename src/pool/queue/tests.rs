@@ -172,3 +172,24 @@ async fn the_shutdown_takes_every_task_in_id_order_and_waits_for_slots_in_use() 
     assert_eq!(encoded.count(), 8, "those held encoded still are");
     assert_eq!(queue.len(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiting_tasks_are_released_as_they_come_due_and_the_rest_keep_waiting() {
+    let queue = queue(8, &[]);
+    let now = Instant::now();
+    // Out of order, and many: each release takes only what is due.
+    for seq in (1..=1000).rev() {
+        queue.retry_later(job(seq), Duration::from_millis(seq));
+    }
+    assert_eq!(queue.len(), 1000);
+    tokio::time::advance(Duration::from_millis(3)).await;
+    assert_eq!(queue.release_due(), Some(now + Duration::from_millis(4)));
+    for expected in 1..=3 {
+        let job = queue.next_job().await.unwrap();
+        assert_eq!(seq(&job), expected);
+    }
+    assert_eq!(queue.len(), 997);
+    let rest = queue.take_waiting();
+    assert_eq!(rest.len(), 997);
+    assert_eq!(queue.release_due(), None);
+}
