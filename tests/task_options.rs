@@ -551,3 +551,23 @@ mod sigkill {
         });
     }
 }
+
+#[test]
+fn a_run_at_far_in_the_future_waits_through_a_spill_and_a_reload_without_overflowing() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, runner) = builder(dir.path()).build().await.unwrap();
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 1_000_000);
+        submit(&pool, "far".to_string(), |t| t.run_at(far)).await;
+        submit(&pool, "never".to_string(), |t| t.delay(Duration::MAX)).await;
+        drop(runner);
+        assert_eq!(pool.shutdown().await.unwrap().spilled, 2);
+        let (pool, runner) = builder(dir.path()).build().await.unwrap();
+        let seen = Seen::default();
+        run(runner, &seen);
+        assert_eq!(pool.stats().queued, 2);
+        let report = pool.shutdown().await.unwrap();
+        assert_eq!((report.replayed, report.spilled), (2, 2));
+        assert!(names(&seen).is_empty());
+    });
+}

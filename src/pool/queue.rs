@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use super::job::{Job, Queued};
 use super::lock::lock;
-use super::waiting::Waiting;
+use super::waiting::{Waiting, due_after};
 use crate::journal::MAX_PRIORITY;
 use crate::task::TaskId;
 
@@ -225,7 +225,7 @@ impl<T> Slot<'_, T> {
     pub(crate) fn schedule(self, job: Job<T>, delay: Duration) {
         let queue = self.queue;
         let mut lanes = lock(&queue.lanes);
-        lock(&queue.waiting).push(Instant::now() + delay, job);
+        lock(&queue.waiting).push(due_after(Instant::now(), delay), job);
         lanes.reserved -= 1;
         let taken = lanes.taken;
         drop(lanes);
@@ -460,7 +460,7 @@ impl<T> Queue<T> {
 
     /// Puts a failed task back after its backoff delay.
     pub(crate) fn retry_later(&self, job: Job<T>, delay: Duration) {
-        lock(&self.waiting).push(Instant::now() + delay, job);
+        lock(&self.waiting).push(due_after(Instant::now(), delay), job);
         self.waiting_changed.notify_one();
     }
 

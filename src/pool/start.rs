@@ -30,6 +30,7 @@ use super::shared::Shared;
 use super::shutdown::Shutdown;
 use super::store::Store;
 use super::upkeep;
+use super::waiting::due_after;
 use super::worker;
 use super::write_ahead::WriteAhead;
 use crate::codec::Encoding;
@@ -353,7 +354,7 @@ fn replay<T: 'static>(
         };
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);
-            replay.waiting.push((now + delay, job));
+            replay.waiting.push((due_after(now, delay), job));
         } else {
             replay.backlog.push_back(job);
         }

@@ -6,10 +6,21 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::job::Job;
 use crate::task::TaskId;
+
+/// The longest wait kept as such: about 30 years. A time further off (a run-at far in the
+/// future, or one read from the journal) waits this long instead of overflowing the clock.
+const LONGEST: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// The instant `delay` after `now`, capped at [`LONGEST`] from it.
+pub(crate) fn due_after(now: Instant, delay: Duration) -> Instant {
+    now.checked_add(delay.min(LONGEST)).unwrap_or(now)
+}
 
 /// A task and when it is due.
 struct Entry<T> {
