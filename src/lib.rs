@@ -16,6 +16,10 @@
 //! running at the drain deadline is requeued, dropped or dead-lettered as
 //! [`DeadlineAction`] says. Payloads are JSON by default; any [`Codec`] can replace it.
 //!
+//! [`Pool::task`] submits one task with options, journaled with it: a priority, a time to run
+//! at, a time to live, a unique key (a duplicate is refused while the first is held), its own
+//! retry limit ([`TaskBuilder`]).
+//!
 //! With the `metrics` feature, a pool records counters, gauges and histograms through the
 //! [`metrics`](https://docs.rs/metrics) facade, labelled with its [`Builder::name`]; the README
 //! lists them.
