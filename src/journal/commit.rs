@@ -226,12 +226,15 @@ impl Commit {
         if pending.buf.is_empty() {
             return None;
         }
-        let placements = std::mem::take(&mut pending.placements);
+        // The next batch starts with this one's room: grown from nothing, each batch would pay
+        // a run of reallocations (and copies) on the submit path.
+        let room = (pending.buf.capacity(), pending.placements.capacity());
+        let placements = std::mem::replace(&mut pending.placements, Vec::with_capacity(room.1));
         let signal = std::mem::take(&mut pending.signal);
         let last_seq = pending.last_seq;
         pending.flying.push_back((last_seq, signal));
         Some(Batch {
-            bytes: std::mem::take(&mut pending.buf),
+            bytes: std::mem::replace(&mut pending.buf, Vec::with_capacity(room.0)),
             new_tasks: placements.iter().any(|p| !p.moved),
             placements,
             last_seq,
