@@ -408,7 +408,8 @@ pub(crate) fn options_bytes(options: Option<&TaskOptions>) -> usize {
 /// The longest last-error text kept in a record; longer texts are cut at a character boundary.
 pub(crate) const MAX_ERROR_LEN: usize = 4096;
 
-fn truncate_utf8(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -46,6 +46,8 @@ pub(crate) fn options_bytes(options: Option<&TaskOptions>) -> usize {
     format::options_bytes(options)
 }
 
+pub(crate) use self::format::truncate_utf8;
+
 mod commit;
 mod dir;
 #[cfg(test)]

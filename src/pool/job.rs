@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::remote::Lease;
 use crate::codec::Encoding;
@@ -13,9 +13,18 @@ use crate::task::TaskId;
 
 /// The wall clock, in milliseconds since the Unix epoch (what the journal stores).
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    epoch_ms(SystemTime::now())
+}
+
+/// `at` in milliseconds since the Unix epoch (0 before it, saturated far after).
+pub(crate) fn epoch_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `after` from now, in milliseconds since the Unix epoch, saturated.
+pub(crate) fn ms_from_now(after: Duration) -> u64 {
+    now_ms().saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A task waiting for, or held by, a worker.

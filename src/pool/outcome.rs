@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
-use super::job::now_ms;
 use super::job::{Held, Job, Payload};
+use super::job::{ms_from_now, now_ms};
 use super::remote::Failed;
 use super::shared::Shared;
 use super::worker::{CatchUnwind, Host, Outcome, panic_message};
@@ -166,7 +166,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             %error,
             "task failed; will retry"
         );
-        job.state.not_before_ms = now_ms().saturating_add(delay.as_millis() as u64);
+        job.state.not_before_ms = ms_from_now(delay);
         if let Some(reserve) = &self.reserve
             && job.reserved > 0
         {

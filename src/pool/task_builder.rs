@@ -2,13 +2,13 @@
 //! limit), from [`Pool::task`](crate::Pool::task).
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use super::intake::Extras;
-use super::job::now_ms;
+use super::job::{epoch_ms, ms_from_now};
 use super::shared::Shared;
 use crate::error::SubmitError;
-use crate::journal::{MAX_KEY_LEN, MAX_PRIORITY, TaskOptions};
+use crate::journal::{MAX_KEY_LEN, MAX_PRIORITY, TaskOptions, truncate_utf8};
 use crate::task::TaskId;
 
 /// One task and its options, made by [`Pool::task`](crate::Pool::task) and submitted by
@@ -36,17 +36,6 @@ impl<T> fmt::Debug for TaskBuilder<'_, T> {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 before it, saturated far after).
-fn epoch_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// `now + after`, in ms since the Unix epoch, saturated.
-fn from_now(after: Duration) -> u64 {
-    now_ms().saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
-}
-
 impl<'a, T: Send + Sync + 'static> TaskBuilder<'a, T> {
     pub(crate) fn new(shared: &'a Shared<T>, payload: T) -> Self {
         Self {
@@ -72,7 +61,7 @@ impl<'a, T: Send + Sync + 'static> TaskBuilder<'a, T> {
     /// in the queue's capacity; a shutdown spills it with its time, and the next start waits
     /// for what is left of it. Then it runs before the new tasks.
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.not_before_ms = from_now(delay);
+        self.not_before_ms = ms_from_now(delay);
         self
     }
 
@@ -88,7 +77,7 @@ impl<'a, T: Send + Sync + 'static> TaskBuilder<'a, T> {
     /// [`Builder::on_expiry`](crate::Builder::on_expiry) says, and is counted in
     /// [`Counts::expired`](crate::Counts::expired). A run already started is not stopped.
     pub fn time_to_live(mut self, ttl: Duration) -> Self {
-        self.options.expires_ms = from_now(ttl).max(1);
+        self.options.expires_ms = ms_from_now(ttl).max(1);
         self
     }
 
@@ -107,13 +96,7 @@ impl<'a, T: Send + Sync + 'static> TaskBuilder<'a, T> {
     /// (the table itself does not refuse duplicates).
     pub fn unique_key(mut self, key: impl Into<String>) -> Self {
         let mut key: String = key.into();
-        if key.len() > MAX_KEY_LEN {
-            let mut end = MAX_KEY_LEN;
-            while !key.is_char_boundary(end) {
-                end -= 1;
-            }
-            key.truncate(end);
-        }
+        key.truncate(truncate_utf8(&key, MAX_KEY_LEN).len());
         self.options.key = (!key.is_empty()).then(|| key.into_boxed_str());
         self
     }
