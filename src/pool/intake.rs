@@ -34,9 +34,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return self.follow_up(payload, size, extras).await;
         }
         let reserved = match room {
-            // A task for later takes no room among the new tasks: its slot only orders it
-            // against the shutdown's collection.
-            _ if extras.is_scheduled() => self.queue.reserve_scheduled(),
+            _ if extras.is_scheduled() => self.slot_now(&extras),
             None => self.queue.reserve().await,
             Some(wait) => tokio::time::timeout(wait, self.queue.reserve())
                 .await
@@ -121,18 +119,23 @@ impl<T: Send + Sync + 'static> Shared<T> {
             // Journaling waits for the disk (or the store); only `submit` can do that.
             return Err(SubmitError::WouldBlock(payload));
         }
-        let reserved = if extras.is_scheduled() {
-            self.queue.reserve_scheduled()
-        } else {
-            self.queue.try_reserve()
-        };
-        match reserved {
+        match self.slot_now(&extras) {
             Ok(slot) => {
                 let (payload, id, state) = self.claim(payload, size, &extras)?;
                 Ok(self.accept(slot, id, state, payload, size, extras, Durable::default()))
             }
             Err(NoRoom::Full) => Err(SubmitError::Full(payload)),
             Err(NoRoom::Closed) => Err(SubmitError::ShuttingDown(payload)),
+        }
+    }
+
+    /// A slot without waiting: one outside the capacity for a task for later (it waits with the
+    /// retries; the slot only orders it against the shutdown's collection), else room now.
+    fn slot_now(&self, extras: &Extras) -> Result<Slot<'_, T>, NoRoom> {
+        if extras.is_scheduled() {
+            self.queue.reserve_scheduled()
+        } else {
+            self.queue.try_reserve()
         }
     }
 
@@ -271,12 +274,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         size: usize,
         extras: Extras,
     ) -> Result<TaskId, SubmitError<T>> {
-        let reserved = if extras.is_scheduled() {
-            self.queue.reserve_scheduled()
-        } else {
-            self.queue.try_reserve()
-        };
-        if let Ok(slot) = reserved {
+        if let Ok(slot) = self.slot_now(&extras) {
             if self.writes_ahead() {
                 return self.write_ahead(slot, payload, size, extras).await;
             }
