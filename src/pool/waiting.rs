@@ -17,9 +17,10 @@ use crate::task::TaskId;
 /// future, or one read from the journal) waits this long instead of overflowing the clock.
 const LONGEST: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 
-/// The instant `delay` after `now`, capped at [`LONGEST`] from it.
+/// The instant `delay` after `now`, capped at [`LONGEST`] from it (which the monotonic
+/// clock, counted from boot, always has room for).
 pub(crate) fn due_after(now: Instant, delay: Duration) -> Instant {
-    now.checked_add(delay.min(LONGEST)).unwrap_or(now)
+    now + delay.min(LONGEST)
 }
 
 /// A task and when it is due.
