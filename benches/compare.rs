@@ -498,7 +498,14 @@ impl Done {
 const STEADY_WORKERS: usize = 2;
 const STEADY_QUEUE: usize = 1024;
 
-async fn steady_drainpool(dir: &Path, payloads: Vec<Email>, work: Work) -> BoxResult<f64> {
+/// drainpool's steady rate: with `levels` above 1, task `i` is submitted at priority
+/// `i % levels` through `Pool::task` (what the priority lanes cost against the plain queue).
+async fn steady_drainpool(
+    dir: &Path,
+    payloads: Vec<Email>,
+    work: Work,
+    levels: u8,
+) -> BoxResult<f64> {
     let done = Done::new(payloads.len() as u64);
     let handler_done = Arc::clone(&done);
     let pool = Pool::builder()
@@ -516,10 +523,14 @@ async fn steady_drainpool(dir: &Path, payloads: Vec<Email>, work: Work) -> BoxRe
         .await?;
     let n = payloads.len() as f64;
     let t = Instant::now();
-    for payload in payloads {
-        pool.submit(payload)
-            .await
-            .map_err(|e| format!("submit: {e}"))?;
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let submitted = if levels > 1 {
+            let level = (i % usize::from(levels)) as u8;
+            pool.task(payload).priority(level).submit().await
+        } else {
+            pool.submit(payload).await
+        };
+        submitted.map_err(|e| format!("submit: {e}"))?;
     }
     done.wait().await;
     let secs = t.elapsed().as_secs_f64();
@@ -630,7 +641,7 @@ fn steady_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
                 let payloads: Vec<Email> = (0..tasks).map(email).collect();
                 let rate = rt.block_on(async {
                     match variant {
-                        0 => steady_drainpool(&journal, payloads, work).await,
+                        0 => steady_drainpool(&journal, payloads, work, 1).await,
                         1 => steady_shared_receiver(payloads, work).await,
                         _ => steady_dispatcher(payloads, work).await,
                     }
@@ -671,42 +682,6 @@ fn steady_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
     Ok(rows)
 }
 
-/// Steady state with every task given one of `levels` priorities (task `i` gets `i % levels`),
-/// through `Pool::task`: what the priority lanes cost against the plain queue.
-async fn steady_levels(dir: &Path, payloads: Vec<Email>, levels: u8) -> BoxResult<f64> {
-    let done = Done::new(payloads.len() as u64);
-    let handler_done = Arc::clone(&done);
-    let pool = Pool::builder()
-        .workers(STEADY_WORKERS)
-        .queue_capacity(STEADY_QUEUE)
-        .journal_dir(fresh_dir(dir)?)
-        .start(move |task: Task<Email>| {
-            let done = Arc::clone(&handler_done);
-            async move {
-                Work::Noop.run(task.payload());
-                done.tick();
-                Ok::<(), Infallible>(())
-            }
-        })
-        .await?;
-    let n = payloads.len() as f64;
-    let t = Instant::now();
-    for (i, payload) in payloads.into_iter().enumerate() {
-        pool.task(payload)
-            .priority((i % usize::from(levels)) as u8)
-            .submit()
-            .await
-            .map_err(|e| format!("submit: {e}"))?;
-    }
-    done.wait().await;
-    let secs = t.elapsed().as_secs_f64();
-    let report = pool.shutdown().await?;
-    if !report.is_clean() || report.completed as f64 != n {
-        return Err(format!("priority run not clean: {report:?}").into());
-    }
-    Ok(n / secs)
-}
-
 /// The steady no-op row with 8 priority levels in use, against the faster hand-written pool
 /// and, in the detail, drainpool without priorities, interleaved in the same runs.
 fn priority_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
@@ -722,8 +697,8 @@ fn priority_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
             let payloads: Vec<Email> = (0..tasks).map(email).collect();
             let rate = rt.block_on(async {
                 match variant {
-                    0 => steady_levels(&journal, payloads, LEVELS).await,
-                    1 => steady_drainpool(&journal, payloads, Work::Noop).await,
+                    0 => steady_drainpool(&journal, payloads, Work::Noop, LEVELS).await,
+                    1 => steady_drainpool(&journal, payloads, Work::Noop, 1).await,
                     2 => steady_shared_receiver(payloads, Work::Noop).await,
                     _ => steady_dispatcher(payloads, Work::Noop).await,
                 }
