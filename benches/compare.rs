@@ -1288,8 +1288,8 @@ fn sqlite_rate(dir: &Path, submitters: usize, period: Duration, shared: bool) ->
 }
 
 /// `submitters` concurrent submitters of distinct payloads into `pool` for `period`: the
-/// tasks accepted.
-async fn submit_for(pool: &Pool<Email>, submitters: usize, period: Duration) -> u64 {
+/// tasks accepted, or the first refusal.
+async fn submit_for(pool: &Pool<Email>, submitters: usize, period: Duration) -> BoxResult<u64> {
     let accepted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut lanes = tokio::task::JoinSet::new();
@@ -1298,15 +1298,29 @@ async fn submit_for(pool: &Pool<Email>, submitters: usize, period: Duration) -> 
         lanes.spawn(async move {
             let mut i = lane;
             while started.elapsed() < period {
-                if pool.submit(email(i)).await.is_ok() {
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                }
+                pool.submit(email(i)).await.map_err(|e| e.to_string())?;
+                accepted.fetch_add(1, Ordering::Relaxed);
                 i += submitters as u64;
             }
+            Ok::<(), String>(())
         });
     }
-    while lanes.join_next().await.is_some() {}
-    accepted.load(Ordering::Relaxed)
+    while let Some(lane) = lanes.join_next().await {
+        lane??;
+    }
+    Ok(accepted.load(Ordering::Relaxed))
+}
+
+/// A handler that does nothing with its task but count it in `completed`.
+fn counting(
+    completed: &Arc<AtomicU64>,
+) -> impl Fn(Task<Email>) -> std::future::Ready<Result<(), Infallible>> + Send + Sync + 'static {
+    let completed = Arc::clone(completed);
+    move |task: Task<Email>| {
+        black_box(task.payload());
+        completed.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok(()))
+    }
 }
 
 /// Write-ahead submits per second (`WriteAhead { sync: Always }`: each `submit` returns after
@@ -1326,7 +1340,7 @@ fn write_ahead_rate(dir: &Path, submitters: usize, period: Duration) -> BoxResul
             })
             .await?;
         let started = Instant::now();
-        let accepted = submit_for(&pool, submitters, period).await;
+        let accepted = submit_for(&pool, submitters, period).await?;
         let rate = accepted as f64 / started.elapsed().as_secs_f64();
         let report = pool.shutdown().await?;
         if !report.is_clean() {
@@ -1354,17 +1368,10 @@ fn end_to_end_rate(
             .queue_capacity(submitters * 4 + 64)
             .durability(durability)
             .journal_dir(&journal)
-            .start({
-                let completed = Arc::clone(&completed);
-                move |task: Task<Email>| {
-                    black_box(task.payload());
-                    completed.fetch_add(1, Ordering::Relaxed);
-                    async { Ok::<(), Infallible>(()) }
-                }
-            })
+            .start(counting(&completed))
             .await?;
         let started = Instant::now();
-        let n = submit_for(&pool, submitters, period).await;
+        let n = submit_for(&pool, submitters, period).await?;
         while completed.load(Ordering::Relaxed) < n {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }

@@ -27,7 +27,10 @@ use serde_json::json;
 use tokio::runtime::Runtime;
 use tokio_postgres::{Client, NoTls};
 
-use super::{BoxResult, Row, Scale, fresh_dir, median, rate_text, runtime, secs_text, thousands};
+use super::{
+    BoxResult, Row, Scale, counting, fresh_dir, median, rate_text, runtime, secs_text, submit_for,
+    thousands,
+};
 use crate::common::{Email, email};
 
 /// The server the rows use when `DATABASE_URL` is unset (the tests' default too).
@@ -562,34 +565,10 @@ async fn write_ahead_end_to_end(
         .durability(Durability::write_ahead(SyncPolicy::Always))
         .journal_dir(fresh_dir(dir)?)
         .postgres(store(url, schema))
-        .start({
-            let completed = Arc::clone(&completed);
-            move |task: Task<Email>| {
-                black_box(task.payload());
-                completed.fetch_add(1, Ordering::Relaxed);
-                async { Ok::<(), Infallible>(()) }
-            }
-        })
+        .start(counting(&completed))
         .await?;
-    let submitted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let mut lanes = tokio::task::JoinSet::new();
-    for lane in 0..submitters {
-        let (pool, submitted) = (pool.clone(), Arc::clone(&submitted));
-        lanes.spawn(async move {
-            let mut i = lane as u64;
-            while started.elapsed() < period {
-                pool.submit(email(i)).await.map_err(|e| e.to_string())?;
-                submitted.fetch_add(1, Ordering::Relaxed);
-                i += submitters as u64;
-            }
-            Ok::<(), String>(())
-        });
-    }
-    while let Some(lane) = lanes.join_next().await {
-        lane??;
-    }
-    let n = submitted.load(Ordering::Relaxed);
+    let n = submit_for(&pool, submitters, period).await?;
     let waited = tokio::time::timeout(Duration::from_secs(300), async {
         while completed.load(Ordering::Relaxed) < n {
             tokio::time::sleep(Duration::from_millis(1)).await;
