@@ -190,14 +190,9 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         backlog,
         waiting,
         live,
+        keys,
     } = replay;
     recovery.replayed = (backlog.len() + waiting.len()) as u64;
-    let keys = Keys::default();
-    for job in backlog.iter().chain(waiting.iter().map(|(_, job)| job)) {
-        if let Some(key) = job.key() {
-            keys.adopt(key, job.id);
-        }
-    }
     let replayed = recovery.replayed;
     let sync = config
         .durability
@@ -273,12 +268,14 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
     Ok((pool, Runner { shared }))
 }
 
-/// The recovered tasks, ready to run: the backlog (in id order), the retries waiting for
-/// their time, and (write-ahead) where each one's record is.
+/// The recovered tasks, ready to run: the backlog (in replay order), the retries waiting for
+/// their time, (write-ahead) where each one's record is, and their unique keys.
 struct Replay<T> {
     backlog: VecDeque<Job<T>>,
     waiting: Vec<(Instant, Job<T>)>,
     live: LiveIndex,
+    /// The unique keys of the replayed tasks.
+    keys: Keys,
 }
 
 impl<T> Default for Replay<T> {
@@ -287,6 +284,7 @@ impl<T> Default for Replay<T> {
             backlog: VecDeque::new(),
             waiting: Vec::new(),
             live: LiveIndex::default(),
+            keys: Keys::default(),
         }
     }
 }
@@ -352,6 +350,9 @@ fn replay<T: 'static>(
             lease: None,
             options: task.options,
         };
+        if let Some(key) = job.key() {
+            replay.keys.adopt(key, job.id);
+        }
         if job.state.not_before_ms > wall {
             let delay = Duration::from_millis(job.state.not_before_ms - wall);
             replay.waiting.push((due_after(now, delay), job));
