@@ -9,7 +9,7 @@
 
 use metrics::{Gauge, Histogram, Unit};
 
-use crate::report::{Counters, Tally};
+use crate::report::{Counters, Tally, WorkerTally};
 
 /// The label that tells pools apart: the name given to
 /// [`Builder::name`](crate::Builder::name).
@@ -228,7 +228,10 @@ impl Metrics {
         let counters = Counters {
             replayed: counter(&REPLAYED),
             submitted: counter(&SUBMITTED),
-            completed: counter(&COMPLETED),
+            completed: WorkerTally::recorded(metrics::counter!(
+                COMPLETED.name,
+                LABEL => pool.to_owned()
+            )),
             failed: counter(&DEAD_LETTERED),
             retried: counter(&RETRIED),
             dropped: counter(&DROPPED),

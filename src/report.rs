@@ -386,12 +386,90 @@ impl Tally {
     }
 }
 
+/// How many stripes a [`Striped`] count has.
+const STRIPES: usize = 8;
+
+/// A count the workers move, in stripes: worker `i` moves stripe `i % STRIPES`, each stripe on
+/// cache lines of its own, so that two workers finishing tasks at once do not take the line
+/// from each other at every task. Reading sums the stripes.
+#[derive(Debug, Default)]
+pub(crate) struct Striped {
+    stripes: [Stripe; STRIPES],
+}
+
+/// 128 bytes: the pair of lines the adjacent-line prefetcher moves together.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+impl Striped {
+    pub(crate) fn add(&self, stripe: usize, n: u64) {
+        self.stripes[stripe % STRIPES]
+            .0
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(&self, stripe: usize, n: u64) {
+        self.stripes[stripe % STRIPES]
+            .0
+            .fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The sum of the stripes (one stripe may be below zero on its own: a task counted up on
+    /// one worker's stripe is never counted down on another's, so the sum never is).
+    pub(crate) fn get(&self) -> u64 {
+        self.stripes.iter().fold(0, |sum, stripe| {
+            sum.wrapping_add(stripe.0.load(Ordering::Relaxed))
+        })
+    }
+}
+
+/// A [`Tally`] the workers move: counted in [`Striped`] stripes.
+#[derive(Debug)]
+pub(crate) struct WorkerTally {
+    count: Striped,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Default for WorkerTally {
+    fn default() -> Self {
+        Self {
+            count: Striped::default(),
+            #[cfg(feature = "metrics")]
+            metric: metrics::Counter::noop(),
+        }
+    }
+}
+
+impl WorkerTally {
+    /// A count whose every step also goes to `metric`.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn recorded(metric: metrics::Counter) -> Self {
+        Self {
+            count: Striped::default(),
+            metric,
+        }
+    }
+
+    /// Adds `n` on the stripe of worker `stripe`.
+    pub(crate) fn add(&self, stripe: usize, n: u64) {
+        self.count.add(stripe, n);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(n);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.count.get()
+    }
+}
+
 /// The live counters behind [`Counts`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) replayed: Tally,
     pub(crate) submitted: Tally,
-    pub(crate) completed: Tally,
+    pub(crate) completed: WorkerTally,
     pub(crate) failed: Tally,
     pub(crate) retried: Tally,
     pub(crate) dropped: Tally,
@@ -405,7 +483,7 @@ pub(crate) struct Counters {
     #[cfg(feature = "metrics")]
     pub(crate) failed_runs: Tally,
     /// Handlers running now (not a [`Counts`] field: [`Stats::in_flight`]).
-    pub(crate) in_flight: AtomicU64,
+    pub(crate) in_flight: Striped,
 }
 
 impl Counters {

@@ -11,7 +11,6 @@
 //! did not take goes to the local journal.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -45,7 +44,7 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     shared.workers.close();
     shutdown.state.send_replace(State::Draining);
     tracing::info!(
-        in_flight = shared.counters.in_flight.load(Ordering::Relaxed),
+        in_flight = shared.counters.in_flight.get(),
         "shutdown: intake closed"
     );
     // No retry is released, no segment deleted or compacted from now on.
@@ -118,10 +117,9 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
         journal_dir: shared.store.dir().to_path_buf(),
         journal_error: shared.store.first_error(),
         #[cfg(feature = "postgres")]
-        handed_off: shared
-            .remote
-            .as_ref()
-            .map_or(0, |claims| claims.handed_off.load(Ordering::Relaxed)),
+        handed_off: shared.remote.as_ref().map_or(0, |claims| {
+            claims.handed_off.load(std::sync::atomic::Ordering::Relaxed)
+        }),
         #[cfg(feature = "postgres")]
         handoff_error: shared.remote.as_ref().and_then(|c| c.handoff_error()),
     };
@@ -196,7 +194,7 @@ async fn wait_in_flight<T: Send + Sync + 'static>(
         () = tokio::time::sleep_until(started + deadline) => {
             // Each task stopped is logged at WARN with its id as its outcome is settled.
             tracing::warn!(
-                in_flight = shared.counters.in_flight.load(Ordering::Relaxed),
+                in_flight = shared.counters.in_flight.get(),
                 "drain deadline passed; cancelling in-flight tasks"
             );
         }

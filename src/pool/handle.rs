@@ -357,10 +357,7 @@ impl<T> Pool<T> {
         let shared = &*self.shared;
         Stats {
             queued: shared.queue.len() as u64,
-            in_flight: shared
-                .counters
-                .in_flight
-                .load(std::sync::atomic::Ordering::Relaxed),
+            in_flight: shared.counters.in_flight.get(),
             journal_ready: self.journal_problem().is_none(),
             spill_reserve: shared.reserve.as_ref().map_or(0, |r| r.reserved()),
             counts: shared.counters.snapshot(),

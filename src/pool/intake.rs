@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::job::{Held, Job, Payload, now_ms, task_span};
+use super::job::{Fresh, Held, Job, Queued, now_ms, task_span};
 use super::queue::{NoRoom, Slot};
 use super::remote::Lease;
 use super::shared::Shared;
@@ -298,33 +298,31 @@ impl<T: Send + Sync + 'static> Shared<T> {
         self.ids.accepted(size);
     }
 
-    /// A new job, holding its share of the spill reserve.
-    fn job(
+    /// A new task as the queue holds it, with its share of the spill reserve.
+    fn queued(
         &self,
         (id, state): (TaskId, TaskState),
         payload: T,
         size: usize,
         extras: Extras,
         journaled: bool,
-    ) -> Job<T> {
+    ) -> Queued<T> {
         let reserved = if self.reserve.is_some() && !journaled {
             reserved_bytes(size + extras.bytes()) as u32
         } else {
             0
         };
-        Job {
+        Queued {
             id,
-            state,
-            last_error: None,
-            payload: Payload::new(payload),
+            enqueued_ms: state.enqueued_ms,
+            reserved,
             journaled,
-            replayed: false,
+            span: task_span(id),
             lease: None,
             options: extras.options,
-            reserved,
-            span: task_span(id),
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
+            payload: Fresh::Value(payload),
         }
     }
 
@@ -340,7 +338,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
         durable: Durable,
     ) -> Job<T> {
         let journaled = durable.journaled.is_some();
-        let mut job = self.job((id, state), payload, size, extras, journaled);
+        let mut job = self
+            .queued((id, state), payload, size, extras, journaled)
+            .into_job_in(state);
         job.lease = durable.lease;
         job
     }
@@ -352,7 +352,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         extras: Extras,
     ) -> Result<TaskId, SubmitError<T>> {
         let (payload, id, state) = self.claim(payload, size, &extras)?;
-        Ok(self.hold(self.job((id, state), payload, size, extras, false), size))
+        let job = self.queued((id, state), payload, size, extras, false);
+        Ok(self.hold(job.into_job_in(state), size))
     }
 
     /// Keeps an accepted follow-up (`size` encoded bytes) for the final spill, and counts it.
@@ -425,27 +426,30 @@ impl<T: Send + Sync + 'static> Shared<T> {
     ) -> TaskId {
         let Durable { journaled, lease } = durable;
         let options_bytes = extras.bytes();
-        let mut job = self.job((id, state), payload, size, extras, journaled.is_some());
-        job.lease = lease;
         // A task for at once (`not_before_ms` 0) reads no clock here.
         let now = if state.not_before_ms > 0 { now_ms() } else { 0 };
         if state.not_before_ms > now {
+            let mut job = self
+                .queued((id, state), payload, size, extras, journaled.is_some())
+                .into_job_in(state);
+            job.lease = lease;
             let delay = std::time::Duration::from_millis(state.not_before_ms - now);
             slot.schedule(job, delay);
             self.count_accepted(size);
             return id;
         }
-        let task = job.queued();
+        let mut task = self.queued((id, state), payload, size, extras, journaled.is_some());
+        task.lease = lease;
         let mut size = size;
         if let Err((slot, mut task)) = slot.send(task) {
-            let bytes = journaled.or_else(|| {
-                let value = task.payload.decoded()?;
-                self.codec.to_bytes(value, size).ok()
+            let bytes = journaled.or_else(|| match &task.payload {
+                Fresh::Value(value) => self.codec.to_bytes(value, size).ok(),
+                Fresh::Encoded(_) => None,
             });
             if let Some(bytes) = bytes {
                 size = bytes.len();
                 self.reserve_exact(&mut task.reserved, size + options_bytes);
-                task.payload = Payload::Encoded(bytes.into_boxed_slice());
+                task.payload = Fresh::Encoded(bytes.into_boxed_slice());
             }
             slot.send_encoded(task);
         }

@@ -92,28 +92,38 @@ impl<T> Payload<T> {
 
 /// A new task as the queue holds it: what a new task's [`Job`] holds, without what only a
 /// retried, replayed or claimed one needs (its state beyond the time it was accepted, its last
-/// error). About half the size of a `Job`; with the payload encoded, about half the memory of
-/// the decoded form again. A new task made durable as a row of the shared store (write-ahead
-/// with PostgreSQL) keeps its lease here.
+/// error), and with its payload as submitted, not shared yet (see [`Fresh`]). With the payload
+/// encoded, about half the memory of the decoded form. A new task made durable as a row of the
+/// shared store (write-ahead with PostgreSQL) keeps its lease here.
 pub(crate) struct Queued<T> {
-    id: TaskId,
-    enqueued_ms: u64,
+    pub(crate) id: TaskId,
+    pub(crate) enqueued_ms: u64,
     pub(crate) reserved: u32,
-    journaled: bool,
-    span: Option<Box<tracing::Span>>,
-    lease: Option<Arc<Lease>>,
-    options: Option<Box<TaskOptions>>,
+    pub(crate) journaled: bool,
+    pub(crate) span: Option<Box<tracing::Span>>,
+    pub(crate) lease: Option<Arc<Lease>>,
+    pub(crate) options: Option<Box<TaskOptions>>,
     #[cfg(feature = "metrics")]
-    queued_at: tokio::time::Instant,
-    pub(crate) payload: Payload<T>,
+    pub(crate) queued_at: tokio::time::Instant,
+    pub(crate) payload: Fresh<T>,
+}
+
+/// A new task's payload as the queue holds it.
+pub(crate) enum Fresh<T> {
+    /// As submitted. Moved into an `Arc` (which a run's `Task` shares) when a worker takes the
+    /// task, so that allocation is made, and freed, on the worker's thread: the submitter's
+    /// core is spared it, and the worker's first touch of the count is not a miss.
+    Value(T),
+    /// Its encoding, past the queue's hot window (see `queue.rs`).
+    Encoded(Box<[u8]>),
 }
 
 impl<T> Queued<T> {
     pub(crate) fn is_decoded(&self) -> bool {
-        matches!(self.payload, Payload::Decoded(_))
+        matches!(self.payload, Fresh::Value(_))
     }
 
-    /// The job again.
+    /// The job again (its value shared, if it is not encoded).
     pub(crate) fn into_job(self) -> Job<T> {
         Job {
             id: self.id,
@@ -122,7 +132,10 @@ impl<T> Queued<T> {
                 ..TaskState::default()
             },
             last_error: None,
-            payload: self.payload,
+            payload: match self.payload {
+                Fresh::Value(value) => Payload::new(value),
+                Fresh::Encoded(bytes) => Payload::Encoded(bytes),
+            },
             journaled: self.journaled,
             replayed: false,
             reserved: self.reserved,
@@ -132,6 +145,14 @@ impl<T> Queued<T> {
             lease: self.lease,
             options: self.options,
         }
+    }
+
+    /// The job of a new task that does not wait with the others (held for the spill, queued
+    /// ahead of them, or waiting for its time), in `state`.
+    pub(crate) fn into_job_in(self, state: TaskState) -> Job<T> {
+        let mut job = self.into_job();
+        job.state = state;
+        job
     }
 
     pub(crate) fn id(&self) -> TaskId {
@@ -166,30 +187,6 @@ pub(crate) fn task_span(id: TaskId) -> Option<Box<tracing::Span>> {
 }
 
 impl<T> Job<T> {
-    /// A task just accepted, as the queue holds it.
-    pub(crate) fn queued(self) -> Queued<T> {
-        debug_assert!(
-            self.state.attempts == 0
-                && self.state.interruptions == 0
-                && self.state.not_before_ms == 0
-                && self.last_error.is_none()
-                && !self.replayed,
-            "only a new task is held in the compact form"
-        );
-        Queued {
-            id: self.id,
-            enqueued_ms: self.state.enqueued_ms,
-            reserved: self.reserved,
-            journaled: self.journaled,
-            span: self.span,
-            lease: self.lease,
-            options: self.options,
-            #[cfg(feature = "metrics")]
-            queued_at: self.queued_at,
-            payload: self.payload,
-        }
-    }
-
     /// Its unique key, if it has one.
     pub(crate) fn key(&self) -> Option<&str> {
         self.options.as_ref().and_then(|o| o.key.as_deref())

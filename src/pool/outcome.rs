@@ -18,18 +18,27 @@ use super::job::{Held, Job, Payload};
 use super::job::{ms_from_now, now_ms};
 use super::remote::Failed;
 use super::shared::Shared;
-use super::worker::{CatchUnwind, Host, Outcome, panic_message};
+use super::worker::{CatchUnwind, Host, Local, Outcome, panic_message};
 use crate::policy::{DeadlineAction, Expiry, Interruption};
 use crate::report::Counters;
+
+/// How many bytes of spill reserve a worker's completed tasks give back before it returns them
+/// to the pool (and whenever it is about to wait, or stops). Until then the reserve counts
+/// them as held: it may grow a little sooner than it must, never later.
+const GIVE_BACK: u64 = 64 * 1024;
 
 impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
     fn key(&self) -> usize {
         std::ptr::from_ref(self) as usize
     }
 
-    async fn next_job(&self) -> Option<Job<T>> {
+    async fn next_job(&self, local: &mut Local) -> Option<Job<T>> {
         loop {
-            let mut job = self.queue.next_job().await?;
+            // A worker about to wait (or stop) returns what it holds back first.
+            let Some(mut job) = self.queue.next_job(|| self.give_back(local)).await else {
+                self.give_back(local);
+                return None;
+            };
             if let Some(expiry) = job.expires_ms()
                 && now_ms() > expiry
             {
@@ -71,15 +80,19 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
         &self.metrics
     }
 
-    async fn settle(&self, mut job: Job<T>, outcome: Outcome) {
+    async fn settle(&self, mut job: Job<T>, outcome: Outcome, local: &mut Local) {
         if lease_lost(&job) {
             self.given_up(&job);
             return;
         }
         match outcome {
             Outcome::Completed => {
-                self.counters.completed.add(1);
-                self.unreserve(&job);
+                self.counters.completed.add(local.stripe, 1);
+                // Given back in batches: the submitters add to the same count at every task.
+                local.unreserved += u64::from(job.reserved);
+                if local.unreserved >= GIVE_BACK {
+                    self.give_back(local);
+                }
                 self.finished(&job).await;
             }
             Outcome::Aborted => self.interrupted(job, None).await,
@@ -205,6 +218,16 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     /// A task left memory for good: the spill reserve it held is free.
+    /// Returns the spill reserve a worker holds back (see [`GIVE_BACK`]).
+    fn give_back(&self, local: &mut Local) {
+        let bytes = std::mem::take(&mut local.unreserved);
+        if let Some(reserve) = &self.reserve
+            && bytes > 0
+        {
+            reserve.forget(bytes);
+        }
+    }
+
     fn unreserve(&self, job: &Job<T>) {
         if let Some(reserve) = &self.reserve {
             reserve.forget(u64::from(job.reserved));

@@ -417,13 +417,15 @@ impl<T> Queue<T> {
     /// The next job for a worker: the backlog first, then the new tasks in order. `None` once
     /// the gate has closed: from then on waiting tasks are spilled, never started. A job held
     /// encoded comes out so (`Payload::Encoded`): the caller decodes it.
-    pub(crate) async fn next_job(&self) -> Option<Job<T>> {
+    /// `idle` runs once, before the worker waits for the first time.
+    pub(crate) async fn next_job(&self, idle: impl FnOnce()) -> Option<Job<T>> {
         // As in `reserve`: a worker that always finds a job yields now and then.
         tokio::task::consume_budget().await;
         // A busy pool finds a job at once, without a registration.
         if let Some(found) = self.find(None) {
             return found;
         }
+        idle();
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);

@@ -76,10 +76,12 @@ impl<T: Send + Sync + 'static> Runner<T> {
     {
         let shared = &self.shared;
         let handler = Arc::new(handler);
-        for _ in 0..shared.config.workers {
-            shared
-                .workers
-                .spawn(worker::run(Arc::clone(shared), Arc::clone(&handler)));
+        for number in 0..shared.config.workers {
+            shared.workers.spawn(worker::run(
+                Arc::clone(shared),
+                Arc::clone(&handler),
+                number,
+            ));
         }
         shared.workers.close();
         // Only a pool that runs tasks claims them from a shared store.

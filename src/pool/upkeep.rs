@@ -187,7 +187,7 @@ fn gauges_after(now: Instant) -> Option<Instant> {
 pub(crate) async fn refresh_gauges<T>(shared: &Shared<T>) {
     let metrics = &shared.metrics;
     metrics.queued.set(shared.queue.len() as f64);
-    let in_flight = shared.counters.in_flight.load(Ordering::Relaxed);
+    let in_flight = shared.counters.in_flight.get();
     metrics.in_flight.set(in_flight as f64);
     let reserve = shared.reserve.as_ref().map_or(0, |r| r.reserved());
     metrics.spill_reserve.set(reserve as f64);

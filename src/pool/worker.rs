@@ -9,7 +9,6 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -46,7 +45,7 @@ pub(crate) trait Host<T>: Send + Sync + 'static {
     /// A number that tells this pool from any other in the process (while it lives).
     fn key(&self) -> usize;
     /// The next job, its payload decoded, or `None` when the worker should stop.
-    fn next_job(&self) -> impl Future<Output = Option<Job<T>>> + Send;
+    fn next_job(&self, local: &mut Local) -> impl Future<Output = Option<Job<T>>> + Send;
     /// The handlers' token: fires at the drain deadline. Each worker shares a child of it
     /// (cancelled with it) with its tasks by `Arc`.
     fn deadline(&self) -> &Arc<CancellationToken>;
@@ -57,11 +56,27 @@ pub(crate) trait Host<T>: Send + Sync + 'static {
     #[cfg(feature = "metrics")]
     fn metrics(&self) -> &crate::metrics::Metrics;
     /// Records how a run ended.
-    fn settle(&self, job: Job<T>, outcome: Outcome) -> impl Future<Output = ()> + Send;
+    fn settle(
+        &self,
+        job: Job<T>,
+        outcome: Outcome,
+        local: &mut Local,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// What one worker keeps to itself, so that workers finishing tasks at once do not write the
+/// same cache line at every task: its stripe of the counts the workers move, and the spill
+/// reserve its finished tasks gave back, returned to the pool in batches (see `outcome.rs`).
+#[derive(Debug)]
+pub(crate) struct Local {
+    /// The worker's number: its stripe of a `Striped` count.
+    pub(crate) stripe: usize,
+    /// Spill reserve bytes given back and not returned to the pool yet.
+    pub(crate) unreserved: u64,
 }
 
 /// The worker loop: runs until intake closes (queued tasks are then spilled, not started).
-pub(crate) async fn run<T, H, F, Fut, E>(host: Arc<H>, handler: Arc<F>)
+pub(crate) async fn run<T, H, F, Fut, E>(host: Arc<H>, handler: Arc<F>, number: usize)
 where
     T: Send + Sync + 'static,
     H: Host<T>,
@@ -72,9 +87,13 @@ where
     // This worker's own handle on the handlers' token: a child of it, cancelled with it, so the
     // workers do not all count references on one `Arc` at every task.
     let deadline = Arc::new(host.deadline().child_token());
-    while let Some(job) = host.next_job().await {
-        let outcome = run_one(&*host, &*handler, &job, &deadline).await;
-        host.settle(job, outcome).await;
+    let mut local = Local {
+        stripe: number,
+        unreserved: 0,
+    };
+    while let Some(job) = host.next_job(&mut local).await {
+        let outcome = run_one(&*host, &*handler, &job, &deadline, local.stripe).await;
+        host.settle(job, outcome, &mut local).await;
     }
 }
 
@@ -83,6 +102,7 @@ async fn run_one<T, H, F, Fut, E>(
     handler: &F,
     job: &Job<T>,
     deadline: &Arc<CancellationToken>,
+    stripe: usize,
 ) -> Outcome
 where
     H: Host<T>,
@@ -95,7 +115,7 @@ where
         return Outcome::Failed("the payload was not decoded".to_owned(), true);
     };
     let counters = host.counters();
-    counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    counters.in_flight.add(stripe, 1);
     #[cfg(feature = "metrics")]
     host.metrics().queue_wait.record(job.queued_at.elapsed());
     // Timed only when someone will read it.
@@ -139,7 +159,7 @@ where
             }
         }
     };
-    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    counters.in_flight.sub(stripe, 1);
     let took = started.map(|started| started.elapsed());
     #[cfg(feature = "metrics")]
     if let Some(took) = took {

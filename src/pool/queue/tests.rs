@@ -4,7 +4,7 @@ use std::task::{Context, Poll, Waker};
 
 use super::*;
 use crate::journal::TaskState;
-use crate::pool::job::Payload;
+use crate::pool::job::{Fresh, Payload};
 use crate::task::TaskId;
 
 const HOT_: u64 = HOT as u64;
@@ -26,11 +26,26 @@ fn job(seq: u64) -> Job<u64> {
     }
 }
 
+fn queued(seq: u64) -> Queued<u64> {
+    Queued {
+        id: TaskId::new(1, seq),
+        enqueued_ms: 0,
+        reserved: 0,
+        journaled: false,
+        span: None,
+        lease: None,
+        options: None,
+        #[cfg(feature = "metrics")]
+        queued_at: Instant::now(),
+        payload: Fresh::Value(seq),
+    }
+}
+
 /// Sends task `seq` in `slot` the way intake does: encoded (here, its number in decimal)
 /// when the queue hands it back.
 fn send_in(slot: Slot<'_, u64>, seq: u64) {
-    if let Err((slot, mut task)) = slot.send(job(seq).queued()) {
-        task.payload = Payload::Encoded(seq.to_string().into_bytes().into_boxed_slice());
+    if let Err((slot, mut task)) = slot.send(queued(seq)) {
+        task.payload = Fresh::Encoded(seq.to_string().into_bytes().into_boxed_slice());
         slot.send_encoded(task);
     }
 }
@@ -68,7 +83,7 @@ async fn new_tasks_past_the_hot_window_are_held_encoded_and_keep_their_order() {
     }
     assert_eq!(queue.len(), HOT + 10);
     for n in 0..HOT_ + 10 {
-        let job = queue.next_job().await.unwrap();
+        let job = queue.next_job(|| ()).await.unwrap();
         assert_eq!((job.id, seq(&job)), (TaskId::new(1, n), n));
         assert_eq!(
             job.payload.decoded().is_some(),
@@ -78,7 +93,15 @@ async fn new_tasks_past_the_hot_window_are_held_encoded_and_keep_their_order() {
     }
     // Taken: the window has room again.
     send(&queue, 9999);
-    assert!(queue.next_job().await.unwrap().payload.decoded().is_some());
+    assert!(
+        queue
+            .next_job(|| ())
+            .await
+            .unwrap()
+            .payload
+            .decoded()
+            .is_some()
+    );
 }
 
 #[tokio::test]
@@ -88,7 +111,7 @@ async fn the_backlog_goes_first_and_a_follow_up_joins_it() {
     assert!(queue.push_follow_up(job(11)).is_ok());
     let mut order = Vec::new();
     for _ in 0..4 {
-        order.push(seq(&queue.next_job().await.unwrap()));
+        order.push(seq(&queue.next_job(|| ()).await.unwrap()));
     }
     assert_eq!(order, [1, 2, 11, 10]);
 }
@@ -101,7 +124,7 @@ async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
     assert!(matches!(queue.try_reserve(), Err(NoRoom::Full)));
     let mut waiting = pin!(queue.reserve());
     assert!(poll_once(waiting.as_mut()).is_pending());
-    assert_eq!(seq(&queue.next_job().await.unwrap()), 1);
+    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 1);
     let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
         panic!("the submitter was not given the room");
     };
@@ -114,12 +137,12 @@ async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
 #[tokio::test]
 async fn an_idle_worker_is_woken_by_a_task_and_by_the_gate_closing() {
     let queue = queue(4, &[]);
-    let mut idle = pin!(queue.next_job());
+    let mut idle = pin!(queue.next_job(|| ()));
     assert!(poll_once(idle.as_mut()).is_pending());
     send(&queue, 1);
     assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(Some(ref job)) if seq(job) == 1));
 
-    let mut idle = pin!(queue.next_job());
+    let mut idle = pin!(queue.next_job(|| ()));
     assert!(poll_once(idle.as_mut()).is_pending());
     assert!(queue.close());
     assert!(!queue.close(), "closed once");
@@ -137,7 +160,10 @@ async fn once_the_gate_closes_no_task_starts_and_a_waiting_submitter_is_refused(
         poll_once(waiting.as_mut()),
         Poll::Ready(Err(NoRoom::Closed))
     ));
-    assert!(queue.next_job().await.is_none(), "task 1 is never started");
+    assert!(
+        queue.next_job(|| ()).await.is_none(),
+        "task 1 is never started"
+    );
     let queued = queue.take_queued().await;
     assert_eq!(queued.iter().map(seq).collect::<Vec<_>>(), [1]);
 }
@@ -185,7 +211,7 @@ async fn waiting_tasks_are_released_as_they_come_due_and_the_rest_keep_waiting()
     tokio::time::advance(Duration::from_millis(3)).await;
     assert_eq!(queue.release_due(), Some(now + Duration::from_millis(4)));
     for expected in 1..=3 {
-        let job = queue.next_job().await.unwrap();
+        let job = queue.next_job(|| ()).await.unwrap();
         assert_eq!(seq(&job), expected);
     }
     assert_eq!(queue.len(), 997);
