@@ -6,8 +6,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::job::{Fresh, Held, Job, Queued, now_ms, task_span};
-use super::queue::{NoRoom, Slot};
+use super::job::{Fresh, Head, Held, Job, Queued, now_ms, task_span};
+use super::queue::{NoRoom, Slot, Unsent};
 use super::remote::Lease;
 use super::shared::Shared;
 use super::worker::{Host, running_for};
@@ -33,29 +33,105 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if self.in_own_handler() {
             return self.follow_up(payload, size, extras).await;
         }
-        let reserved = match room {
-            _ if extras.is_scheduled() => self.slot_now(&extras),
-            None => self.queue.reserve().await,
-            Some(wait) => tokio::time::timeout(wait, self.queue.reserve())
-                .await
-                .unwrap_or(Err(NoRoom::Full)),
-        };
-        let slot = match reserved {
-            Ok(slot) => slot,
-            Err(NoRoom::Full) if !self.queue.is_closed() => {
-                return Err(SubmitError::Full(payload));
-            }
-            Err(NoRoom::Closed | NoRoom::Full) => return self.too_late(payload, extras).await,
-        };
-        if self.queue.is_closed() {
-            drop(slot);
-            return self.too_late(payload, extras).await;
+        if extras.options.is_none() && extras.not_before_ms == 0 && !self.writes_ahead() {
+            return self.submit_plain(payload, size, room).await;
         }
+        let slot = match self.slot(room, &extras).await {
+            Ok(slot) => slot,
+            Err(NoRoom::Full) => return Err(SubmitError::Full(payload)),
+            Err(NoRoom::Closed) => return self.too_late(payload, extras).await,
+        };
         if self.writes_ahead() {
             return self.write_ahead(slot, payload, size, extras).await;
         }
         let (payload, id, state) = self.claim(payload, size, &extras)?;
         Ok(self.accept(slot, id, state, payload, size, extras, Durable::default()))
+    }
+
+    /// A slot for a new task, waiting for room (`room`: at most so long); `Closed` if the gate
+    /// closed first, or meanwhile.
+    async fn slot(
+        &self,
+        room: Option<std::time::Duration>,
+        extras: &Extras,
+    ) -> Result<Slot<'_, T>, NoRoom> {
+        let reserved = match room {
+            _ if extras.is_scheduled() => self.slot_now(extras),
+            None => self.queue.reserve().await,
+            Some(wait) => tokio::time::timeout(wait, self.queue.reserve())
+                .await
+                .unwrap_or(Err(NoRoom::Full)),
+        };
+        match reserved {
+            // A slot taken as the gate closed is given back (dropped).
+            Ok(_) | Err(NoRoom::Full) if self.queue.is_closed() => Err(NoRoom::Closed),
+            other => other,
+        }
+    }
+
+    /// A task without options in the on-shutdown mode, the common case: queued in one lock
+    /// when there is room now, where a slot takes two (one to reserve it, one to send the task).
+    /// With no room, it waits for a slot, keeping its id.
+    async fn submit_plain(
+        &self,
+        payload: T,
+        size: usize,
+        room: Option<std::time::Duration>,
+    ) -> Result<TaskId, SubmitError<T>> {
+        // As `Queue::reserve` does: a producer that always finds room still yields now and then.
+        tokio::task::consume_budget().await;
+        let extras = Extras::default();
+        let (payload, id, state) = self.claim(payload, size, &extras)?;
+        let head = self.head((id, state), size, extras, false);
+        let (mut head, payload) = match self.queue.try_send(head, payload) {
+            Ok(()) => {
+                self.count_accepted(size);
+                return Ok(id);
+            }
+            Err(Unsent::Cold(slot, head, payload)) => {
+                let task = Queued {
+                    head,
+                    payload: Fresh::Value(payload),
+                };
+                let size = self.send_cold(slot, task, size, None, 0);
+                self.count_accepted(size);
+                return Ok(id);
+            }
+            Err(Unsent::Refused(why, head, payload)) => {
+                self.forget_reserved(head.reserved);
+                if matches!(why, NoRoom::Closed) {
+                    return Err(SubmitError::ShuttingDown(payload));
+                }
+                (head, payload)
+            }
+        };
+        // No room now: it waits for a slot holding no spill reserve (given back above), so a
+        // submit dropped while it waits holds none.
+        head.reserved = 0;
+        let slot = match self.slot(room, &Extras::default()).await {
+            Ok(slot) => slot,
+            Err(NoRoom::Full) => return Err(SubmitError::Full(payload)),
+            Err(NoRoom::Closed) => return Err(SubmitError::ShuttingDown(payload)),
+        };
+        let payload = self.reserve_room(payload, size)?;
+        head.reserved = self.reserved_for(size, false);
+        let task = Queued {
+            head,
+            payload: Fresh::Value(payload),
+        };
+        let size = match slot.send(task) {
+            Ok(()) => size,
+            Err((slot, task)) => self.send_cold(slot, task, size, None, 0),
+        };
+        self.count_accepted(size);
+        Ok(id)
+    }
+
+    /// Gives back the spill reserve a task took (`bytes`), when it was refused after all.
+    fn forget_reserved(&self, bytes: u32) {
+        if let Some(reserve) = &self.reserve {
+            reserve.forget(u64::from(bytes));
+        }
     }
 
     /// A fresh id and state for a task about to be accepted, with its unique key taken and
@@ -307,22 +383,40 @@ impl<T: Send + Sync + 'static> Shared<T> {
         extras: Extras,
         journaled: bool,
     ) -> Queued<T> {
-        let reserved = if self.reserve.is_some() && !journaled {
-            reserved_bytes(size + extras.bytes()) as u32
-        } else {
-            0
-        };
         Queued {
+            head: self.head((id, state), size, extras, journaled),
+            payload: Fresh::Value(payload),
+        }
+    }
+
+    /// What the queue holds of a new task besides its payload.
+    fn head(
+        &self,
+        (id, state): (TaskId, TaskState),
+        size: usize,
+        extras: Extras,
+        journaled: bool,
+    ) -> Head {
+        Head {
             id,
             enqueued_ms: state.enqueued_ms,
-            reserved,
+            reserved: self.reserved_for(size + extras.bytes(), journaled),
             journaled,
             span: task_span(id),
             lease: None,
             options: extras.options,
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
-            payload: Fresh::Value(payload),
+        }
+    }
+
+    /// The spill reserve a new task of `size` encoded bytes (payload and options) holds: its
+    /// record's size, unless its record is in the journal already or there is no reserve.
+    fn reserved_for(&self, size: usize, journaled: bool) -> u32 {
+        if self.reserve.is_some() && !journaled {
+            reserved_bytes(size) as u32
+        } else {
+            0
         }
     }
 
@@ -439,22 +533,38 @@ impl<T: Send + Sync + 'static> Shared<T> {
             return id;
         }
         let mut task = self.queued((id, state), payload, size, extras, journaled.is_some());
-        task.lease = lease;
-        let mut size = size;
-        if let Err((slot, mut task)) = slot.send(task) {
-            let bytes = journaled.or_else(|| match &task.payload {
-                Fresh::Value(value) => self.codec.to_bytes(value, size).ok(),
-                Fresh::Encoded(_) => None,
-            });
-            if let Some(bytes) = bytes {
-                size = bytes.len();
-                self.reserve_exact(&mut task.reserved, size + options_bytes);
-                task.payload = Fresh::Encoded(bytes.into_boxed_slice());
-            }
-            slot.send_encoded(task);
-        }
+        task.head.lease = lease;
+        let size = match slot.send(task) {
+            Ok(()) => size,
+            Err((slot, task)) => self.send_cold(slot, task, size, journaled, options_bytes),
+        };
         self.count_accepted(size);
         id
+    }
+
+    /// Sends a new task the queue handed back past its hot window, held encoded: as its
+    /// journaled bytes, or its payload encoded now (a payload that does not encode is held as it
+    /// is: the spill will report it). Returns its size as counted.
+    fn send_cold(
+        &self,
+        slot: Slot<'_, T>,
+        mut task: Queued<T>,
+        size: usize,
+        journaled: Option<Vec<u8>>,
+        options_bytes: usize,
+    ) -> usize {
+        let mut size = size;
+        let bytes = journaled.or_else(|| match &task.payload {
+            Fresh::Value(value) => self.codec.to_bytes(value, size).ok(),
+            Fresh::Encoded(_) => None,
+        });
+        if let Some(bytes) = bytes {
+            size = bytes.len();
+            self.reserve_exact(&mut task.head.reserved, size + options_bytes);
+            task.payload = Fresh::Encoded(bytes.into_boxed_slice());
+        }
+        slot.send_encoded(task);
+        size
     }
 
     /// A task held encoded, `size` bytes with its options: the spill reserve it holds drops

@@ -96,6 +96,12 @@ impl<T> Payload<T> {
 /// encoded, about half the memory of the decoded form. A new task made durable as a row of the
 /// shared store (write-ahead with PostgreSQL) keeps its lease here.
 pub(crate) struct Queued<T> {
+    pub(crate) head: Head,
+    pub(crate) payload: Fresh<T>,
+}
+
+/// What a [`Queued`] task holds besides its payload.
+pub(crate) struct Head {
     pub(crate) id: TaskId,
     pub(crate) enqueued_ms: u64,
     pub(crate) reserved: u32,
@@ -105,7 +111,13 @@ pub(crate) struct Queued<T> {
     pub(crate) options: Option<Box<TaskOptions>>,
     #[cfg(feature = "metrics")]
     pub(crate) queued_at: tokio::time::Instant,
-    pub(crate) payload: Fresh<T>,
+}
+
+impl Head {
+    /// Its priority (0, the default, unless its options say otherwise).
+    pub(crate) fn priority(&self) -> u8 {
+        self.options.as_ref().map_or(0, |o| o.priority)
+    }
 }
 
 /// A new task's payload as the queue holds it.
@@ -125,25 +137,26 @@ impl<T> Queued<T> {
 
     /// The job again (its value shared, if it is not encoded).
     pub(crate) fn into_job(self) -> Job<T> {
+        let Self { head, payload } = self;
         Job {
-            id: self.id,
+            id: head.id,
             state: TaskState {
-                enqueued_ms: self.enqueued_ms,
+                enqueued_ms: head.enqueued_ms,
                 ..TaskState::default()
             },
             last_error: None,
-            payload: match self.payload {
+            payload: match payload {
                 Fresh::Value(value) => Payload::new(value),
                 Fresh::Encoded(bytes) => Payload::Encoded(bytes),
             },
-            journaled: self.journaled,
+            journaled: head.journaled,
             replayed: false,
-            reserved: self.reserved,
+            reserved: head.reserved,
             #[cfg(feature = "metrics")]
-            queued_at: self.queued_at,
-            span: self.span,
-            lease: self.lease,
-            options: self.options,
+            queued_at: head.queued_at,
+            span: head.span,
+            lease: head.lease,
+            options: head.options,
         }
     }
 
@@ -156,12 +169,12 @@ impl<T> Queued<T> {
     }
 
     pub(crate) fn id(&self) -> TaskId {
-        self.id
+        self.head.id
     }
 
     /// Its priority (0, the default, unless its options say otherwise).
     pub(crate) fn priority(&self) -> u8 {
-        self.options.as_ref().map_or(0, |o| o.priority)
+        self.head.priority()
     }
 }
 

@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
-use super::job::{Job, Queued};
+use super::job::{Fresh, Head, Job, Queued};
 use super::lock::lock;
 use super::waiting::{Waiting, due_after};
 use crate::journal::MAX_PRIORITY;
@@ -188,6 +188,15 @@ impl Gate {
 pub(crate) enum NoRoom {
     Full,
     Closed,
+}
+
+/// Why a new task sent without a slot ([`Queue::try_send`]) was not queued.
+pub(crate) enum Unsent<'a, T> {
+    /// No room now, or the shutdown is taking the queue: the task back as it came.
+    Refused(NoRoom, Head, T),
+    /// Past the hot window: a slot reserved for it, to be sent encoded
+    /// ([`Slot::send_encoded`]).
+    Cold(Slot<'a, T>, Head, T),
 }
 
 /// A slot reserved for a new task: [`send`](Self::send) queues the task; dropping it gives
@@ -367,6 +376,31 @@ impl<T> Queue<T> {
         }
         lanes.reserved += 1;
         Ok(Slot { queue: self })
+    }
+
+    /// Queues a new task if there is room now, in one lock (a slot takes two: one to reserve,
+    /// one to send): a submit's fast path.
+    pub(crate) fn try_send(&self, head: Head, value: T) -> Result<(), Unsent<'_, T>> {
+        let mut lanes = lock(&self.lanes);
+        // Under the lock, as `find` reads it: the shutdown closes the gate before it takes the
+        // queue.
+        if self.is_closed() || lanes.taken {
+            return Err(Unsent::Refused(NoRoom::Closed, head, value));
+        }
+        if lanes.used() >= self.capacity {
+            return Err(Unsent::Refused(NoRoom::Full, head, value));
+        }
+        lanes.reserved += 1;
+        if lanes.decoded >= HOT {
+            drop(lanes);
+            return Err(Unsent::Cold(Slot { queue: self }, head, value));
+        }
+        let task = Queued {
+            head,
+            payload: Fresh::Value(value),
+        };
+        self.sent(lanes, task);
+        Ok(())
     }
 
     /// A slot, waiting for room; `Closed` if the gate closes first.

@@ -28,15 +28,17 @@ fn job(seq: u64) -> Job<u64> {
 
 fn queued(seq: u64) -> Queued<u64> {
     Queued {
-        id: TaskId::new(1, seq),
-        enqueued_ms: 0,
-        reserved: 0,
-        journaled: false,
-        span: None,
-        lease: None,
-        options: None,
-        #[cfg(feature = "metrics")]
-        queued_at: Instant::now(),
+        head: Head {
+            id: TaskId::new(1, seq),
+            enqueued_ms: 0,
+            reserved: 0,
+            journaled: false,
+            span: None,
+            lease: None,
+            options: None,
+            #[cfg(feature = "metrics")]
+            queued_at: Instant::now(),
+        },
         payload: Fresh::Value(seq),
     }
 }
@@ -132,6 +134,66 @@ async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
     drop(slot);
     send(&queue, 3);
     assert_eq!(queue.len(), 2);
+}
+
+#[tokio::test]
+async fn a_task_sent_without_a_slot_is_queued_only_with_room_and_handed_back_otherwise() {
+    let queue = queue(HOT + 1, &[]);
+    let mut idle = pin!(queue.next_job(|| ()));
+    assert!(poll_once(idle.as_mut()).is_pending());
+    let Queued { head, payload } = queued(0);
+    let Fresh::Value(value) = payload else {
+        panic!("built with its value")
+    };
+    assert!(queue.try_send(head, value).is_ok());
+    // The idle worker was woken for it.
+    assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(Some(ref job)) if seq(job) == 0));
+    for n in 1..=HOT_ + 1 {
+        let Queued { head, payload } = queued(n);
+        let Fresh::Value(value) = payload else {
+            panic!("built with its value")
+        };
+        match queue.try_send(head, value) {
+            Ok(()) => assert!(n <= HOT_, "task {n} past the hot window was queued decoded"),
+            // Past the hot window: handed back with a slot, to be sent encoded.
+            Err(Unsent::Cold(slot, head, value)) => {
+                assert_eq!((n, head.id, value), (HOT_ + 1, TaskId::new(1, n), n));
+                slot.send_encoded(Queued {
+                    head,
+                    payload: Fresh::Encoded(n.to_string().into_bytes().into_boxed_slice()),
+                });
+            }
+            Err(Unsent::Refused(..)) => panic!("task {n} refused with room"),
+        }
+    }
+    // Full: handed back as it came, nothing queued.
+    let Queued { head, .. } = queued(9999);
+    assert!(matches!(
+        queue.try_send(head, 9999),
+        Err(Unsent::Refused(NoRoom::Full, ref head, 9999)) if head.id == TaskId::new(1, 9999)
+    ));
+    assert_eq!(queue.len(), HOT + 1);
+    // Closed: handed back too, and the shutdown takes what was queued.
+    queue.close();
+    let Queued { head, .. } = queued(10_000);
+    assert!(matches!(
+        queue.try_send(head, 10_000),
+        Err(Unsent::Refused(NoRoom::Closed, _, 10_000))
+    ));
+    let taken = queue.take_queued().await;
+    assert_eq!(
+        taken.iter().map(seq).collect::<Vec<_>>(),
+        (1..=HOT_ + 1).collect::<Vec<_>>()
+    );
+    assert!(
+        taken[..HOT]
+            .iter()
+            .all(|job| job.payload.decoded().is_some())
+    );
+    assert!(
+        taken[HOT].payload.decoded().is_none(),
+        "the last was sent encoded"
+    );
 }
 
 #[tokio::test]
