@@ -85,6 +85,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// How many tasks may wait for a worker before `submit` waits and `try_submit` returns
     /// [`Full`](crate::SubmitError::Full). Tasks replayed from the journal do not count.
     ///
+    /// A `submit` waiting for room is woken once an eighth of the capacity (at most 64 slots)
+    /// is free, or finds a slot within about a millisecond of its freeing: a full queue then
+    /// wakes its submitter once per batch, not once per task.
+    ///
     /// The default is 1024.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.config.queue_capacity = capacity;

@@ -23,12 +23,20 @@
 //! Waiting costs a registration only when there is nothing to do: a worker that finds no job
 //! registers as idle (under the lock) and a submitter that finds no room as wanting room; the
 //! side that makes a job or room claims one of them and wakes it. Closing the gate wakes them
-//! all.
+//! all. Room is made in batches: a take wakes a submitter only once an eighth of the capacity
+//! (at most 64 slots) is free, and a woken submitter that leaves room passes the turn to the
+//! next; a full queue under busy workers would otherwise wake its submitter (a thread, often,
+//! taken off a core a worker runs on) once per task. So that a slot freed below the batch is
+//! never stranded (the workers busy with long tasks, none taking another), a waiting submitter
+//! also looks again every millisecond; claims notify under the lock, so one that looks again
+//! unclaimed stops counting as waiting exactly.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -51,10 +59,21 @@ const LEVELS: usize = MAX_PRIORITY as usize + 1;
 /// (the starvation bound).
 pub(crate) const AGING: u32 = 16;
 
+/// A submitter waiting for room is woken once this share of the capacity is free (1/8)…
+const ROOM_BATCH_SHARE: usize = 8;
+
+/// …or this many slots, whichever is fewer (at least one).
+const MAX_ROOM_BATCH: usize = 64;
+
+/// A submitter waiting for room looks again this often, whatever wakes it.
+const ROOM_RECHECK: Duration = Duration::from_millis(1);
+
 pub(crate) struct Queue<T> {
     lanes: Mutex<Lanes<T>>,
     /// How many new tasks may wait (slots reserved for tasks not sent yet included).
     capacity: usize,
+    /// How many slots must be free before a take wakes a submitter waiting for room.
+    room_batch: usize,
     /// Woken for a worker that registered as idle, when a job is queued.
     ready: Notify,
     /// Woken for a submitter that registered as wanting room, when a new task is taken.
@@ -143,13 +162,15 @@ impl<T> Lanes<T> {
     }
 
     /// Takes the next job: the backlog first, then the new tasks in order; and whether a
-    /// submitter wanting room was claimed, to be woken.
-    fn pop(&mut self) -> Option<(Job<T>, bool)> {
+    /// submitter wanting room was claimed, to be woken: only once `batch` slots are free (see
+    /// [`Queue::room_batch`]).
+    fn pop(&mut self, capacity: usize, batch: usize) -> Option<(Job<T>, bool)> {
         if let Some(job) = self.backlog.pop_front() {
             return Some((job, false));
         }
         let task = self.pop_fresh()?;
-        Some((task.into_job(), self.claim_wanting_room()))
+        let wake = capacity.saturating_sub(self.used()) >= batch && self.claim_wanting_room();
+        Some((task.into_job(), wake))
     }
 
     /// Claims an idle worker to wake, if one waits.
@@ -250,12 +271,12 @@ impl<T> Drop for Slot<'_, T> {
     fn drop(&mut self) {
         let mut lanes = lock(&self.queue.lanes);
         lanes.reserved -= 1;
-        let wake = lanes.claim_wanting_room();
-        let taken = lanes.taken;
-        drop(lanes);
-        if wake {
+        if lanes.claim_wanting_room() {
+            // Under the lock, as every wake for room is (see `Queue::reserve`).
             self.queue.room.notify_one();
         }
+        let taken = lanes.taken;
+        drop(lanes);
         if taken {
             self.queue.settled.notify_one();
         }
@@ -283,6 +304,7 @@ impl<T> Queue<T> {
                 taken: false,
             }),
             capacity,
+            room_batch: (capacity / ROOM_BATCH_SHARE).clamp(1, MAX_ROOM_BATCH),
             ready: Notify::new(),
             room: Notify::new(),
             settled: Notify::new(),
@@ -426,10 +448,31 @@ impl<T> Queue<T> {
                         room.as_mut().enable();
                         lanes.wanting_room += 1;
                     }
+                    Ok(slot) => {
+                        // Woken with room to spare: the next waiting submitter's turn.
+                        if lanes.used() < self.capacity && lanes.claim_wanting_room() {
+                            self.room.notify_one();
+                        }
+                        return Ok(slot);
+                    }
                     other => return other,
                 }
             }
-            room.await;
+            if tokio::time::timeout(ROOM_RECHECK, room.as_mut())
+                .await
+                .is_err()
+            {
+                // Not woken: it looks again, no longer counted as waiting unless a claim
+                // reached it meanwhile (claims notify under the lock, so this is exact).
+                let mut lanes = lock(&self.lanes);
+                let claimed = room
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_ready();
+                if !claimed {
+                    lanes.wanting_room = lanes.wanting_room.saturating_sub(1);
+                }
+            }
         }
     }
 
@@ -478,11 +521,12 @@ impl<T> Queue<T> {
         if self.is_closed() {
             return Some(None);
         }
-        if let Some((job, wake)) = lanes.pop() {
-            drop(lanes);
+        if let Some((job, wake)) = lanes.pop(self.capacity, self.room_batch) {
             if wake {
+                // Under the lock, as every wake for room is (see `reserve`).
                 self.room.notify_one();
             }
+            drop(lanes);
             return Some(Some(job));
         }
         if let Some(ready) = ready {

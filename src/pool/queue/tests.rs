@@ -136,6 +136,60 @@ async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
     assert_eq!(queue.len(), 2);
 }
 
+/// A queue of `capacity` holding tasks 0 to `capacity - 1`.
+fn full(capacity: usize) -> Queue<u64> {
+    let queue = queue(capacity, &[]);
+    for n in 0..capacity as u64 {
+        send(&queue, n);
+    }
+    queue
+}
+
+#[tokio::test]
+async fn a_waiting_submitter_is_woken_once_a_batch_of_slots_is_free() {
+    // Capacity 16: woken at 2 free slots (an eighth).
+    let queue = full(16);
+    let mut waiting = pin!(queue.reserve());
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    let mut other = pin!(queue.reserve());
+    assert!(poll_once(other.as_mut()).is_pending());
+    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 0);
+    assert!(
+        poll_once(waiting.as_mut()).is_pending(),
+        "woken with one slot free"
+    );
+    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 1);
+    let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
+        panic!("not woken with two slots free");
+    };
+    // It took one and passed the other to the next submitter waiting.
+    let Poll::Ready(Ok(other_slot)) = poll_once(other.as_mut()) else {
+        panic!("the second submitter was not given the slot left");
+    };
+    drop((slot, other_slot));
+    assert_eq!(queue.len(), 14);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_submitter_finds_a_slot_freed_below_the_batch_when_no_more_are_taken() {
+    let queue = full(16);
+    let mut waiting = pin!(queue.reserve());
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    // One slot frees, and no worker takes another (they are all busy): the submitter looks
+    // again on its own, within its recheck period (the paused clock moves on to the next
+    // timer once everything waits).
+    let started = Instant::now();
+    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 0);
+    let slot = waiting.await.ok().expect("a slot");
+    assert!(
+        started.elapsed() <= Duration::from_millis(10),
+        "found it after {:?}",
+        started.elapsed()
+    );
+    drop(slot);
+    assert_eq!(queue.len(), 15);
+}
+
 #[tokio::test]
 async fn a_task_sent_without_a_slot_is_queued_only_with_room_and_handed_back_otherwise() {
     let queue = queue(HOT + 1, &[]);
