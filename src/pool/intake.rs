@@ -33,8 +33,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if self.in_own_handler() {
             return self.follow_up(payload, size, extras).await;
         }
-        if extras.options.is_none() && extras.not_before_ms == 0 && !self.writes_ahead() {
-            return self.submit_plain(payload, size, room).await;
+        if extras.key().is_none() && extras.not_before_ms == 0 && !self.writes_ahead() {
+            return self.submit_plain(payload, size, room, extras).await;
         }
         let slot = match self.slot(room, &extras).await {
             Ok(slot) => slot,
@@ -69,18 +69,20 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
-    /// A task without options in the on-shutdown mode, the common case: queued in one lock
-    /// when there is room now, where a slot takes two (one to reserve it, one to send the task).
-    /// With no room, it waits for a slot, keeping its id.
+    /// A task for now without a unique key in the on-shutdown mode, the common case: queued in
+    /// one lock when there is room now, where a slot takes two (one to reserve it, one to send
+    /// the task). With no room, it waits for a slot, keeping its id (and holding nothing a
+    /// dropped submit would have to give back: no key, no spill reserve).
     async fn submit_plain(
         &self,
         payload: T,
         size: usize,
         room: Option<std::time::Duration>,
+        extras: Extras,
     ) -> Result<TaskId, SubmitError<T>> {
         // As `Queue::reserve` does: a producer that always finds room still yields now and then.
         tokio::task::consume_budget().await;
-        let extras = Extras::default();
+        let options_bytes = extras.bytes();
         let (payload, id, state) = self.claim(payload, size, &extras)?;
         let head = self.head((id, state), size, extras, false);
         let (mut head, payload) = match self.queue.try_send(head, payload) {
@@ -93,7 +95,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                     head,
                     payload: Fresh::Value(payload),
                 };
-                let size = self.send_cold(slot, task, size, None, 0);
+                let size = self.send_cold(slot, task, size, None, options_bytes);
                 self.count_accepted(size);
                 return Ok(id);
             }
@@ -113,15 +115,15 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Err(NoRoom::Full) => return Err(SubmitError::Full(payload)),
             Err(NoRoom::Closed) => return Err(SubmitError::ShuttingDown(payload)),
         };
-        let payload = self.reserve_room(payload, size)?;
-        head.reserved = self.reserved_for(size, false);
+        let payload = self.reserve_room(payload, size + options_bytes)?;
+        head.reserved = self.reserved_for(size + options_bytes, false);
         let task = Queued {
             head,
             payload: Fresh::Value(payload),
         };
         let size = match slot.send(task) {
             Ok(()) => size,
-            Err((slot, task)) => self.send_cold(slot, task, size, None, 0),
+            Err((slot, task)) => self.send_cold(slot, task, size, None, options_bytes),
         };
         self.count_accepted(size);
         Ok(id)
