@@ -25,6 +25,14 @@ use super::record::TaskRecord;
 use crate::error::JournalError;
 use crate::task::TaskId;
 
+/// Records that need no fsync (acks, retry states, compaction copies) wait in the buffer for a
+/// new task's record to share its write, up to this many bytes...
+pub(crate) const DEFER_BYTES: usize = 64 * 1024;
+
+/// ...or this long (the flusher's linger): a lost ack means a repeat, which the at-least-once
+/// contract allows, so only this long of finished tasks can run again after a crash.
+pub(crate) const ACK_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A task record on its way to the journal through the group commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Placement {
@@ -54,6 +62,11 @@ struct Pending {
     ok_through: u64,
     /// The failure that stopped the journal, if any.
     error: Option<Arc<JournalError>>,
+    /// Whether `buf` holds a new task's record (see [`Commit::take`]).
+    has_new: bool,
+    /// Whether a submit or the pool waits for records in `buf` that need no fsync: they are
+    /// taken at once, without waiting for a new task's record to go with.
+    urged: bool,
 }
 
 impl Pending {
@@ -196,19 +209,25 @@ impl Commit {
     /// Appends one record, which `encode` writes straight into the buffer (no copy of its
     /// own), returning the placement of a task record or `None` for an ack.
     fn push(&self, encode: impl FnOnce(&mut Vec<u8>) -> Option<Placement>) -> u64 {
-        let (seq, first) = {
+        let (seq, wake) = {
             let mut pending = self.pending();
             let pending = &mut *pending;
             let first = pending.buf.is_empty();
+            let had_new = pending.has_new;
+            let was_due = pending.buf.len() >= DEFER_BYTES;
             if let Some(placement) = encode(&mut pending.buf) {
+                pending.has_new |= !placement.moved;
                 pending.placements.push(placement);
             }
             pending.last_seq += 1;
-            (pending.last_seq, first)
+            // The push that made the buffer non-empty, or takeable (its first new task, or
+            // past the deferral's size), wakes the flusher; it takes until nothing more is
+            // takeable, so a push behind it needs no wake-up of its own.
+            let due = pending.buf.len() >= DEFER_BYTES;
+            let wake = first || (pending.has_new && !had_new) || (due && !was_due);
+            (pending.last_seq, wake)
         };
-        // The push that made the buffer non-empty woke the flusher, and the flusher takes
-        // until the buffer is empty: a push behind it needs no wake-up of its own.
-        if first {
+        if wake {
             self.pushed.notify_one();
         }
         seq
@@ -220,12 +239,22 @@ impl Commit {
         self.pushed.notified().await;
     }
 
-    /// The next batch for the flusher, or `None` when the buffer is empty.
-    pub(crate) fn take(&self) -> Option<Batch> {
+    /// The next batch for the flusher, or `None` when the buffer is empty, or holds only
+    /// records that need no fsync (acks, retry states, compaction copies) and `force` is not
+    /// set: those wait for the next new task's record to share its write, unless they pass
+    /// [`DEFER_BYTES`] or someone waits for them ([`wait`](Self::wait)). Written one batch at
+    /// a time, they took the flusher from the fsyncs the submits wait for (see
+    /// [`holds_deferred`](Self::holds_deferred)).
+    pub(crate) fn take(&self, force: bool) -> Option<Batch> {
         let mut pending = self.pending();
         if pending.buf.is_empty() {
             return None;
         }
+        if !force && !pending.has_new && !pending.urged && pending.buf.len() < DEFER_BYTES {
+            return None;
+        }
+        pending.has_new = false;
+        pending.urged = false;
         // The next batch starts with this one's room: grown from nothing, each batch would pay
         // a run of reallocations (and copies) on the submit path.
         let room = (pending.buf.capacity(), pending.placements.capacity());
@@ -268,6 +297,12 @@ impl Commit {
         }
     }
 
+    /// Whether records wait in the buffer that [`take`](Self::take) left there: the flusher
+    /// writes them after [`ACK_LINGER`] if no new task's record comes first.
+    pub(crate) fn holds_deferred(&self) -> bool {
+        !self.pending().buf.is_empty()
+    }
+
     /// The sequence number of the last record pushed.
     pub(crate) fn last_seq(&self) -> u64 {
         self.pending().last_seq
@@ -280,14 +315,21 @@ impl Commit {
     /// The journal failed before that batch was safe.
     pub(crate) async fn wait(&self, seq: u64) -> Result<(), Arc<JournalError>> {
         let signal = {
-            let pending = self.pending();
+            let mut pending = self.pending();
             if seq <= pending.done {
                 return pending.outcome(seq);
             }
             match pending.flying.iter().find(|(last, _)| seq <= *last) {
                 Some((_, signal)) => Arc::clone(signal),
-                // Still in the buffer.
-                None => Arc::clone(&pending.signal),
+                // Still in the buffer: taken at once, new task or not.
+                None => {
+                    let wake = !pending.urged && !pending.has_new;
+                    pending.urged = true;
+                    if wake {
+                        self.pushed.notify_one();
+                    }
+                    Arc::clone(&pending.signal)
+                }
             }
         };
         signal.wait().await
@@ -393,6 +435,64 @@ mod tests {
         found
     }
 
+    /// Polls `future` once.
+    fn poll_once<F: std::future::Future>(
+        future: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        future.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn records_that_need_no_fsync_wait_for_a_new_task_a_waiter_or_their_size() {
+        let commit = Commit::new(EPOCH);
+        // An ack and a retry's state alone stay unless forced.
+        commit.push_ack(TaskId::new(1, 1));
+        commit.push_task(&record(2, b"retry"), true);
+        assert!(commit.take(false).is_none());
+        assert!(commit.holds_deferred());
+        // A new task's record takes them along, and wakes the flusher.
+        let mut pushed = std::pin::pin!(commit.pushed());
+        assert!(
+            poll_once(pushed.as_mut()).is_ready(),
+            "the first push woke it"
+        );
+        let mut pushed = std::pin::pin!(commit.pushed());
+        assert!(poll_once(pushed.as_mut()).is_pending());
+        commit.push_task(&record(3, b"new"), false);
+        assert!(
+            poll_once(pushed.as_mut()).is_ready(),
+            "the new task did not wake it"
+        );
+        let batch = commit.take(false).unwrap();
+        assert!(batch.new_tasks);
+        let seqs: Vec<u64> = decode(&batch.bytes).iter().map(|r| r.1).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        commit.finish(batch.last_seq, Ok(()));
+        assert!(!commit.holds_deferred());
+
+        // Someone waiting for an ack has it taken at once.
+        let seq = commit.push_ack(TaskId::new(1, 3));
+        assert!(commit.take(false).is_none());
+        let mut waiting = std::pin::pin!(commit.wait(seq));
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        let batch = commit.take(false).expect("taken for its waiter");
+        assert!(!batch.new_tasks);
+        commit.finish(batch.last_seq, Ok(()));
+        assert!(matches!(
+            poll_once(waiting.as_mut()),
+            std::task::Poll::Ready(Ok(()))
+        ));
+
+        // Past the size, they go on their own.
+        let mut n = 10;
+        while commit.take(false).is_none() {
+            assert!(commit.pending().buf.len() < DEFER_BYTES);
+            commit.push_ack(TaskId::new(1, n));
+            n += 1;
+        }
+        assert!(n > 10 + (DEFER_BYTES / 64) as u64, "taken after {n} acks");
+    }
+
     #[tokio::test]
     async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
         let commit = Commit::new(EPOCH);
@@ -403,7 +503,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), commit.pushed())
             .await
             .expect("a push wakes the flusher");
-        let batch = commit.take().unwrap();
+        let batch = commit.take(true).unwrap();
         assert_eq!(
             decode(&batch.bytes),
             [
@@ -419,7 +519,7 @@ mod tests {
         );
         assert_eq!(batch.last_seq, 3);
         assert!(batch.new_tasks);
-        assert!(commit.take().is_none());
+        assert!(commit.take(true).is_none());
         commit.finish(3, Ok(()));
         for seq in 1..=3 {
             commit.wait(seq).await.unwrap();
@@ -430,7 +530,7 @@ mod tests {
             .await
             .expect("a push wakes the flusher");
         assert!(
-            !commit.take().unwrap().new_tasks,
+            !commit.take(true).unwrap().new_tasks,
             "a moved record alone needs no fsync"
         );
     }
@@ -439,13 +539,13 @@ mod tests {
     async fn a_failed_batch_fails_its_records_and_every_later_one_but_not_earlier_ones() {
         let commit = Commit::new(EPOCH);
         commit.push_task(&record(1, b"a"), false);
-        let first = commit.take().unwrap();
+        let first = commit.take(true).unwrap();
         commit.finish(first.last_seq, Ok(()));
         commit.push_task(&record(2, b"b"), false);
-        let second = commit.take().unwrap();
+        let second = commit.take(true).unwrap();
         commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
         commit.push_task(&record(3, b"c"), false);
-        let third = commit.take().unwrap();
+        let third = commit.take(true).unwrap();
         commit.finish(third.last_seq, Ok(()));
         assert!(commit.wait(1).await.is_ok());
         assert!(commit.wait(2).await.is_err());
@@ -478,7 +578,7 @@ mod tests {
 
         let commit = Commit::new(EPOCH);
         let first = commit.push_task(&record(1, b"a"), false);
-        let batch = commit.take().unwrap();
+        let batch = commit.take(true).unwrap();
         let second = commit.push_task(&record(2, b"b"), false);
         let (one, two) = (Arc::new(Wakes::default()), Arc::new(Wakes::default()));
         let (waker_one, waker_two) = (Waker::from(Arc::clone(&one)), Waker::from(Arc::clone(&two)));
@@ -514,7 +614,7 @@ mod tests {
                 .is_pending()
         );
 
-        let batch = commit.take().unwrap();
+        let batch = commit.take(true).unwrap();
         commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
         assert_eq!(two.count(), 1);
         assert!(matches!(
@@ -559,7 +659,7 @@ mod tests {
                 last_seq: Some(1),
             }
         );
-        let batch = commit.take().unwrap();
+        let batch = commit.take(true).unwrap();
         assert_eq!(decode(&batch.bytes), [(Kind::Task, 1, b"new".to_vec())]);
         assert!(batch.placements[0].moved && !batch.new_tasks);
     }

@@ -1,8 +1,12 @@
 //! The pool's two long-lived background tasks.
 //!
 //! - **The flusher** (write-ahead only) writes the group-commit buffer to the journal, batch
-//!   after batch, whenever a submit, an ack, a retry state or a compaction copy wakes it, and
-//!   enters each written batch's tasks in the live index. It runs until the shutdown sequence
+//!   after batch, whenever a new task's record (or a waiter, or a full buffer) wakes it, and
+//!   enters each written batch's tasks in the live index. Records that need no fsync (acks,
+//!   retry states, compaction copies) wait for a new task's record to share its write, or
+//!   [`ACK_LINGER`] at most. After a batch of [`YIELDS_FROM`] task records or more it yields
+//!   [`YIELDS`] times before it takes the next: the submits that batch woke push their next
+//!   records first, and the next fsync carries them all. It runs until the shutdown sequence
 //!   stops it, after the last worker is gone and before the final spill.
 //! - **The upkeep task** moves retries to the queue as they come due, and in write-ahead mode
 //!   fsyncs the journal at the `Interval` policy's pace, deletes sealed segments with nothing
@@ -28,12 +32,20 @@ use super::lock::lock;
 use super::shared::Shared;
 use super::write_ahead::WriteAhead;
 use crate::error::JournalError;
-use crate::journal::{Copies, Journal, Sealed};
+use crate::journal::{ACK_LINGER, Copies, Journal, Sealed};
 use crate::policy::SyncPolicy;
 
 /// Compaction copies are handed to the group commit this many at a time, so acks never wait
 /// long for the index lock.
 const COMPACT_CHUNK: usize = 256;
+
+/// How many times the flusher yields before it takes a batch, when the batch before held at
+/// least [`YIELDS_FROM`] task records (see `flusher`).
+const YIELDS: usize = 8;
+
+/// Below this many task records in the batch before, the flusher takes the next at once: few
+/// submits were woken, and a lone submit's fsync should not wait for other tasks' turns.
+const YIELDS_FROM: usize = 8;
 
 /// How often the gauges are set (the `metrics` feature).
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
@@ -47,13 +59,40 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
         return;
     };
     loop {
-        let stopping = tokio::select! {
+        let mut stopping = tokio::select! {
             biased;
             () = write_ahead.commit.pushed() => false,
             () = stop.cancelled() => true,
         };
-        while let Some(batch) = write_ahead.commit.take() {
+        // Records that need no fsync are taken only with a new task's, or when forced.
+        let mut force = stopping;
+        let mut woken = 0;
+        loop {
+            // The submits the last batch woke run first and push their next records: the
+            // batch taken after them carries them all, and the fsync is shared the wider.
+            if woken >= YIELDS_FROM {
+                for _ in 0..YIELDS {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let Some(batch) = write_ahead.commit.take(force) else {
+                if force || !write_ahead.commit.holds_deferred() {
+                    break;
+                }
+                // Only acks and the like wait: a new task's record, the linger, or the stop.
+                force = tokio::select! {
+                    biased;
+                    () = write_ahead.commit.pushed() => false,
+                    () = tokio::time::sleep(ACK_LINGER) => true,
+                    () = stop.cancelled() => {
+                        stopping = true;
+                        true
+                    }
+                };
+                continue;
+            };
             let (tasks, new_tasks) = (batch.placements.len(), batch.new_tasks);
+            woken = tasks;
             let sync = write_ahead.sync == SyncPolicy::Always && new_tasks;
             let segment_bytes = write_ahead.segment_bytes;
             let bytes = batch.bytes;
