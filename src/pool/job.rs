@@ -168,10 +168,6 @@ impl<T> Queued<T> {
         job
     }
 
-    pub(crate) fn id(&self) -> TaskId {
-        self.head.id
-    }
-
     /// Its priority (0, the default, unless its options say otherwise).
     pub(crate) fn priority(&self) -> u8 {
         self.head.priority()

@@ -48,6 +48,7 @@ use super::lock::lock;
 use super::waiting::{Waiting, due_after};
 use crate::journal::MAX_PRIORITY;
 use crate::task::TaskId;
+use lane::Lane;
 
 /// How many new tasks are held decoded at most; the others are held encoded.
 pub(crate) const HOT: usize = 1024;
@@ -93,7 +94,7 @@ pub(crate) struct Queue<T> {
 struct Lanes<T> {
     backlog: VecDeque<Job<T>>,
     /// New tasks, one lane per priority level, oldest first in each.
-    fresh: [VecDeque<Queued<T>>; LEVELS],
+    fresh: [Lane<T>; LEVELS],
     /// Bit `l` set: lane `l` holds tasks.
     filled: u8,
     /// How many new tasks are queued, in every lane.
@@ -122,7 +123,7 @@ impl<T> Lanes<T> {
     fn push_fresh(&mut self, task: Queued<T>) {
         let lane = usize::from(task.priority().min(MAX_PRIORITY));
         self.decoded += usize::from(task.is_decoded());
-        self.fresh[lane].push_back(task);
+        self.fresh[lane].push(task);
         self.filled |= 1 << lane;
         self.fresh_len += 1;
     }
@@ -144,7 +145,7 @@ impl<T> Lanes<T> {
                 top
             }
         };
-        let task = self.fresh[lane].pop_front()?;
+        let task = self.fresh[lane].pop()?;
         if self.fresh[lane].is_empty() {
             self.filled &= !(1 << lane);
         }
@@ -156,7 +157,7 @@ impl<T> Lanes<T> {
     /// The lane whose head is the oldest new task.
     fn oldest_lane(&self) -> Option<usize> {
         (0..LEVELS)
-            .filter_map(|lane| Some((self.fresh[lane].front()?.id(), lane)))
+            .filter_map(|lane| Some((self.fresh[lane].front_id()?, lane)))
             .min_by_key(|&(id, _): &(TaskId, usize)| id)
             .map(|(_, lane)| lane)
     }
@@ -590,7 +591,7 @@ impl<T> Queue<T> {
                 let lanes = &mut *lanes;
                 queued.extend(lanes.backlog.drain(..));
                 for lane in &mut lanes.fresh {
-                    queued.extend(lane.drain(..).map(Queued::into_job));
+                    queued.extend(lane.drain().map(Queued::into_job));
                 }
                 lanes.decoded = 0;
                 lanes.fresh_len = 0;
@@ -621,5 +622,6 @@ impl<T> Queue<T> {
     }
 }
 
+mod lane;
 #[cfg(test)]
 mod tests;
