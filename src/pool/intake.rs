@@ -117,6 +117,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
         };
         let payload = self.reserve_room(payload, size + options_bytes)?;
         head.reserved = self.reserved_for(size + options_bytes, false);
+        // Accepted now, not when it first found the queue full.
+        head.enqueued_ms = now_ms();
+        #[cfg(feature = "metrics")]
+        {
+            head.queued_at = tokio::time::Instant::now();
+        }
         let task = Queued {
             head,
             payload: Fresh::Value(payload),

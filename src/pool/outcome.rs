@@ -217,7 +217,6 @@ impl<T: Send + Sync + 'static> Shared<T> {
         self.queue.retry_later(job, delay);
     }
 
-    /// A task left memory for good: the spill reserve it held is free.
     /// Returns the spill reserve a worker holds back (see [`GIVE_BACK`]).
     fn give_back(&self, local: &mut Local) {
         let bytes = std::mem::take(&mut local.unreserved);
@@ -228,6 +227,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
+    /// A task left memory for good: the spill reserve it held is free.
     fn unreserve(&self, job: &Job<T>) {
         if let Some(reserve) = &self.reserve {
             reserve.forget(u64::from(job.reserved));
