@@ -426,17 +426,18 @@ impl Striped {
 
 /// A [`Tally`] the workers move: counted in [`Striped`] stripes.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "metrics"), derive(Default))]
 pub(crate) struct WorkerTally {
     count: Striped,
     #[cfg(feature = "metrics")]
     metric: metrics::Counter,
 }
 
+#[cfg(feature = "metrics")]
 impl Default for WorkerTally {
     fn default() -> Self {
         Self {
             count: Striped::default(),
-            #[cfg(feature = "metrics")]
             metric: metrics::Counter::noop(),
         }
     }
