@@ -2,7 +2,8 @@
 //!
 //! - **The flusher** (write-ahead only) writes the group-commit buffer to the journal, batch
 //!   after batch, whenever a new task's record (or a waiter, or a full buffer) wakes it, and
-//!   enters each written batch's tasks in the live index. Records that need no fsync (acks,
+//!   enters each written batch's tasks in the live index (on the blocking thread that wrote
+//!   it, which also wakes the batch's submits). Records that need no fsync (acks,
 //!   retry states, compaction copies) wait for a new task's record to share its write, or
 //!   [`ACK_LINGER`] at most. After a batch of [`YIELDS_FROM`] task records or more it yields
 //!   [`YIELDS`] times before it takes the next: the submits that batch woke push their next
@@ -32,7 +33,7 @@ use super::lock::lock;
 use super::shared::Shared;
 use super::write_ahead::WriteAhead;
 use crate::error::JournalError;
-use crate::journal::{ACK_LINGER, Copies, Journal, Sealed};
+use crate::journal::{ACK_LINGER, Batch, Copies, Journal, Sealed};
 use crate::policy::SyncPolicy;
 
 /// Compaction copies are handed to the group commit this many at a time, so acks never wait
@@ -95,42 +96,56 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
             woken = tasks;
             let sync = write_ahead.sync == SyncPolicy::Always && new_tasks;
             let segment_bytes = write_ahead.segment_bytes;
-            let bytes = batch.bytes;
+            let Batch {
+                bytes,
+                placements,
+                last_seq,
+                ..
+            } = batch;
+            let on_disk = Arc::clone(&shared);
+            // Written, the batch is finished on the blocking thread itself: its submits are
+            // woken from there, one hand-off (back to this task) sooner.
             let written = shared
                 .store
-                .with_journal("append", move |journal| match journal.as_mut() {
-                    Some(journal) => journal
-                        .append_batch(&bytes, tasks, sync, segment_bytes)
-                        .map(Some),
-                    // Closed by the shutdown, whose spill holds every live task in its latest
-                    // state: acks, retry states and compaction copies need not be written. A
-                    // new task's record that comes this late fails its submit.
-                    None if !new_tasks => Ok(None),
-                    None => Err(JournalError::Poisoned),
+                .with_journal("append", move |journal| {
+                    let appended = match journal.as_mut() {
+                        Some(journal) => {
+                            journal.append_batch(&bytes, tasks, sync, segment_bytes)?
+                        }
+                        // Closed by the shutdown, whose spill holds every live task in its
+                        // latest state: acks, retry states and compaction copies need not be
+                        // written. A new task's record that comes this late fails its submit.
+                        None if !new_tasks => return Ok(false),
+                        None => return Err(JournalError::Poisoned),
+                    };
+                    if let Some(write_ahead) = &on_disk.write_ahead {
+                        lock(&write_ahead.live).placed(appended.segment, &placements);
+                        if appended.sealed {
+                            write_ahead.segments_changed.notify_one();
+                        }
+                        #[cfg(feature = "metrics")]
+                        if let Some(fsync) = appended.synced {
+                            on_disk.metrics.fsync.record(fsync);
+                            on_disk.metrics.tasks_per_fsync.record(tasks as f64);
+                        }
+                        write_ahead.commit.finish(last_seq, Ok(()));
+                    }
+                    Ok(true)
                 })
                 .await;
-            let result = match written {
-                Ok(Some(appended)) => {
-                    lock(&write_ahead.live).placed(appended.segment, &batch.placements);
-                    if appended.sealed {
-                        write_ahead.segments_changed.notify_one();
-                    }
-                    #[cfg(feature = "metrics")]
-                    if let Some(fsync) = appended.synced {
-                        shared.metrics.fsync.record(fsync);
-                        shared.metrics.tasks_per_fsync.record(tasks as f64);
-                    }
-                    Ok(())
+            match written {
+                Ok(true) => {}
+                Ok(false) => write_ahead.commit.finish(last_seq, Ok(())),
+                Err(error) => {
+                    let error = match (&error, shared.store.first_error()) {
+                        // A journal poisoned earlier (by a failed `Interval` fsync, say): the
+                        // submits get the failure that poisoned it.
+                        (JournalError::Poisoned, Some(first)) => first,
+                        _ => shared.store.record_error(error),
+                    };
+                    write_ahead.commit.finish(last_seq, Err(error));
                 }
-                Ok(None) => Ok(()),
-                Err(error) => Err(match (&error, shared.store.first_error()) {
-                    // A journal poisoned earlier (by a failed `Interval` fsync, say): the
-                    // submits get the failure that poisoned it.
-                    (JournalError::Poisoned, Some(first)) => first,
-                    _ => shared.store.record_error(error),
-                }),
-            };
-            write_ahead.commit.finish(batch.last_seq, result);
+            }
         }
         if stopping {
             return;
