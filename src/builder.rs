@@ -86,7 +86,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// [`Full`](crate::SubmitError::Full). Tasks replayed from the journal do not count.
     ///
     /// A `submit` waiting for room is woken once an eighth of the capacity (at most 64 slots)
-    /// is free, or finds a slot within about a millisecond of its freeing: a full queue then
+    /// is free, or gets a slot about a millisecond after one frees: a full queue then
     /// wakes its submitter once per batch, not once per task.
     ///
     /// The default is 1024.

@@ -163,3 +163,58 @@ async fn a_reload_decodes_the_first_replayed_tasks_at_start_and_the_rest_at_disp
     let stats = drainpool::journal::stats(dir.path()).unwrap();
     assert_eq!((stats.dead_letters, stats.live_tasks), (2, 0));
 }
+
+/// A full queue wakes a waiting submitter once a batch of slots is free; a slot freed below
+/// the batch, with every worker then busy with a long task, still reaches it (the upkeep task
+/// hands owed room over).
+#[tokio::test]
+async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers_stay_busy() {
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(Semaphore::new(0));
+    let (handler_gate, handler_started) = (Arc::clone(&gate), Arc::clone(&started));
+    // Capacity 16: a submitter is woken at 2 free slots.
+    let pool = drainpool::Pool::<u64>::builder()
+        .workers(2)
+        .queue_capacity(16)
+        .journal_dir(dir.path())
+        .start(move |_task: drainpool::Task<u64>| {
+            let (gate, started) = (Arc::clone(&handler_gate), Arc::clone(&handler_started));
+            async move {
+                started.add_permits(1);
+                gate.acquire().await.unwrap().forget();
+                Ok::<(), std::convert::Infallible>(())
+            }
+        })
+        .await
+        .unwrap();
+    for n in 0..18 {
+        pool.submit(n).await.unwrap();
+    }
+    // Two run, sixteen wait: the queue is full.
+    started.acquire_many(2).await.unwrap().forget();
+    assert!(matches!(
+        pool.try_submit(99),
+        Err(drainpool::SubmitError::Full(99))
+    ));
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(100).await.map_err(|e| e.into_inner()) }
+    });
+    // One task ends; its worker takes the next and blocks on it: one slot free, below the
+    // batch, and no other take comes.
+    gate.add_permits(1);
+    started.acquire().await.unwrap().forget();
+    let accepted = tokio::time::timeout(common::PATIENCE, waiting)
+        .await
+        .expect("the waiting submit never got the slot freed below the batch")
+        .unwrap();
+    assert!(accepted.is_ok(), "{accepted:?}");
+    gate.add_permits(1_000);
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.completed + report.spilled, 19, "{report:?}");
+    counts_add_up(&report);
+}

@@ -27,15 +27,14 @@
 //! (at most 64 slots) is free, and a woken submitter that leaves room passes the turn to the
 //! next; a full queue under busy workers would otherwise wake its submitter (a thread, often,
 //! taken off a core a worker runs on) once per task. So that a slot freed below the batch is
-//! never stranded (the workers busy with long tasks, none taking another), a waiting submitter
-//! also looks again every millisecond; claims notify under the lock, so one that looks again
-//! unclaimed stops counting as waiting exactly.
+//! never stranded (the workers busy with long tasks, none taking another), such a take marks
+//! the room owed and tells the upkeep task, which wakes as many waiting submitters as there
+//! are free slots [`ROOM_OWED_FOR`] later if no claim did meanwhile: one timer for the pool,
+//! however many submitters wait.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Waker};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -66,8 +65,9 @@ const ROOM_BATCH_SHARE: usize = 8;
 /// …or this many slots, whichever is fewer (at least one).
 const MAX_ROOM_BATCH: usize = 64;
 
-/// A submitter waiting for room looks again this often, whatever wakes it.
-const ROOM_RECHECK: Duration = Duration::from_millis(1);
+/// How long room freed below the batch waits for one before the upkeep task hands it to the
+/// submitters waiting.
+pub(crate) const ROOM_OWED_FOR: Duration = Duration::from_millis(1);
 
 pub(crate) struct Queue<T> {
     lanes: Mutex<Lanes<T>>,
@@ -90,6 +90,16 @@ pub(crate) struct Queue<T> {
     gate: Arc<Gate>,
 }
 
+/// What a take owes the submitters waiting for room.
+enum Room {
+    /// Nothing: none waits, or room is owed already.
+    Kept,
+    /// A batch of slots is free: one is claimed, to be woken.
+    Wake,
+    /// Room freed below the batch: owed from now (the upkeep task is told).
+    Owed,
+}
+
 /// What the lock guards.
 struct Lanes<T> {
     backlog: VecDeque<Job<T>>,
@@ -109,6 +119,8 @@ struct Lanes<T> {
     idle: usize,
     /// Submitters registered as wanting room and not woken yet.
     wanting_room: usize,
+    /// Since when room freed below the batch waits for submitters that were not woken for it.
+    owed_since: Option<Instant>,
     /// Set when the shutdown took the queue: no slot is reserved from then on.
     taken: bool,
 }
@@ -162,16 +174,27 @@ impl<T> Lanes<T> {
             .map(|(_, lane)| lane)
     }
 
-    /// Takes the next job: the backlog first, then the new tasks in order; and whether a
-    /// submitter wanting room was claimed, to be woken: only once `batch` slots are free (see
-    /// [`Queue::room_batch`]).
-    fn pop(&mut self, capacity: usize, batch: usize) -> Option<(Job<T>, bool)> {
+    /// Takes the next job: the backlog first, then the new tasks in order; and what the take
+    /// owes the submitters waiting for room.
+    fn pop(&mut self, capacity: usize, batch: usize) -> Option<(Job<T>, Room)> {
         if let Some(job) = self.backlog.pop_front() {
-            return Some((job, false));
+            return Some((job, Room::Kept));
         }
         let task = self.pop_fresh()?;
-        let wake = capacity.saturating_sub(self.used()) >= batch && self.claim_wanting_room();
-        Some((task.into_job(), wake))
+        let room = if self.wanting_room == 0 {
+            Room::Kept
+        } else if capacity.saturating_sub(self.used()) >= batch {
+            // A batch is free: one submitter is woken (and passes the turn on).
+            self.wanting_room -= 1;
+            self.owed_since = None;
+            Room::Wake
+        } else if self.owed_since.is_none() {
+            self.owed_since = Some(Instant::now());
+            Room::Owed
+        } else {
+            Room::Kept
+        };
+        Some((task.into_job(), room))
     }
 
     /// Claims an idle worker to wake, if one waits.
@@ -207,6 +230,7 @@ impl<T> Queue<T> {
                 reserved: 0,
                 idle: 0,
                 wanting_room: 0,
+                owed_since: None,
                 taken: false,
             }),
             capacity,
@@ -356,7 +380,9 @@ impl<T> Queue<T> {
                     }
                     Ok(slot) => {
                         // Woken with room to spare: the next waiting submitter's turn.
-                        if lanes.used() < self.capacity && lanes.claim_wanting_room() {
+                        let pass = lanes.used() < self.capacity && lanes.claim_wanting_room();
+                        drop(lanes);
+                        if pass {
                             self.room.notify_one();
                         }
                         return Ok(slot);
@@ -364,22 +390,28 @@ impl<T> Queue<T> {
                     other => return other,
                 }
             }
-            if tokio::time::timeout(ROOM_RECHECK, room.as_mut())
-                .await
-                .is_err()
-            {
-                // Not woken: it looks again, no longer counted as waiting unless a claim
-                // reached it meanwhile (claims notify under the lock, so this is exact).
-                let mut lanes = lock(&self.lanes);
-                let claimed = room
-                    .as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()))
-                    .is_ready();
-                if !claimed {
-                    lanes.wanting_room = lanes.wanting_room.saturating_sub(1);
-                }
-            }
+            room.await;
         }
+    }
+
+    /// Hands room freed below the batch to the submitters waiting for it, once it has waited
+    /// [`ROOM_OWED_FOR`] (for the upkeep task); returns when that is, if it has not yet.
+    fn pay_owed_room(&self, now: Instant) -> Option<Instant> {
+        let mut lanes = lock(&self.lanes);
+        let since = lanes.owed_since?;
+        let due = since + ROOM_OWED_FOR;
+        if now < due {
+            return Some(due);
+        }
+        lanes.owed_since = None;
+        let free = self.capacity.saturating_sub(lanes.used());
+        let woken = lanes.wanting_room.min(free);
+        lanes.wanting_room -= woken;
+        drop(lanes);
+        for _ in 0..woken {
+            self.room.notify_one();
+        }
+        None
     }
 
     /// Queues a slot's task, and wakes an idle worker for it.
@@ -427,12 +459,14 @@ impl<T> Queue<T> {
         if self.is_closed() {
             return Some(None);
         }
-        if let Some((job, wake)) = lanes.pop(self.capacity, self.room_batch) {
-            if wake {
-                // Under the lock, as every wake for room is (see `reserve`).
-                self.room.notify_one();
-            }
+        if let Some((job, room)) = lanes.pop(self.capacity, self.room_batch) {
             drop(lanes);
+            match room {
+                Room::Wake => self.room.notify_one(),
+                // The upkeep task pays it if no batch frees first.
+                Room::Owed => self.waiting_changed.notify_one(),
+                Room::Kept => {}
+            }
             return Some(Some(job));
         }
         if let Some(ready) = ready {
@@ -450,18 +484,23 @@ impl<T> Queue<T> {
         self.waiting_changed.notify_one();
     }
 
-    /// Resolves when a retry is added (for the upkeep task that releases them).
+    /// Resolves when a retry is added, or room is owed (for the upkeep task that releases and
+    /// pays them).
     pub(crate) async fn retry_added(&self) {
         self.waiting_changed.notified().await;
     }
 
-    /// Moves the retries and scheduled tasks that are due to the backlog (in id order); returns
-    /// when the next one is due.
+    /// Moves the retries and scheduled tasks that are due to the backlog (in id order), and
+    /// hands owed room to the submitters waiting; returns when the next of either is due.
     pub(crate) fn release_due(&self) -> Option<Instant> {
         let now = Instant::now();
+        let room_due = self.pay_owed_room(now);
         let mut waiting = lock(&self.waiting);
         let mut due = waiting.take_due(now);
-        let next = waiting.next_due();
+        let next = match (waiting.next_due(), room_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         drop(waiting);
         if !due.is_empty() {
             due.sort_by_key(|job| job.id);

@@ -9,7 +9,8 @@
 //!   [`YIELDS`] times before it takes the next: the submits that batch woke push their next
 //!   records first, and the next fsync carries them all. It runs until the shutdown sequence
 //!   stops it, after the last worker is gone and before the final spill.
-//! - **The upkeep task** moves retries to the queue as they come due, and in write-ahead mode
+//! - **The upkeep task** moves retries to the queue as they come due, hands room freed below
+//!   the queue's batch to the submitters waiting for it (see `queue.rs`), and in write-ahead mode
 //!   fsyncs the journal at the `Interval` policy's pace, deletes sealed segments with nothing
 //!   live left (woken when one empties or is sealed), and compacts sparse old segments (one
 //!   compaction at a time, run inside the same task). With the `metrics` feature it also sets

@@ -93,12 +93,12 @@ impl<T> Drop for Slot<'_, T> {
     fn drop(&mut self) {
         let mut lanes = lock(&self.queue.lanes);
         lanes.reserved -= 1;
-        if lanes.claim_wanting_room() {
-            // Under the lock, as every wake for room is (see `Queue::reserve`).
-            self.queue.room.notify_one();
-        }
+        let wake = lanes.claim_wanting_room();
         let taken = lanes.taken;
         drop(lanes);
+        if wake {
+            self.queue.room.notify_one();
+        }
         if taken {
             self.queue.settled.notify_one();
         }

@@ -175,17 +175,25 @@ async fn a_waiting_submitter_finds_a_slot_freed_below_the_batch_when_no_more_are
     let queue = full(16);
     let mut waiting = pin!(queue.reserve());
     assert!(poll_once(waiting.as_mut()).is_pending());
-    // One slot frees, and no worker takes another (they are all busy): the submitter looks
-    // again on its own, within its recheck period (the paused clock moves on to the next
-    // timer once everything waits).
-    let started = Instant::now();
+    let mut told = pin!(queue.retry_added());
+    assert!(poll_once(told.as_mut()).is_pending());
+    // One slot frees, and no worker takes another (they are all busy): the room is owed, and
+    // the upkeep task is told.
     assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 0);
-    let slot = waiting.await.ok().expect("a slot");
     assert!(
-        started.elapsed() <= Duration::from_millis(10),
-        "found it after {:?}",
-        started.elapsed()
+        poll_once(told.as_mut()).is_ready(),
+        "the upkeep task was not told"
     );
+    // Not at once: a batch may still free meanwhile.
+    let due = queue.release_due().expect("a time to pay the room");
+    assert_eq!(due, Instant::now() + ROOM_OWED_FOR);
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    // Then the upkeep task hands it to the submitter.
+    tokio::time::advance(ROOM_OWED_FOR).await;
+    assert_eq!(queue.release_due(), None);
+    let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
+        panic!("the owed room was not handed over");
+    };
     drop(slot);
     assert_eq!(queue.len(), 15);
 }
