@@ -100,7 +100,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 return Ok(id);
             }
             Err(Unsent::Refused(why, head, payload)) => {
-                self.forget_reserved(head.reserved);
+                self.forget_reserved(u64::from(head.reserved));
                 if matches!(why, NoRoom::Closed) {
                     return Err(SubmitError::ShuttingDown(payload));
                 }
@@ -127,18 +127,18 @@ impl<T: Send + Sync + 'static> Shared<T> {
             head,
             payload: Fresh::Value(payload),
         };
-        let size = match slot.send(task) {
-            Ok(()) => size,
-            Err((slot, task)) => self.send_cold(slot, task, size, None, options_bytes),
-        };
+        let size = self.send_new(slot, task, size, None, options_bytes);
         self.count_accepted(size);
         Ok(id)
     }
 
-    /// Gives back the spill reserve a task took (`bytes`), when it was refused after all.
-    fn forget_reserved(&self, bytes: u32) {
-        if let Some(reserve) = &self.reserve {
-            reserve.forget(u64::from(bytes));
+    /// Gives back `bytes` of spill reserve: a task refused after all, or one that left memory
+    /// for good.
+    pub(crate) fn forget_reserved(&self, bytes: u64) {
+        if let Some(reserve) = &self.reserve
+            && bytes > 0
+        {
+            reserve.forget(bytes);
         }
     }
 
@@ -542,12 +542,25 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         let mut task = self.queued((id, state), payload, size, extras, journaled.is_some());
         task.head.lease = lease;
-        let size = match slot.send(task) {
-            Ok(()) => size,
-            Err((slot, task)) => self.send_cold(slot, task, size, journaled, options_bytes),
-        };
+        let size = self.send_new(slot, task, size, journaled, options_bytes);
         self.count_accepted(size);
         id
+    }
+
+    /// Sends a new task in its slot: as it is, or, past the queue's hot window, held encoded
+    /// (see [`send_cold`](Self::send_cold)). Returns its size as counted.
+    fn send_new(
+        &self,
+        slot: Slot<'_, T>,
+        task: Queued<T>,
+        size: usize,
+        journaled: Option<Vec<u8>>,
+        options_bytes: usize,
+    ) -> usize {
+        match slot.send(task) {
+            Ok(()) => size,
+            Err((slot, task)) => self.send_cold(slot, task, size, journaled, options_bytes),
+        }
     }
 
     /// Sends a new task the queue handed back past its hot window, held encoded: as its

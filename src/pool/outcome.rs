@@ -219,19 +219,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
     /// Returns the spill reserve a worker holds back (see [`GIVE_BACK`]).
     fn give_back(&self, local: &mut Local) {
-        let bytes = std::mem::take(&mut local.unreserved);
-        if let Some(reserve) = &self.reserve
-            && bytes > 0
-        {
-            reserve.forget(bytes);
-        }
+        self.forget_reserved(std::mem::take(&mut local.unreserved));
     }
 
     /// A task left memory for good: the spill reserve it held is free.
     fn unreserve(&self, job: &Job<T>) {
-        if let Some(reserve) = &self.reserve {
-            reserve.forget(u64::from(job.reserved));
-        }
+        self.forget_reserved(u64::from(job.reserved));
     }
 
     /// Records that a journaled task is finished (completed, dead-lettered or dropped); retires

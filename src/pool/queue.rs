@@ -183,9 +183,8 @@ impl<T> Lanes<T> {
         let task = self.pop_fresh()?;
         let room = if self.wanting_room == 0 {
             Room::Kept
-        } else if capacity.saturating_sub(self.used()) >= batch {
+        } else if capacity.saturating_sub(self.used()) >= batch && self.claim_wanting_room() {
             // A batch is free: one submitter is woken (and passes the turn on).
-            self.wanting_room -= 1;
             self.owed_since = None;
             Room::Wake
         } else if self.owed_since.is_none() {
