@@ -1,0 +1,252 @@
+use super::*;
+use crate::journal::record::TaskState;
+
+const EPOCH: u64 = 0x5eed;
+
+fn record(seq: u64, payload: &[u8]) -> TaskRecord<'_> {
+    TaskRecord {
+        id: TaskId::new(1, seq),
+        state: TaskState::default(),
+        last_error: "".into(),
+        payload,
+        options: None,
+    }
+}
+
+/// The records in `bytes`, decoded under [`EPOCH`]: (kind, seq, payload).
+fn decode(mut bytes: &[u8]) -> Vec<(Kind, u64, Vec<u8>)> {
+    let mut found = Vec::new();
+    while !bytes.is_empty() {
+        let (record, len) = format::decode_record(bytes, EPOCH).unwrap();
+        found.push((record.kind, record.id.seq(), record.payload.to_vec()));
+        bytes = &bytes[len..];
+    }
+    found
+}
+
+/// Polls `future` once.
+fn poll_once<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    future.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}
+
+#[tokio::test]
+async fn records_that_need_no_fsync_wait_for_a_new_task_a_waiter_or_their_size() {
+    let commit = Commit::new(EPOCH);
+    // An ack and a retry's state alone stay unless forced.
+    commit.push_ack(TaskId::new(1, 1));
+    commit.push_task(&record(2, b"retry"), true);
+    assert!(commit.take(false).is_none());
+    assert!(commit.holds_deferred());
+    // A new task's record takes them along, and wakes the flusher.
+    let mut pushed = std::pin::pin!(commit.pushed());
+    assert!(
+        poll_once(pushed.as_mut()).is_ready(),
+        "the first push woke it"
+    );
+    let mut pushed = std::pin::pin!(commit.pushed());
+    assert!(poll_once(pushed.as_mut()).is_pending());
+    commit.push_task(&record(3, b"new"), false);
+    assert!(
+        poll_once(pushed.as_mut()).is_ready(),
+        "the new task did not wake it"
+    );
+    let batch = commit.take(false).unwrap();
+    assert!(batch.new_tasks);
+    let seqs: Vec<u64> = decode(&batch.bytes).iter().map(|r| r.1).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    commit.finish(batch.last_seq, Ok(()));
+    assert!(!commit.holds_deferred());
+
+    // Someone waiting for an ack has it taken at once.
+    let seq = commit.push_ack(TaskId::new(1, 3));
+    assert!(commit.take(false).is_none());
+    let mut waiting = std::pin::pin!(commit.wait(seq));
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    let batch = commit.take(false).expect("taken for its waiter");
+    assert!(!batch.new_tasks);
+    commit.finish(batch.last_seq, Ok(()));
+    assert!(matches!(
+        poll_once(waiting.as_mut()),
+        std::task::Poll::Ready(Ok(()))
+    ));
+
+    // Past the size, they go on their own.
+    let mut n = 10;
+    while commit.take(false).is_none() {
+        assert!(commit.pending().buf.len() < DEFER_BYTES);
+        commit.push_ack(TaskId::new(1, n));
+        n += 1;
+    }
+    assert!(n > 10 + (DEFER_BYTES / 64) as u64, "taken after {n} acks");
+}
+
+#[tokio::test]
+async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
+    let commit = Commit::new(EPOCH);
+    assert_eq!(commit.push_task(&record(1, b"a"), false), 1);
+    assert_eq!(commit.push_task(&record(2, b"bb"), true), 2);
+    assert_eq!(commit.push_ack(TaskId::new(1, 1)), 3);
+    // The pushes left one wake-up for the flusher, kept until it waits.
+    tokio::time::timeout(std::time::Duration::from_secs(10), commit.pushed())
+        .await
+        .expect("a push wakes the flusher");
+    let batch = commit.take(true).unwrap();
+    assert_eq!(
+        decode(&batch.bytes),
+        [
+            (Kind::Task, 1, b"a".to_vec()),
+            (Kind::Task, 2, b"bb".to_vec()),
+            (Kind::Ack, 1, Vec::new())
+        ]
+    );
+    let lens: Vec<u32> = batch.placements.iter().map(|p| p.len).collect();
+    assert_eq!(
+        lens,
+        [format::task_record_len(1, 0), format::task_record_len(2, 0)].map(|l| l as u32)
+    );
+    assert_eq!(batch.last_seq, 3);
+    assert!(batch.new_tasks);
+    assert!(commit.take(true).is_none());
+    commit.finish(3, Ok(()));
+    for seq in 1..=3 {
+        commit.wait(seq).await.unwrap();
+    }
+    // The next push wakes the flusher again.
+    assert_eq!(commit.push_task(&record(3, b"d"), true), 4);
+    tokio::time::timeout(std::time::Duration::from_secs(10), commit.pushed())
+        .await
+        .expect("a push wakes the flusher");
+    assert!(
+        !commit.take(true).unwrap().new_tasks,
+        "a moved record alone needs no fsync"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_batch_fails_its_records_and_every_later_one_but_not_earlier_ones() {
+    let commit = Commit::new(EPOCH);
+    commit.push_task(&record(1, b"a"), false);
+    let first = commit.take(true).unwrap();
+    commit.finish(first.last_seq, Ok(()));
+    commit.push_task(&record(2, b"b"), false);
+    let second = commit.take(true).unwrap();
+    commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    commit.push_task(&record(3, b"c"), false);
+    let third = commit.take(true).unwrap();
+    commit.finish(third.last_seq, Ok(()));
+    assert!(commit.wait(1).await.is_ok());
+    assert!(commit.wait(2).await.is_err());
+    assert!(
+        commit.wait(3).await.is_err(),
+        "nothing after a failure is trusted"
+    );
+}
+
+/// Counts its wake-ups.
+#[derive(Default)]
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Wakes {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn handling_a_batch_wakes_its_own_waiters_and_no_others() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let commit = Commit::new(EPOCH);
+    let first = commit.push_task(&record(1, b"a"), false);
+    let batch = commit.take(true).unwrap();
+    let second = commit.push_task(&record(2, b"b"), false);
+    let (one, two) = (Arc::new(Wakes::default()), Arc::new(Wakes::default()));
+    let (waker_one, waker_two) = (Waker::from(Arc::clone(&one)), Waker::from(Arc::clone(&two)));
+    let mut wait_one = std::pin::pin!(commit.wait(first));
+    let mut wait_two = std::pin::pin!(commit.wait(second));
+    assert!(
+        wait_one
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker_one))
+            .is_pending()
+    );
+    assert!(
+        wait_two
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker_two))
+            .is_pending()
+    );
+
+    commit.finish(batch.last_seq, Ok(()));
+    assert_eq!(
+        (one.count(), two.count()),
+        (1, 0),
+        "only the first batch's waiter"
+    );
+    assert!(matches!(
+        wait_one.as_mut().poll(&mut Context::from_waker(&waker_one)),
+        Poll::Ready(Ok(()))
+    ));
+    assert!(
+        wait_two
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker_two))
+            .is_pending()
+    );
+
+    let batch = commit.take(true).unwrap();
+    commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    assert_eq!(two.count(), 1);
+    assert!(matches!(
+        wait_two.as_mut().poll(&mut Context::from_waker(&waker_two)),
+        Poll::Ready(Err(_))
+    ));
+}
+
+#[test]
+fn copies_are_the_last_record_per_id_reencoded_and_pushed_as_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("old.seg");
+    let old_epoch = 77;
+    let mut bytes = format::encode_header(format::Header {
+        epoch: old_epoch,
+        segment: 4,
+    })
+    .to_vec();
+    for (seq, payload) in [(1, &b"old"[..]), (2, b"two"), (1, b"new"), (3, b"gone")] {
+        format::encode_record(&mut bytes, old_epoch, Kind::Task, &record(seq, payload));
+    }
+    std::fs::write(&path, &bytes).unwrap();
+
+    let mut copies = Copies::default();
+    copies.read(&path, 4, EPOCH, |id| id.seq() != 3).unwrap();
+    copies
+        .read(&tmp.path().join("deleted.seg"), 5, EPOCH, |_| true)
+        .unwrap();
+    let ids: Vec<(u64, u64)> = copies
+        .list()
+        .iter()
+        .map(|c| (c.id.seq(), c.segment))
+        .collect();
+    assert_eq!(ids, [(1, 4), (2, 4)]);
+
+    let commit = Commit::new(EPOCH);
+    let pushed = commit.push_copies(&copies, copies.list(), |copy| copy.id.seq() == 1);
+    assert_eq!(
+        pushed,
+        Pushed {
+            count: 1,
+            last_seq: Some(1),
+        }
+    );
+    let batch = commit.take(true).unwrap();
+    assert_eq!(decode(&batch.bytes), [(Kind::Task, 1, b"new".to_vec())]);
+    assert!(batch.placements[0].moved && !batch.new_tasks);
+}
