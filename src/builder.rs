@@ -89,6 +89,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// is free, or gets a slot about a millisecond after one frees: a full queue then
     /// wakes its submitter once per batch, not once per task.
     ///
+    /// From a long queue a worker takes a few tasks at once (at most 16), which leave the
+    /// capacity as a running task does: up to 16 per worker may wait in workers' hands beyond
+    /// it (they still count in [`Pool::len`](crate::Pool::len)'s figure and are spilled with
+    /// the queue).
+    ///
     /// The default is 1024.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.config.queue_capacity = capacity;

@@ -176,9 +176,10 @@ async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers
     let gate = Arc::new(Semaphore::new(0));
     let started = Arc::new(Semaphore::new(0));
     let (handler_gate, handler_started) = (Arc::clone(&gate), Arc::clone(&started));
-    // Capacity 16: a submitter is woken at 2 free slots.
+    // Capacity 16: a submitter is woken at 2 free slots. Four workers: from 16 waiting, each
+    // takes one task at a time (a worker takes several only from a longer queue).
     let pool = drainpool::Pool::<u64>::builder()
-        .workers(2)
+        .workers(4)
         .queue_capacity(16)
         .journal_dir(dir.path())
         .start(move |_task: drainpool::Task<u64>| {
@@ -191,11 +192,11 @@ async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers
         })
         .await
         .unwrap();
-    for n in 0..18 {
+    for n in 0..20 {
         pool.submit(n).await.unwrap();
     }
-    // Two run, sixteen wait: the queue is full.
-    started.acquire_many(2).await.unwrap().forget();
+    // Four run, sixteen wait: the queue is full.
+    started.acquire_many(4).await.unwrap().forget();
     assert!(matches!(
         pool.try_submit(99),
         Err(drainpool::SubmitError::Full(99))
@@ -215,6 +216,6 @@ async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers
     assert!(accepted.is_ok(), "{accepted:?}");
     gate.add_permits(1_000);
     let report = pool.shutdown().await.unwrap();
-    assert_eq!(report.completed + report.spilled, 19, "{report:?}");
+    assert_eq!(report.completed + report.spilled, 21, "{report:?}");
     counts_add_up(&report);
 }

@@ -35,7 +35,8 @@ impl<T: Send + Sync + 'static> Host<T> for Shared<T> {
     async fn next_job(&self, local: &mut Local) -> Option<Job<T>> {
         loop {
             // A worker about to wait (or stop) returns what it holds back first.
-            let Some(mut job) = self.queue.next_job(|| self.give_back(local)).await else {
+            let stripe = local.stripe;
+            let Some(mut job) = self.queue.next_job(stripe, || self.give_back(local)).await else {
                 self.give_back(local);
                 return None;
             };

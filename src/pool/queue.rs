@@ -31,6 +31,9 @@
 //! the room owed and tells the upkeep task, which wakes as many waiting submitters as there
 //! are free slots [`ROOM_OWED_FOR`] later if no claim did meanwhile: one timer for the pool,
 //! however many submitters wait.
+//!
+//! From a long queue a worker takes several new tasks at once into its hand (see `hand.rs`),
+//! so that the lock is not taken by every worker at every task.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -46,6 +49,7 @@ use super::lock::lock;
 use super::waiting::{Waiting, due_after};
 use crate::journal::MAX_PRIORITY;
 use crate::task::TaskId;
+use hand::{Hand, take_size};
 use lane::Lane;
 pub(crate) use slot::{Gate, NoRoom, Slot, Unsent};
 
@@ -88,6 +92,8 @@ pub(crate) struct Queue<T> {
     /// The gate: shared, so that a trigger that must not keep the pool alive (a signal
     /// listener) can close it too.
     gate: Arc<Gate>,
+    /// One hand per worker: the new tasks it took at once (see `hand.rs`).
+    hands: Box<[Hand<T>]>,
 }
 
 /// What a take owes the submitters waiting for room.
@@ -98,6 +104,22 @@ enum Room {
     Wake,
     /// Room freed below the batch: owed from now (the upkeep task is told).
     Owed,
+}
+
+/// A job taken from the queue: made whole only once the lock is let go (a new task's value
+/// moves into its `Arc` then).
+enum Took<T> {
+    Job(Job<T>),
+    New(Queued<T>),
+}
+
+impl<T> Took<T> {
+    fn into_job(self) -> Job<T> {
+        match self {
+            Self::Job(job) => job,
+            Self::New(task) => task.into_job(),
+        }
+    }
 }
 
 /// What the lock guards.
@@ -174,13 +196,23 @@ impl<T> Lanes<T> {
             .map(|(_, lane)| lane)
     }
 
-    /// Takes the next job: the backlog first, then the new tasks in order; and what the take
-    /// owes the submitters waiting for room.
-    fn pop(&mut self, capacity: usize, batch: usize) -> Option<(Job<T>, Room)> {
+    /// Takes the next job: the backlog first, then the new tasks in order, `take` of them at
+    /// once (the first returned, the others put in `hand`); and what the take owes the
+    /// submitters waiting for room.
+    fn pop(
+        &mut self,
+        capacity: usize,
+        batch: usize,
+        take: usize,
+        hand: &Hand<T>,
+    ) -> Option<(Took<T>, Room)> {
         if let Some(job) = self.backlog.pop_front() {
-            return Some((job, Room::Kept));
+            return Some((Took::Job(job), Room::Kept));
         }
         let task = self.pop_fresh()?;
+        if take > 1 {
+            hand.fill(std::iter::from_fn(|| self.pop_fresh()).take(take - 1));
+        }
         let room = if self.wanting_room == 0 {
             Room::Kept
         } else if capacity.saturating_sub(self.used()) >= batch && self.claim_wanting_room() {
@@ -193,7 +225,7 @@ impl<T> Lanes<T> {
         } else {
             Room::Kept
         };
-        Some((task.into_job(), room))
+        Some((Took::New(task), room))
     }
 
     /// Claims an idle worker to wake, if one waits.
@@ -212,9 +244,11 @@ impl<T> Lanes<T> {
 }
 
 impl<T> Queue<T> {
-    /// A queue holding `backlog` (replayed tasks, in order) and `waiting` retries.
+    /// A queue for `workers` holding `backlog` (replayed tasks, in order) and `waiting`
+    /// retries.
     pub(crate) fn new(
         capacity: usize,
+        workers: usize,
         backlog: VecDeque<Job<T>>,
         waiting: Vec<(Instant, Job<T>)>,
     ) -> Self {
@@ -240,6 +274,7 @@ impl<T> Queue<T> {
             waiting: Mutex::new(Waiting::new(waiting)),
             waiting_changed: Notify::new(),
             gate: Arc::new(Gate::default()),
+            hands: (0..workers.max(1)).map(|_| Hand::new()).collect(),
         }
     }
 
@@ -431,34 +466,43 @@ impl<T> Queue<T> {
     /// The next job for a worker: the backlog first, then the new tasks in order. `None` once
     /// the gate has closed: from then on waiting tasks are spilled, never started. A job held
     /// encoded comes out so (`Payload::Encoded`): the caller decodes it.
-    /// `idle` runs once, before the worker waits for the first time.
-    pub(crate) async fn next_job(&self, idle: impl FnOnce()) -> Option<Job<T>> {
+    /// `worker` is the worker's number (its hand); `idle` runs once, before the worker waits
+    /// for the first time.
+    pub(crate) async fn next_job(&self, worker: usize, idle: impl FnOnce()) -> Option<Job<T>> {
         // As in `reserve`: a worker that always finds a job yields now and then.
         tokio::task::consume_budget().await;
         // A busy pool finds a job at once, without a registration.
-        if let Some(found) = self.find(None) {
+        if let Some(found) = self.find(worker, None) {
             return found;
         }
         idle();
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);
-            if let Some(found) = self.find(Some(ready.as_mut())) {
+            if let Some(found) = self.find(worker, Some(ready.as_mut())) {
                 return found;
             }
             ready.await;
         }
     }
 
-    /// Takes the next job, or `Some(None)` once the gate has closed; `None` if there is no
-    /// job, after registering `ready` (if given) and counting the worker as idle.
-    fn find(&self, ready: Option<Pin<&mut Notified<'_>>>) -> Option<Option<Job<T>>> {
+    /// Takes the next job (from the worker's hand first), or `Some(None)` once the gate has
+    /// closed; `None` if there is no job, after registering `ready` (if given) and counting the
+    /// worker as idle.
+    fn find(&self, worker: usize, ready: Option<Pin<&mut Notified<'_>>>) -> Option<Option<Job<T>>> {
+        let hand = &self.hands[worker % self.hands.len()];
+        match hand.take(|| self.is_closed()) {
+            Ok(Some(task)) => return Some(Some(task.into_job())),
+            Err(()) => return Some(None),
+            Ok(None) => {}
+        }
         let mut lanes = lock(&self.lanes);
         // Under the lock: the shutdown closes the gate before it takes the queue.
         if self.is_closed() {
             return Some(None);
         }
-        if let Some((job, room)) = lanes.pop(self.capacity, self.room_batch) {
+        let take = take_size(lanes.fresh_len, self.hands.len());
+        if let Some((took, room)) = lanes.pop(self.capacity, self.room_batch, take, hand) {
             drop(lanes);
             match room {
                 Room::Wake => self.room.notify_one(),
@@ -466,7 +510,16 @@ impl<T> Queue<T> {
                 Room::Owed => self.waiting_changed.notify_one(),
                 Room::Kept => {}
             }
-            return Some(Some(job));
+            return Some(Some(took.into_job()));
+        }
+        // The queue is empty: a task another worker holds in its hand, before waiting (under
+        // the lanes' lock, so a hand fills only after this worker is counted idle, and the
+        // queue's next task wakes it).
+        for other in &*self.hands {
+            if let Ok(Some(task)) = other.take(|| false) {
+                drop(lanes);
+                return Some(Some(task.into_job()));
+            }
         }
         if let Some(ready) = ready {
             // Registered in the same order as counted, under the lock: each claim wakes the
@@ -536,6 +589,9 @@ impl<T> Queue<T> {
                 for lane in &mut lanes.fresh {
                     queued.extend(lane.drain().map(Queued::into_job));
                 }
+                for hand in &*self.hands {
+                    queued.extend(hand.drain().into_iter().map(Queued::into_job));
+                }
                 lanes.decoded = 0;
                 lanes.fresh_len = 0;
                 lanes.filled = 0;
@@ -559,12 +615,14 @@ impl<T> Queue<T> {
     pub(crate) fn len(&self) -> usize {
         let queued = {
             let lanes = lock(&self.lanes);
-            lanes.backlog.len() + lanes.used()
+            let handed: usize = self.hands.iter().map(Hand::len).sum();
+            lanes.backlog.len() + lanes.used() + handed
         };
         queued + lock(&self.waiting).len()
     }
 }
 
+mod hand;
 mod lane;
 mod slot;
 #[cfg(test)]

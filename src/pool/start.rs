@@ -220,7 +220,7 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         jitter: Jitter::from_entropy(),
         ids: Ids::new(run),
         keys,
-        queue: Queue::new(config.queue_capacity, backlog, waiting),
+        queue: Queue::new(config.queue_capacity, config.workers, backlog, waiting),
         store: Store::new(dir, journal, probe),
         remote,
         write_ahead,

@@ -70,8 +70,13 @@ fn seq(job: &Job<u64>) -> u64 {
 }
 
 fn queue(capacity: usize, backlog: &[u64]) -> Queue<u64> {
+    queue_for(1, capacity, backlog)
+}
+
+fn queue_for(workers: usize, capacity: usize, backlog: &[u64]) -> Queue<u64> {
     Queue::new(
         capacity,
+        workers,
         backlog.iter().map(|&n| job(n)).collect(),
         Vec::new(),
     )
@@ -85,7 +90,7 @@ async fn new_tasks_past_the_hot_window_are_held_encoded_and_keep_their_order() {
     }
     assert_eq!(queue.len(), HOT + 10);
     for n in 0..HOT_ + 10 {
-        let job = queue.next_job(|| ()).await.unwrap();
+        let job = queue.next_job(0, || ()).await.unwrap();
         assert_eq!((job.id, seq(&job)), (TaskId::new(1, n), n));
         assert_eq!(
             job.payload.decoded().is_some(),
@@ -97,7 +102,7 @@ async fn new_tasks_past_the_hot_window_are_held_encoded_and_keep_their_order() {
     send(&queue, 9999);
     assert!(
         queue
-            .next_job(|| ())
+            .next_job(0, || ())
             .await
             .unwrap()
             .payload
@@ -113,7 +118,7 @@ async fn the_backlog_goes_first_and_a_follow_up_joins_it() {
     assert!(queue.push_follow_up(job(11)).is_ok());
     let mut order = Vec::new();
     for _ in 0..4 {
-        order.push(seq(&queue.next_job(|| ()).await.unwrap()));
+        order.push(seq(&queue.next_job(0, || ()).await.unwrap()));
     }
     assert_eq!(order, [1, 2, 11, 10]);
 }
@@ -126,7 +131,7 @@ async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
     assert!(matches!(queue.try_reserve(), Err(NoRoom::Full)));
     let mut waiting = pin!(queue.reserve());
     assert!(poll_once(waiting.as_mut()).is_pending());
-    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 1);
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 1);
     let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
         panic!("the submitter was not given the room");
     };
@@ -136,9 +141,10 @@ async fn a_full_queue_gives_room_to_the_waiting_submitter_as_a_task_is_taken() {
     assert_eq!(queue.len(), 2);
 }
 
-/// A queue of `capacity` holding tasks 0 to `capacity - 1`.
+/// A queue of `capacity` holding tasks 0 to `capacity - 1`, for four workers: while 16 or
+/// fewer wait, a take is one task.
 fn full(capacity: usize) -> Queue<u64> {
-    let queue = queue(capacity, &[]);
+    let queue = queue_for(4, capacity, &[]);
     for n in 0..capacity as u64 {
         send(&queue, n);
     }
@@ -153,12 +159,12 @@ async fn a_waiting_submitter_is_woken_once_a_batch_of_slots_is_free() {
     assert!(poll_once(waiting.as_mut()).is_pending());
     let mut other = pin!(queue.reserve());
     assert!(poll_once(other.as_mut()).is_pending());
-    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 0);
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 0);
     assert!(
         poll_once(waiting.as_mut()).is_pending(),
         "woken with one slot free"
     );
-    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 1);
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 1);
     let Poll::Ready(Ok(slot)) = poll_once(waiting.as_mut()) else {
         panic!("not woken with two slots free");
     };
@@ -179,7 +185,7 @@ async fn a_waiting_submitter_finds_a_slot_freed_below_the_batch_when_no_more_are
     assert!(poll_once(told.as_mut()).is_pending());
     // One slot frees, and no worker takes another (they are all busy): the room is owed, and
     // the upkeep task is told.
-    assert_eq!(seq(&queue.next_job(|| ()).await.unwrap()), 0);
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 0);
     assert!(
         poll_once(told.as_mut()).is_ready(),
         "the upkeep task was not told"
@@ -201,7 +207,7 @@ async fn a_waiting_submitter_finds_a_slot_freed_below_the_batch_when_no_more_are
 #[tokio::test]
 async fn a_task_sent_without_a_slot_is_queued_only_with_room_and_handed_back_otherwise() {
     let queue = queue(HOT + 1, &[]);
-    let mut idle = pin!(queue.next_job(|| ()));
+    let mut idle = pin!(queue.next_job(0, || ()));
     assert!(poll_once(idle.as_mut()).is_pending());
     let Queued { head, payload } = queued(0);
     let Fresh::Value(value) = payload else {
@@ -261,12 +267,12 @@ async fn a_task_sent_without_a_slot_is_queued_only_with_room_and_handed_back_oth
 #[tokio::test]
 async fn an_idle_worker_is_woken_by_a_task_and_by_the_gate_closing() {
     let queue = queue(4, &[]);
-    let mut idle = pin!(queue.next_job(|| ()));
+    let mut idle = pin!(queue.next_job(0, || ()));
     assert!(poll_once(idle.as_mut()).is_pending());
     send(&queue, 1);
     assert!(matches!(poll_once(idle.as_mut()), Poll::Ready(Some(ref job)) if seq(job) == 1));
 
-    let mut idle = pin!(queue.next_job(|| ()));
+    let mut idle = pin!(queue.next_job(0, || ()));
     assert!(poll_once(idle.as_mut()).is_pending());
     assert!(queue.close());
     assert!(!queue.close(), "closed once");
@@ -285,7 +291,7 @@ async fn once_the_gate_closes_no_task_starts_and_a_waiting_submitter_is_refused(
         Poll::Ready(Err(NoRoom::Closed))
     ));
     assert!(
-        queue.next_job(|| ()).await.is_none(),
+        queue.next_job(0, || ()).await.is_none(),
         "task 1 is never started"
     );
     let queued = queue.take_queued().await;
@@ -335,11 +341,71 @@ async fn waiting_tasks_are_released_as_they_come_due_and_the_rest_keep_waiting()
     tokio::time::advance(Duration::from_millis(3)).await;
     assert_eq!(queue.release_due(), Some(now + Duration::from_millis(4)));
     for expected in 1..=3 {
-        let job = queue.next_job(|| ()).await.unwrap();
+        let job = queue.next_job(0, || ()).await.unwrap();
         assert_eq!(seq(&job), expected);
     }
     assert_eq!(queue.len(), 997);
     let rest = queue.take_waiting();
     assert_eq!(rest.len(), 997);
     assert_eq!(queue.release_due(), None);
+}
+
+#[tokio::test]
+async fn a_worker_takes_several_tasks_from_a_long_queue_and_runs_them_in_order() {
+    // One worker, 64 waiting: it takes a quarter of them (16) at once.
+    let queue = queue(64, &[]);
+    for n in 0..64 {
+        send(&queue, n);
+    }
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 0);
+    // The 15 in its hand still count as waiting, and the room they left is free.
+    assert_eq!(queue.len(), 63);
+    for n in 64..80 {
+        send(&queue, n);
+    }
+    assert!(matches!(queue.try_reserve(), Err(NoRoom::Full)));
+    for n in 1..80 {
+        assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), n);
+    }
+    assert_eq!(queue.len(), 0);
+}
+
+#[tokio::test]
+async fn a_worker_out_of_work_takes_from_another_hand_before_it_waits() {
+    let queue = queue_for(2, 64, &[]);
+    for n in 0..64 {
+        send(&queue, n);
+    }
+    // Worker 0 takes 8 (a quarter of its share): 1 to run, 7 in its hand. It is busy now.
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 0);
+    // Worker 1 takes the rest of the queue, then worker 0's hand, oldest first.
+    let mut taken = Vec::new();
+    for _ in 1..64 {
+        taken.push(seq(&queue.next_job(1, || ()).await.unwrap()));
+    }
+    assert_eq!(taken[..56], (8..64).collect::<Vec<_>>());
+    assert_eq!(taken[56..], (1..8).collect::<Vec<_>>());
+    // Nothing is left anywhere: worker 1 waits.
+    let mut idle = pin!(queue.next_job(1, || ()));
+    assert!(poll_once(idle.as_mut()).is_pending());
+    assert_eq!(queue.len(), 0);
+}
+
+#[tokio::test]
+async fn the_shutdown_takes_the_tasks_in_the_workers_hands_and_none_of_them_starts() {
+    let queue = queue_for(2, 64, &[]);
+    for n in 0..64 {
+        send(&queue, n);
+    }
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 0);
+    assert_eq!(seq(&queue.next_job(1, || ()).await.unwrap()), 8);
+    queue.close();
+    assert!(
+        queue.next_job(0, || ()).await.is_none(),
+        "its hand holds tasks 1 to 7, and the gate is closed"
+    );
+    let taken = queue.take_queued().await;
+    let expected: Vec<u64> = (1..64).filter(|&n| n != 8).collect();
+    assert_eq!(taken.iter().map(seq).collect::<Vec<_>>(), expected);
+    assert_eq!(queue.len(), 0);
 }
