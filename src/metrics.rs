@@ -9,7 +9,7 @@
 
 use metrics::{Gauge, Histogram, Unit};
 
-use crate::report::{Counters, Tally, WorkerTally};
+use crate::report::{Counters, Striped, Tally, WorkerTally};
 
 /// The label that tells pools apart: the name given to
 /// [`Builder::name`](crate::Builder::name).
@@ -210,7 +210,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Describes every metric to the recorder installed now, and registers the handles of the
     /// pool named `pool`: its gauges and histograms, and its counters.
-    pub(crate) fn register(pool: &str) -> (Self, Counters) {
+    pub(crate) fn register(pool: &str, workers: usize) -> (Self, Counters) {
         for metric in ALL {
             let (name, unit, help) = (metric.name, metric.unit, metric.help);
             match metric.kind {
@@ -228,10 +228,13 @@ impl Metrics {
         let counters = Counters {
             replayed: counter(&REPLAYED),
             submitted: counter(&SUBMITTED),
-            completed: WorkerTally::recorded(metrics::counter!(
-                COMPLETED.name,
-                LABEL => pool.to_owned()
-            )),
+            completed: WorkerTally::recorded(
+                workers,
+                metrics::counter!(
+                    COMPLETED.name,
+                    LABEL => pool.to_owned()
+                ),
+            ),
             failed: counter(&DEAD_LETTERED),
             retried: counter(&RETRIED),
             dropped: counter(&DROPPED),
@@ -241,7 +244,7 @@ impl Metrics {
             compacted: counter(&COMPACTED),
             expired: counter(&EXPIRED),
             failed_runs: counter(&FAILED),
-            in_flight: Default::default(),
+            in_flight: Striped::new(workers),
         };
         let metrics = Self {
             queued: gauge(&QUEUED),

@@ -210,9 +210,9 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         sync.map(|sync| WriteAhead::new(journal.epoch(), live, sync, config.segment_bytes));
     let run = journal.run();
     #[cfg(feature = "metrics")]
-    let (metrics, counters) = crate::metrics::Metrics::register(&config.name);
+    let (metrics, counters) = crate::metrics::Metrics::register(&config.name, config.workers);
     #[cfg(not(feature = "metrics"))]
-    let counters = crate::report::Counters::default();
+    let counters = crate::report::Counters::new(config.workers);
     counters.replayed.add(replayed);
     let shared = Arc::new(Shared {
         codec,
