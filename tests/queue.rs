@@ -219,3 +219,84 @@ async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers
     assert_eq!(report.completed + report.spilled, 21, "{report:?}");
     counts_add_up(&report);
 }
+
+/// Tasks a worker took at once from a long queue (its hand) and had not started when intake
+/// closed are spilled with the rest, none of them started, and come back at the next start.
+#[tokio::test]
+async fn tasks_in_the_workers_hands_at_shutdown_are_spilled_and_replayed() {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::Semaphore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let (handler_gate, handler_started) = (Arc::clone(&gate), Arc::clone(&started));
+    let pool = drainpool::Pool::<u64>::builder()
+        .workers(2)
+        .queue_capacity(64)
+        .journal_dir(dir.path())
+        .start(move |task: drainpool::Task<u64>| {
+            let (gate, started) = (Arc::clone(&handler_gate), Arc::clone(&handler_started));
+            async move {
+                started.lock().unwrap().push(*task.payload());
+                gate.acquire().await.unwrap().forget();
+                Ok::<(), std::convert::Infallible>(())
+            }
+        })
+        .await
+        .unwrap();
+    let running = |n: usize| {
+        let started = Arc::clone(&started);
+        move || started.lock().unwrap().len() == n
+    };
+    // Two run (each taken alone from a short queue), then 64 wait.
+    for n in 0..2 {
+        pool.submit(n).await.unwrap();
+    }
+    assert!(common::poll_until(common::PATIENCE, running(2)).await);
+    for n in 2..66 {
+        pool.submit(n).await.unwrap();
+    }
+    // Both finish; from 64 waiting each takes several at once: one to run, the rest in its
+    // hand.
+    gate.add_permits(2);
+    assert!(common::poll_until(common::PATIENCE, running(4)).await);
+    assert_eq!(pool.stats().queued, 62, "the hands' tasks count as queued");
+    let shutdown = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.shutdown().await }
+    });
+    assert!(
+        common::poll_until(common::PATIENCE, || pool.state()
+            != drainpool::State::Running)
+        .await
+    );
+    // Intake is closed: the two running finish, and nothing in a hand starts.
+    gate.add_permits(1_000);
+    let report = shutdown.await.unwrap().unwrap();
+    assert_eq!((report.completed, report.spilled), (4, 62), "{report:?}");
+    counts_add_up(&report);
+    let ran: BTreeSet<u64> = started.lock().unwrap().iter().copied().collect();
+    assert_eq!(ran.len(), 4);
+    drop(pool);
+
+    // The next start replays exactly the 62 that never started.
+    let replayed = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen = Arc::clone(&replayed);
+    let pool = drainpool::Pool::<u64>::builder()
+        .workers(2)
+        .journal_dir(dir.path())
+        .start(move |task: drainpool::Task<u64>| {
+            seen.lock().unwrap().insert(*task.payload());
+            std::future::ready(Ok::<(), std::convert::Infallible>(()))
+        })
+        .await
+        .unwrap();
+    let all_back = || replayed.lock().unwrap().len() == 62;
+    assert!(common::poll_until(common::PATIENCE, all_back).await);
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!((report.replayed, report.completed), (62, 62), "{report:?}");
+    let expected: BTreeSet<u64> = (0..66).filter(|n| !ran.contains(n)).collect();
+    assert_eq!(*replayed.lock().unwrap(), expected);
+}
