@@ -91,7 +91,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
     ///
     /// From a long queue a worker takes a few tasks at once (at most 16), which leave the
     /// capacity as a running task does: up to 16 per worker may wait in workers' hands beyond
-    /// it (they still count in [`Pool::len`](crate::Pool::len)'s figure and are spilled with
+    /// it (they still count in [`Stats::queued`](crate::Stats::queued) and are spilled with
     /// the queue).
     ///
     /// The default is 1024.
