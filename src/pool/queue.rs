@@ -37,6 +37,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ use tokio::time::Instant;
 
 use super::job::{Fresh, Head, Job, Queued};
 use super::lock::lock;
-use super::waiting::{Waiting, due_after};
+use super::waiting::Waiting;
 use crate::journal::MAX_PRIORITY;
 use crate::task::TaskId;
 use hand::{Hand, take_size};
@@ -94,6 +95,9 @@ pub(crate) struct Queue<T> {
     gate: Arc<Gate>,
     /// One hand per worker: the new tasks it took at once (see `hand.rs`).
     hands: Box<[Hand<T>]>,
+    /// Whether the backlog holds jobs, set under the lock: a worker reads it without the lock
+    /// to take the backlog before its hand (the backlog goes first).
+    backlogged: AtomicBool,
 }
 
 /// What a take owes the submitters waiting for room.
@@ -253,6 +257,7 @@ impl<T> Queue<T> {
         waiting: Vec<(Instant, Job<T>)>,
     ) -> Self {
         Self {
+            backlogged: AtomicBool::new(!backlog.is_empty()),
             lanes: Mutex::new(Lanes {
                 backlog,
                 fresh: Default::default(),
@@ -293,6 +298,7 @@ impl<T> Queue<T> {
     pub(crate) fn push_backlog(&self, job: Job<T>) {
         let mut lanes = lock(&self.lanes);
         lanes.backlog.push_back(job);
+        self.backlogged.store(true, Ordering::Relaxed);
         let wake = lanes.claim_idle();
         drop(lanes);
         if wake {
@@ -314,6 +320,7 @@ impl<T> Queue<T> {
             return Err(job);
         }
         lanes.backlog.push_back(job);
+        self.backlogged.store(true, Ordering::Relaxed);
         let wake = lanes.claim_idle();
         drop(lanes);
         if wake {
@@ -428,26 +435,6 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Hands room freed below the batch to the submitters waiting for it, once it has waited
-    /// [`ROOM_OWED_FOR`] (for the upkeep task); returns when that is, if it has not yet.
-    fn pay_owed_room(&self, now: Instant) -> Option<Instant> {
-        let mut lanes = lock(&self.lanes);
-        let since = lanes.owed_since?;
-        let due = since + ROOM_OWED_FOR;
-        if now < due {
-            return Some(due);
-        }
-        lanes.owed_since = None;
-        let free = self.capacity.saturating_sub(lanes.used());
-        let woken = lanes.wanting_room.min(free);
-        lanes.wanting_room -= woken;
-        drop(lanes);
-        for _ in 0..woken {
-            self.room.notify_one();
-        }
-        None
-    }
-
     /// Queues a slot's task, and wakes an idle worker for it.
     fn sent(&self, mut lanes: MutexGuard<'_, Lanes<T>>, task: Queued<T>) {
         lanes.push_fresh(task);
@@ -491,18 +478,32 @@ impl<T> Queue<T> {
     /// worker as idle.
     fn find(&self, worker: usize, ready: Option<Pin<&mut Notified<'_>>>) -> Option<Option<Job<T>>> {
         let hand = &self.hands[worker % self.hands.len()];
-        match hand.take(|| self.is_closed()) {
-            Ok(Some(task)) => return Some(Some(task.into_job())),
-            Err(()) => return Some(None),
-            Ok(None) => {}
+        // The backlog goes first, so the hand only while the backlog is empty (read without
+        // the lock here, and checked again under it below).
+        if !self.backlogged.load(Ordering::Relaxed) {
+            match hand.take(|| self.is_closed()) {
+                Ok(Some(task)) => return Some(Some(task.into_job())),
+                Err(()) => return Some(None),
+                Ok(None) => {}
+            }
         }
         let mut lanes = lock(&self.lanes);
         // Under the lock: the shutdown closes the gate before it takes the queue.
         if self.is_closed() {
             return Some(None);
         }
+        if lanes.backlog.is_empty()
+            && let Ok(Some(task)) = hand.take(|| false)
+        {
+            // The backlog emptied since the read above: the hand's tasks were taken before
+            // the lanes' and go first.
+            drop(lanes);
+            return Some(Some(task.into_job()));
+        }
         let take = take_size(lanes.fresh_len, self.hands.len());
         if let Some((took, room)) = lanes.pop(self.capacity, self.room_batch, take, hand) {
+            self.backlogged
+                .store(!lanes.backlog.is_empty(), Ordering::Relaxed);
             drop(lanes);
             match room {
                 Room::Wake => self.room.notify_one(),
@@ -530,48 +531,6 @@ impl<T> Queue<T> {
         None
     }
 
-    /// Puts a failed task back after its backoff delay.
-    pub(crate) fn retry_later(&self, job: Job<T>, delay: Duration) {
-        lock(&self.waiting).push(due_after(Instant::now(), delay), job);
-        self.waiting_changed.notify_one();
-    }
-
-    /// Resolves when a retry is added, or room is owed (for the upkeep task that releases and
-    /// pays them).
-    pub(crate) async fn retry_added(&self) {
-        self.waiting_changed.notified().await;
-    }
-
-    /// Moves the retries and scheduled tasks that are due to the backlog (in id order), and
-    /// hands owed room to the submitters waiting; returns when the next of either is due.
-    pub(crate) fn release_due(&self) -> Option<Instant> {
-        let now = Instant::now();
-        let room_due = self.pay_owed_room(now);
-        let mut waiting = lock(&self.waiting);
-        let mut due = waiting.take_due(now);
-        let next = match (waiting.next_due(), room_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        drop(waiting);
-        if !due.is_empty() {
-            due.sort_by_key(|job| job.id);
-            #[cfg(feature = "metrics")]
-            for job in &mut due {
-                job.queued_at = now;
-            }
-            let mut lanes = lock(&self.lanes);
-            lanes.backlog.extend(due);
-            let woken = lanes.idle.min(lanes.backlog.len());
-            lanes.idle -= woken;
-            drop(lanes);
-            for _ in 0..woken {
-                self.ready.notify_one();
-            }
-        }
-        next
-    }
-
     /// Every task waiting for a worker, in id order (those held encoded still encoded); the
     /// gate must be closed. From now on no slot is reserved; waits for the slots reserved
     /// before to be used or given up.
@@ -586,6 +545,7 @@ impl<T> Queue<T> {
                 lanes.taken = true;
                 let lanes = &mut *lanes;
                 queued.extend(lanes.backlog.drain(..));
+                self.backlogged.store(false, Ordering::Relaxed);
                 for lane in &mut lanes.fresh {
                     queued.extend(lane.drain().map(Queued::into_job));
                 }
@@ -622,6 +582,7 @@ impl<T> Queue<T> {
     }
 }
 
+mod due;
 mod hand;
 mod lane;
 mod slot;

@@ -54,9 +54,9 @@ impl<'a, T: Send + Sync + 'static> TaskBuilder<'a, T> {
     /// tasks that came due run before new ones (a reload replays higher levels first).
     ///
     /// From a long queue a worker takes up to 16 new tasks at once, in this order, and starts
-    /// them one by one: a task of a higher level submitted meanwhile (or a retry or scheduled
-    /// task that comes due) may start after those, up to 15 per worker (and the bound above
-    /// counts takes, each start at most that late).
+    /// them one by one: a task of a higher level submitted meanwhile may start after those,
+    /// up to 15 per worker (and the bound above counts takes, each start at most that late).
+    /// Replayed tasks, retries and scheduled tasks that came due still go first.
     pub fn priority(mut self, level: u8) -> Self {
         self.options.priority = level.min(MAX_PRIORITY);
         self

@@ -6,7 +6,8 @@
 //! of what waits), holds them in its hand and takes them from there, under a lock only the
 //! shutdown and a worker out of work ever share with it. A worker whose hand and the queue are
 //! empty takes from another's hand before it waits, so no task waits in a hand behind a long
-//! run while a worker idles. The shutdown takes every hand with the queue.
+//! run while a worker idles. The shutdown takes every hand with the queue. The backlog still
+//! goes first: a worker takes from its hand only while the queue's backlog is empty.
 //!
 //! Lock order: the lanes, then a hand; a worker takes its own hand alone.
 

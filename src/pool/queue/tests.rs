@@ -409,3 +409,21 @@ async fn the_shutdown_takes_the_tasks_in_the_workers_hands_and_none_of_them_star
     assert_eq!(taken.iter().map(seq).collect::<Vec<_>>(), expected);
     assert_eq!(queue.len(), 0);
 }
+
+#[tokio::test]
+async fn a_job_joining_the_backlog_goes_before_the_tasks_in_a_workers_hand() {
+    let queue = queue(64, &[]);
+    for n in 0..64 {
+        send(&queue, n);
+    }
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 0);
+    // Tasks 1 to 15 are in the worker's hand; a follow-up and a claimed task join the backlog.
+    assert!(queue.push_follow_up(job(100)).is_ok());
+    queue.push_backlog(job(101));
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 100);
+    assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), 101);
+    // The backlog is empty again: the hand, then the rest of the queue, in order.
+    for n in 1..64 {
+        assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), n);
+    }
+}
