@@ -97,8 +97,14 @@ pub(crate) struct Queue<T> {
     hands: Box<[Hand<T>]>,
     /// Whether the backlog holds jobs, set under the lock: a worker reads it without the lock
     /// to take the backlog before its hand (the backlog goes first).
-    backlogged: AtomicBool,
+    backlogged: Backlogged,
 }
+
+/// The backlog flag, on 128 bytes of its own: every worker reads it at every task, and it is
+/// written only when the backlog fills or empties, so its line stays in every core's cache
+/// (beside the queue's other fields, it would share a line written at every submit).
+#[repr(align(128))]
+struct Backlogged(AtomicBool);
 
 /// What a take owes the submitters waiting for room.
 enum Room {
@@ -257,7 +263,7 @@ impl<T> Queue<T> {
         waiting: Vec<(Instant, Job<T>)>,
     ) -> Self {
         Self {
-            backlogged: AtomicBool::new(!backlog.is_empty()),
+            backlogged: Backlogged(AtomicBool::new(!backlog.is_empty())),
             lanes: Mutex::new(Lanes {
                 backlog,
                 fresh: Default::default(),
@@ -298,7 +304,7 @@ impl<T> Queue<T> {
     pub(crate) fn push_backlog(&self, job: Job<T>) {
         let mut lanes = lock(&self.lanes);
         lanes.backlog.push_back(job);
-        self.backlogged.store(true, Ordering::Relaxed);
+        self.backlogged.0.store(true, Ordering::Relaxed);
         let wake = lanes.claim_idle();
         drop(lanes);
         if wake {
@@ -320,7 +326,7 @@ impl<T> Queue<T> {
             return Err(job);
         }
         lanes.backlog.push_back(job);
-        self.backlogged.store(true, Ordering::Relaxed);
+        self.backlogged.0.store(true, Ordering::Relaxed);
         let wake = lanes.claim_idle();
         drop(lanes);
         if wake {
@@ -480,7 +486,7 @@ impl<T> Queue<T> {
         let hand = &self.hands[worker % self.hands.len()];
         // The backlog goes first, so the hand only while the backlog is empty (read without
         // the lock here, and checked again under it below).
-        if !self.backlogged.load(Ordering::Relaxed) {
+        if !self.backlogged.0.load(Ordering::Relaxed) {
             match hand.take(|| self.is_closed()) {
                 Ok(Some(task)) => return Some(Some(task.into_job())),
                 Err(()) => return Some(None),
@@ -502,8 +508,10 @@ impl<T> Queue<T> {
         }
         let take = take_size(lanes.fresh_len, self.hands.len());
         if let Some((took, room)) = lanes.pop(self.capacity, self.room_batch, take, hand) {
-            self.backlogged
-                .store(!lanes.backlog.is_empty(), Ordering::Relaxed);
+            if matches!(took, Took::Job(_)) && lanes.backlog.is_empty() {
+                // Written only as the backlog empties: its readers keep the line.
+                self.backlogged.0.store(false, Ordering::Relaxed);
+            }
             drop(lanes);
             match room {
                 Room::Wake => self.room.notify_one(),
@@ -545,7 +553,7 @@ impl<T> Queue<T> {
                 lanes.taken = true;
                 let lanes = &mut *lanes;
                 queued.extend(lanes.backlog.drain(..));
-                self.backlogged.store(false, Ordering::Relaxed);
+                self.backlogged.0.store(false, Ordering::Relaxed);
                 for lane in &mut lanes.fresh {
                     queued.extend(lane.drain().map(Queued::into_job));
                 }

@@ -63,7 +63,7 @@ impl<T> Queue<T> {
             }
             let mut lanes = lock(&self.lanes);
             lanes.backlog.extend(due);
-            self.backlogged.store(true, Ordering::Relaxed);
+            self.backlogged.0.store(true, Ordering::Relaxed);
             let woken = lanes.idle.min(lanes.backlog.len());
             lanes.idle -= woken;
             drop(lanes);
