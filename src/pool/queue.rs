@@ -37,7 +37,6 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,7 +49,7 @@ use super::lock::lock;
 use super::waiting::Waiting;
 use crate::journal::MAX_PRIORITY;
 use crate::task::TaskId;
-use hand::{Hand, take_size};
+use hand::{Backlogged, Hand, take_size};
 use lane::Lane;
 pub(crate) use slot::{Gate, NoRoom, Slot, Unsent};
 
@@ -99,12 +98,6 @@ pub(crate) struct Queue<T> {
     /// to take the backlog before its hand (the backlog goes first).
     backlogged: Backlogged,
 }
-
-/// The backlog flag, on 128 bytes of its own: every worker reads it at every task, and it is
-/// written only when the backlog fills or empties, so its line stays in every core's cache
-/// (beside the queue's other fields, it would share a line written at every submit).
-#[repr(align(128))]
-struct Backlogged(AtomicBool);
 
 /// What a take owes the submitters waiting for room.
 enum Room {
@@ -263,7 +256,7 @@ impl<T> Queue<T> {
         waiting: Vec<(Instant, Job<T>)>,
     ) -> Self {
         Self {
-            backlogged: Backlogged(AtomicBool::new(!backlog.is_empty())),
+            backlogged: Backlogged::new(!backlog.is_empty()),
             lanes: Mutex::new(Lanes {
                 backlog,
                 fresh: Default::default(),
@@ -304,7 +297,7 @@ impl<T> Queue<T> {
     pub(crate) fn push_backlog(&self, job: Job<T>) {
         let mut lanes = lock(&self.lanes);
         lanes.backlog.push_back(job);
-        self.backlogged.0.store(true, Ordering::Relaxed);
+        self.backlogged.set(true);
         let wake = lanes.claim_idle();
         drop(lanes);
         if wake {
@@ -326,7 +319,7 @@ impl<T> Queue<T> {
             return Err(job);
         }
         lanes.backlog.push_back(job);
-        self.backlogged.0.store(true, Ordering::Relaxed);
+        self.backlogged.set(true);
         let wake = lanes.claim_idle();
         drop(lanes);
         if wake {
@@ -486,7 +479,7 @@ impl<T> Queue<T> {
         let hand = &self.hands[worker % self.hands.len()];
         // The backlog goes first, so the hand only while the backlog is empty (read without
         // the lock here, and checked again under it below).
-        if !self.backlogged.0.load(Ordering::Relaxed) {
+        if !self.backlogged.is_set() {
             match hand.take(|| self.is_closed()) {
                 Ok(Some(task)) => return Some(Some(task.into_job())),
                 Err(()) => return Some(None),
@@ -509,8 +502,7 @@ impl<T> Queue<T> {
         let take = take_size(lanes.fresh_len, self.hands.len());
         if let Some((took, room)) = lanes.pop(self.capacity, self.room_batch, take, hand) {
             if matches!(took, Took::Job(_)) && lanes.backlog.is_empty() {
-                // Written only as the backlog empties: its readers keep the line.
-                self.backlogged.0.store(false, Ordering::Relaxed);
+                self.backlogged.set(false);
             }
             drop(lanes);
             match room {
@@ -553,7 +545,7 @@ impl<T> Queue<T> {
                 lanes.taken = true;
                 let lanes = &mut *lanes;
                 queued.extend(lanes.backlog.drain(..));
-                self.backlogged.0.store(false, Ordering::Relaxed);
+                self.backlogged.set(false);
                 for lane in &mut lanes.fresh {
                     queued.extend(lane.drain().map(Queued::into_job));
                 }

@@ -2,7 +2,6 @@
 //! submitted for later) released to the backlog as they come due, and room freed below the
 //! batch handed to the submitters waiting for it.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -63,7 +62,7 @@ impl<T> Queue<T> {
             }
             let mut lanes = lock(&self.lanes);
             lanes.backlog.extend(due);
-            self.backlogged.0.store(true, Ordering::Relaxed);
+            self.backlogged.set(true);
             let woken = lanes.idle.min(lanes.backlog.len());
             lanes.idle -= woken;
             drop(lanes);

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::pool::job::Queued;
 use crate::pool::lock::lock;
@@ -59,6 +60,29 @@ impl<T> Hand<T> {
 
     pub(super) fn len(&self) -> usize {
         lock(&self.tasks).len()
+    }
+}
+
+/// The backlog flag, on 128 bytes of its own: every worker reads it at every task, and it is
+/// written only when the backlog fills or empties, so its line stays in every core's cache
+/// (beside the queue's other fields, it would share a line written at every submit).
+#[repr(align(128))]
+pub(super) struct Backlogged(AtomicBool);
+
+impl Backlogged {
+    pub(super) fn new(on: bool) -> Self {
+        Self(AtomicBool::new(on))
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets it to `on` (under the lanes' lock), writing the line only if that changes it.
+    pub(super) fn set(&self, on: bool) {
+        if self.is_set() != on {
+            self.0.store(on, Ordering::Relaxed);
+        }
     }
 }
 
