@@ -164,39 +164,62 @@ async fn a_reload_decodes_the_first_replayed_tasks_at_start_and_the_rest_at_disp
     assert_eq!((stats.dead_letters, stats.live_tasks), (2, 0));
 }
 
-/// A full queue wakes a waiting submitter once a batch of slots is free; a slot freed below
-/// the batch, with every worker then busy with a long task, still reaches it (the upkeep task
-/// hands owed room over).
-#[tokio::test]
-async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers_stay_busy() {
-    use std::sync::Arc;
-    use tokio::sync::Semaphore;
+/// A handler's log of the tasks it started, in order.
+type Started = std::sync::Arc<std::sync::Mutex<Vec<u64>>>;
 
-    let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new(Semaphore::new(0));
-    let started = Arc::new(Semaphore::new(0));
+/// A pool over `dir` whose handler logs each task it starts, then waits for a permit of the
+/// returned gate; and that log.
+async fn gated_pool(
+    dir: &std::path::Path,
+    workers: usize,
+    capacity: usize,
+) -> (
+    drainpool::Pool<u64>,
+    std::sync::Arc<tokio::sync::Semaphore>,
+    Started,
+) {
+    use std::sync::Arc;
+
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Started::default();
     let (handler_gate, handler_started) = (Arc::clone(&gate), Arc::clone(&started));
-    // Capacity 16: a submitter is woken at 2 free slots. Four workers: from 16 waiting, each
-    // takes one task at a time (a worker takes several only from a longer queue).
     let pool = drainpool::Pool::<u64>::builder()
-        .workers(4)
-        .queue_capacity(16)
-        .journal_dir(dir.path())
-        .start(move |_task: drainpool::Task<u64>| {
+        .workers(workers)
+        .queue_capacity(capacity)
+        .journal_dir(dir)
+        .start(move |task: drainpool::Task<u64>| {
             let (gate, started) = (Arc::clone(&handler_gate), Arc::clone(&handler_started));
             async move {
-                started.add_permits(1);
+                started.lock().unwrap().push(*task.payload());
                 gate.acquire().await.unwrap().forget();
                 Ok::<(), std::convert::Infallible>(())
             }
         })
         .await
         .unwrap();
+    (pool, gate, started)
+}
+
+/// Waits until `started` holds `n` tasks.
+async fn started_count(started: &Started, n: usize) {
+    let reached = common::poll_until(common::PATIENCE, || started.lock().unwrap().len() == n).await;
+    assert!(reached, "{n} tasks never started");
+}
+
+/// A full queue wakes a waiting submitter once a batch of slots is free; a slot freed below
+/// the batch, with every worker then busy with a long task, still reaches it (the upkeep task
+/// hands owed room over).
+#[tokio::test]
+async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers_stay_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    // Capacity 16: a submitter is woken at 2 free slots. Four workers: from 16 waiting, each
+    // takes one task at a time (a worker takes several only from a longer queue).
+    let (pool, gate, started) = gated_pool(dir.path(), 4, 16).await;
     for n in 0..20 {
         pool.submit(n).await.unwrap();
     }
     // Four run, sixteen wait: the queue is full.
-    started.acquire_many(4).await.unwrap().forget();
+    started_count(&started, 4).await;
     assert!(matches!(
         pool.try_submit(99),
         Err(drainpool::SubmitError::Full(99))
@@ -208,7 +231,7 @@ async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers
     // One task ends; its worker takes the next and blocks on it: one slot free, below the
     // batch, and no other take comes.
     gate.add_permits(1);
-    started.acquire().await.unwrap().forget();
+    started_count(&started, 5).await;
     let accepted = tokio::time::timeout(common::PATIENCE, waiting)
         .await
         .expect("the waiting submit never got the slot freed below the batch")
@@ -226,42 +249,21 @@ async fn a_slot_freed_below_the_batch_reaches_a_waiting_submit_while_the_workers
 async fn tasks_in_the_workers_hands_at_shutdown_are_spilled_and_replayed() {
     use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
-    use tokio::sync::Semaphore;
 
     let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new(Semaphore::new(0));
-    let started = Arc::new(Mutex::new(Vec::new()));
-    let (handler_gate, handler_started) = (Arc::clone(&gate), Arc::clone(&started));
-    let pool = drainpool::Pool::<u64>::builder()
-        .workers(2)
-        .queue_capacity(64)
-        .journal_dir(dir.path())
-        .start(move |task: drainpool::Task<u64>| {
-            let (gate, started) = (Arc::clone(&handler_gate), Arc::clone(&handler_started));
-            async move {
-                started.lock().unwrap().push(*task.payload());
-                gate.acquire().await.unwrap().forget();
-                Ok::<(), std::convert::Infallible>(())
-            }
-        })
-        .await
-        .unwrap();
-    let running = |n: usize| {
-        let started = Arc::clone(&started);
-        move || started.lock().unwrap().len() == n
-    };
+    let (pool, gate, started) = gated_pool(dir.path(), 2, 64).await;
     // Two run (each taken alone from a short queue), then 64 wait.
     for n in 0..2 {
         pool.submit(n).await.unwrap();
     }
-    assert!(common::poll_until(common::PATIENCE, running(2)).await);
+    started_count(&started, 2).await;
     for n in 2..66 {
         pool.submit(n).await.unwrap();
     }
     // Both finish; from 64 waiting each takes several at once: one to run, the rest in its
     // hand.
     gate.add_permits(2);
-    assert!(common::poll_until(common::PATIENCE, running(4)).await);
+    started_count(&started, 4).await;
     assert_eq!(pool.stats().queued, 62, "the hands' tasks count as queued");
     let shutdown = tokio::spawn({
         let pool = pool.clone();
