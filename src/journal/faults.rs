@@ -45,6 +45,8 @@ pub(crate) enum Op {
     Probe,
     /// The spill reserve: creating, growing or removing its file.
     Allocate,
+    /// Room made ahead of a write-ahead segment's records (zeros).
+    Fill,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +77,8 @@ struct Rule {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Tracked {
-    /// The length at the last successful `sync` (`None`: never synced).
+    /// The write position (the records' end) at the last successful `sync` (`None`: never
+    /// synced).
     synced_len: Option<u64>,
     /// Whether the directory was fsynced since the file was created.
     entry_synced: bool,
@@ -273,12 +276,20 @@ impl FileOps for Faults {
 
     fn sync(&self, path: &Path, file: &File) -> io::Result<()> {
         self.check(Op::Sync)?;
-        let len = file.metadata()?.len();
+        // Durable: what was written up to the write position. Past it is room made ahead
+        // (zeros), which a power cut may as well take: the records written over it later are
+        // not durable until the next sync.
+        let len = io::Seek::stream_position(&mut &*file)?;
         Os.sync(path, file)?;
         if let Some(tracked) = self.state().files.get_mut(path) {
             tracked.synced_len = Some(len);
         }
         Ok(())
+    }
+
+    fn fill(&self, path: &Path, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        self.check(Op::Fill)?;
+        Os.fill(path, file, offset, len)
     }
 
     fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
@@ -364,6 +375,21 @@ pub(crate) fn recover(dir: &Path) -> (RecoveryReport, Vec<u64>) {
     // Dropped, not closed: closing would retire the segments just read.
     drop(journal);
     (report, live.into_iter().map(|task| task.value).collect())
+}
+
+/// Asserts that the segment at `path` holds `records_end` bytes of header and records, and
+/// past them only room made ahead (zeros), if any.
+pub(crate) fn assert_records_end(path: &Path, records_end: u64) {
+    let bytes = std::fs::read(path).expect("the segment reads");
+    assert!(
+        bytes.len() as u64 >= records_end,
+        "{} bytes, records to {records_end}",
+        bytes.len()
+    );
+    assert!(
+        bytes[records_end as usize..].iter().all(|&b| b == 0),
+        "something past the records at {records_end}"
+    );
 }
 
 /// The live segment files of `dir`, in number order.

@@ -117,6 +117,14 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
         io::Write::write_all(file, buf)
     }
 
+    /// Writes `len` zeros into `file` at `offset`, not moving its write position: room made
+    /// ahead of a write-ahead segment's records. Elsewhere than on Unix, makes none (an error
+    /// says so).
+    fn fill(&self, path: &Path, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let _ = path;
+        fill(file, offset, len)
+    }
+
     /// Makes `file`'s data durable.
     fn sync(&self, path: &Path, file: &File) -> io::Result<()> {
         let _ = path;
@@ -209,6 +217,31 @@ pub(crate) trait FileOps: std::fmt::Debug + Send + Sync {
         let _ = fs::remove_file(path);
         result
     }
+}
+
+/// Writes `len` zeros at `offset` (see [`FileOps::fill`]).
+#[cfg(unix)]
+fn fill(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; len.min(CHUNK) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(CHUNK) as usize;
+        file.write_all_at(&zeros[..n], offset + at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Makes no room (see [`FileOps::fill`]).
+#[cfg(not(unix))]
+fn fill(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let _ = (file, offset, len);
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "room ahead is made on Unix only",
+    ))
 }
 
 /// Allocates disk space for `file` up to `len` bytes (see [`FileOps::allocate`]).

@@ -182,6 +182,10 @@ impl Journal {
             .and_then(|sealed| {
                 let segment = self.current()?;
                 let before = segment.len();
+                if sync {
+                    // Synced at every batch: written over room made ahead, the fsync is cheaper.
+                    segment.prepare_room(bytes.len() as u64, segment_bytes);
+                }
                 segment.append(bytes, tasks)?;
                 let started = Instant::now();
                 if sync && let Err(error) = segment.sync() {
@@ -209,6 +213,7 @@ impl Journal {
             s.len() > format::HEADER_LEN as u64 && s.len() + adding > segment_bytes
         });
         if full && let Some(mut segment) = self.current.take() {
+            segment.trim_room();
             segment.sync()?;
             self.sealed.push(Sealed {
                 number: segment.number(),
@@ -274,7 +279,9 @@ impl Journal {
     /// next start reads the live tasks, not the whole run's history.
     pub(crate) fn rotate_for_spill(&mut self) {
         self.rotated.append(&mut self.sealed);
-        if let Some(segment) = self.current.take() {
+        if let Some(mut segment) = self.current.take() {
+            // Its room goes now, for the spill to have it.
+            segment.trim_room();
             self.rotated.push(Sealed {
                 number: segment.number(),
                 path: segment.path().to_path_buf(),

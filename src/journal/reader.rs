@@ -83,6 +83,9 @@ pub(crate) fn scan<'a>(buf: &'a [u8], mut on_record: impl FnMut(u64, RecordRef<'
                 scan.records += 1;
                 pos += len;
             }
+            // Zeros from a record boundary to the end: room made ahead of the records and not
+            // written yet (see `writer.rs`), not a torn record.
+            Err(_) if buf[pos..].iter().all(|&b| b == 0) => break,
             Err(error) => match next_valid(buf, pos + ALIGN, epoch, &mut budget) {
                 Err(GaveUp) => {
                     scan.damage.push(Damage {

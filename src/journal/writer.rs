@@ -1,4 +1,11 @@
 //! Appends records to one segment file.
+//!
+//! A write-ahead segment synced at every batch is written into room made ahead of it: zeros,
+//! [`ROOM_AHEAD`] at a time, written once and made durable by the next batch's fsync. An
+//! fsync of data written over blocks the file already has need not commit a new file size
+//! to the file system's journal, and took about a third less time than an append's here
+//! (ARCHITECTURE.md, the group commit). The reader takes zeros from a record boundary to the
+//! end of a segment for what they are: room never written, not a torn record.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -6,6 +13,9 @@ use std::path::{Path, PathBuf};
 use super::format::{self, Header};
 use super::fs::Ops;
 use crate::error::JournalError;
+
+/// How much room a write-ahead segment is given ahead of its records at a time.
+pub(crate) const ROOM_AHEAD: u64 = 4 << 20;
 
 /// An open segment this run appends to.
 #[derive(Debug)]
@@ -22,6 +32,10 @@ pub(crate) struct SegmentWriter {
     tasks: usize,
     /// Set when a failed write could not be cut back cleanly: nothing more may be appended.
     broken: bool,
+    /// The file's size: `len`, and zeros written ahead of it (see `prepare_room`).
+    size: u64,
+    /// Set when making room failed (a full disk, say): the records are appended as they come.
+    no_room: bool,
 }
 
 impl SegmentWriter {
@@ -50,6 +64,8 @@ impl SegmentWriter {
             dir_synced: false,
             tasks: 0,
             broken: false,
+            size: bytes.len() as u64,
+            no_room: false,
         })
     }
 
@@ -88,11 +104,46 @@ impl SegmentWriter {
             let cut = self.ops.truncate(&self.path, &self.file, self.len).is_ok()
                 && std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(self.len)).is_ok();
             self.broken = !cut;
+            if cut {
+                self.size = self.len;
+            }
             return Err(JournalError::io("write", &self.path, Some(self.len), e));
         }
         self.len += bytes.len() as u64;
+        self.size = self.size.max(self.len);
         self.tasks += tasks;
         Ok(())
+    }
+
+    /// Makes sure `need` bytes past the records are room already written (zeros), writing up
+    /// to [`ROOM_AHEAD`] more, but not past `limit` (the segment's size, once it is full). Best
+    /// effort: if the zeros cannot be written, the file is cut back to its records and
+    /// records are appended from then on.
+    pub(crate) fn prepare_room(&mut self, need: u64, limit: u64) {
+        if self.no_room || self.broken || self.len + need <= self.size {
+            return;
+        }
+        let to = (self.len + need + ROOM_AHEAD).min(limit.max(self.len + need));
+        if let Err(error) = self
+            .ops
+            .fill(&self.path, &self.file, self.size, to - self.size)
+        {
+            tracing::debug!(path = %self.path.display(), %error, "no room made ahead of the records");
+            self.no_room = true;
+            if self.ops.truncate(&self.path, &self.file, self.len).is_ok() {
+                self.size = self.len;
+            }
+            return;
+        }
+        self.size = to;
+    }
+
+    /// Cuts the room left past the records off the file (a full segment, sealed). Best effort:
+    /// the reader takes it for room if it stays.
+    pub(crate) fn trim_room(&mut self) {
+        if self.size > self.len && self.ops.truncate(&self.path, &self.file, self.len).is_ok() {
+            self.size = self.len;
+        }
     }
 
     /// Best effort, cuts the file back to `len` bytes (a record boundary): used when the records
@@ -101,6 +152,7 @@ impl SegmentWriter {
     pub(crate) fn cut_back(&mut self, len: u64) {
         if len < self.len && self.ops.truncate(&self.path, &self.file, len).is_ok() {
             self.len = len;
+            self.size = len;
         }
     }
 

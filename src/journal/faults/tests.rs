@@ -211,7 +211,7 @@ fn a_short_write_is_cut_back_to_the_last_whole_record() {
         panic!("one segment expected")
     };
     let whole = (HEADER_LEN + batch.len()) as u64;
-    assert_eq!(std::fs::metadata(segment).unwrap().len(), whole);
+    assert_records_end(segment, whole);
 
     // The next batch stops 40 bytes into its first record.
     faults.short_write_next(40, ENOSPC);
@@ -220,6 +220,7 @@ fn a_short_write_is_cut_back_to_the_last_whole_record() {
     assert_eq!(errno(&error), Some(ENOSPC));
     assert_eq!(error.offset(), Some(whole), "{error}");
     assert_eq!(faults.calls(Op::Truncate), 1);
+    // Cut back to the records, the room made ahead with them.
     assert_eq!(std::fs::metadata(segment).unwrap().len(), whole);
     assert!(matches!(
         journal.append_batch(&batch, 2, true, NO_SEAL),
@@ -258,18 +259,23 @@ fn a_short_write_that_cannot_be_cut_back_is_a_torn_tail_at_recovery() {
     );
     drop(journal);
     let segment = segments(dir.path()).remove(0);
-    assert_eq!(std::fs::metadata(&segment).unwrap().len(), whole + 40);
+    // The torn record's 40 bytes, in the room made ahead.
+    let len = std::fs::metadata(&segment).unwrap().len();
+    assert!(len >= whole + 40, "{len}");
 
     let (report, live) = recover(dir.path());
     assert_eq!(live, [1]);
-    assert!(
-        report.damage.is_empty() && report.damaged_copies.is_empty(),
-        "{report:?}"
-    );
+    assert!(report.damage.is_empty(), "{report:?}");
+    // Inside the room the torn record reads as whole (its length fits) and fails its
+    // checksum: the file is copied aside, as for any whole record failing its checks.
+    assert_eq!(report.damaged_copies.len(), 1, "{report:?}");
     let [torn] = &report.torn_tails[..] else {
         panic!("one torn tail expected: {report:?}")
     };
-    assert_eq!((&torn.path, torn.offset, torn.len), (&segment, whole, 40));
+    assert_eq!(
+        (&torn.path, torn.offset, torn.len, torn.reason.as_str()),
+        (&segment, whole, len - whole, "record checksum mismatch")
+    );
     assert_eq!(
         std::fs::metadata(&segment).unwrap().len(),
         whole,
@@ -484,4 +490,123 @@ fn a_failed_probe_is_an_error_with_the_probe_file() {
     assert_eq!(errno(&error), Some(ENOSPC), "{error}");
     assert!(error.path().is_some_and(|p| p.ends_with("probe.tmp")));
     assert!(!dir.path().join("probe.tmp").exists());
+}
+
+/// The live payloads a start finds in `dir`, which must hold no damage and no torn tail.
+fn recover_clean(dir: &Path) -> Vec<u64> {
+    let (report, live) = recover(dir);
+    assert!(
+        report.damage.is_empty() && report.torn_tails.is_empty(),
+        "{report:?}"
+    );
+    live
+}
+
+/// The size of the file at `path`.
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+#[test]
+fn a_segment_synced_at_every_batch_is_written_over_room_made_ahead() {
+    use crate::journal::writer::ROOM_AHEAD;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    let epoch = journal.epoch();
+    journal
+        .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
+        .unwrap();
+    let [segment] = &segments(dir.path())[..] else {
+        panic!("one segment expected")
+    };
+    let one = (HEADER_LEN + record(epoch, 1).len()) as u64;
+    assert!(size(segment) >= one + ROOM_AHEAD, "{}", size(segment));
+    assert_records_end(segment, one);
+    // The next batches are written over the room: none is made until it runs short.
+    let room = size(segment);
+    for seq in 2..10 {
+        journal
+            .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
+            .unwrap();
+    }
+    assert_eq!((faults.calls(Op::Fill), size(segment)), (1, room));
+    // What was synced is what a power cut leaves: every record, then at most room.
+    drop(journal);
+    faults.power_cut().unwrap();
+    assert_eq!(recover_clean(dir.path()), (1..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_batch_not_synced_at_once_makes_no_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    let epoch = journal.epoch();
+    journal
+        .append_batch(&record(epoch, 1), 1, false, NO_SEAL)
+        .unwrap();
+    let [segment] = &segments(dir.path())[..] else {
+        panic!("one segment expected")
+    };
+    assert_eq!(faults.calls(Op::Fill), 0);
+    assert_eq!(size(segment), (HEADER_LEN + record(epoch, 1).len()) as u64);
+}
+
+#[test]
+fn without_room_for_zeros_the_records_are_appended_as_they_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    let epoch = journal.epoch();
+    faults.fail_next(Op::Fill, ENOSPC);
+    for seq in 1..4 {
+        journal
+            .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
+            .unwrap();
+    }
+    let [segment] = &segments(dir.path())[..] else {
+        panic!("one segment expected")
+    };
+    let records: usize = (1..4).map(|seq| record(epoch, seq).len()).sum();
+    // Tried once for the segment, then not again; the records are all there.
+    assert_eq!(faults.calls(Op::Fill), 1);
+    assert_eq!(size(segment), (HEADER_LEN + records) as u64);
+    drop(journal);
+    assert_eq!(recover_clean(dir.path()), [1, 2, 3]);
+}
+
+#[test]
+fn a_full_segment_is_sealed_without_its_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut journal = open(dir.path(), &faults);
+    let epoch = journal.epoch();
+    let len = record(epoch, 1).len() as u64;
+    // Four records to a segment, and half a record more: the room stops at its size.
+    let four = HEADER_LEN as u64 + 4 * len;
+    let segment_bytes = four + len / 2;
+    for seq in 1..=4 {
+        journal
+            .append_batch(&record(epoch, seq), 1, true, segment_bytes)
+            .unwrap();
+    }
+    let first = segments(dir.path()).remove(0);
+    assert_eq!(
+        size(&first),
+        segment_bytes,
+        "room to the segment's size only"
+    );
+    // The fifth seals the first segment, cut back to its records; the second gets room.
+    journal
+        .append_batch(&record(epoch, 5), 1, true, segment_bytes)
+        .unwrap();
+    let [first, second] = &segments(dir.path())[..] else {
+        panic!("two segments expected")
+    };
+    assert_eq!(size(first), four);
+    assert_eq!(size(second), segment_bytes);
+    assert_records_end(second, HEADER_LEN as u64 + len);
+    drop(journal);
+    assert_eq!(recover_clean(dir.path()), [1, 2, 3, 4, 5]);
 }

@@ -461,23 +461,35 @@ fn newer_version_yields_no_records() {
 }
 
 #[test]
-fn zero_filled_tail_is_torn_and_costs_nothing() {
+fn zeros_from_a_record_boundary_to_the_end_are_room_not_a_torn_tail() {
     let segment = segment();
-    let end = segment.bytes.len() as u64;
-    for tail in [1, 7, 8, 31, 32, 33, 64, 100, 4096] {
+    for tail in [1, 7, 8, 31, 32, 33, 64, 100, 4096, 4 << 20] {
         let mut buf = segment.bytes.clone();
         buf.resize(buf.len() + tail, 0);
         let (scan, got) = read(&buf);
         assert_eq!(got, segment.records, "tail {tail}");
         assert!(scan.damage.is_empty(), "tail {tail}");
-        // Under a record header's length it is cut short; past it, kind 0 is malformed.
-        let error = if tail < RECORD_HEADER_LEN {
-            RecordError::Truncated
-        } else {
-            RecordError::Malformed
-        };
-        assert_eq!(scan.torn_tail, Some((end, error)), "tail {tail}");
+        assert_eq!(scan.torn_tail, None, "tail {tail}");
     }
+}
+
+#[test]
+fn a_record_cut_short_before_the_room_is_a_torn_tail() {
+    let segment = segment();
+    let end = segment.bytes.len();
+    let mut buf = segment.bytes.clone();
+    // The first record again, cut short, then room: a write torn inside the room.
+    let first = HEADER_LEN..HEADER_LEN + RECORD_HEADER_LEN + 4;
+    buf.extend_from_slice(&segment.bytes[first]);
+    buf.resize(buf.len() + 4096, 0);
+    let (scan, got) = read(&buf);
+    assert_eq!(got, segment.records);
+    assert!(scan.damage.is_empty());
+    assert!(
+        matches!(scan.torn_tail, Some((at, _)) if at == end as u64),
+        "{:?}",
+        scan.torn_tail
+    );
 }
 
 #[test]
