@@ -176,6 +176,45 @@ async fn a_pools_queue_is_handed_off_and_another_pool_runs_it() {
     assert_eq!(runs.lock().unwrap().len(), 301, "each task ran once");
 }
 
+/// A pool's own tasks (never written to the table) are handed off with a plain insert; should
+/// one meet a row after all (a handoff committed unbeknownst to the pool, say), the handoff
+/// upserts them all instead, and nothing is lost or sent to the local journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_that_meets_a_row_it_did_not_expect_upserts_and_loses_nothing() {
+    let Some(schema) = Schema::new("handoff_row") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = idle(dir.path(), schema.store()).await;
+    let ids = submit_all(&a, 0..10).await;
+    let planted = ids[3];
+    let (run, seq) = (planted.run(), planted.seq());
+    let inserted = schema.number(&format!(
+        "WITH i AS (INSERT INTO {{t}} (run, seq, enqueued_at, run_after, payload) \
+         VALUES ({run}, {seq}, now(), now(), '\\x3939') RETURNING 1) SELECT count(*) FROM i"
+    ));
+    assert_eq!(inserted, 1);
+    let report = a.shutdown().await.unwrap();
+    assert_eq!(report.handed_off, 10, "{report:?}");
+    assert!(
+        report.handoff_error.is_none() && report.is_clean(),
+        "{report:?}"
+    );
+    assert_eq!(schema.rows(), 10);
+    // The planted row holds task 3 now (its payload, `3`), not the planted `99`.
+    let payload = schema.number(&format!(
+        "SELECT convert_from(payload, 'UTF8')::int8 FROM {{t}} WHERE run = {run} AND seq = {seq}"
+    ));
+    assert_eq!(payload, 3);
+    assert!(
+        drainpool::journal::inspect(dir.path())
+            .unwrap()
+            .live
+            .is_empty(),
+        "nothing went to the local journal"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_at_shutdown_sends_the_queue_to_the_local_journal() {
     let Some(schema) = Schema::new("fallback") else {

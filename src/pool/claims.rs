@@ -520,7 +520,9 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
     }
     let (mut tasks, mut rest) = (Vec::with_capacity(jobs.len()), Vec::new());
     let mut encoded = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    // Those leased from the store (claimed, or written ahead to it) first: they have rows.
+    let (leased, local): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|job| job.lease.is_some());
+    for job in leased.into_iter().chain(local) {
         let mut payload = Vec::new();
         match job.payload.encode(&shared.codec, &mut payload) {
             Ok(()) => {
@@ -539,7 +541,8 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
     }
     let count = tasks.len() as u64;
     let started = now_ms();
-    let result = claims.store.hand_off(tasks).await;
+    let stored = encoded.iter().filter(|job| job.lease.is_some()).count();
+    let result = claims.store.hand_off(tasks, stored).await;
     claims.release(encoded.iter().map(|job| job.id));
     match result {
         Ok(()) => {

@@ -117,8 +117,13 @@ pub(crate) trait Remote: Send + Sync + 'static {
     fn run(&self) -> u64;
     fn pacing(&self) -> Pacing;
     /// Writes `tasks` in one transaction (a claimed one's lease cleared, unless another pool
-    /// holds a live one), then wakes the pools that listen.
-    fn hand_off(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>>;
+    /// holds a live one), then wakes the pools that listen. The first `stored` may have rows
+    /// already (claimed from the store); the others were never written to it.
+    fn hand_off(
+        &self,
+        tasks: Vec<StoredTask>,
+        stored: usize,
+    ) -> BoxFuture<'_, Result<(), RemoteError>>;
     /// Claims up to `limit` tasks due now, higher priorities first and in id order within
     /// one, leased to this pool.
     fn claim(&self, limit: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>>;
@@ -451,7 +456,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
             }
         }
-        fn hand_off(&self, _: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>> {
+        fn hand_off(&self, _: Vec<StoredTask>, _: usize) -> BoxFuture<'_, Result<(), RemoteError>> {
             Box::pin(std::future::pending())
         }
         fn claim(&self, _: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>> {

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_util::task::TaskTracker;
 
 use super::columns::{Columns, Options, claimed, from_sql, ms, text, to_sql};
@@ -87,7 +89,10 @@ impl Store {
         store.check_version().await?;
         store.run = store.take_run(floor).await?;
         if !forward.is_empty() {
-            store.write(forward).await?;
+            // Tasks of the local journal: a handoff that failed may have been committed after
+            // all, so each may have a row.
+            let stored = forward.len();
+            store.write(forward, stored).await?;
         }
         Ok(store)
     }
@@ -121,45 +126,70 @@ impl Store {
         Ok(run.cast_unsigned())
     }
 
-    /// Writes `tasks` in one transaction, then notifies.
-    async fn write(&self, tasks: Vec<StoredTask>) -> Result<(), PostgresError> {
+    /// Writes `tasks` in one transaction, then notifies. The first `stored` of them may have
+    /// rows already (claimed from the table) and are upserted; the others were never written
+    /// to it and are inserted, without the upsert's cost. Should one of those meet a row after
+    /// all, the transaction is rolled back and every task is upserted.
+    async fn write(&self, tasks: Vec<StoredTask>, stored: usize) -> Result<(), PostgresError> {
         let sql = Arc::clone(&self.sql);
         let owner = self.run.cast_signed();
         self.handoff
             .run("hand off", move |client| {
                 Box::pin(async move {
-                    let insert = sql.hand_off();
+                    let upsert = sql.hand_off();
+                    let (known, new) = tasks.split_at(stored.min(tasks.len()));
                     let transaction = client.transaction().await?;
-                    for chunk in tasks.chunks(HANDOFF_CHUNK) {
-                        let c = Columns::of(chunk);
-                        transaction
-                            .execute(
-                                &insert,
-                                &[
-                                    &c.run,
-                                    &c.seq,
-                                    &c.attempts,
-                                    &c.interruptions,
-                                    &c.interrupted,
-                                    &c.enqueued,
-                                    &c.not_before,
-                                    &c.error,
-                                    &c.payload,
-                                    &owner,
-                                    &c.priority,
-                                    &c.max_attempts,
-                                    &c.expires,
-                                    &c.key,
-                                ],
-                            )
-                            .await?;
-                    }
+                    write_rows(&transaction, &upsert, known, Some(owner)).await?;
+                    let transaction =
+                        match write_rows(&transaction, &sql.hand_off_new(), new, None).await {
+                            Ok(()) => transaction,
+                            Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                                transaction.rollback().await?;
+                                let transaction = client.transaction().await?;
+                                write_rows(&transaction, &upsert, &tasks, Some(owner)).await?;
+                                transaction
+                            }
+                            Err(error) => return Err(error),
+                        };
                     transaction.batch_execute(&sql.notify()).await?;
                     transaction.commit().await
                 })
             })
             .await
     }
+}
+
+/// Writes `tasks` with `statement` (`hand_off`, given the `owner`, or `hand_off_new`),
+/// [`HANDOFF_CHUNK`] rows at a time.
+async fn write_rows(
+    transaction: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    tasks: &[StoredTask],
+    owner: Option<i64>,
+) -> Result<(), tokio_postgres::Error> {
+    for chunk in tasks.chunks(HANDOFF_CHUNK) {
+        let c = Columns::of(chunk);
+        let state: [&(dyn ToSql + Sync); 9] = [
+            &c.run,
+            &c.seq,
+            &c.attempts,
+            &c.interruptions,
+            &c.interrupted,
+            &c.enqueued,
+            &c.not_before,
+            &c.error,
+            &c.payload,
+        ];
+        let options: [&(dyn ToSql + Sync); 4] = [&c.priority, &c.max_attempts, &c.expires, &c.key];
+        let mut params = Vec::with_capacity(14);
+        params.extend_from_slice(&state);
+        if let Some(owner) = &owner {
+            params.push(owner as &(dyn ToSql + Sync));
+        }
+        params.extend_from_slice(&options);
+        transaction.execute(statement, &params).await?;
+    }
+    Ok(())
 }
 
 /// Checks that the schema is at this build's version.
@@ -207,8 +237,12 @@ impl Remote for Store {
         self.pacing
     }
 
-    fn hand_off(&self, tasks: Vec<StoredTask>) -> BoxFuture<'_, Result<(), RemoteError>> {
-        Box::pin(async move { self.write(tasks).await.map_err(erased) })
+    fn hand_off(
+        &self,
+        tasks: Vec<StoredTask>,
+        stored: usize,
+    ) -> BoxFuture<'_, Result<(), RemoteError>> {
+        Box::pin(async move { self.write(tasks, stored).await.map_err(erased) })
     }
 
     fn claim(&self, limit: usize) -> BoxFuture<'_, Result<Vec<Claimed>, RemoteError>> {
