@@ -138,6 +138,18 @@ fn check(dir: &Path, path: &Path, dead: bool, segment: &[u8], lock: Option<&[u8]
         end = d.offset + d.len;
     }
     let header_damage = match scan.header {
+        // A header holding another segment's number than its file's name: damage at 0.
+        Header::Ok { segment, .. } if segment != 1 => {
+            let first = &verified.damage[0];
+            assert_eq!((first.offset, first.len), (0, HEADER_LEN as u64));
+            assert!(
+                first.reason.ends_with(&format!(
+                    "holds segment number {segment}, but the file is named for segment 1"
+                )),
+                "{first:?}"
+            );
+            1
+        }
         Header::Damaged { .. } => {
             let first = &verified.damage[0];
             assert_eq!((first.offset, first.len), (0, HEADER_LEN as u64));
