@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::journal::faults::{EIO, ENOSPC, Faults, Op, errno, recover, segments};
+use crate::journal::faults::{EIO, ENOSPC, Faults, Op, errno, only_segment, recover, segments};
 use crate::journal::{SEGMENT_HEADER_LEN as HEADER_LEN, task_record_len};
 use crate::{Durability, Pool, ShutdownReport, SubmitError, SyncPolicy, Task};
 
@@ -315,9 +315,7 @@ fn a_short_write_is_cut_back_to_the_last_whole_record() {
     let report = runtime().block_on(async {
         let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
         submit_all(&pool, 0..6).await;
-        let [segment] = &segments(dir.path())[..] else {
-            panic!("one segment expected")
-        };
+        let segment = &only_segment(dir.path());
         let whole = HEADER + 6 * RECORD;
         crate::journal::faults::assert_records_end(segment, whole);
 

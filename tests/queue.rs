@@ -202,8 +202,11 @@ async fn gated_pool(
 
 /// Waits until `started` holds `n` tasks.
 async fn started_count(started: &Started, n: usize) {
-    let reached = common::poll_until(common::PATIENCE, || started.lock().unwrap().len() == n).await;
-    assert!(reached, "{n} tasks never started");
+    let what = format!("{n} tasks to start");
+    common::eventually(common::PATIENCE, &what, || {
+        started.lock().unwrap().len() == n
+    })
+    .await;
 }
 
 /// A full queue wakes a waiting submitter once a batch of slots is free; a slot freed below

@@ -392,6 +392,14 @@ pub(crate) fn assert_records_end(path: &Path, records_end: u64) {
     );
 }
 
+/// The one live segment file of `dir` (fails the test if there is not exactly one).
+pub(crate) fn only_segment(dir: &Path) -> PathBuf {
+    let [segment] = &segments(dir)[..] else {
+        panic!("one segment expected")
+    };
+    segment.clone()
+}
+
 /// The live segment files of `dir`, in number order.
 pub(crate) fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -207,9 +207,7 @@ fn a_short_write_is_cut_back_to_the_last_whole_record() {
     let epoch = journal.epoch();
     let batch = [record(epoch, 1), record(epoch, 2)].concat();
     journal.append_batch(&batch, 2, true, NO_SEAL).unwrap();
-    let [segment] = &segments(dir.path())[..] else {
-        panic!("one segment expected")
-    };
+    let segment = &only_segment(dir.path());
     let whole = (HEADER_LEN + batch.len()) as u64;
     assert_records_end(segment, whole);
 
@@ -365,9 +363,7 @@ fn closed_segment(dir: &Path) -> PathBuf {
     let mut journal = open(dir, &Faults::new());
     assert!(spill(&mut journal, 1..5).unsaved.is_empty());
     journal.close().unwrap();
-    let [segment] = &segments(dir)[..] else {
-        panic!("one segment expected")
-    };
+    let segment = &only_segment(dir);
     segment.clone()
 }
 
@@ -517,9 +513,7 @@ fn a_segment_synced_at_every_batch_is_written_over_room_made_ahead() {
     journal
         .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
         .unwrap();
-    let [segment] = &segments(dir.path())[..] else {
-        panic!("one segment expected")
-    };
+    let segment = &only_segment(dir.path());
     let one = (HEADER_LEN + record(epoch, 1).len()) as u64;
     assert!(size(segment) >= one + ROOM_AHEAD, "{}", size(segment));
     assert_records_end(segment, one);
@@ -546,9 +540,7 @@ fn a_batch_not_synced_at_once_makes_no_room() {
     journal
         .append_batch(&record(epoch, 1), 1, false, NO_SEAL)
         .unwrap();
-    let [segment] = &segments(dir.path())[..] else {
-        panic!("one segment expected")
-    };
+    let segment = &only_segment(dir.path());
     assert_eq!(faults.calls(Op::Fill), 0);
     assert_eq!(size(segment), (HEADER_LEN + record(epoch, 1).len()) as u64);
 }
@@ -565,9 +557,7 @@ fn without_room_for_zeros_the_records_are_appended_as_they_come() {
             .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
             .unwrap();
     }
-    let [segment] = &segments(dir.path())[..] else {
-        panic!("one segment expected")
-    };
+    let segment = &only_segment(dir.path());
     let records: usize = (1..4).map(|seq| record(epoch, seq).len()).sum();
     // Tried once for the segment, then not again; the records are all there.
     assert_eq!(faults.calls(Op::Fill), 1);
