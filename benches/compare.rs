@@ -65,6 +65,8 @@ struct Scale {
     spill_tasks: u64,
     spill_runs: usize,
     durable_point: Duration,
+    /// Runs of each end-to-end variant (write-ahead, on-shutdown), alternated; medians taken.
+    end_to_end_runs: usize,
     shutdown_queued: u64,
     shutdown_runs: usize,
     memory_tasks: u64,
@@ -84,6 +86,7 @@ impl Scale {
         spill_tasks: 1_000_000,
         spill_runs: 5,
         durable_point: Duration::from_secs(2),
+        end_to_end_runs: 3,
         shutdown_queued: 100_000,
         shutdown_runs: 5,
         memory_tasks: 1_000_000,
@@ -103,6 +106,7 @@ impl Scale {
         spill_tasks: 10_000,
         spill_runs: 1,
         durable_point: Duration::from_millis(100),
+        end_to_end_runs: 1,
         shutdown_queued: 1_000,
         shutdown_runs: 1,
         memory_tasks: 10_000,
@@ -1467,13 +1471,23 @@ fn end_to_end_rows(dir: &Path, scale: Scale, fsyncs: f64) -> BoxResult<Vec<Row>>
     let period = scale.durable_point;
     let sqlite = sqlite_rate(dir, SUBMITTERS, period, true)?
         .max(sqlite_rate(dir, SUBMITTERS, period, false)?);
-    let durable = end_to_end_rate(
-        dir,
-        Durability::write_ahead(SyncPolicy::Always),
-        SUBMITTERS,
-        period,
-    )?;
-    let plain = end_to_end_rate(dir, Durability::on_shutdown(), SUBMITTERS, period)?;
+    // Alternated, each variant's median: one run of either swings with the machine's load.
+    let (mut durable_runs, mut plain_runs) = (Vec::new(), Vec::new());
+    for _ in 0..scale.end_to_end_runs {
+        durable_runs.push(end_to_end_rate(
+            dir,
+            Durability::write_ahead(SyncPolicy::Always),
+            SUBMITTERS,
+            period,
+        )?);
+        plain_runs.push(end_to_end_rate(
+            dir,
+            Durability::on_shutdown(),
+            SUBMITTERS,
+            period,
+        )?);
+    }
+    let (durable, plain) = (median(&durable_runs), median(&plain_runs));
     let versus_sqlite = durable / sqlite;
     let price = durable / plain;
     let ceiling = SUBMITTERS as f64 * fsyncs;
@@ -1493,6 +1507,8 @@ fn end_to_end_rows(dir: &Path, scale: Scale, fsyncs: f64) -> BoxResult<Vec<Row>>
         detail: json!({
             "write_ahead": durable,
             "on_shutdown": plain,
+            "write_ahead_runs": durable_runs,
+            "on_shutdown_runs": plain_runs,
             "sqlite_full_cycle": sqlite,
             "submitters": SUBMITTERS,
             "seconds": period.as_secs_f64(),
