@@ -184,7 +184,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// when it cannot grow, `submit` refuses with [`SubmitError::JournalFull`](crate::SubmitError::JournalFull),
     /// handing the task back, and [`Stats::journal_ready`](crate::Stats::journal_ready) is
     /// false. Its first step (1 MiB) is taken at start: a directory that cannot take it fails
-    /// `start`. Off, a spill on a full disk saves what fits and lists the rest in the report.
+    /// `start`. The shutdown removes it just before it journals the first task; one with
+    /// nothing to journal leaves it to the next start (freeing its blocks can cost more than
+    /// the rest of an idle shutdown). Off, a spill on a full disk saves what fits and lists the
+    /// rest in the report.
     /// Not used in write-ahead mode, where every task is on disk already.
     ///
     /// The default is on.

@@ -8,6 +8,9 @@
 //! the spill saves every task accepted; a start that cannot take the reserve's first step fails.
 //! Without the reserve, a spill that finds the disk full saves what fits, and is reported loudly
 //! (an error in the report, the unsaved ids, a failing exit code).
+//!
+//! The reserve file's life on an ordinary directory, too: a shutdown that journals nothing
+//! leaves it for the next start, which replaces it (or removes it, making none).
 
 #![cfg(target_os = "linux")]
 
@@ -337,4 +340,65 @@ async fn a_start_without_room_for_the_spill_reserve_fails() {
     // Turned off, the same directory starts.
     let pool = hanging_pool(dir, Durability::on_shutdown()).await;
     pool.shutdown().await.unwrap();
+}
+
+/// On an ordinary directory: a shutdown that journals nothing leaves the reserve file
+/// (removing it was most of an idle pool's shutdown on a disk that discards freed blocks); the
+/// next start replaces it, and a start that makes no reserve removes it.
+#[tokio::test]
+async fn an_idle_shutdown_leaves_the_spill_reserve_to_the_next_start() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("journal");
+    let reserve = dir.join("reserve");
+    let pool = hanging_builder(dir.clone(), Durability::on_shutdown())
+        .start(hang)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 1 << 20);
+    let report = pool.shutdown().await.unwrap();
+    assert!(report.is_clean() && report.spilled == 0, "{report:?}");
+    assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 1 << 20);
+    assert_eq!(
+        pool.stats().spill_reserve,
+        0,
+        "nothing is set aside once stopped"
+    );
+
+    // What an earlier run left is replaced, not trusted.
+    std::fs::write(&reserve, b"left over").unwrap();
+    let pool = hanging_builder(dir.clone(), Durability::on_shutdown())
+        .start(hang)
+        .await
+        .unwrap();
+    let bytes = std::fs::read(&reserve).unwrap();
+    assert_eq!(bytes.len(), 1 << 20);
+    assert!(bytes.iter().all(|&b| b == 0), "a reserve of its own");
+    pool.shutdown().await.unwrap();
+    assert!(reserve.exists());
+
+    let pool = hanging_pool(dir.clone(), Durability::write_ahead(SyncPolicy::Always)).await;
+    assert!(
+        !reserve.exists(),
+        "a start without a reserve removes the one left"
+    );
+    pool.shutdown().await.unwrap();
+}
+
+/// A shutdown that journals tasks removes the reserve first: its room is the spill's.
+#[tokio::test]
+async fn a_shutdown_that_spills_removes_the_spill_reserve() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("journal");
+    let pool = hanging_builder(dir.clone(), Durability::on_shutdown())
+        .start(hang)
+        .await
+        .unwrap();
+    for n in 0..10 {
+        pool.submit(payload(n)).await.unwrap();
+    }
+    let report = pool.shutdown().await.unwrap();
+    assert_eq!(report.spilled + report.interrupted, 10, "{report:?}");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(!dir.join("reserve").exists());
+    assert_eq!(drainpool::journal::inspect(&dir).unwrap().live.len(), 10);
 }

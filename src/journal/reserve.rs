@@ -4,8 +4,10 @@
 //!
 //! It is one file, `reserve`, whose blocks are allocated (`fallocate` on Linux) but never
 //! written. The pool grows it as it accepts tasks; the shutdown removes it just before the
-//! spill, which then writes into the space it freed. A file left by a killed run is replaced
-//! at the next start. Recovery and inspection ignore it: it is not a segment.
+//! first spill that journals a task, which then writes into the space it freed. A shutdown
+//! that journals nothing leaves it (removing it costs about 0.5 ms where freed blocks are
+//! discarded); so does a killed run. The next start replaces it, or removes it if it makes no
+//! reserve. Recovery and inspection ignore it: it is not a segment.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -30,12 +32,8 @@ impl Reserve {
     /// Creates the reserve in `dir` (removing one an earlier run left; a symlink there is
     /// removed, not followed) and allocates `len` bytes to it.
     pub(crate) fn create(dir: &Path, ops: Ops, len: u64) -> Result<Self, JournalError> {
+        Self::remove_left(dir, &ops)?;
         let path = dir.join(RESERVE_FILE);
-        match ops.remove_reserve(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(JournalError::io("remove", &path, None, e)),
-        }
         let file = ops
             .create_reserve(&path)
             .map_err(|e| JournalError::io("create", &path, None, e))?;
@@ -51,6 +49,17 @@ impl Reserve {
             return Err(error);
         }
         Ok(reserve)
+    }
+
+    /// Removes a reserve file an earlier run left in `dir` (a start that makes none: the
+    /// write-ahead mode, or the reserve turned off). Nothing if there is none.
+    pub(crate) fn remove_left(dir: &Path, ops: &Ops) -> Result<(), JournalError> {
+        let path = dir.join(RESERVE_FILE);
+        match ops.remove_reserve(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(JournalError::io("remove", &path, None, e)),
+        }
     }
 
     /// The bytes allocated.

@@ -8,8 +8,9 @@
 //! cannot grow (the disk is full), `submit` refuses the task, handing it back, and the pool
 //! reports the journal as not ready until a later growth succeeds. Tasks replayed from the
 //! journal need no reserve: the segments they came from stay until the spill that replaces them
-//! is durable. At shutdown the reserve file is removed just before the spill, which writes into
-//! the space it freed.
+//! is durable. At shutdown the reserve file is removed just before the first spill that journals
+//! a task, which writes into the space it freed; a shutdown that journals nothing leaves the
+//! file to the next start (see `journal/reserve.rs`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,6 +125,14 @@ impl SpillReserve {
                 Err(error)
             }
         }
+    }
+
+    /// Lets go of the reserve file without removing it (the shutdown journaled nothing); the
+    /// next start replaces it. Nothing is set aside from now on. Idempotent, and nothing once
+    /// released.
+    pub(crate) fn leave(&self) {
+        drop(lock(&self.file).take());
+        self.reserved.store(0, Ordering::Release);
     }
 
     /// Removes the reserve file, freeing its space for the spill. Idempotent.

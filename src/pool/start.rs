@@ -122,9 +122,18 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
             journal.adopt_obsolete();
         }
         // The spill reserve's first step: a journal that cannot take it fails the start.
-        let reserve = want_reserve
-            .then(|| Reserve::create(&open_dir, reserve_ops, reserve::STEP))
-            .transpose()?;
+        let reserve = if want_reserve {
+            Some(Reserve::create(&open_dir, reserve_ops, reserve::STEP)?)
+        } else {
+            // One an earlier run left would hold its space for nothing.
+            if let Err(error) = Reserve::remove_left(&open_dir, &reserve_ops) {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "could not remove the spill reserve an earlier run left"
+                );
+            }
+            None
+        };
         // With a shared store every live task is handed on to it; the pool that claims one
         // decodes it.
         let (replay, forward) = if forwarding {
