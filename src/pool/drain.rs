@@ -88,9 +88,10 @@ async fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) -> ShutdownRep
     // Whatever is still held, and the tasks waiting for a retry (they keep their time).
     spill_held(shared, true).await;
     if let Some(reserve) = &shared.reserve {
-        // Nothing was journaled (an idle pool): the file stays for the next start, which
-        // replaces it. Removing it frees its blocks, which takes about 0.5 ms on a file
-        // system that discards them (`-o discard`): half an idle pool's whole shutdown.
+        // Unless a spill removed it (nothing was journaled: an idle pool), the file stays for
+        // the next start, which replaces it. Removing it frees its blocks, which takes about
+        // 0.5 ms on a file system that discards them (`-o discard`): half an idle pool's whole
+        // shutdown.
         reserve.leave();
     }
     let close_time = shared.store.close().await;
