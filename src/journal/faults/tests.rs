@@ -158,26 +158,31 @@ fn open(dir: &Path, faults: &Arc<Faults>) -> Journal {
 
 const NO_SEAL: u64 = u64::MAX;
 
+/// Appends task `seq`'s record as a batch of its own (synced if `sync`), into segments of
+/// `segment_bytes` at most.
+fn append_one(
+    journal: &mut Journal,
+    seq: u64,
+    sync: bool,
+    segment_bytes: u64,
+) -> Result<crate::journal::handle::Appended, JournalError> {
+    let epoch = journal.epoch();
+    journal.append_batch(&record(epoch, seq), 1, sync, segment_bytes)
+}
+
 #[test]
 fn a_failed_fsync_poisons_the_journal_and_nothing_is_written_or_synced_after_it() {
     for code in [EIO, ENOSPC] {
         let dir = tempfile::tempdir().unwrap();
         let faults = Faults::new();
         let mut journal = open(dir.path(), &faults);
-        let epoch = journal.epoch();
-        journal
-            .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
-            .unwrap();
+        append_one(&mut journal, 1, true, NO_SEAL).unwrap();
         faults.fail_next(Op::Sync, code);
-        let error = journal
-            .append_batch(&record(epoch, 2), 1, true, NO_SEAL)
-            .unwrap_err();
+        let error = append_one(&mut journal, 2, true, NO_SEAL).unwrap_err();
         assert_eq!(errno(&error), Some(code), "{error}");
         let calls = [Op::Create, Op::Write, Op::Sync, Op::Truncate].map(|op| faults.calls(op));
         for seq in 3..6 {
-            let error = journal
-                .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
-                .unwrap_err();
+            let error = append_one(&mut journal, seq, true, NO_SEAL).unwrap_err();
             assert!(matches!(error, JournalError::Poisoned), "{error}");
         }
         assert_eq!(
@@ -241,15 +246,11 @@ fn a_short_write_that_cannot_be_cut_back_is_a_torn_tail_at_recovery() {
     let faults = Faults::new();
     let mut journal = open(dir.path(), &faults);
     let epoch = journal.epoch();
-    journal
-        .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
-        .unwrap();
+    append_one(&mut journal, 1, true, NO_SEAL).unwrap();
     let whole = (HEADER_LEN + record(epoch, 1).len()) as u64;
     faults.short_write_next(40, ENOSPC);
     faults.fail_next(Op::Truncate, EIO);
-    let error = journal
-        .append_batch(&record(epoch, 2), 1, true, NO_SEAL)
-        .unwrap_err();
+    let error = append_one(&mut journal, 2, true, NO_SEAL).unwrap_err();
     assert_eq!(
         errno(&error),
         Some(ENOSPC),
@@ -510,9 +511,7 @@ fn a_segment_synced_at_every_batch_is_written_over_room_made_ahead() {
     let faults = Faults::new();
     let mut journal = open(dir.path(), &faults);
     let epoch = journal.epoch();
-    journal
-        .append_batch(&record(epoch, 1), 1, true, NO_SEAL)
-        .unwrap();
+    append_one(&mut journal, 1, true, NO_SEAL).unwrap();
     let segment = &only_segment(dir.path());
     let one = (HEADER_LEN + record(epoch, 1).len()) as u64;
     assert!(size(segment) >= one + ROOM_AHEAD, "{}", size(segment));
@@ -520,9 +519,7 @@ fn a_segment_synced_at_every_batch_is_written_over_room_made_ahead() {
     // The next batches are written over the room: none is made until it runs short.
     let room = size(segment);
     for seq in 2..10 {
-        journal
-            .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
-            .unwrap();
+        append_one(&mut journal, seq, true, NO_SEAL).unwrap();
     }
     assert_eq!((faults.calls(Op::Fill), size(segment)), (1, room));
     // What was synced is what a power cut leaves: every record, then at most room.
@@ -537,9 +534,7 @@ fn a_batch_not_synced_at_once_makes_no_room() {
     let faults = Faults::new();
     let mut journal = open(dir.path(), &faults);
     let epoch = journal.epoch();
-    journal
-        .append_batch(&record(epoch, 1), 1, false, NO_SEAL)
-        .unwrap();
+    append_one(&mut journal, 1, false, NO_SEAL).unwrap();
     let segment = &only_segment(dir.path());
     assert_eq!(faults.calls(Op::Fill), 0);
     assert_eq!(size(segment), (HEADER_LEN + record(epoch, 1).len()) as u64);
@@ -553,9 +548,7 @@ fn without_room_for_zeros_the_records_are_appended_as_they_come() {
     let epoch = journal.epoch();
     faults.fail_next(Op::Fill, ENOSPC);
     for seq in 1..4 {
-        journal
-            .append_batch(&record(epoch, seq), 1, true, NO_SEAL)
-            .unwrap();
+        append_one(&mut journal, seq, true, NO_SEAL).unwrap();
     }
     let segment = &only_segment(dir.path());
     let records: usize = (1..4).map(|seq| record(epoch, seq).len()).sum();
@@ -577,9 +570,7 @@ fn a_full_segment_is_sealed_without_its_room() {
     let four = HEADER_LEN as u64 + 4 * len;
     let segment_bytes = four + len / 2;
     for seq in 1..=4 {
-        journal
-            .append_batch(&record(epoch, seq), 1, true, segment_bytes)
-            .unwrap();
+        append_one(&mut journal, seq, true, segment_bytes).unwrap();
     }
     let first = segments(dir.path()).remove(0);
     assert_eq!(
@@ -588,9 +579,7 @@ fn a_full_segment_is_sealed_without_its_room() {
         "room to the segment's size only"
     );
     // The fifth seals the first segment, cut back to its records; the second gets room.
-    journal
-        .append_batch(&record(epoch, 5), 1, true, segment_bytes)
-        .unwrap();
+    append_one(&mut journal, 5, true, segment_bytes).unwrap();
     let [first, second] = &segments(dir.path())[..] else {
         panic!("two segments expected")
     };
