@@ -47,7 +47,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let Some(claims) = &self.remote else {
             return Ok(Err(payload));
         };
-        let (payload, size) = self.checked(payload, &Extras::default())?;
+        let (payload, size) =
+            super::intake::kept(self.size_of(&payload, &Extras::default()), payload)?;
         let (_, bytes) = self.encoded(payload, size)?;
         let (id, state) = self.ids.fresh();
         let sql = claims.store.insert_sql(&StoredTask {

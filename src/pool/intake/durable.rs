@@ -25,7 +25,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         size: usize,
         extras: Extras,
     ) -> Result<TaskId, SubmitError<T>> {
-        let (payload, id, state) = self.fresh(payload, &extras)?;
+        let (payload, (id, state)) = super::kept(self.fresh(&extras), payload)?;
         let (payload, durable) = self.write_first(id, state, payload, size, &extras).await?;
         Ok(self.accept(slot, id, state, payload, size, extras, durable))
     }
