@@ -191,6 +191,7 @@ impl Compound<'_> {
     }
 
     /// `"key":` then the value.
+    #[inline]
     fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), GiveUp> {
         self.comma();
         self.len.add(self.len.str_len(key).saturating_add(1));
@@ -228,6 +229,7 @@ impl Len {
 /// Integer methods that count their value as the widest integer of its sign.
 macro_rules! widen {
     ($($($method:ident($ty:ty)),* => $wide:ident;)*) => {$($(
+        #[inline]
         fn $method(self, v: $ty) -> Result<(), GiveUp> {
             self.$wide(v.into())
         }
@@ -255,6 +257,7 @@ impl<'a> ser::Serializer for &'a mut Len {
         serialize_u8(u8), serialize_u16(u16), serialize_u32(u32), serialize_u64(u64) => serialize_u128;
     }
 
+    #[inline]
     fn serialize_i128(self, v: i128) -> Result<(), GiveUp> {
         self.add(match (self.bound, i64::try_from(v)) {
             // `-9223372036854775808`; `i128::MIN`.
@@ -265,6 +268,7 @@ impl<'a> ser::Serializer for &'a mut Len {
         Ok(())
     }
 
+    #[inline]
     fn serialize_u128(self, v: u128) -> Result<(), GiveUp> {
         self.add(match (self.bound, u64::try_from(v)) {
             // `u64::MAX`; `u128::MAX`.
@@ -287,6 +291,7 @@ impl<'a> ser::Serializer for &'a mut Len {
         self.serialize_str(v.encode_utf8(&mut [0; 4]))
     }
 
+    #[inline]
     fn serialize_str(self, v: &str) -> Result<(), GiveUp> {
         self.add(self.str_len(v));
         Ok(())
@@ -422,6 +427,7 @@ macro_rules! fields {
             type Ok = ();
             type Error = GiveUp;
 
+            #[inline]
             fn serialize_field<T: Serialize + ?Sized>(
                 &mut self,
                 key: &'static str,
