@@ -145,17 +145,20 @@ where
         Ok(future) => {
             let future =
                 RUNNING_FOR.scope(host.key(), CatchUnwind { inner: future }.instrument(span));
-            tokio::select! {
-                biased;
-                result = future => match result {
-                    Ok(Ok(())) => Outcome::Completed,
-                    Ok(Err(error)) => {
-                        let error: BoxError = error.into();
-                        Outcome::Failed(error_chain(&*error), Permanent::is_in(&*error))
-                    }
-                    Err(panic) => Outcome::Failed(panic_message(&*panic), false),
+            let mut future = std::pin::pin!(future);
+            // A handler that finishes at its first poll (most do) never needs the hard stop's
+            // future: that one is made (and registered) only for a handler that waits.
+            let first = {
+                let polled = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx)));
+                polled.await.map(outcome_of)
+            };
+            match first {
+                Poll::Ready(outcome) => outcome,
+                Poll::Pending => tokio::select! {
+                    biased;
+                    result = future.as_mut() => outcome_of(result),
+                    () = host.hard_stop().cancelled() => Outcome::Aborted,
                 },
-                () = host.hard_stop().cancelled() => Outcome::Aborted,
             }
         }
     };
@@ -181,6 +184,18 @@ where
         );
     }
     outcome
+}
+
+/// How a handler's run ended, from its future's output (or the panic caught polling it).
+fn outcome_of<E: Into<BoxError>>(result: Result<Result<(), E>, Box<dyn Any + Send>>) -> Outcome {
+    match result {
+        Ok(Ok(())) => Outcome::Completed,
+        Ok(Err(error)) => {
+            let error: BoxError = error.into();
+            Outcome::Failed(error_chain(&*error), Permanent::is_in(&*error))
+        }
+        Err(panic) => Outcome::Failed(panic_message(&*panic), false),
+    }
 }
 
 pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
