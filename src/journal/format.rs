@@ -67,6 +67,7 @@
 use std::fmt;
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use super::record::{MAX_KEY_LEN, MAX_PRIORITY, TaskOptions, TaskRecord, TaskState};
 use crate::task::TaskId;
@@ -274,8 +275,21 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// The CRC seed of a record of `epoch`'s: the checksum of the epoch's bytes. Remembered per
+/// thread for the last epoch asked (a journal's records all share one), so that encoding or
+/// checking a record takes one checksum, not two.
 fn epoch_seed(epoch: u64) -> u32 {
-    crc32c::crc32c(&epoch.to_le_bytes())
+    thread_local! {
+        static LAST: Cell<Option<(u64, u32)>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| match last.get() {
+        Some((remembered, seed)) if remembered == epoch => seed,
+        _ => {
+            let seed = crc32c::crc32c(&epoch.to_le_bytes());
+            last.set(Some((epoch, seed)));
+            seed
+        }
+    })
 }
 
 /// Encodes a segment header.
