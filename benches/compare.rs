@@ -8,6 +8,9 @@
 //! that a noisy neighbour hurts both alike. The table goes to stdout, the same figures as JSON
 //! to `target/bench/compare.json`.
 //!
+//! The steady rows also give the producing thread's CPU time a task while it submitted (read
+//! from `/proc/thread-self/schedstat`, so Linux only; elsewhere the rows give the rates alone).
+//!
 //! The shutdown-latency and memory rows run in child processes: this binary re-executes itself
 //! with `--child-shutdown` or `--child-memory`.
 //!
@@ -502,6 +505,33 @@ impl Done {
 const STEADY_WORKERS: usize = 2;
 const STEADY_QUEUE: usize = 1024;
 
+/// One steady-state run: tasks per second, and the CPU time the producing thread spent per
+/// task while it submitted (NaN where the thread's CPU time cannot be read).
+struct Steady {
+    rate: f64,
+    producer_ns: f64,
+}
+
+impl Steady {
+    fn new(tasks: usize, secs: f64, producer: Option<u64>) -> Self {
+        Self {
+            rate: tasks as f64 / secs,
+            producer_ns: producer.map_or(f64::NAN, |ns| ns as f64 / tasks as f64),
+        }
+    }
+}
+
+/// This thread's CPU time so far, in nanoseconds (Linux: `/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> Option<u64> {
+    let stat = fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// The CPU time this thread spent since `since` (a [`thread_cpu_ns`] reading).
+fn thread_cpu_since(since: Option<u64>) -> Option<u64> {
+    Some(thread_cpu_ns()?.saturating_sub(since?))
+}
+
 /// drainpool's steady rate: with `levels` above 1, task `i` is submitted at priority
 /// `i % levels` through `Pool::task` (what the priority lanes cost against the plain queue).
 async fn steady_drainpool(
@@ -509,7 +539,7 @@ async fn steady_drainpool(
     payloads: Vec<Email>,
     work: Work,
     levels: u8,
-) -> BoxResult<f64> {
+) -> BoxResult<Steady> {
     let done = Done::new(payloads.len() as u64);
     let handler_done = Arc::clone(&done);
     let pool = Pool::builder()
@@ -525,8 +555,9 @@ async fn steady_drainpool(
             }
         })
         .await?;
-    let n = payloads.len() as f64;
+    let n = payloads.len();
     let t = Instant::now();
+    let cpu = thread_cpu_ns();
     for (i, payload) in payloads.into_iter().enumerate() {
         let submitted = if levels > 1 {
             let level = (i % usize::from(levels)) as u8;
@@ -536,17 +567,18 @@ async fn steady_drainpool(
         };
         submitted.map_err(|e| format!("submit: {e}"))?;
     }
+    let producer = thread_cpu_since(cpu);
     done.wait().await;
     let secs = t.elapsed().as_secs_f64();
     let report = pool.shutdown().await?;
-    if !report.is_clean() || report.completed as f64 != n {
+    if !report.is_clean() || report.completed as usize != n {
         return Err(format!("steady run not clean: {report:?}").into());
     }
-    Ok(n / secs)
+    Ok(Steady::new(n, secs, producer))
 }
 
 /// Baseline 1: workers sharing one mpsc receiver behind a mutex.
-async fn steady_shared_receiver(payloads: Vec<Email>, work: Work) -> BoxResult<f64> {
+async fn steady_shared_receiver(payloads: Vec<Email>, work: Work) -> BoxResult<Steady> {
     let done = Done::new(payloads.len() as u64);
     let (tx, rx) = mpsc::channel::<Email>(STEADY_QUEUE);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -563,22 +595,24 @@ async fn steady_shared_receiver(payloads: Vec<Email>, work: Work) -> BoxResult<f
             })
         })
         .collect();
-    let n = payloads.len() as f64;
+    let n = payloads.len();
     let t = Instant::now();
+    let cpu = thread_cpu_ns();
     for payload in payloads {
         tx.send(payload).await.map_err(|_| "worker gone")?;
     }
+    let producer = thread_cpu_since(cpu);
     done.wait().await;
     let secs = t.elapsed().as_secs_f64();
     drop(tx);
     for worker in workers {
         worker.await?;
     }
-    Ok(n / secs)
+    Ok(Steady::new(n, secs, producer))
 }
 
 /// Baseline 2: one dispatcher round-robining to per-worker channels.
-async fn steady_dispatcher(payloads: Vec<Email>, work: Work) -> BoxResult<f64> {
+async fn steady_dispatcher(payloads: Vec<Email>, work: Work) -> BoxResult<Steady> {
     let done = Done::new(payloads.len() as u64);
     let (tx, mut rx) = mpsc::channel::<Email>(STEADY_QUEUE);
     let mut senders = Vec::new();
@@ -602,11 +636,13 @@ async fn steady_dispatcher(payloads: Vec<Email>, work: Work) -> BoxResult<f64> {
             next = (next + 1) % senders.len();
         }
     });
-    let n = payloads.len() as f64;
+    let n = payloads.len();
     let t = Instant::now();
+    let cpu = thread_cpu_ns();
     for payload in payloads {
         tx.send(payload).await.map_err(|_| "dispatcher gone")?;
     }
+    let producer = thread_cpu_since(cpu);
     done.wait().await;
     let secs = t.elapsed().as_secs_f64();
     drop(tx);
@@ -614,7 +650,7 @@ async fn steady_dispatcher(payloads: Vec<Email>, work: Work) -> BoxResult<f64> {
     for worker in workers {
         worker.await?;
     }
-    Ok(n / secs)
+    Ok(Steady::new(n, secs, producer))
 }
 
 async fn handle(job: Email, work: Work, done: &Done) {
@@ -636,37 +672,59 @@ fn steady_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
     ];
     let mut rows = Vec::new();
     for (label, work, tasks) in cases {
-        // [drainpool, shared receiver, dispatcher], one list of tasks/s per variant.
+        // [drainpool, shared receiver, dispatcher], one list of tasks/s per variant, and of
+        // the producing thread's CPU time a task.
         let mut rates: [Vec<f64>; 3] = Default::default();
+        let mut producer: [Vec<f64>; 3] = Default::default();
         for run in 0..scale.steady_runs {
             // Rotate the order each run, so no variant always goes first.
             for k in 0..3 {
                 let variant = (run + k) % 3;
                 let payloads: Vec<Email> = (0..tasks).map(email).collect();
-                let rate = rt.block_on(async {
+                let run = rt.block_on(async {
                     match variant {
                         0 => steady_drainpool(&journal, payloads, work, 1).await,
                         1 => steady_shared_receiver(payloads, work).await,
                         _ => steady_dispatcher(payloads, work).await,
                     }
                 })?;
-                rates[variant].push(rate);
+                rates[variant].push(run.rate);
+                producer[variant].push(run.producer_ns);
             }
         }
         let [dp, shared, dispatch] = [0, 1, 2].map(|v| median(&rates[v]));
-        let (baseline, baseline_name) = if shared >= dispatch {
-            (shared, "shared receiver")
+        let [dp_ns, shared_ns, dispatch_ns] = [0, 1, 2].map(|v| median(&producer[v]));
+        let (baseline, baseline_name, baseline_ns) = if shared >= dispatch {
+            (shared, "shared receiver", shared_ns)
         } else {
-            (dispatch, "dispatcher")
+            (dispatch, "dispatcher", dispatch_ns)
         };
         let ratio = dp / baseline;
+        // The one producer's own CPU time a task: what sets the no-op row's pace.
+        let (dp_text, baseline_text) = if dp_ns.is_nan() || baseline_ns.is_nan() {
+            (
+                rate_text(dp),
+                format!("{} ({baseline_name})", rate_text(baseline)),
+            )
+        } else {
+            (
+                format!(
+                    "{} (producer: {dp_ns:.0} ns of CPU a submit)",
+                    rate_text(dp)
+                ),
+                format!(
+                    "{} ({baseline_name}; producer: {baseline_ns:.0} ns a send)",
+                    rate_text(baseline)
+                ),
+            )
+        };
         rows.push(Row {
             name: format!("steady state, {label}"),
             unit: "tasks/s",
             drainpool: Some(dp),
-            drainpool_text: rate_text(dp),
+            drainpool_text: dp_text,
             baseline: Some(baseline),
-            baseline_text: format!("{} ({baseline_name})", rate_text(baseline)),
+            baseline_text,
             ratio: Some(ratio),
             goal: "ratio ≥ 0.90".to_owned(),
             met: Some(ratio >= 0.90),
@@ -679,6 +737,9 @@ fn steady_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
                 "dispatcher_runs": rates[2],
                 "shared_receiver_median": shared,
                 "dispatcher_median": dispatch,
+                "drainpool_producer_ns_runs": producer[0],
+                "shared_receiver_producer_ns_runs": producer[1],
+                "dispatcher_producer_ns_runs": producer[2],
             }),
         });
     }
@@ -699,7 +760,7 @@ fn priority_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
         for k in 0..4 {
             let variant = (run + k) % 4;
             let payloads: Vec<Email> = (0..tasks).map(email).collect();
-            let rate = rt.block_on(async {
+            let run = rt.block_on(async {
                 match variant {
                     0 => steady_drainpool(&journal, payloads, Work::Noop, LEVELS).await,
                     1 => steady_drainpool(&journal, payloads, Work::Noop, 1).await,
@@ -707,7 +768,7 @@ fn priority_rows(dir: &Path, scale: Scale) -> BoxResult<Vec<Row>> {
                     _ => steady_dispatcher(payloads, Work::Noop).await,
                 }
             })?;
-            rates[variant].push(rate);
+            rates[variant].push(run.rate);
         }
     }
     let [levels, plain, shared, dispatch] = [0, 1, 2, 3].map(|v| median(&rates[v]));
