@@ -2,6 +2,19 @@
 
 use super::*;
 
+/// Recovery found a torn tail if `torn` (and none otherwise), and no other damage.
+fn torn_at_most(recovery: &crate::RecoveryReport, torn: bool, case: &str) {
+    assert_eq!(
+        recovery.torn_tails.len(),
+        usize::from(torn),
+        "{case}: {recovery:?}"
+    );
+    assert!(
+        recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
+        "{case}: {recovery:?}"
+    );
+}
+
 /// With `SyncPolicy::Always`, every task whose submit returned `Ok` survives a power cut, even
 /// with submits in flight at the cut and segments sealed along the way.
 #[test]
@@ -104,15 +117,7 @@ fn a_power_cut_with_sync_never_leaves_a_valid_prefix() {
         let whole = keep.saturating_sub(HEADER) / RECORD;
         assert_eq!(live, (0..whole).collect::<Vec<_>>(), "cut at {keep}");
         let torn = keep != 0 && keep != HEADER + whole * RECORD;
-        assert_eq!(
-            recovery.torn_tails.len(),
-            usize::from(torn),
-            "cut at {keep}: {recovery:?}"
-        );
-        assert!(
-            recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
-            "cut at {keep}: {recovery:?}"
-        );
+        torn_at_most(&recovery, torn, &format!("cut at {keep}"));
         let segment = segments(dir.path()).remove(0);
         assert_eq!(
             std::fs::metadata(segment).unwrap().len(),
@@ -190,15 +195,7 @@ fn a_power_cut_with_sync_interval_loses_at_most_what_followed_the_last_fsync() {
             Cut::Zeroed(_) => (5, false),
         };
         assert_eq!(live, (0..survivors).collect::<Vec<_>>(), "{cut:?}");
-        assert_eq!(
-            recovery.torn_tails.len(),
-            usize::from(torn),
-            "{cut:?}: {recovery:?}"
-        );
-        assert!(
-            recovery.damage.is_empty() && recovery.damaged_copies.is_empty(),
-            "{cut:?}: {recovery:?}"
-        );
+        torn_at_most(&recovery, torn, &format!("{cut:?}"));
     }
 }
 
