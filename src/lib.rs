@@ -79,6 +79,8 @@ pub mod postgres;
 mod report;
 mod signal;
 mod task;
+#[cfg(test)]
+mod test_rng;
 
 pub use builder::Builder;
 pub use codec::{Codec, Json};

@@ -3,22 +3,10 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Serialize, Serializer};
 
 use super::{json_len, json_len_bound};
+use crate::test_rng::Xorshift as Rng;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
+/// Strings drawn on the tests' generator.
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
     /// A string from an alphabet of every kind serde_json treats differently: plain ASCII,
     /// the characters it escapes with a backslash, control characters it writes as `\u00XX`,
     /// DEL (not escaped), and two- to four-byte UTF-8.

@@ -346,14 +346,9 @@ mod tests {
 
     #[test]
     fn random_folds_agree_with_the_model() {
-        // xorshift64*, seeded: the same cases every run.
-        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
-        let mut next = move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        };
+        // Seeded: the same cases every run.
+        let mut rng = crate::test_rng::Xorshift(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || rng.next();
         for _ in 0..200 {
             let ops: Vec<_> = (0..400)
                 .map(|_| {
