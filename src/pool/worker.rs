@@ -146,20 +146,18 @@ where
             let future =
                 RUNNING_FOR.scope(host.key(), CatchUnwind { inner: future }.instrument(span));
             let mut future = std::pin::pin!(future);
-            // A handler that finishes at its first poll (most do) never needs the hard stop's
-            // future: that one is made (and registered) only for a handler that waits.
-            let first = {
-                let polled = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx)));
-                polled.await.map(outcome_of)
-            };
-            match first {
-                Poll::Ready(outcome) => outcome,
-                Poll::Pending => tokio::select! {
-                    biased;
-                    result = future.as_mut() => outcome_of(result),
-                    () = host.hard_stop().cancelled() => Outcome::Aborted,
-                },
-            }
+            // The handler first at every wake; the hard stop's future is made (and registered)
+            // only once the handler waits, so a handler that finishes at its first poll (most
+            // do) never makes one.
+            let mut stop = None;
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                    return Poll::Ready(outcome_of(result));
+                }
+                let stop = stop.get_or_insert_with(|| Box::pin(host.hard_stop().cancelled()));
+                stop.as_mut().poll(cx).map(|()| Outcome::Aborted)
+            })
+            .await
         }
     };
     counters.in_flight.sub(stripe, 1);
