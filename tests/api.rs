@@ -1,5 +1,6 @@
 //! The shape of the API: the two-phase start and weak handles, codecs other than JSON,
-//! `Permanent` found through context, the deadline as one explicit choice.
+//! `Permanent` found through context, the deadline as one explicit choice, a waiting handler
+//! polled once a wake.
 
 mod common;
 
@@ -447,4 +448,63 @@ async fn intake_refuses_from_the_trigger_on() {
     ));
     let report = pool.wait().await.unwrap();
     assert_eq!(report.submitted, 0, "{report:?}");
+}
+
+/// A handler's future that stays pending until `open` is set, counting its polls.
+#[derive(Clone, Default)]
+struct Gated {
+    polls: Arc<AtomicU64>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    waker: Arc<Mutex<Option<std::task::Waker>>>,
+}
+
+impl std::future::Future for Gated {
+    type Output = Result<(), std::convert::Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        if self.open.load(Ordering::SeqCst) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        *self.waker.lock().unwrap() = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
+}
+
+/// A handler that waits is polled once a wake, as any future: not polled again at once when it
+/// first waits (the worker races it against the hard stop from then on), and once when woken.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_handler_is_polled_once_a_wake() {
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Gated::default();
+    let handler = gated.clone();
+    let pool = Pool::builder()
+        .workers(1)
+        .journal_dir(dir.path())
+        .start(move |_: Task<u64>| handler.clone())
+        .await
+        .unwrap();
+    pool.submit(1).await.unwrap();
+    eventually(PATIENCE, "the handler's first poll", || {
+        gated.waker.lock().unwrap().is_some()
+    })
+    .await;
+    gated.open.store(true, Ordering::SeqCst);
+    let waker = gated.waker.lock().unwrap().take().unwrap();
+    waker.wake();
+    eventually(PATIENCE, "the task to complete", || {
+        pool.stats().completed == 1
+    })
+    .await;
+    assert_eq!(
+        gated.polls.load(Ordering::SeqCst),
+        2,
+        "one poll that waited, one after the wake"
+    );
+    let report = pool.shutdown().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    counts_add_up(&report);
 }
