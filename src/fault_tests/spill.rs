@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// A write-ahead pool on `dir` accepts tasks `0..tasks`, then every `op` from the next fails
+/// with EIO, and the pool shuts down. Returns the shutdown's report.
+fn shut_down_failing(dir: &Path, faults: &Arc<Faults>, tasks: u64, op: Op) -> ShutdownReport {
+    runtime().block_on(async {
+        let pool = start(dir, ALWAYS, faults, &Done::default(), none).await;
+        submit_all(&pool, 0..tasks).await;
+        faults.fail_from_next(op, EIO);
+        pool.shutdown().await.unwrap()
+    })
+}
+
 /// On-shutdown mode: the spill's segment fails (its creation, its header, the queued tasks'
 /// records, their fsync, the directory's fsync, or later the interrupted task's record or its
 /// fsync); what was not saved in it is written to a fresh segment, the failure is in the
@@ -120,12 +131,7 @@ fn a_spill_that_fails_twice_is_reported_and_the_old_segments_are_kept() {
 fn a_write_ahead_spill_that_fails_twice_keeps_the_run_segments() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
-    let report = runtime().block_on(async {
-        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
-        submit_all(&pool, 0..6).await;
-        faults.fail_from_next(Op::Sync, EIO);
-        pool.shutdown().await.unwrap()
-    });
+    let report = shut_down_failing(dir.path(), &faults, 6, Op::Sync);
     assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
     assert_eq!(report.unsaved, 6, "{report:?}");
     assert!(!report.is_clean());
@@ -141,12 +147,7 @@ fn a_write_ahead_spill_that_fails_twice_keeps_the_run_segments() {
 fn a_failed_removal_at_close_is_reported_and_costs_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults::new();
-    let report = runtime().block_on(async {
-        let pool = start(dir.path(), ALWAYS, &faults, &Done::default(), none).await;
-        submit_all(&pool, 0..3).await;
-        faults.fail_from_next(Op::Remove, EIO);
-        pool.shutdown().await.unwrap()
-    });
+    let report = shut_down_failing(dir.path(), &faults, 3, Op::Remove);
     assert_eq!(report_errno(&report), Some(EIO), "{report:?}");
     assert_eq!(report.unsaved, 0, "{report:?}");
     assert_eq!(report.spilled + report.interrupted, 3, "{report:?}");
