@@ -5,6 +5,7 @@
 //! `outcome.rs`.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -13,7 +14,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::job::Job;
 use crate::error::{BoxError, error_chain};
@@ -30,14 +30,32 @@ pub(crate) enum Outcome {
     Aborted,
 }
 
-tokio::task_local! {
-    /// While a handler runs: the [`Host::key`] of the pool running it.
-    static RUNNING_FOR: usize;
+thread_local! {
+    /// While a handler is called or its future polled on this thread: the [`Host::key`] of
+    /// the pool running it. Set around each poll (a thread-local, not a task-local: no future
+    /// of its own to wrap the handler's in, and no lookup beyond one `Cell`).
+    static RUNNING_FOR: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// The key of the pool whose handler is running on this task, if one is.
+/// The key of the pool whose handler is running on this thread, if one is.
 pub(crate) fn running_for() -> Option<usize> {
-    RUNNING_FOR.try_with(|key| *key).ok()
+    RUNNING_FOR.get()
+}
+
+/// Marks this thread as running a handler of the pool `key` while it lives (restoring what
+/// was marked before, on unwind too).
+struct Running(Option<usize>);
+
+impl Running {
+    fn enter(key: usize) -> Self {
+        Self(RUNNING_FOR.replace(Some(key)))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING_FOR.set(self.0);
+    }
 }
 
 /// What a worker needs from the pool.
@@ -140,19 +158,30 @@ where
         }
         None => tracing::info_span!("task", id = %job.id, attempt = task.attempt),
     };
-    let outcome = match catch_unwind(AssertUnwindSafe(|| handler(task))) {
+    let key = host.key();
+    let made = {
+        let _running = Running::enter(key);
+        catch_unwind(AssertUnwindSafe(|| handler(task)))
+    };
+    let outcome = match made {
         Err(panic) => Outcome::Failed(panic_message(&*panic), false),
         Ok(future) => {
-            let future =
-                RUNNING_FOR.scope(host.key(), CatchUnwind { inner: future }.instrument(span));
             let mut future = std::pin::pin!(future);
-            // The handler first at every wake; the hard stop's future is made (and registered)
-            // only once the handler waits, so a handler that finishes at its first poll (most
-            // do) never makes one.
+            // The handler first at every wake, polled in its span, marked as running for this
+            // pool and with a panic caught: one future, not three wrapped in one another. The
+            // hard stop's future is made (and registered) only once the handler waits, so a
+            // handler that finishes at its first poll (most do) never makes one.
             let mut stop = None;
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = future.as_mut().poll(cx) {
-                    return Poll::Ready(outcome_of(result));
+                let polled = {
+                    let _entered = span.enter();
+                    let _running = Running::enter(key);
+                    catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)))
+                };
+                match polled {
+                    Ok(Poll::Ready(result)) => return Poll::Ready(outcome_of(Ok(result))),
+                    Err(panic) => return Poll::Ready(outcome_of::<E>(Err(panic))),
+                    Ok(Poll::Pending) => {}
                 }
                 let stop = stop.get_or_insert_with(|| Box::pin(host.hard_stop().cancelled()));
                 stop.as_mut().poll(cx).map(|()| Outcome::Aborted)
