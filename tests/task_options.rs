@@ -384,11 +384,13 @@ fn every_option_is_journaled_by_a_spill_shown_by_inspect_and_kept_by_a_reload() 
                 .unique_key("rich:1")
         })
         .await;
+        // A priority alone: held without options of its own, journaled all the same.
+        let ranked = submit(&pool, "ranked".to_string(), |t| t.priority(3)).await;
         drop(runner);
         pool.shutdown().await.unwrap();
         let live = inspect(dir.path()).unwrap().live;
         let find = |id: TaskId| live.iter().find(|t| t.id == id).unwrap();
-        let (p, r) = (find(plain), find(rich));
+        let (p, r, k) = (find(plain), find(rich), find(ranked));
         assert_eq!(
             (p.priority, p.max_attempts, p.expires_at_ms),
             (0, None, None)
@@ -397,6 +399,11 @@ fn every_option_is_journaled_by_a_spill_shown_by_inspect_and_kept_by_a_reload() 
         assert_eq!((r.priority, r.max_attempts), (6, Some(2)));
         assert!(r.expires_at_ms.unwrap() > now_ms());
         assert_eq!(r.unique_key.as_deref(), Some("rich:1"));
+        assert_eq!(
+            (k.priority, k.max_attempts, k.expires_at_ms),
+            (3, None, None)
+        );
+        assert_eq!(k.unique_key, None);
 
         // Reloaded: the higher priority is replayed first, and the key is held.
         let (pool, runner) = builder(dir.path()).build().await.unwrap();
@@ -406,8 +413,11 @@ fn every_option_is_journaled_by_a_spill_shown_by_inspect_and_kept_by_a_reload() 
         ));
         let seen = Seen::default();
         run(runner, &seen);
-        eventually(PATIENCE, "both runs", || seen.lock().unwrap().len() == 2).await;
-        assert_eq!(names(&seen), ["rich", "plain"]);
+        eventually(PATIENCE, "the three runs", || {
+            seen.lock().unwrap().len() == 3
+        })
+        .await;
+        assert_eq!(names(&seen), ["rich", "ranked", "plain"]);
         pool.shutdown().await.unwrap();
     });
 }
@@ -444,9 +454,14 @@ mod sigkill {
     }
 
     /// Task `n`'s options: priority `n % 8`, retry limit `n % 3 + 1`, key `key<n>`, an hour to
-    /// live; every fifth is delayed by an hour.
+    /// live, except every fourth from the fourth on, which sets its priority alone; every
+    /// fifth is delayed by an hour.
     fn delayed(n: u64) -> bool {
         n.is_multiple_of(5)
+    }
+
+    fn level_only(n: u64) -> bool {
+        n % 4 == 3
     }
 
     #[test]
@@ -463,12 +478,13 @@ mod sigkill {
                 .expect("a pool");
             let acked = LedgerFile::open(&dir.join("acked.log"));
             for n in 0..TASKS {
-                let mut task = pool
-                    .task(format!("task{n}"))
-                    .priority((n % 8) as u8)
-                    .max_attempts((n % 3 + 1) as u32)
-                    .time_to_live(HOUR)
-                    .unique_key(format!("key{n}"));
+                let mut task = pool.task(format!("task{n}")).priority((n % 8) as u8);
+                if !level_only(n) {
+                    task = task
+                        .max_attempts((n % 3 + 1) as u32)
+                        .time_to_live(HOUR)
+                        .unique_key(format!("key{n}"));
+                }
                 if delayed(n) {
                     task = task.delay(HOUR);
                 }
@@ -512,11 +528,19 @@ mod sigkill {
             let payload: String = serde_json::from_slice(&task.payload).unwrap();
             assert_eq!(payload, format!("task{n}"));
             assert_eq!(task.priority, (n % 8) as u8);
+            assert_eq!(task.not_before_ms > started, delayed(*n), "task {n}");
+            if level_only(*n) {
+                assert_eq!(
+                    (task.max_attempts, &task.unique_key, task.expires_at_ms),
+                    (None, &None, None),
+                    "task {n}"
+                );
+                continue;
+            }
             assert_eq!(task.max_attempts, Some((n % 3 + 1) as u32));
             assert_eq!(task.unique_key, Some(format!("key{n}")));
             let expires = task.expires_at_ms.unwrap();
             assert!(expires >= started + HOUR.as_millis() as u64, "task {n}");
-            assert_eq!(task.not_before_ms > started, delayed(*n), "task {n}");
         }
 
         runtime().block_on(async {

@@ -40,10 +40,43 @@ pub(crate) const MAX_PRIORITY: u8 = 7;
 /// The longest unique key, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 1024;
 
+/// The options of a task that sets its priority and nothing else, one per level: such a task
+/// (the common case of options) borrows its level's, instead of allocating its own.
+static LEVELS: [TaskOptions; MAX_PRIORITY as usize + 1] = {
+    let mut levels = [const { TaskOptions::DEFAULT }; MAX_PRIORITY as usize + 1];
+    let mut level = 0;
+    while level < levels.len() {
+        levels[level].priority = level as u8;
+        level += 1;
+    }
+    levels
+};
+
 impl TaskOptions {
+    /// Every option at its default.
+    const DEFAULT: Self = Self {
+        priority: 0,
+        max_attempts: 0,
+        expires_ms: 0,
+        key: None,
+    };
+
     /// Whether every option is at its default (nothing to journal).
     pub(crate) fn is_default(&self) -> bool {
-        self.priority == 0 && self.max_attempts == 0 && self.expires_ms == 0 && self.key.is_none()
+        self.priority == 0 && self.is_level_only()
+    }
+
+    /// Whether no option but the priority is set: the options are then [`level`](Self::level)'s.
+    pub(crate) fn is_level_only(&self) -> bool {
+        self.max_attempts == 0 && self.expires_ms == 0 && self.key.is_none()
+    }
+
+    /// The options of a task that sets `priority` (capped at [`MAX_PRIORITY`]) and nothing
+    /// else; `None` for the default level.
+    pub(crate) fn level(priority: u8) -> Option<&'static Self> {
+        LEVELS
+            .get(usize::from(priority.min(MAX_PRIORITY)))
+            .filter(|o| o.priority > 0)
     }
 
     /// The key, or `""`.
@@ -95,5 +128,22 @@ impl<V> Recovered<V> {
             len: self.len,
         };
         (self.value, task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_level_has_options_that_set_that_priority_alone() {
+        assert_eq!(TaskOptions::level(0), None);
+        for priority in 1..=MAX_PRIORITY {
+            let options = TaskOptions::level(priority).unwrap();
+            assert_eq!(options.priority, priority);
+            assert!(options.is_level_only() && !options.is_default());
+        }
+        // Above the highest level: the highest, as the builder caps it.
+        assert_eq!(TaskOptions::level(200).unwrap().priority, MAX_PRIORITY);
     }
 }

@@ -220,6 +220,7 @@ async fn take_claimed<T: Send + Sync + 'static>(
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
             lease: Some(lease),
+            priority: task.options.as_ref().map_or(0, |o| o.priority),
             options: task.options,
             span: None,
         });
@@ -531,7 +532,7 @@ pub(crate) async fn hand_off<T: Send + Sync + 'static>(
                     state: job.state,
                     last_error: job.last_error.clone(),
                     payload,
-                    options: job.options.clone(),
+                    options: job.options().cloned().map(Box::new),
                 });
                 encoded.push(job);
             }

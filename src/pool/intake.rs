@@ -311,6 +311,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             journaled,
             span: task_span(id),
             lease: None,
+            priority: extras.priority,
             options: extras.options,
             #[cfg(feature = "metrics")]
             queued_at: tokio::time::Instant::now(),
@@ -467,18 +468,37 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 }
 
-/// What a submit carries besides its payload: the task's options (`None`: all at their
-/// defaults) and the time it may run from (ms since the Unix epoch; 0: at once).
+/// What a submit carries besides its payload: the task's priority, its other options (`None`:
+/// all at their defaults; the priority too, when set) and the time it may run from (ms since
+/// the Unix epoch; 0: at once).
 #[derive(Debug, Default)]
 pub(crate) struct Extras {
+    pub(crate) priority: u8,
     pub(crate) options: Option<Box<TaskOptions>>,
     pub(crate) not_before_ms: u64,
 }
 
 impl Extras {
+    /// The extras of a task with `options`: boxed only if an option other than the priority
+    /// is set.
+    pub(crate) fn new(options: TaskOptions, not_before_ms: u64) -> Self {
+        Self {
+            priority: options.priority,
+            options: (!options.is_level_only()).then(|| Box::new(options)),
+            not_before_ms,
+        }
+    }
+
+    /// All its options (`None`: all at their defaults).
+    pub(crate) fn options(&self) -> Option<&TaskOptions> {
+        self.options
+            .as_deref()
+            .or_else(|| TaskOptions::level(self.priority))
+    }
+
     /// The bytes its options add to the task's record.
     fn bytes(&self) -> usize {
-        journal::options_bytes(self.options.as_deref())
+        journal::options_bytes(self.options())
     }
 
     fn key(&self) -> Option<&str> {

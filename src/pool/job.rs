@@ -49,7 +49,10 @@ pub(crate) struct Job<T> {
     pub(crate) span: Option<Box<tracing::Span>>,
     /// Claimed from the shared store: its lease (the handler's token fires if it is lost).
     pub(crate) lease: Option<Arc<Lease>>,
-    /// Its options; `None` when every one is at its default (a null pointer's worth).
+    /// Its priority (also in `options`, when those are held).
+    pub(crate) priority: u8,
+    /// Its options; `None` when every one but the priority is at its default (a null
+    /// pointer's worth: a task that sets its priority alone allocates nothing for it).
     pub(crate) options: Option<Box<TaskOptions>>,
 }
 
@@ -108,6 +111,8 @@ pub(crate) struct Head {
     pub(crate) journaled: bool,
     pub(crate) span: Option<Box<tracing::Span>>,
     pub(crate) lease: Option<Arc<Lease>>,
+    /// As in [`Job`]: the priority, and the options held only when another one is set.
+    pub(crate) priority: u8,
     pub(crate) options: Option<Box<TaskOptions>>,
     #[cfg(feature = "metrics")]
     pub(crate) queued_at: tokio::time::Instant,
@@ -116,7 +121,7 @@ pub(crate) struct Head {
 impl Head {
     /// Its priority (0, the default, unless its options say otherwise).
     pub(crate) fn priority(&self) -> u8 {
-        self.options.as_ref().map_or(0, |o| o.priority)
+        self.priority
     }
 }
 
@@ -156,6 +161,7 @@ impl<T> Queued<T> {
             queued_at: head.queued_at,
             span: head.span,
             lease: head.lease,
+            priority: head.priority,
             options: head.options,
         }
     }
@@ -196,6 +202,13 @@ pub(crate) fn task_span(id: TaskId) -> Option<Box<tracing::Span>> {
 }
 
 impl<T> Job<T> {
+    /// All its options (`None`: all at their defaults).
+    pub(crate) fn options(&self) -> Option<&TaskOptions> {
+        self.options
+            .as_deref()
+            .or_else(|| TaskOptions::level(self.priority))
+    }
+
     /// Its unique key, if it has one.
     pub(crate) fn key(&self) -> Option<&str> {
         self.options.as_ref().and_then(|o| o.key.as_deref())
@@ -230,7 +243,7 @@ impl<T> Job<T> {
             state: self.state,
             last_error: Cow::Borrowed(error.or(self.last_error.as_deref()).unwrap_or("")),
             payload,
-            options: self.options.as_deref().map(Cow::Borrowed),
+            options: self.options().map(Cow::Borrowed),
         }
     }
 

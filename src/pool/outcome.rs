@@ -250,7 +250,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let mut payload = Vec::new();
         let written = match job.payload.encode(&self.codec, &mut payload) {
             Ok(()) => match self
-                .dead_letter_to_store(job.id, job.state, &error, (payload, job.options.as_deref()))
+                .dead_letter_to_store(job.id, job.state, &error, (payload, job.options()))
                 .await
             {
                 Ok(kept) => Ok(Some(kept)),
@@ -260,7 +260,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                         job.id,
                         job.state,
                         error.clone(),
-                        (payload, job.options.clone()),
+                        (payload, job.options().cloned().map(Box::new)),
                     )
                     .await
                     .map(|()| None)

@@ -359,6 +359,7 @@ fn replay<T: 'static>(
             #[cfg(feature = "metrics")]
             queued_at: now,
             lease: None,
+            priority: task.options.as_ref().map_or(0, |o| o.priority),
             options: task.options,
         };
         if let Some(key) = job.key() {

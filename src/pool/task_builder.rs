@@ -114,11 +114,7 @@ impl<'a, T: Send + Sync + 'static> TaskBuilder<'a, T> {
     }
 
     fn into_parts(self) -> (&'a Shared<T>, T, Extras) {
-        let options = (!self.options.is_default()).then(|| Box::new(self.options));
-        let extras = Extras {
-            options,
-            not_before_ms: self.not_before_ms,
-        };
+        let extras = Extras::new(self.options, self.not_before_ms);
         (self.shared, self.payload, extras)
     }
 

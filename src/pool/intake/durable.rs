@@ -40,7 +40,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         size: usize,
         extras: &Extras,
     ) -> Result<(T, Durable), SubmitError<T>> {
-        let options = extras.options.as_deref();
+        let options = extras.options();
         // Let go if this fails, or if the submit is dropped while it waits.
         let key = KeyGuard {
             keys: &self.keys,

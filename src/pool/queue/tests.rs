@@ -22,6 +22,7 @@ fn job(seq: u64) -> Job<u64> {
         queued_at: Instant::now(),
         span: None,
         lease: None,
+        priority: 0,
         options: None,
     }
 }
@@ -35,6 +36,7 @@ fn queued(seq: u64) -> Queued<u64> {
             journaled: false,
             span: None,
             lease: None,
+            priority: 0,
             options: None,
             #[cfg(feature = "metrics")]
             queued_at: Instant::now(),
