@@ -23,7 +23,8 @@
 //! Waiting costs a registration only when there is nothing to do: a worker that finds no job
 //! registers as idle (under the lock) and a submitter that finds no room as wanting room; the
 //! side that makes a job or room claims one of them and wakes it. Closing the gate wakes them
-//! all. Room is made in batches: a take wakes a submitter only once an eighth of the capacity
+//! all. Where new tasks come in bursts (write-ahead intake), a worker that finds no job yields
+//! once and looks again before it registers ([`Queue::lingering`]). Room is made in batches: a take wakes a submitter only once an eighth of the capacity
 //! (at most 64 slots) is free, and a woken submitter that leaves room passes the turn to the
 //! next; a full queue under busy workers would otherwise wake its submitter (a thread, often,
 //! taken off a core a worker runs on) once per task. So that a slot freed below the batch is
@@ -97,6 +98,9 @@ pub(crate) struct Queue<T> {
     /// Whether the backlog holds jobs, set under the lock: a worker reads it without the lock
     /// to take the backlog before its hand (the backlog goes first).
     backlogged: Backlogged,
+    /// Whether a worker that finds no job yields once and looks again before it waits (see
+    /// [`lingering`](Self::lingering)).
+    linger: bool,
 }
 
 /// What a take owes the submitters waiting for room.
@@ -279,7 +283,19 @@ impl<T> Queue<T> {
             waiting_changed: Notify::new(),
             gate: Arc::new(Gate::default()),
             hands: (0..workers.max(1)).map(|_| Hand::new()).collect(),
+            linger: false,
         }
+    }
+
+    /// The queue of a pool whose new tasks come in bursts (`on`): write-ahead intake accepts
+    /// the tasks of a batch when its fsync (or commit) returns, each as its submitter runs
+    /// again. A worker that finds the queue empty then yields once, so that the submitters
+    /// ready on its thread queue their tasks, and looks again before it registers as idle:
+    /// without it, the workers went idle and were woken for every few tasks of a burst (write-
+    /// ahead end to end, 256 submitters: 12 % more tasks a second, 0.75 µs less CPU a task).
+    pub(crate) fn lingering(mut self, on: bool) -> Self {
+        self.linger = on;
+        self
     }
 
     /// Whether the gate has closed.
@@ -460,6 +476,15 @@ impl<T> Queue<T> {
         // A busy pool finds a job at once, without a registration.
         if let Some(found) = self.find(worker, None) {
             return found;
+        }
+        if self.linger {
+            // The tasks ready on this thread run first (the submitters a batch released, as
+            // often as not), then it looks again: a burst is taken as it comes, not a wait
+            // and a wake-up per task.
+            tokio::task::yield_now().await;
+            if let Some(found) = self.find(worker, None) {
+                return found;
+            }
         }
         idle();
         loop {

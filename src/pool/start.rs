@@ -229,7 +229,8 @@ pub(crate) async fn build<T: Send + Sync + 'static>(
         jitter: Jitter::from_entropy(),
         ids: Ids::new(run),
         keys,
-        queue: Queue::new(config.queue_capacity, config.workers, backlog, waiting),
+        queue: Queue::new(config.queue_capacity, config.workers, backlog, waiting)
+            .lingering(config.durability.is_write_ahead()),
         store: Store::new(dir, journal, probe),
         remote,
         write_ahead,

@@ -429,3 +429,37 @@ async fn a_job_joining_the_backlog_goes_before_the_tasks_in_a_workers_hand() {
         assert_eq!(seq(&queue.next_job(0, || ()).await.unwrap()), n);
     }
 }
+
+/// A worker finds the queue empty while a submitter is ready on the same thread: the
+/// lingering queue's worker lets it run and takes its task without registering as idle; the
+/// other registers (and is woken for the task).
+#[tokio::test(flavor = "current_thread")]
+async fn a_lingering_worker_takes_a_burst_without_registering_as_idle() {
+    for linger in [true, false] {
+        let queue = Arc::new(queue(4, &[]).lingering(linger));
+        let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worker = tokio::spawn({
+            let (queue, registered) = (Arc::clone(&queue), Arc::clone(&registered));
+            async move {
+                let job = queue
+                    .next_job(0, || {
+                        registered.store(true, std::sync::atomic::Ordering::SeqCst)
+                    })
+                    .await;
+                seq(&job.unwrap())
+            }
+        });
+        // Spawned after the worker: on this one thread, it runs after the worker's first look.
+        let submitter = tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move { send(&queue, 7) }
+        });
+        submitter.await.unwrap();
+        assert_eq!(worker.await.unwrap(), 7);
+        assert_eq!(
+            registered.load(std::sync::atomic::Ordering::SeqCst),
+            !linger,
+            "lingering: {linger}"
+        );
+    }
+}
