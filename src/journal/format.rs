@@ -383,16 +383,16 @@ pub(super) fn encode_record(
     end - start
 }
 
-/// Appends an ack record for `id`.
+/// Appends an ack record for `id`: what [`encode_record`] makes of an ack (a header alone, no
+/// body), framed in place, since every finished journaled task appends one.
 pub(super) fn encode_ack(out: &mut Vec<u8>, epoch: u64, id: TaskId) {
-    let ack = TaskRecord {
-        id,
-        state: TaskState::default(),
-        last_error: "".into(),
-        payload: &[],
-        options: None,
-    };
-    encode_record(out, epoch, Kind::Ack, &ack);
+    let mut ack = [0u8; RECORD_HEADER_LEN];
+    ack[8] = Kind::Ack as u8;
+    ack[16..24].copy_from_slice(&id.run().to_le_bytes());
+    ack[24..32].copy_from_slice(&id.seq().to_le_bytes());
+    let crc = crc32c::crc32c_append(epoch_seed(epoch), &ack[4..]);
+    ack[0..4].copy_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&ack);
 }
 
 /// Appends an options block (its key cut to [`MAX_KEY_LEN`], its priority to

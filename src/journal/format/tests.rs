@@ -467,3 +467,30 @@ fn a_malformed_options_block_is_a_bad_body() {
 }
 
 mod header;
+
+#[test]
+fn an_ack_framed_in_place_is_the_record_encode_record_makes_of_it() {
+    for id in [
+        TaskId::new(1, 1),
+        TaskId::new(7, u64::MAX),
+        TaskId::new(u64::MAX, 3),
+    ] {
+        let mut framed = vec![0xAA];
+        encode_ack(&mut framed, EPOCH, id);
+        let mut general = vec![0xAA];
+        let ack = TaskRecord {
+            id,
+            state: TaskState::default(),
+            last_error: "".into(),
+            payload: &[],
+            options: None,
+        };
+        encode_record(&mut general, EPOCH, Kind::Ack, &ack);
+        assert_eq!(framed, general, "{id}");
+        let (decoded, len) = decode_record(&framed[1..], EPOCH).unwrap();
+        assert_eq!(
+            (decoded.kind, decoded.id, len),
+            (Kind::Ack, id, RECORD_HEADER_LEN)
+        );
+    }
+}
