@@ -152,14 +152,23 @@ impl Commit {
     /// Encodes `record` as a live task (`moved`: a newer record of a task already journaled,
     /// not a new task) and appends it. Returns its sequence number.
     pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> u64 {
-        self.push(|buf| {
+        self.push(self.task_encoder(record, moved))
+    }
+
+    /// Encodes `record` as a live task into the buffer, for [`append`](Self::append).
+    fn task_encoder<'a>(
+        &'a self,
+        record: &'a TaskRecord<'_>,
+        moved: bool,
+    ) -> impl FnOnce(&mut Vec<u8>) -> Option<Placement> + 'a {
+        move |buf| {
             let len = format::encode_record(buf, self.epoch, Kind::Task, record);
             Some(Placement {
                 id: record.id,
                 len: u32::try_from(len).unwrap_or(u32::MAX),
                 moved,
             })
-        })
+        }
     }
 
     /// The epoch records are encoded under.
@@ -206,31 +215,55 @@ impl Commit {
         pushed
     }
 
+    /// Encodes a new task's record and appends it; the batch that takes it resolves
+    /// [`InBatch::handled`]. One lock: `push_task` then [`wait`](Self::wait) take two, and
+    /// look for the batch in between.
+    pub(crate) fn push_new_task(&self, record: &TaskRecord<'_>) -> InBatch {
+        let (signal, wake) = {
+            let mut pending = self.pending();
+            let wake = Self::append(&mut pending, self.task_encoder(record, false));
+            // The buffer's signal goes with the batch that takes the record.
+            (Arc::clone(&pending.signal), wake)
+        };
+        if wake {
+            self.pushed.notify_one();
+        }
+        InBatch(signal)
+    }
+
     /// Appends one record, which `encode` writes straight into the buffer (no copy of its
     /// own), returning the placement of a task record or `None` for an ack.
     fn push(&self, encode: impl FnOnce(&mut Vec<u8>) -> Option<Placement>) -> u64 {
         let (seq, wake) = {
             let mut pending = self.pending();
-            let pending = &mut *pending;
-            let first = pending.buf.is_empty();
-            let had_new = pending.has_new;
-            let was_due = pending.buf.len() >= DEFER_BYTES;
-            if let Some(placement) = encode(&mut pending.buf) {
-                pending.has_new |= !placement.moved;
-                pending.placements.push(placement);
-            }
-            pending.last_seq += 1;
-            // The push that made the buffer non-empty, or takeable (its first new task, or
-            // past the deferral's size), wakes the flusher; it takes until nothing more is
-            // takeable, so a push behind it needs no wake-up of its own.
-            let due = pending.buf.len() >= DEFER_BYTES;
-            let wake = first || (pending.has_new && !had_new) || (due && !was_due);
+            let wake = Self::append(&mut pending, encode);
             (pending.last_seq, wake)
         };
         if wake {
             self.pushed.notify_one();
         }
         seq
+    }
+
+    /// Appends one record under the lock (see [`push`](Self::push)); whether the flusher must
+    /// be woken for it.
+    fn append(
+        pending: &mut Pending,
+        encode: impl FnOnce(&mut Vec<u8>) -> Option<Placement>,
+    ) -> bool {
+        let first = pending.buf.is_empty();
+        let had_new = pending.has_new;
+        let was_due = pending.buf.len() >= DEFER_BYTES;
+        if let Some(placement) = encode(&mut pending.buf) {
+            pending.has_new |= !placement.moved;
+            pending.placements.push(placement);
+        }
+        pending.last_seq += 1;
+        // The push that made the buffer non-empty, or takeable (its first new task, or
+        // past the deferral's size), wakes the flusher; it takes until nothing more is
+        // takeable, so a push behind it needs no wake-up of its own.
+        let due = pending.buf.len() >= DEFER_BYTES;
+        first || (pending.has_new && !had_new) || (due && !was_due)
     }
 
     /// Resolves once something was pushed since the flusher last waited here (at once if it
@@ -333,6 +366,21 @@ impl Commit {
             }
         };
         signal.wait().await
+    }
+}
+
+/// A new task's record in the commit buffer (see [`Commit::push_new_task`]).
+#[must_use = "the record is durable only once `handled` resolves with Ok"]
+pub(crate) struct InBatch(Arc<Signal>);
+
+impl InBatch {
+    /// Waits until the batch holding the record has been handled.
+    ///
+    /// # Errors
+    ///
+    /// The journal failed before that batch was safe.
+    pub(crate) async fn handled(self) -> Result<(), Arc<JournalError>> {
+        self.0.wait().await
     }
 }
 

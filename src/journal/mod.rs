@@ -18,7 +18,7 @@
 
 // Inside the crate, the pool speaks to the journal in typed records; the payload is opaque bytes
 // here, and only `format.rs` knows frames, kinds and flags.
-pub(crate) use self::commit::{ACK_LINGER, Batch, Commit, Copies, Placement};
+pub(crate) use self::commit::{ACK_LINGER, Batch, Commit, Copies, InBatch, Placement};
 pub(crate) use self::fs::{Ops, os};
 pub(crate) use self::handle::{Journal, Sealed, SpillSource};
 pub use self::inspect::{

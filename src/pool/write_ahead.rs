@@ -3,15 +3,14 @@
 //! is left in them, and sparse ones are compacted). Every push that must be ordered against
 //! the index (an ack, a retry's new state, a compaction copy) is made under the index lock.
 
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
 use super::live::LiveIndex;
 use super::lock::lock;
-use crate::error::JournalError;
-use crate::journal::{Commit, TaskRecord};
+use crate::journal::{Commit, InBatch, TaskRecord};
 use crate::policy::SyncPolicy;
 use crate::task::TaskId;
 
@@ -41,14 +40,10 @@ impl WriteAhead {
         }
     }
 
-    /// Hands a task record to the group commit; returns its sequence number.
-    pub(crate) fn push_task(&self, record: &TaskRecord<'_>, moved: bool) -> u64 {
-        self.commit.push_task(record, moved)
-    }
-
-    /// Waits until the batch holding `seq` is written (and synced, as the policy says).
-    pub(crate) async fn wait(&self, seq: u64) -> Result<(), Arc<JournalError>> {
-        self.commit.wait(seq).await
+    /// Hands a new task's record to the group commit: its batch written (and synced, as the
+    /// policy says) resolves the [`InBatch`].
+    pub(crate) fn push_new(&self, record: &TaskRecord<'_>) -> InBatch {
+        self.commit.push_new_task(record)
     }
 
     /// A journaled task is finished: it leaves the index and its ack enters the buffer under

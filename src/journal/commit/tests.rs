@@ -250,3 +250,34 @@ fn copies_are_the_last_record_per_id_reencoded_and_pushed_as_moved() {
     assert_eq!(decode(&batch.bytes), [(Kind::Task, 1, b"new".to_vec())]);
     assert!(batch.placements[0].moved && !batch.new_tasks);
 }
+
+#[tokio::test]
+async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
+    let commit = Commit::new(EPOCH);
+    // Pushed, then its batch is taken and handled: it waits until then, not before.
+    let first = commit.push_new_task(&record(1, b"a"));
+    let mut first = std::pin::pin!(first.handled());
+    assert!(poll_once(first.as_mut()).is_pending());
+    let batch = commit.take(false).expect("a new task's record is taken at once");
+    assert_eq!(decode(&batch.bytes), [(Kind::Task, 1, b"a".to_vec())]);
+    // A record pushed after the take waits for the next batch.
+    let second = commit.push_new_task(&record(2, b"b"));
+    let mut second = std::pin::pin!(second.handled());
+    commit.finish(batch.last_seq, Ok(()));
+    assert!(matches!(
+        poll_once(first.as_mut()),
+        std::task::Poll::Ready(Ok(()))
+    ));
+    assert!(poll_once(second.as_mut()).is_pending());
+    // Its batch fails: it gets the failure, and so does a record of a later batch.
+    let batch = commit.take(false).unwrap();
+    commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    assert!(matches!(
+        poll_once(second.as_mut()),
+        std::task::Poll::Ready(Err(_))
+    ));
+    let third = commit.push_new_task(&record(3, b"c"));
+    let batch = commit.take(false).unwrap();
+    commit.finish(batch.last_seq, Ok(()));
+    assert!(third.handled().await.is_err(), "the journal stays failed");
+}

@@ -95,8 +95,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             payload: &bytes,
             options: options.map(Cow::Borrowed),
         };
-        let seq = write_ahead.push_task(&record, false);
-        match write_ahead.wait(seq).await {
+        match write_ahead.push_new(&record).handled().await {
             Ok(()) => Ok((payload, bytes)),
             Err(error) => Err(SubmitError::Journal {
                 task: payload,
