@@ -2,8 +2,9 @@
 //!
 //! Each submit hands its task record (or an ack) to the commit, which encodes it under this
 //! run's epoch, appends it to a shared buffer, gives it a sequence number and wakes the
-//! flusher ([`pushed`](Commit::pushed)). The flusher, one long-lived task, takes the whole
-//! buffer, writes it (and fsyncs it, under `SyncPolicy::Always`), publishes the highest
+//! flusher ([`pushed`](Commit::pushed), or [`take_within`](Commit::take_within) where it waits
+//! on the blocking thread that wrote the last batch). The flusher, one at a time, takes the
+//! whole buffer, writes it (and fsyncs it, under `SyncPolicy::Always`), publishes the highest
 //! sequence number it covered, and repeats until the buffer is empty. The more submits arrive
 //! during one fsync, the more the next one carries. Each batch has its own signal, so handling
 //! a batch wakes the submits waiting for it and no others; each record is encoded straight into
@@ -15,7 +16,8 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -67,6 +69,8 @@ struct Pending {
     /// Whether a submit or the pool waits for records in `buf` that need no fsync: they are
     /// taken at once, without waiting for a new task's record to go with.
     urged: bool,
+    /// Whether the flusher waits on [`Commit::takeable`] for a batch to become takeable.
+    blocked_taker: bool,
 }
 
 impl Pending {
@@ -120,6 +124,9 @@ pub(crate) struct Commit {
     pending: Mutex<Pending>,
     /// Wakes the flusher.
     pushed: Notify,
+    /// Wakes the flusher where it waits on the blocking thread that wrote the last batch
+    /// ([`take_within`](Self::take_within)).
+    takeable: Condvar,
 }
 
 /// A batch taken by the flusher.
@@ -142,6 +149,7 @@ impl Commit {
             epoch,
             pending: Mutex::new(Pending::default()),
             pushed: Notify::new(),
+            takeable: Condvar::new(),
         }
     }
 
@@ -223,11 +231,9 @@ impl Commit {
             let mut pending = self.pending();
             let wake = Self::append(&mut pending, self.task_encoder(record, false));
             // The buffer's signal goes with the batch that takes the record.
-            (Arc::clone(&pending.signal), wake)
+            (Arc::clone(&pending.signal), self.wake_for(&pending, wake))
         };
-        if wake {
-            self.pushed.notify_one();
-        }
+        self.wake(wake);
         InBatch(signal)
     }
 
@@ -237,12 +243,29 @@ impl Commit {
         let (seq, wake) = {
             let mut pending = self.pending();
             let wake = Self::append(&mut pending, encode);
-            (pending.last_seq, wake)
+            (pending.last_seq, self.wake_for(&pending, wake))
         };
-        if wake {
+        self.wake(wake);
+        seq
+    }
+
+    /// Who a push that made the buffer takeable (`wake`) wakes: the flusher's task, and the
+    /// flusher waiting on a blocking thread if it does.
+    fn wake_for(&self, pending: &Pending, wake: bool) -> Wake {
+        Wake {
+            task: wake,
+            blocked: wake && pending.blocked_taker,
+        }
+    }
+
+    /// Wakes them, once the lock is let go.
+    fn wake(&self, wake: Wake) {
+        if wake.task {
             self.pushed.notify_one();
         }
-        seq
+        if wake.blocked {
+            self.takeable.notify_one();
+        }
     }
 
     /// Appends one record under the lock (see [`push`](Self::push)); whether the flusher must
@@ -279,7 +302,35 @@ impl Commit {
     /// a time, they took the flusher from the fsyncs the submits wait for (see
     /// [`holds_deferred`](Self::holds_deferred)).
     pub(crate) fn take(&self, force: bool) -> Option<Batch> {
+        Self::take_from(&mut self.pending(), force)
+    }
+
+    /// The next batch as [`take`](Self::take) (not forced) gives it, waiting on this thread
+    /// up to `patience` for one to become takeable; `None` if none did. For the flusher on the
+    /// blocking thread that wrote the batch before: it takes the next the moment it is
+    /// takeable, while the submits it woke are still running (see `upkeep.rs`).
+    pub(crate) fn take_within(&self, patience: Duration) -> Option<Batch> {
+        let deadline = Instant::now() + patience;
         let mut pending = self.pending();
+        loop {
+            if let Some(batch) = Self::take_from(&mut pending, false) {
+                return Some(batch);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            pending.blocked_taker = true;
+            pending = self
+                .takeable
+                .wait_timeout(pending, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            pending.blocked_taker = false;
+        }
+    }
+
+    fn take_from(pending: &mut Pending, force: bool) -> Option<Batch> {
         if pending.buf.is_empty() {
             return None;
         }
@@ -330,6 +381,14 @@ impl Commit {
         }
     }
 
+    /// Fails the batch taken and not handled, if there is one (its writer panicked).
+    pub(crate) fn fail_taken(&self, error: Arc<JournalError>) {
+        let taken = self.pending().flying.back().map(|(last, _)| *last);
+        if let Some(last_seq) = taken {
+            self.finish(last_seq, Err(error));
+        }
+    }
+
     /// Whether records wait in the buffer that [`take`](Self::take) left there: the flusher
     /// writes them after [`ACK_LINGER`] if no new task's record comes first.
     pub(crate) fn holds_deferred(&self) -> bool {
@@ -358,15 +417,21 @@ impl Commit {
                 None => {
                     let wake = !pending.urged && !pending.has_new;
                     pending.urged = true;
-                    if wake {
-                        self.pushed.notify_one();
-                    }
+                    let wake = self.wake_for(&pending, wake);
+                    self.wake(wake);
                     Arc::clone(&pending.signal)
                 }
             }
         };
         signal.wait().await
     }
+}
+
+/// Who a push wakes (see [`Commit::wake_for`]).
+#[derive(Debug, Clone, Copy)]
+struct Wake {
+    task: bool,
+    blocked: bool,
 }
 
 /// A new task's record in the commit buffer (see [`Commit::push_new_task`]).

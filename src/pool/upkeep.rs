@@ -3,7 +3,8 @@
 //! - **The flusher** (write-ahead only) writes the group-commit buffer to the journal, batch
 //!   after batch, whenever a new task's record (or a waiter, or a full buffer) wakes it, and
 //!   enters each written batch's tasks in the live index (on the blocking thread that wrote
-//!   it, which also wakes the batch's submits). Records that need no fsync (acks,
+//!   it, which also wakes the batch's submits, then takes the next batch there the moment
+//!   one is takeable, for [`HOLD`] at most). Records that need no fsync (acks,
 //!   retry states, compaction copies) wait for a new task's record to share its write, or
 //!   [`ACK_LINGER`] at most. After a batch of [`YIELDS_FROM`] task records or more it yields
 //!   [`YIELDS`] times before it takes the next: the submits that batch woke push their next
@@ -49,6 +50,14 @@ const YIELDS: usize = 8;
 /// submits were woken, and a lone submit's fsync should not wait for other tasks' turns.
 const YIELDS_FROM: usize = 8;
 
+/// How long the flusher's blocking thread waits for the next batch to become takeable after it
+/// wrote one, before it hands back to the flusher's task (see `flusher`).
+const BACK_TO_BACK: Duration = Duration::from_millis(1);
+
+/// How long the flusher's blocking thread keeps writing batches back to back at most, holding
+/// the journal's lock, before it lets the other users of the journal have it.
+const HOLD: Duration = Duration::from_millis(20);
+
 /// How often the gauges are set (the `metrics` feature).
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
@@ -93,63 +102,100 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
                 };
                 continue;
             };
-            let (tasks, new_tasks) = (batch.placements.len(), batch.new_tasks);
-            woken = tasks;
-            let sync = write_ahead.sync == SyncPolicy::Always && new_tasks;
-            let segment_bytes = write_ahead.segment_bytes;
-            let Batch {
-                bytes,
-                placements,
-                last_seq,
-                ..
-            } = batch;
             let on_disk = Arc::clone(&shared);
-            // Written, the batch is finished on the blocking thread itself: its submits are
-            // woken from there, one hand-off (back to this task) sooner.
-            let written = shared
+            let stopped = stop.clone();
+            // Written, each batch is finished on the blocking thread itself (its submits are
+            // woken from there, one hand-off back to this task sooner), and the next batch
+            // with a new task's record is taken there too, the moment one is takeable: the
+            // submits the last batch woke push their next records while that fsync runs,
+            // rather than every submit waiting for one fsync and the fsync for all of them.
+            // Handed back after `HOLD` (the journal's lock is held meanwhile), at the stop, or
+            // once no batch came within `BACK_TO_BACK`.
+            woken = shared
                 .store
                 .with_journal("append", move |journal| {
-                    let appended = match journal.as_mut() {
-                        Some(journal) => {
-                            journal.append_batch(&bytes, tasks, sync, segment_bytes)?
+                    let held = std::time::Instant::now();
+                    let mut batch = batch;
+                    let mut woken;
+                    loop {
+                        woken = batch.placements.len();
+                        if !write_batch(&on_disk, journal, batch)
+                            || stopped.is_cancelled()
+                            || held.elapsed() >= HOLD
+                        {
+                            break;
                         }
-                        // Closed by the shutdown, whose spill holds every live task in its
-                        // latest state: acks, retry states and compaction copies need not be
-                        // written. A new task's record that comes this late fails its submit.
-                        None if !new_tasks => return Ok(false),
-                        None => return Err(JournalError::Poisoned),
-                    };
-                    if let Some(write_ahead) = &on_disk.write_ahead {
-                        lock(&write_ahead.live).placed(appended.segment, &placements);
-                        if appended.sealed {
-                            write_ahead.segments_changed.notify_one();
+                        let Some(commit) = on_disk.write_ahead.as_ref().map(|w| &w.commit) else {
+                            break;
+                        };
+                        match commit.take_within(BACK_TO_BACK) {
+                            Some(next) => batch = next,
+                            None => break,
                         }
-                        #[cfg(feature = "metrics")]
-                        if let Some(fsync) = appended.synced {
-                            on_disk.metrics.fsync.record(fsync);
-                            on_disk.metrics.tasks_per_fsync.record(tasks as f64);
-                        }
-                        write_ahead.commit.finish(last_seq, Ok(()));
                     }
-                    Ok(true)
+                    Ok(woken)
                 })
-                .await;
-            match written {
-                Ok(true) => {}
-                Ok(false) => write_ahead.commit.finish(last_seq, Ok(())),
-                Err(error) => {
-                    let error = match (&error, shared.store.first_error()) {
-                        // A journal poisoned earlier (by a failed `Interval` fsync, say): the
-                        // submits get the failure that poisoned it.
-                        (JournalError::Poisoned, Some(first)) => first,
-                        _ => shared.store.record_error(error),
-                    };
-                    write_ahead.commit.finish(last_seq, Err(error));
-                }
-            }
+                .await
+                .unwrap_or_else(|panicked| {
+                    // The batch it was writing is failed, and the journal with it.
+                    let error = shared.store.record_error(panicked);
+                    write_ahead.commit.fail_taken(error);
+                    0
+                });
         }
         if stopping {
             return;
+        }
+    }
+}
+
+/// Writes `batch` to `journal` (and fsyncs it if it holds a new task's record under the
+/// `Always` policy), enters its tasks in the live index and finishes it: its submits learn how
+/// it went. Whether it was written.
+fn write_batch<T: Send + Sync + 'static>(
+    shared: &Shared<T>,
+    journal: &mut Option<Journal>,
+    batch: Batch,
+) -> bool {
+    let Some(write_ahead) = &shared.write_ahead else {
+        return false;
+    };
+    let (tasks, new_tasks) = (batch.placements.len(), batch.new_tasks);
+    let sync = write_ahead.sync == SyncPolicy::Always && new_tasks;
+    let appended = match journal.as_mut() {
+        Some(journal) => journal.append_batch(&batch.bytes, tasks, sync, write_ahead.segment_bytes),
+        // Closed by the shutdown, whose spill holds every live task in its latest state: acks,
+        // retry states and compaction copies need not be written. A new task's record that
+        // comes this late fails its submit.
+        None if !new_tasks => {
+            write_ahead.commit.finish(batch.last_seq, Ok(()));
+            return false;
+        }
+        None => Err(JournalError::Poisoned),
+    };
+    match appended {
+        Ok(appended) => {
+            lock(&write_ahead.live).placed(appended.segment, &batch.placements);
+            if appended.sealed {
+                write_ahead.segments_changed.notify_one();
+            }
+            #[cfg(feature = "metrics")]
+            if let Some(fsync) = appended.synced {
+                shared.metrics.fsync.record(fsync);
+                shared.metrics.tasks_per_fsync.record(tasks as f64);
+            }
+            write_ahead.commit.finish(batch.last_seq, Ok(()));
+            true
+        }
+        Err(error) => {
+            let error = match (&error, shared.store.first_error()) {
+                // A journal poisoned earlier (by a failed `Interval` fsync, say): the submits get
+                // the failure that poisoned it.
+                (JournalError::Poisoned, Some(first)) => first,
+                _ => shared.store.record_error(error),
+            };
+            write_ahead.commit.finish(batch.last_seq, Err(error));
+            false
         }
     }
 }

@@ -258,7 +258,9 @@ async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
     let first = commit.push_new_task(&record(1, b"a"));
     let mut first = std::pin::pin!(first.handled());
     assert!(poll_once(first.as_mut()).is_pending());
-    let batch = commit.take(false).expect("a new task's record is taken at once");
+    let batch = commit
+        .take(false)
+        .expect("a new task's record is taken at once");
     assert_eq!(decode(&batch.bytes), [(Kind::Task, 1, b"a".to_vec())]);
     // A record pushed after the take waits for the next batch.
     let second = commit.push_new_task(&record(2, b"b"));
@@ -280,4 +282,51 @@ async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
     let batch = commit.take(false).unwrap();
     commit.finish(batch.last_seq, Ok(()));
     assert!(third.handled().await.is_err(), "the journal stays failed");
+}
+
+#[test]
+fn the_flusher_waiting_on_its_thread_takes_a_batch_the_moment_a_new_task_makes_one() {
+    let commit = Arc::new(Commit::new(EPOCH));
+    // Nothing, or only an ack: nothing to take within the patience.
+    assert!(commit.take_within(Duration::from_millis(5)).is_none());
+    commit.push_ack(TaskId::new(1, 1));
+    assert!(commit.take_within(Duration::from_millis(5)).is_none());
+    // A new task's record pushed from another thread while it waits wakes it.
+    let pusher = std::thread::spawn({
+        let commit = Arc::clone(&commit);
+        move || {
+            while !commit.pending().blocked_taker {
+                std::thread::yield_now();
+            }
+            commit.push_new_task(&record(2, b"new"))
+        }
+    });
+    let batch = commit
+        .take_within(Duration::from_secs(60))
+        .expect("woken by the new task's record");
+    assert_eq!(
+        decode(&batch.bytes),
+        [(Kind::Ack, 1, Vec::new()), (Kind::Task, 2, b"new".to_vec())]
+    );
+    assert!(!commit.pending().blocked_taker);
+    let in_batch = pusher.join().unwrap();
+    commit.finish(batch.last_seq, Ok(()));
+    assert!(matches!(
+        poll_once(std::pin::pin!(in_batch.handled())),
+        std::task::Poll::Ready(Ok(()))
+    ));
+}
+
+#[test]
+fn a_batch_whose_writer_failed_fails_its_submits() {
+    let commit = Commit::new(EPOCH);
+    let in_batch = commit.push_new_task(&record(1, b"a"));
+    let _taken = commit.take(false).unwrap();
+    commit.fail_taken(Arc::new(JournalError::Poisoned));
+    assert!(matches!(
+        poll_once(std::pin::pin!(in_batch.handled())),
+        std::task::Poll::Ready(Err(_))
+    ));
+    // Nothing taken: nothing to fail.
+    commit.fail_taken(Arc::new(JournalError::Poisoned));
 }
