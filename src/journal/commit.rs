@@ -35,6 +35,9 @@ pub(crate) const DEFER_BYTES: usize = 64 * 1024;
 /// contract allows, so only this long of finished tasks can run again after a crash.
 pub(crate) const ACK_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// A written batch's buffer larger than this is not kept for the next.
+const SPARE_BYTES: usize = 4 * 1024 * 1024;
+
 /// A task record on its way to the journal through the group commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Placement {
@@ -71,6 +74,8 @@ struct Pending {
     urged: bool,
     /// Whether the flusher waits on [`Commit::takeable`] for a batch to become takeable.
     blocked_taker: bool,
+    /// A written batch's buffers, emptied, for the next batch (see [`Commit::recycle`]).
+    spare: (Vec<u8>, Vec<Placement>),
 }
 
 impl Pending {
@@ -339,19 +344,46 @@ impl Commit {
         }
         pending.has_new = false;
         pending.urged = false;
-        // The next batch starts with this one's room: grown from nothing, each batch would pay
-        // a run of reallocations (and copies) on the submit path.
-        let room = (pending.buf.capacity(), pending.placements.capacity());
-        let placements = std::mem::replace(&mut pending.placements, Vec::with_capacity(room.1));
+        // The next batch starts in the buffers the last written batch gave back, or with this
+        // one's room: grown from nothing, each batch would pay a run of reallocations (and
+        // copies) on the submit path.
+        let (spare_bytes, spare_placements) = std::mem::take(&mut pending.spare);
+        let bytes = if spare_bytes.capacity() > 0 {
+            std::mem::replace(&mut pending.buf, spare_bytes)
+        } else {
+            let room = pending.buf.capacity();
+            std::mem::replace(&mut pending.buf, Vec::with_capacity(room))
+        };
+        let placements = if spare_placements.capacity() > 0 {
+            std::mem::replace(&mut pending.placements, spare_placements)
+        } else {
+            let room = pending.placements.capacity();
+            std::mem::replace(&mut pending.placements, Vec::with_capacity(room))
+        };
         let signal = std::mem::take(&mut pending.signal);
         let last_seq = pending.last_seq;
         pending.flying.push_back((last_seq, signal));
         Some(Batch {
-            bytes: std::mem::replace(&mut pending.buf, Vec::with_capacity(room.0)),
+            bytes,
             new_tasks: placements.iter().any(|p| !p.moved),
             placements,
             last_seq,
         })
+    }
+
+    /// Takes back a written batch's buffers, emptied, for the next batch (one pair is kept, and
+    /// none past [`SPARE_BYTES`]): a batch's buffer, allocated afresh and freed each time, made
+    /// the allocator consolidate its free lists and fault in fresh pages at every batch.
+    pub(crate) fn recycle(&self, mut bytes: Vec<u8>, mut placements: Vec<Placement>) {
+        if bytes.capacity() > SPARE_BYTES {
+            return;
+        }
+        bytes.clear();
+        placements.clear();
+        let mut pending = self.pending();
+        if pending.spare.0.capacity() == 0 {
+            pending.spare = (bytes, placements);
+        }
     }
 
     /// Publishes how a batch went, and wakes the submits waiting for it.

@@ -185,6 +185,7 @@ fn write_batch<T: Send + Sync + 'static>(
                 shared.metrics.tasks_per_fsync.record(tasks as f64);
             }
             write_ahead.commit.finish(batch.last_seq, Ok(()));
+            write_ahead.commit.recycle(batch.bytes, batch.placements);
             true
         }
         Err(error) => {

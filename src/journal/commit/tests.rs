@@ -330,3 +330,26 @@ fn a_batch_whose_writer_failed_fails_its_submits() {
     // Nothing taken: nothing to fail.
     commit.fail_taken(Arc::new(JournalError::Poisoned));
 }
+
+#[test]
+fn a_written_batch_buffers_are_reused_for_a_later_batch() {
+    let commit = Commit::new(EPOCH);
+    let _ = commit.push_new_task(&record(1, b"first"));
+    let first = commit.take(false).unwrap();
+    let (ptr, capacity) = (first.bytes.as_ptr(), first.bytes.capacity());
+    commit.recycle(first.bytes, first.placements);
+    // The buffer the first push filled since is the next batch's; the recycled one fills next.
+    let _ = commit.push_new_task(&record(2, b"second"));
+    let second = commit.take(false).unwrap();
+    assert_ne!(second.bytes.as_ptr(), ptr);
+    let _ = commit.push_new_task(&record(3, b"third"));
+    let third = commit.take(false).unwrap();
+    assert_eq!(
+        (third.bytes.as_ptr(), third.bytes.capacity()),
+        (ptr, capacity)
+    );
+    assert_eq!(decode(&third.bytes), [(Kind::Task, 3, b"third".to_vec())]);
+    // One pair is kept, and none too large.
+    commit.recycle(Vec::with_capacity(SPARE_BYTES + 1), Vec::new());
+    assert_eq!(commit.pending().spare.0.capacity(), 0);
+}
