@@ -72,8 +72,9 @@ struct Pending {
     /// Whether a submit or the pool waits for records in `buf` that need no fsync: they are
     /// taken at once, without waiting for a new task's record to go with.
     urged: bool,
-    /// Whether the flusher waits on [`Commit::takeable`] for a batch to become takeable.
-    blocked_taker: bool,
+    /// While the flusher waits on [`Commit::takeable`]: how many task records it waits for
+    /// (see [`Commit::take_within`]).
+    taker_waits_for: Option<usize>,
     /// A written batch's buffers, emptied, for the next batch (see [`Commit::recycle`]).
     spare: (Vec<u8>, Vec<Placement>),
 }
@@ -236,7 +237,10 @@ impl Commit {
             let mut pending = self.pending();
             let wake = Self::append(&mut pending, self.task_encoder(record, false));
             // The buffer's signal goes with the batch that takes the record.
-            (Arc::clone(&pending.signal), self.wake_for(&pending, wake))
+            (
+                Arc::clone(&pending.signal),
+                self.wake_for(&mut pending, wake),
+            )
         };
         self.wake(wake);
         InBatch(signal)
@@ -248,7 +252,7 @@ impl Commit {
         let (seq, wake) = {
             let mut pending = self.pending();
             let wake = Self::append(&mut pending, encode);
-            (pending.last_seq, self.wake_for(&pending, wake))
+            (pending.last_seq, self.wake_for(&mut pending, wake))
         };
         self.wake(wake);
         seq
@@ -256,10 +260,19 @@ impl Commit {
 
     /// Who a push that made the buffer takeable (`wake`) wakes: the flusher's task, and the
     /// flusher waiting on a blocking thread if it does.
-    fn wake_for(&self, pending: &Pending, wake: bool) -> Wake {
+    fn wake_for(&self, pending: &mut Pending, wake: bool) -> Wake {
+        // The flusher waiting on its blocking thread: at the first new task's record (its
+        // gathering starts), once everyone it waits for is in, or for a waiter. Once: the
+        // flag is cleared.
+        let blocked = pending
+            .taker_waits_for
+            .is_some_and(|everyone| wake || pending.placements.len() >= everyone || pending.urged);
+        if blocked {
+            pending.taker_waits_for = None;
+        }
         Wake {
             task: wake,
-            blocked: wake && pending.blocked_taker,
+            blocked,
         }
     }
 
@@ -310,28 +323,43 @@ impl Commit {
         Self::take_from(&mut self.pending(), force)
     }
 
-    /// The next batch as [`take`](Self::take) (not forced) gives it, waiting on this thread
-    /// up to `patience` for one to become takeable; `None` if none did. For the flusher on the
-    /// blocking thread that wrote the batch before: it takes the next the moment it is
-    /// takeable, while the submits it woke are still running (see `upkeep.rs`).
-    pub(crate) fn take_within(&self, patience: Duration) -> Option<Batch> {
+    /// The next batch, for the flusher on the blocking thread that wrote (and finished) the
+    /// batch before (see `upkeep.rs`), waiting on this thread: taken once `everyone` task
+    /// records are in (the submits that were waiting when that batch was handled, and those it
+    /// woke), or `gather` after the first new task's record came, whichever is first; at once
+    /// if someone waits for the buffer or it is due by its size. `None` if no new task's
+    /// record came within `patience`.
+    pub(crate) fn take_within(
+        &self,
+        patience: Duration,
+        everyone: usize,
+        gather: Duration,
+    ) -> Option<Batch> {
         let deadline = Instant::now() + patience;
         let mut pending = self.pending();
+        let mut first_new: Option<Instant> = None;
         loop {
-            if let Some(batch) = Self::take_from(&mut pending, false) {
-                return Some(batch);
+            let now = Instant::now();
+            if pending.urged || pending.buf.len() >= DEFER_BYTES {
+                return Self::take_from(&mut pending, false);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let mut until = deadline;
+            if pending.has_new {
+                let since = *first_new.get_or_insert(now);
+                if pending.placements.len() >= everyone || now >= since + gather {
+                    return Self::take_from(&mut pending, false);
+                }
+                until = until.min(since + gather);
+            } else if now >= deadline {
                 return None;
             }
-            pending.blocked_taker = true;
+            pending.taker_waits_for = Some(everyone);
             pending = self
                 .takeable
-                .wait_timeout(pending, left)
+                .wait_timeout(pending, until.saturating_duration_since(now))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-            pending.blocked_taker = false;
+            pending.taker_waits_for = None;
         }
     }
 
@@ -387,9 +415,9 @@ impl Commit {
     }
 
     /// Publishes how a batch went, and wakes the submits waiting for it.
-    pub(crate) fn finish(&self, last_seq: u64, result: Result<(), Arc<JournalError>>) {
+    pub(crate) fn finish(&self, last_seq: u64, result: Result<(), Arc<JournalError>>) -> usize {
         let mut handled = Vec::new();
-        let outcome = {
+        let (outcome, waiting) = {
             let mut pending = self.pending();
             pending.done = pending.done.max(last_seq);
             match result {
@@ -406,18 +434,19 @@ impl Commit {
             {
                 handled.extend(pending.flying.pop_front());
             }
-            pending.outcome(last_seq)
+            (pending.outcome(last_seq), pending.placements.len())
         };
         for (_, signal) in handled {
             signal.set(outcome.clone());
         }
+        waiting
     }
 
     /// Fails the batch taken and not handled, if there is one (its writer panicked).
     pub(crate) fn fail_taken(&self, error: Arc<JournalError>) {
         let taken = self.pending().flying.back().map(|(last, _)| *last);
         if let Some(last_seq) = taken {
-            self.finish(last_seq, Err(error));
+            let _ = self.finish(last_seq, Err(error));
         }
     }
 
@@ -449,7 +478,7 @@ impl Commit {
                 None => {
                     let wake = !pending.urged && !pending.has_new;
                     pending.urged = true;
-                    let wake = self.wake_for(&pending, wake);
+                    let wake = self.wake_for(&mut pending, wake);
                     self.wake(wake);
                     Arc::clone(&pending.signal)
                 }

@@ -54,7 +54,7 @@ async fn records_that_need_no_fsync_wait_for_a_new_task_a_waiter_or_their_size()
     assert!(batch.new_tasks);
     let seqs: Vec<u64> = decode(&batch.bytes).iter().map(|r| r.1).collect();
     assert_eq!(seqs, [1, 2, 3]);
-    commit.finish(batch.last_seq, Ok(()));
+    let _ = commit.finish(batch.last_seq, Ok(()));
     assert!(!commit.holds_deferred());
 
     // Someone waiting for an ack has it taken at once.
@@ -64,7 +64,7 @@ async fn records_that_need_no_fsync_wait_for_a_new_task_a_waiter_or_their_size()
     assert!(poll_once(waiting.as_mut()).is_pending());
     let batch = commit.take(false).expect("taken for its waiter");
     assert!(!batch.new_tasks);
-    commit.finish(batch.last_seq, Ok(()));
+    let _ = commit.finish(batch.last_seq, Ok(()));
     assert!(matches!(
         poll_once(waiting.as_mut()),
         std::task::Poll::Ready(Ok(()))
@@ -107,7 +107,7 @@ async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
     assert_eq!(batch.last_seq, 3);
     assert!(batch.new_tasks);
     assert!(commit.take(true).is_none());
-    commit.finish(3, Ok(()));
+    let _ = commit.finish(3, Ok(()));
     for seq in 1..=3 {
         commit.wait(seq).await.unwrap();
     }
@@ -127,13 +127,13 @@ async fn a_failed_batch_fails_its_records_and_every_later_one_but_not_earlier_on
     let commit = Commit::new(EPOCH);
     commit.push_task(&record(1, b"a"), false);
     let first = commit.take(true).unwrap();
-    commit.finish(first.last_seq, Ok(()));
+    let _ = commit.finish(first.last_seq, Ok(()));
     commit.push_task(&record(2, b"b"), false);
     let second = commit.take(true).unwrap();
-    commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    let _ = commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
     commit.push_task(&record(3, b"c"), false);
     let third = commit.take(true).unwrap();
-    commit.finish(third.last_seq, Ok(()));
+    let _ = commit.finish(third.last_seq, Ok(()));
     assert!(commit.wait(1).await.is_ok());
     assert!(commit.wait(2).await.is_err());
     assert!(
@@ -184,7 +184,7 @@ fn handling_a_batch_wakes_its_own_waiters_and_no_others() {
             .is_pending()
     );
 
-    commit.finish(batch.last_seq, Ok(()));
+    let _ = commit.finish(batch.last_seq, Ok(()));
     assert_eq!(
         (one.count(), two.count()),
         (1, 0),
@@ -202,7 +202,7 @@ fn handling_a_batch_wakes_its_own_waiters_and_no_others() {
     );
 
     let batch = commit.take(true).unwrap();
-    commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    let _ = commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
     assert_eq!(two.count(), 1);
     assert!(matches!(
         wait_two.as_mut().poll(&mut Context::from_waker(&waker_two)),
@@ -265,7 +265,7 @@ async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
     // A record pushed after the take waits for the next batch.
     let second = commit.push_new_task(&record(2, b"b"));
     let mut second = std::pin::pin!(second.handled());
-    commit.finish(batch.last_seq, Ok(()));
+    let _ = commit.finish(batch.last_seq, Ok(()));
     assert!(matches!(
         poll_once(first.as_mut()),
         std::task::Poll::Ready(Ok(()))
@@ -273,48 +273,99 @@ async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
     assert!(poll_once(second.as_mut()).is_pending());
     // Its batch fails: it gets the failure, and so does a record of a later batch.
     let batch = commit.take(false).unwrap();
-    commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    let _ = commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
     assert!(matches!(
         poll_once(second.as_mut()),
         std::task::Poll::Ready(Err(_))
     ));
     let third = commit.push_new_task(&record(3, b"c"));
     let batch = commit.take(false).unwrap();
-    commit.finish(batch.last_seq, Ok(()));
+    let _ = commit.finish(batch.last_seq, Ok(()));
     assert!(third.handled().await.is_err(), "the journal stays failed");
 }
 
+/// Pushes the new tasks `seqs` from another thread, each once the flusher waits on its
+/// thread (or after 10 s without it, so that a flusher that stopped waiting too soon fails
+/// the test rather than hangs it).
+fn push_while_waiting(
+    commit: &Arc<Commit>,
+    seqs: Vec<u64>,
+) -> std::thread::JoinHandle<Vec<InBatch>> {
+    let commit = Arc::clone(commit);
+    std::thread::spawn(move || {
+        seqs.into_iter()
+            .map(|seq| {
+                let give_up = Instant::now() + Duration::from_secs(10);
+                while commit.pending().taker_waits_for.is_none() && Instant::now() < give_up {
+                    std::thread::yield_now();
+                }
+                commit.push_new_task(&record(seq, b"new"))
+            })
+            .collect()
+    })
+}
+
 #[test]
-fn the_flusher_waiting_on_its_thread_takes_a_batch_the_moment_a_new_task_makes_one() {
+fn the_flusher_waiting_on_its_thread_takes_a_batch_once_everyone_it_waits_for_is_in() {
+    const LONG: Duration = Duration::from_secs(600);
     let commit = Arc::new(Commit::new(EPOCH));
     // Nothing, or only an ack: nothing to take within the patience.
-    assert!(commit.take_within(Duration::from_millis(5)).is_none());
+    assert!(
+        commit
+            .take_within(Duration::from_millis(5), 1, LONG)
+            .is_none()
+    );
     commit.push_ack(TaskId::new(1, 1));
-    assert!(commit.take_within(Duration::from_millis(5)).is_none());
-    // A new task's record pushed from another thread while it waits wakes it.
-    let pusher = std::thread::spawn({
-        let commit = Arc::clone(&commit);
-        move || {
-            while !commit.pending().blocked_taker {
-                std::thread::yield_now();
-            }
-            commit.push_new_task(&record(2, b"new"))
-        }
-    });
+    assert!(
+        commit
+            .take_within(Duration::from_millis(5), 1, LONG)
+            .is_none()
+    );
+    // Waiting for two: the first record alone does not make the batch, the second does.
+    let pusher = push_while_waiting(&commit, vec![2, 3]);
     let batch = commit
-        .take_within(Duration::from_secs(60))
-        .expect("woken by the new task's record");
+        .take_within(LONG, 2, LONG)
+        .expect("woken by the second record");
     assert_eq!(
         decode(&batch.bytes),
-        [(Kind::Ack, 1, Vec::new()), (Kind::Task, 2, b"new".to_vec())]
+        [
+            (Kind::Ack, 1, Vec::new()),
+            (Kind::Task, 2, b"new".to_vec()),
+            (Kind::Task, 3, b"new".to_vec())
+        ]
     );
-    assert!(!commit.pending().blocked_taker);
+    assert!(commit.pending().taker_waits_for.is_none());
     let in_batch = pusher.join().unwrap();
-    commit.finish(batch.last_seq, Ok(()));
-    assert!(matches!(
-        poll_once(std::pin::pin!(in_batch.handled())),
-        std::task::Poll::Ready(Ok(()))
-    ));
+    let _ = commit.finish(batch.last_seq, Ok(()));
+    for in_batch in in_batch {
+        assert!(matches!(
+            poll_once(std::pin::pin!(in_batch.handled())),
+            std::task::Poll::Ready(Ok(()))
+        ));
+    }
+    // Waiting for more than come: taken the gathering time after the first record.
+    let pusher = push_while_waiting(&commit, vec![4]);
+    let batch = commit
+        .take_within(LONG, 100, Duration::from_millis(1))
+        .expect("taken after the gathering time");
+    assert_eq!(decode(&batch.bytes), [(Kind::Task, 4, b"new".to_vec())]);
+    drop(pusher.join().unwrap());
+    // A waiter for the buffer has it taken at once.
+    let seq = commit.push_ack(TaskId::new(1, 4));
+    let mut waiting = std::pin::pin!(commit.wait(seq));
+    assert!(poll_once(waiting.as_mut()).is_pending());
+    assert!(commit.take_within(LONG, 100, LONG).is_some());
+}
+
+#[test]
+fn the_batch_handled_tells_how_many_task_records_wait_behind_it() {
+    let commit = Commit::new(EPOCH);
+    let _ = commit.push_new_task(&record(1, b"a"));
+    let batch = commit.take(false).unwrap();
+    let _ = commit.push_new_task(&record(2, b"b"));
+    let _ = commit.push_new_task(&record(3, b"c"));
+    commit.push_ack(TaskId::new(1, 1));
+    assert_eq!(commit.finish(batch.last_seq, Ok(())), 2);
 }
 
 #[test]
