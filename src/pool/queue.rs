@@ -24,14 +24,14 @@
 //! registers as idle (under the lock) and a submitter that finds no room as wanting room; the
 //! side that makes a job or room claims one of them and wakes it. Closing the gate wakes them
 //! all. Where new tasks come in bursts (write-ahead intake), a worker that finds no job yields
-//! once and looks again before it registers ([`Queue::lingering`]). Room is made in batches: a take wakes a submitter only once an eighth of the capacity
-//! (at most 64 slots) is free, and a woken submitter that leaves room passes the turn to the
-//! next; a full queue under busy workers would otherwise wake its submitter (a thread, often,
-//! taken off a core a worker runs on) once per task. So that a slot freed below the batch is
-//! never stranded (the workers busy with long tasks, none taking another), such a take marks
-//! the room owed and tells the upkeep task, which wakes as many waiting submitters as there
-//! are free slots [`ROOM_OWED_FOR`] later if no claim did meanwhile: one timer for the pool,
-//! however many submitters wait.
+//! once and looks again before it registers ([`Queue::lingering`]). Room is made in batches: a
+//! take wakes a submitter only once an eighth of the capacity (at most 64 slots) is free, and a
+//! woken submitter that leaves room passes the turn to the next; a full queue under busy
+//! workers would otherwise wake its submitter (a thread, often, taken off a core a worker runs
+//! on) once per task. So that a slot freed below the batch is never stranded (the workers busy
+//! with long tasks, none taking another), such a take marks the room owed and tells the upkeep
+//! task, which wakes as many waiting submitters as there are free slots [`ROOM_OWED_FOR`] later
+//! if no claim did meanwhile: one timer for the pool, however many submitters wait.
 //!
 //! From a long queue a worker takes several new tasks at once into its hand (see `hand.rs`),
 //! so that the lock is not taken by every worker at every task.

@@ -51,8 +51,8 @@ const YIELDS: usize = 8;
 /// submits were woken, and a lone submit's fsync should not wait for other tasks' turns.
 const YIELDS_FROM: usize = 8;
 
-/// How long the flusher's blocking thread waits for the next batch to become takeable after it
-/// wrote one, before it hands back to the flusher's task (see `flusher`).
+/// How long the flusher's blocking thread waits for a new task's record after it wrote a batch,
+/// before it hands back to the flusher's task (see `flusher`).
 const BACK_TO_BACK: Duration = Duration::from_millis(1);
 
 /// How long the flusher's blocking thread waits, after the first new task's record came, for
@@ -161,7 +161,8 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
 
 /// Writes `batch` to `journal` (and fsyncs it if it holds a new task's record under the
 /// `Always` policy), enters its tasks in the live index and finishes it: its submits learn how
-/// it went. Whether it was written.
+/// it went. Written, how many task records were waiting behind it when it was finished (see
+/// `Commit::take_within`); `None` if it was not.
 fn write_batch<T: Send + Sync + 'static>(
     shared: &Shared<T>,
     journal: &mut Option<Journal>,
