@@ -376,18 +376,8 @@ impl Commit {
         // one's room: grown from nothing, each batch would pay a run of reallocations (and
         // copies) on the submit path.
         let (spare_bytes, spare_placements) = std::mem::take(&mut pending.spare);
-        let bytes = if spare_bytes.capacity() > 0 {
-            std::mem::replace(&mut pending.buf, spare_bytes)
-        } else {
-            let room = pending.buf.capacity();
-            std::mem::replace(&mut pending.buf, Vec::with_capacity(room))
-        };
-        let placements = if spare_placements.capacity() > 0 {
-            std::mem::replace(&mut pending.placements, spare_placements)
-        } else {
-            let room = pending.placements.capacity();
-            std::mem::replace(&mut pending.placements, Vec::with_capacity(room))
-        };
+        let bytes = take_buffer(&mut pending.buf, spare_bytes);
+        let placements = take_buffer(&mut pending.placements, spare_placements);
         let signal = std::mem::take(&mut pending.signal);
         let last_seq = pending.last_seq;
         pending.flying.push_back((last_seq, signal));
@@ -446,7 +436,7 @@ impl Commit {
     pub(crate) fn fail_taken(&self, error: Arc<JournalError>) {
         let taken = self.pending().flying.back().map(|(last, _)| *last);
         if let Some(last_seq) = taken {
-            let _ = self.finish(last_seq, Err(error));
+            self.finish(last_seq, Err(error));
         }
     }
 
@@ -486,6 +476,17 @@ impl Commit {
         };
         signal.wait().await
     }
+}
+
+/// Takes `current` for a batch, leaving `spare` in its place if it has room, else a buffer
+/// with the room `current` had.
+fn take_buffer<T>(current: &mut Vec<T>, spare: Vec<T>) -> Vec<T> {
+    let next = if spare.capacity() > 0 {
+        spare
+    } else {
+        Vec::with_capacity(current.capacity())
+    };
+    std::mem::replace(current, next)
 }
 
 /// Who a push wakes (see [`Commit::wake_for`]).

@@ -71,6 +71,12 @@ impl TaskOptions {
         self.max_attempts == 0 && self.expires_ms == 0 && self.key.is_none()
     }
 
+    /// All the options of a task that holds `held` (boxed only when an option other than the
+    /// priority is set) and `priority`.
+    pub(crate) fn of(held: Option<&Self>, priority: u8) -> Option<&Self> {
+        held.or_else(|| Self::level(priority))
+    }
+
     /// The options of a task that sets `priority` (capped at [`MAX_PRIORITY`]) and nothing
     /// else; `None` for the default level.
     pub(crate) fn level(priority: u8) -> Option<&'static Self> {

@@ -491,9 +491,7 @@ impl Extras {
 
     /// All its options (`None`: all at their defaults).
     pub(crate) fn options(&self) -> Option<&TaskOptions> {
-        self.options
-            .as_deref()
-            .or_else(|| TaskOptions::level(self.priority))
+        TaskOptions::of(self.options.as_deref(), self.priority)
     }
 
     /// The bytes its options add to the task's record.

@@ -204,9 +204,7 @@ pub(crate) fn task_span(id: TaskId) -> Option<Box<tracing::Span>> {
 impl<T> Job<T> {
     /// All its options (`None`: all at their defaults).
     pub(crate) fn options(&self) -> Option<&TaskOptions> {
-        self.options
-            .as_deref()
-            .or_else(|| TaskOptions::level(self.priority))
+        TaskOptions::of(self.options.as_deref(), self.priority)
     }
 
     /// Its unique key, if it has one.

@@ -135,10 +135,14 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
                         if stopped.is_cancelled() || held.elapsed() >= HOLD {
                             break;
                         }
-                        let Some(commit) = on_disk.write_ahead.as_ref().map(|w| &w.commit) else {
+                        // Written, so the pool writes ahead.
+                        let Some(write_ahead) = &on_disk.write_ahead else {
                             break;
                         };
-                        match commit.take_within(BACK_TO_BACK, waiting + woken, GATHER) {
+                        match write_ahead
+                            .commit
+                            .take_within(BACK_TO_BACK, waiting + woken, GATHER)
+                        {
                             Some(next) => batch = next,
                             None => break,
                         }
@@ -179,7 +183,7 @@ fn write_batch<T: Send + Sync + 'static>(
         // retry states and compaction copies need not be written. A new task's record that
         // comes this late fails its submit.
         None if !new_tasks => {
-            let _ = write_ahead.commit.finish(batch.last_seq, Ok(()));
+            write_ahead.commit.finish(batch.last_seq, Ok(()));
             return None;
         }
         None => Err(JournalError::Poisoned),
@@ -206,7 +210,7 @@ fn write_batch<T: Send + Sync + 'static>(
                 (JournalError::Poisoned, Some(first)) => first,
                 _ => shared.store.record_error(error),
             };
-            let _ = write_ahead.commit.finish(batch.last_seq, Err(error));
+            write_ahead.commit.finish(batch.last_seq, Err(error));
             None
         }
     }

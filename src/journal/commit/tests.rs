@@ -54,7 +54,7 @@ async fn records_that_need_no_fsync_wait_for_a_new_task_a_waiter_or_their_size()
     assert!(batch.new_tasks);
     let seqs: Vec<u64> = decode(&batch.bytes).iter().map(|r| r.1).collect();
     assert_eq!(seqs, [1, 2, 3]);
-    let _ = commit.finish(batch.last_seq, Ok(()));
+    commit.finish(batch.last_seq, Ok(()));
     assert!(!commit.holds_deferred());
 
     // Someone waiting for an ack has it taken at once.
@@ -64,7 +64,7 @@ async fn records_that_need_no_fsync_wait_for_a_new_task_a_waiter_or_their_size()
     assert!(poll_once(waiting.as_mut()).is_pending());
     let batch = commit.take(false).expect("taken for its waiter");
     assert!(!batch.new_tasks);
-    let _ = commit.finish(batch.last_seq, Ok(()));
+    commit.finish(batch.last_seq, Ok(()));
     assert!(matches!(
         poll_once(waiting.as_mut()),
         std::task::Poll::Ready(Ok(()))
@@ -107,7 +107,7 @@ async fn one_batch_covers_every_record_pushed_before_it_is_taken() {
     assert_eq!(batch.last_seq, 3);
     assert!(batch.new_tasks);
     assert!(commit.take(true).is_none());
-    let _ = commit.finish(3, Ok(()));
+    commit.finish(3, Ok(()));
     for seq in 1..=3 {
         commit.wait(seq).await.unwrap();
     }
@@ -127,13 +127,13 @@ async fn a_failed_batch_fails_its_records_and_every_later_one_but_not_earlier_on
     let commit = Commit::new(EPOCH);
     commit.push_task(&record(1, b"a"), false);
     let first = commit.take(true).unwrap();
-    let _ = commit.finish(first.last_seq, Ok(()));
+    commit.finish(first.last_seq, Ok(()));
     commit.push_task(&record(2, b"b"), false);
     let second = commit.take(true).unwrap();
-    let _ = commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    commit.finish(second.last_seq, Err(Arc::new(JournalError::Poisoned)));
     commit.push_task(&record(3, b"c"), false);
     let third = commit.take(true).unwrap();
-    let _ = commit.finish(third.last_seq, Ok(()));
+    commit.finish(third.last_seq, Ok(()));
     assert!(commit.wait(1).await.is_ok());
     assert!(commit.wait(2).await.is_err());
     assert!(
@@ -184,7 +184,7 @@ fn handling_a_batch_wakes_its_own_waiters_and_no_others() {
             .is_pending()
     );
 
-    let _ = commit.finish(batch.last_seq, Ok(()));
+    commit.finish(batch.last_seq, Ok(()));
     assert_eq!(
         (one.count(), two.count()),
         (1, 0),
@@ -202,7 +202,7 @@ fn handling_a_batch_wakes_its_own_waiters_and_no_others() {
     );
 
     let batch = commit.take(true).unwrap();
-    let _ = commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
     assert_eq!(two.count(), 1);
     assert!(matches!(
         wait_two.as_mut().poll(&mut Context::from_waker(&waker_two)),
@@ -265,7 +265,7 @@ async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
     // A record pushed after the take waits for the next batch.
     let second = commit.push_new_task(&record(2, b"b"));
     let mut second = std::pin::pin!(second.handled());
-    let _ = commit.finish(batch.last_seq, Ok(()));
+    commit.finish(batch.last_seq, Ok(()));
     assert!(matches!(
         poll_once(first.as_mut()),
         std::task::Poll::Ready(Ok(()))
@@ -273,14 +273,14 @@ async fn a_new_task_waits_for_the_batch_that_takes_it_and_gets_its_outcome() {
     assert!(poll_once(second.as_mut()).is_pending());
     // Its batch fails: it gets the failure, and so does a record of a later batch.
     let batch = commit.take(false).unwrap();
-    let _ = commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
+    commit.finish(batch.last_seq, Err(Arc::new(JournalError::Poisoned)));
     assert!(matches!(
         poll_once(second.as_mut()),
         std::task::Poll::Ready(Err(_))
     ));
     let third = commit.push_new_task(&record(3, b"c"));
     let batch = commit.take(false).unwrap();
-    let _ = commit.finish(batch.last_seq, Ok(()));
+    commit.finish(batch.last_seq, Ok(()));
     assert!(third.handled().await.is_err(), "the journal stays failed");
 }
 
@@ -336,7 +336,7 @@ fn the_flusher_waiting_on_its_thread_takes_a_batch_once_everyone_it_waits_for_is
     );
     assert!(commit.pending().taker_waits_for.is_none());
     let in_batch = pusher.join().unwrap();
-    let _ = commit.finish(batch.last_seq, Ok(()));
+    commit.finish(batch.last_seq, Ok(()));
     for in_batch in in_batch {
         assert!(matches!(
             poll_once(std::pin::pin!(in_batch.handled())),
