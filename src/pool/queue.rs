@@ -9,11 +9,11 @@
 //! task is started, and the shutdown collects every waiting task to spill it.
 //!
 //! Priorities: a worker takes the new task at the head of the highest non-empty lane, except
-//! that while more than one lane holds tasks, every [`AGING`]th take is the oldest head of any
-//! lane (the smallest id). So no task starves: every [`AGING`] takes include the oldest new
-//! task, and only tasks accepted before it can be older, so a task waits at most
-//! `AGING × (k + 1)` takes of new tasks, `k` the new tasks accepted before it and still
-//! waiting (at most the capacity). With one level in use the lanes are one FIFO.
+//! that while more than one lane holds tasks, every [`AGING`](lanes::AGING)th take is the
+//! oldest head of any lane (the smallest id). So no task starves: every [`AGING`](lanes::AGING)
+//! takes include the oldest new task, and only tasks accepted before it can be older, so a task
+//! waits at most `AGING × (k + 1)` takes of new tasks, `k` the new tasks accepted before it and
+//! still waiting (at most the capacity). With one level in use the lanes are one FIFO.
 //!
 //! New tasks wait in a compact form ([`Queued`]), their payload decoded while fewer than
 //! [`HOT`] of them are (enough to keep the workers busy); beyond that, a task is held as its
@@ -48,20 +48,12 @@ use tokio::time::Instant;
 use super::job::{Fresh, Head, Job, Queued};
 use super::lock::lock;
 use super::waiting::Waiting;
-use crate::journal::MAX_PRIORITY;
 use hand::{Backlogged, Hand, take_size};
 use lanes::{Lanes, Room, Took};
 pub(crate) use slot::{Gate, NoRoom, Slot, Unsent};
 
 /// How many new tasks are held decoded at most; the others are held encoded.
 pub(crate) const HOT: usize = 1024;
-
-/// Priority levels: 0 (the default) to [`MAX_PRIORITY`].
-const LEVELS: usize = MAX_PRIORITY as usize + 1;
-
-/// While several priority levels hold new tasks, every `AGING`th take is the oldest of them
-/// (the starvation bound).
-pub(crate) const AGING: u32 = 16;
 
 /// A submitter waiting for room is woken once this share of the capacity is free (1/8)…
 const ROOM_BATCH_SHARE: usize = 8;

@@ -8,10 +8,16 @@ use tokio::time::Instant;
 
 use super::hand::Hand;
 use super::lane::Lane;
-use super::{AGING, LEVELS};
 use crate::journal::MAX_PRIORITY;
 use crate::pool::job::{Job, Queued};
 use crate::task::TaskId;
+
+/// Priority levels: 0 (the default) to [`MAX_PRIORITY`].
+const LEVELS: usize = MAX_PRIORITY as usize + 1;
+
+/// While several priority levels hold new tasks, every `AGING`th take is the oldest of them
+/// (the starvation bound).
+pub(super) const AGING: u32 = 16;
 
 /// What a take owes the submitters waiting for room.
 pub(super) enum Room {
