@@ -70,6 +70,50 @@ const HOLD: Duration = Duration::from_millis(20);
 /// How often the gauges are set (the `metrics` feature).
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
+/// The flusher's blocking thread's timer slack at a microsecond while it writes batches back to
+/// back, put back as it was after (the thread is one of tokio's blocking pool). Linux lets a
+/// timed wait run late by the thread's timer slack, 50 µs by default: the [`GATHER`] wait of
+/// 20 µs ended 80 µs late on average (28 µs with this), the journal idle meanwhile
+/// (write-ahead end to end at 256 submitters: 0.53 -> 0.44 s for 256,000 tasks).
+struct FineTimers {
+    #[cfg(target_os = "linux")]
+    was: Option<std::num::NonZeroU64>,
+}
+
+impl FineTimers {
+    /// The slack asked for, in nanoseconds.
+    #[cfg(target_os = "linux")]
+    const SLACK_NS: u64 = 1_000;
+
+    fn set() -> Self {
+        #[cfg(target_os = "linux")]
+        {
+            // Left as it is where it cannot be read (and so put back): a sandbox refusing
+            // `prctl`, say. Then the waits are only later.
+            let was = rustix::thread::current_timer_slack()
+                .ok()
+                .and_then(std::num::NonZeroU64::new);
+            if was.is_some() {
+                let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(
+                    Self::SLACK_NS,
+                ));
+            }
+            Self { was }
+        }
+        #[cfg(not(target_os = "linux"))]
+        Self {}
+    }
+}
+
+impl Drop for FineTimers {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(was) = self.was {
+            let _ = rustix::thread::set_current_timer_slack(Some(was));
+        }
+    }
+}
+
 /// The flusher: see the module docs. Stops once `stop` fires and the buffer is empty.
 pub(crate) async fn flusher<T: Send + Sync + 'static>(
     shared: Arc<Shared<T>>,
@@ -125,6 +169,7 @@ pub(crate) async fn flusher<T: Send + Sync + 'static>(
                 .store
                 .with_journal("append", move |journal| {
                     let held = std::time::Instant::now();
+                    let _fine = FineTimers::set();
                     let mut batch = batch;
                     let mut woken;
                     loop {
@@ -471,4 +516,27 @@ async fn copy_live<T: Send + Sync + 'static>(
         write_ahead.commit.wait(seq).await?;
     }
     Ok(count)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::FineTimers;
+
+    #[test]
+    fn the_flusher_thread_waits_with_a_microsecond_of_slack_and_its_slack_is_put_back() {
+        let before = rustix::thread::current_timer_slack().unwrap();
+        assert_ne!(
+            before,
+            FineTimers::SLACK_NS,
+            "the test needs another slack to begin with"
+        );
+        {
+            let _fine = FineTimers::set();
+            assert_eq!(
+                rustix::thread::current_timer_slack().unwrap(),
+                FineTimers::SLACK_NS
+            );
+        }
+        assert_eq!(rustix::thread::current_timer_slack().unwrap(), before);
+    }
 }
